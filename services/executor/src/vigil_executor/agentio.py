@@ -1,0 +1,190 @@
+"""The agent's side of the contract as the executor sees it: output lines and control lines.
+
+Ordinary lines become ``log`` events, batched (a batch ends at 100 lines, 64 KiB, 50 ms,
+or when the other stream writes) so a chatty agent costs a few publishes per second
+rather than one per line. A stdout line ``::vigil::<command> <json>`` is a control line:
+
+- ``confess {json}``    -> a confession on ``vigil.issues.agent.<severity>`` + event
+- ``progress {json}``   -> a ``progress`` event
+- ``checkpoint {json}`` -> handed to the checkpoint hook
+
+A malformed control line is kept as an ordinary log line, and the platform confesses it
+once per task attempt. Nothing an agent prints can crash the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+from vigil.messages import SEVERITIES, Confession, Log, Progress, utcnow
+
+from vigil_executor.runtime import Stream
+
+log = structlog.get_logger("vigil.executor.agentio")
+
+PREFIX = "::vigil::"
+MAX_CONTROL_BYTES = 16_384
+BATCH_LINES = 100
+BATCH_BYTES = 64 * 1024
+BATCH_DELAY_S = 0.05
+TAIL_LINES = 20
+
+_json = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True)
+class Control:
+    command: str
+    payload: dict[str, Any]
+
+
+class ControlError(ValueError):
+    pass
+
+
+def parse_control(line: str) -> Control | None:
+    """``::vigil::cmd {json}`` -> Control; None for an ordinary line; ControlError if bad."""
+    if not line.startswith(PREFIX):
+        return None
+    rest = line[len(PREFIX):]
+    command, _, arg = rest.partition(" ")
+    if command not in ("confess", "progress", "checkpoint"):
+        raise ControlError(f"unknown control command {command!r}")
+    if len(line) > MAX_CONTROL_BYTES:
+        raise ControlError(f"control line longer than {MAX_CONTROL_BYTES} bytes")
+    payload: Any = {}
+    if arg.strip():
+        try:
+            payload = _json.decode(arg)
+        except msgspec.DecodeError as exc:
+            raise ControlError(f"{command}: payload is not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise ControlError(f"{command}: payload must be a JSON object")
+    if command == "confess":
+        summary = payload.get("summary")
+        severity = payload.get("severity", "warning")
+        if not isinstance(summary, str) or not summary.strip():
+            raise ControlError("confess: `summary` must be a non-empty string")
+        if severity not in SEVERITIES:
+            raise ControlError(f"confess: `severity` must be one of {', '.join(SEVERITIES)}")
+    return Control(command, payload)
+
+
+def agent_confession(payload: dict[str, Any]) -> Confession:
+    known = {"summary", "severity", "category", "detail", "hint"}
+    extra = {k: v for k, v in payload.items() if k not in known}
+
+    def text(key: str, limit: int) -> str | None:
+        value = payload.get(key)
+        return None if value is None else str(value)[:limit]
+
+    return Confession(
+        summary=str(payload["summary"])[:2_000],
+        severity=payload.get("severity", "warning"),
+        category=text("category", 128),
+        detail=text("detail", 8_000),
+        hint=text("hint", 2_000),
+        data=extra,
+    )
+
+
+Publish = Callable[[object], None]
+OnConfess = Callable[[Confession], Awaitable[None]]
+OnCheckpoint = Callable[[dict[str, Any]], Awaitable[None]]
+OnMalformed = Callable[[str], Awaitable[None]]
+
+
+class AgentOutput:
+    """Consumes (stream, line) from a container; emits events through ``emit``."""
+
+    def __init__(
+        self,
+        task_id: str,
+        attempt: int,
+        emit: Publish,
+        on_confess: OnConfess,
+        on_checkpoint: OnCheckpoint,
+        on_malformed: OnMalformed,
+    ) -> None:
+        self._task_id = task_id
+        self._attempt = attempt
+        self._emit = emit
+        self._on_confess = on_confess
+        self._on_checkpoint = on_checkpoint
+        self._on_malformed = on_malformed
+        self._stream: Stream | None = None
+        self._lines: list[str] = []
+        self._bytes = 0
+        self._first = 0  # number of the first buffered line
+        self._count = 0  # lines seen so far
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.lines_by_stream = {"stdout": 0, "stderr": 0}
+        self.malformed = 0
+
+    async def feed(self, stream: Stream, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if stream == "stdout" and line.startswith(PREFIX):
+            try:
+                control = parse_control(line)
+            except ControlError as exc:
+                self.malformed += 1
+                if self.malformed == 1:
+                    await self._on_malformed(str(exc))
+            else:
+                if control is not None:
+                    self.flush()  # keep the log and control events in output order
+                    await self._dispatch(control)
+                    return
+        self._append(stream, line)
+
+    async def _dispatch(self, control: Control) -> None:
+        if control.command == "confess":
+            await self._on_confess(agent_confession(control.payload))
+        elif control.command == "progress":
+            self._emit(Progress(
+                task_id=self._task_id, attempt=self._attempt, time=utcnow(),
+                data=control.payload,
+            ))
+        elif control.command == "checkpoint":
+            await self._on_checkpoint(control.payload)
+
+    def _append(self, stream: Stream, line: str) -> None:
+        if self._stream is not None and stream != self._stream:
+            self.flush()
+        if not self._lines:
+            self._stream = stream
+            self._first = self._count
+            self._flush_handle = asyncio.get_running_loop().call_later(BATCH_DELAY_S, self.flush)
+        self._lines.append(line)
+        self._bytes += len(line)
+        self._count += 1
+        self.lines_by_stream[stream] += 1
+        self.tail.append(line)
+        if len(self._lines) >= BATCH_LINES or self._bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._lines or self._stream is None:
+            return
+        self._emit(Log(
+            task_id=self._task_id, attempt=self._attempt, time=utcnow(),
+            stream=self._stream, lines=self._lines, first=self._first,
+        ))
+        self._lines = []
+        self._bytes = 0
+        self._stream = None
+
+    @property
+    def total_lines(self) -> int:
+        return self._count

@@ -1,0 +1,410 @@
+"""One attempt of one task on this node: claim, run, record, ack — in that order.
+
+The outcome is written with compare-and-set on the revision this attempt wrote when it
+claimed the task, so a stale attempt (a frozen or partitioned executor) can never
+overwrite a newer one; the work message is acked only after the outcome and every event
+are durable. A handed-back attempt (drain, Podman trouble) returns the task to
+``scheduled`` and naks the message for another node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from structlog.contextvars import bound_contextvars
+
+from vigil import codec
+from vigil.errors import ImageNotFound, NatsUnavailable, RuntimeUnavailable
+from vigil.messages import (
+    Confession,
+    ConfessionEvent,
+    Finished,
+    Retrying,
+    Started,
+    TaskState,
+    WorkItem,
+    utcnow,
+)
+
+from vigil_executor.agentio import AgentOutput
+from vigil_executor.runtime import Container, ExitInfo
+from vigil_executor.sandbox import container_spec, workspace_volume
+from vigil_executor.sink import EventSink
+
+if TYPE_CHECKING:
+    from vigil_executor.service import Executor
+
+log = structlog.get_logger("vigil.executor")
+
+OUTPUT_GRACE_S = 10.0
+RUNTIME_RETRY_DELAY_S = 5.0
+
+
+class HandBack(Exception):
+    """Give the task back to the queue without spending an attempt."""
+
+    def __init__(self, reason: str, delay_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the task now; this one must record nothing."""
+
+
+@dataclass
+class Outcome:
+    status: str
+    exit_code: int | None
+    error: str | None
+
+
+class Attempt:
+    def __init__(self, ex: Executor, msg: Msg) -> None:
+        self.ex = ex
+        self.msg = msg
+        self.work: WorkItem | None = None
+        self.state: TaskState | None = None
+        self.revision = 0
+        self.container: Container | None = None
+        self.sink = EventSink(ex.js)
+        self.confessions = 0
+        self._lease_ok = time.monotonic()
+        self._stopping: str | None = None  # reason, when the executor drains
+        self._stop_event = asyncio.Event()
+
+    # entry point ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            self.work = codec.work_decoder.decode(self.msg.data)
+        except msgspec.DecodeError as exc:
+            await self._poison(f"undecodable work item: {exc}")
+            return
+        with bound_contextvars(task_id=self.work.task_id, executor=self.ex.settings.node_id):
+            try:
+                await self._run()
+            except LeaseLost as exc:
+                self.ex.metrics.leases_lost.inc()
+                log.warning("lease_lost", reason=str(exc))
+            except HandBack as exc:
+                await self._hand_back(exc)
+            except NatsUnavailable as exc:
+                # We could not record what happened; the lease will lapse and another node
+                # (or this one) retries the task. Nothing is acked, nothing is lost.
+                log.error("nats_unavailable_mid_task", error=str(exc))
+            finally:
+                self.sink.cancel()
+                await self._cleanup()
+
+    def stop(self, reason: str) -> None:
+        """Ask this attempt to hand its task back (executor draining)."""
+        self._stopping = reason
+        self._stop_event.set()
+
+    # steps ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self.work is not None
+        if not await self._claim():
+            return
+        assert self.state is not None
+        attempt = self.state.attempt
+        with bound_contextvars(attempt=attempt):
+            heartbeat = asyncio.create_task(self._heartbeat())
+            try:
+                outcome = await self._execute(attempt)
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+            await self._record(outcome)
+
+    async def _claim(self) -> bool:
+        """Move the task to ``running`` as attempt n+1; False when there is nothing to run."""
+        assert self.work is not None
+        store = self.ex.store
+        for _ in range(10):
+            got = await store.get(self.work.task_id)
+            if got is None:
+                await self._poison(f"work item for unknown task {self.work.task_id}")
+                return False
+            state, rev = got
+            if state.terminal:
+                log.info("duplicate_delivery", status=state.status)
+                await self.msg.ack()
+                return False
+            max_attempts = (state.spec.max_attempts if state.spec else None) or 1
+            now = utcnow()
+            if state.status == "running":
+                # The previous attempt's executor stopped renewing its lease: it is gone.
+                if state.attempt >= max_attempts:
+                    await self._dead(state, rev, max_attempts)
+                    return False
+                await self._confess(
+                    "warning", "lost_heartbeat",
+                    f"attempt {state.attempt} of task {state.id} lost its executor "
+                    f"{state.executor}; running attempt {state.attempt + 1} here",
+                    task_id=state.id, tenant=state.tenant, attempt=state.attempt,
+                    confession_id=f"{state.id}-a{state.attempt}-lost",
+                )
+            running = msgspec.structs.replace(
+                state, status="running", attempt=state.attempt + 1,
+                executor=self.ex.settings.node_id, started_at=now, updated_at=now,
+                exit_code=None, error=None, finished_at=None,
+            )
+            new_rev = await store.cas(running, rev)
+            if new_rev is not None:
+                self.state, self.revision = running, new_rev
+                self.ex.metrics.tasks.labels("running").inc()
+                return True
+        raise HandBack("could not claim the task: its state kept changing", delay_s=1.0)
+
+    async def _execute(self, attempt: int) -> Outcome:
+        assert self.work is not None and self.state is not None
+        ex, work = self.ex, self.work
+        spec = container_spec(work, attempt, ex.settings)
+        t0 = time.perf_counter()
+        try:
+            if not await ex.runtime.image_exists(spec.image):
+                raise ImageNotFound(f"image {spec.image} is not present")
+            self.container = await ex.runtime.start(spec)
+        except ImageNotFound as exc:
+            error = f"image {spec.image} not found on node {ex.settings.node_id}"
+            await self._confess("error", "image_missing", error, hint=str(exc))
+            return Outcome("failed", None, error)
+        except RuntimeUnavailable as exc:
+            await self._confess("error", "runtime_unavailable", str(exc))
+            raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S) from exc
+        ex.metrics.container_start.observe(time.perf_counter() - t0)
+        started_at = time.monotonic()
+        self.sink.emit(Started(
+            task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
+            image=spec.image, container=self.container.id[:12],
+            limits_enforced=ex.runtime.limits_enforced,
+        ), once=True)
+        log.info("agent_started", container=self.container.id[:12], image=spec.image)
+        output = AgentOutput(
+            work.task_id, attempt, self.sink.emit,
+            on_confess=self._agent_confession,
+            on_checkpoint=self._checkpoint_request,
+            on_malformed=self._malformed,
+        )
+        pump = asyncio.create_task(self._pump(self.container, output))
+        waiter = asyncio.create_task(self.container.wait())
+        stopper = asyncio.create_task(self._stop_event.wait())
+        timed_out = False
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, stopper}, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiter not in done:
+                if stopper in done:
+                    await self.container.stop(ex.settings.stop_grace_s)
+                    raise HandBack(self._stopping or "executor stopping")
+                timed_out = True
+                log.warning("time_limit_exceeded", timeout_s=spec.timeout_s)
+                await self.container.stop(ex.settings.stop_grace_s)
+            exit_info: ExitInfo = await waiter
+        finally:
+            stopper.cancel()
+            if not waiter.done():
+                waiter.cancel()
+        try:
+            await asyncio.wait_for(pump, OUTPUT_GRACE_S)
+        except TimeoutError:
+            log.warning("output_stream_did_not_end")
+        output.flush()
+        duration = time.monotonic() - started_at
+        ex.metrics.duration.observe(duration)
+        return await self._judge(exit_info, output, timed_out, spec.timeout_s)
+
+    async def _judge(self, exit_info: ExitInfo, output: AgentOutput, timed_out: bool,
+                     timeout_s: float) -> Outcome:
+        code = exit_info.exit_code
+        if timed_out:
+            error = f"killed after exceeding its time limit of {timeout_s:g}s"
+            await self._confess("warning", "time_limit", error)
+            return Outcome("timed_out", code, error)
+        if code == 0:
+            return Outcome("succeeded", 0, None)
+        if exit_info.oom_killed:
+            error = f"killed by the kernel: out of memory (limit {self.ex.settings.memory_mb} MiB)"
+            await self._confess("error", "oom", error)
+            return Outcome("failed", code, error)
+        error = f"agent exited with code {code}"
+        if output.total_lines == 0:
+            await self._confess(
+                "warning", "silent_failure", f"agent exited with code {code} without any output",
+                hint="the agent printed nothing; check its command and image",
+            )
+            error += " (no output)"
+        elif output.tail:
+            error += f"; last output: {output.tail[-1][:300]}"
+        return Outcome("failed", code, error)
+
+    async def _record(self, outcome: Outcome) -> None:
+        assert self.state is not None and self.work is not None
+        now = utcnow()
+        final = msgspec.structs.replace(
+            self.state, status=outcome.status, exit_code=outcome.exit_code,
+            error=outcome.error, finished_at=now, updated_at=now,
+        )
+        await self.sink.drain()  # the timeline is durable before the outcome
+        rev = await self.ex.store.cas(final, self.revision)
+        if rev is None:
+            raise LeaseLost("a newer attempt owns the task; not recording this outcome")
+        self.state, self.revision = final, rev
+        self.ex.metrics.tasks.labels(outcome.status).inc()
+        started = self.state.started_at or now
+        self.sink.emit(Finished(
+            task_id=final.id, attempt=final.attempt, time=now, status=final.status,  # type: ignore[arg-type]
+            exit_code=final.exit_code, error=final.error,
+            duration_s=(now - started).total_seconds(),
+        ), once=True)
+        await self.sink.drain()
+        await self.msg.ack()
+        log.info("task_finished", status=final.status, exit_code=final.exit_code)
+
+    # failure paths -------------------------------------------------------------------------
+    async def _dead(self, state: TaskState, rev: int, max_attempts: int) -> None:
+        now = utcnow()
+        error = (
+            f"attempt {state.attempt} of {max_attempts} lost its executor ({state.executor}) "
+            "without an outcome; no attempts left"
+        )
+        dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
+                                       updated_at=now)
+        if await self.ex.store.cas(dead, rev) is None:
+            raise HandBack("task state changed while marking it dead", delay_s=1.0)
+        self.ex.metrics.tasks.labels("dead").inc()
+        await self._confess("error", "task_dead", f"task {state.id} is dead: {error}",
+                            task_id=state.id, tenant=state.tenant, attempt=state.attempt)
+        self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
+                                status="dead", error=error), once=True)
+        await self.sink.drain()
+        await self.msg.ack()
+        log.warning("task_dead", error=error)
+
+    async def _hand_back(self, exc: HandBack) -> None:
+        """Return the task to ``scheduled`` (not spending an attempt) and nak the message."""
+        self.ex.metrics.handed_back.labels(exc.reason.split(":")[0][:40]).inc()
+        if self.state is not None and self.state.status == "running":
+            now = utcnow()
+            back = msgspec.structs.replace(
+                self.state, status="scheduled", attempt=self.state.attempt - 1,
+                executor=None, updated_at=now,
+            )
+            try:
+                if await self.ex.store.cas(back, self.revision) is not None:
+                    self.sink.emit(Retrying(
+                        task_id=self.state.id, attempt=self.state.attempt, time=now,
+                        reason=exc.reason, delay_s=exc.delay_s,
+                    ), once=True)
+                    await self.sink.drain()
+            except NatsUnavailable:
+                pass  # the lease will lapse instead
+        with contextlib.suppress(Exception):
+            await self.msg.nak(delay=exc.delay_s or None)
+        log.info("task_handed_back", reason=exc.reason, delay_s=exc.delay_s)
+
+    async def _poison(self, why: str) -> None:
+        """A work message that can never run: terminate it (no redelivery) and confess."""
+        log.error("poison_work_item", error=why)
+        with contextlib.suppress(Exception):
+            await self._confess("error", "poison_work_item", why,
+                                confession_id=f"executor-poison-{self.msg.metadata.sequence.stream}")
+        with contextlib.suppress(Exception):
+            await self.msg.term()
+
+    async def _cleanup(self) -> None:
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                await self.container.remove()
+        if self.work is not None and (self.state is None or self.state.terminal):
+            with contextlib.suppress(Exception):
+                await self.ex.runtime.remove_volume(workspace_volume(self.work.task_id))
+
+    # lease ------------------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        """Renew the lease; past the ack wait without renewal, the lease is gone: stop."""
+        conf = self.ex.settings
+        while True:
+            await asyncio.sleep(conf.heartbeat_s)
+            try:
+                await asyncio.wait_for(self.msg.in_progress(), timeout=conf.heartbeat_s)
+                self._lease_ok = time.monotonic()
+            except Exception as exc:  # any failure to renew counts
+                lapsed = time.monotonic() - self._lease_ok
+                log.warning("lease_renewal_failed", error=str(exc) or type(exc).__name__,
+                            lapsed_s=round(lapsed, 1))
+                if lapsed > conf.ack_wait_s:
+                    if self.container is not None:
+                        await self.container.stop(0)
+                    raise LeaseLost("could not renew the lease within the ack wait") from exc
+
+    # agent callbacks ---------------------------------------------------------------------------
+    async def _agent_confession(self, confession: Confession) -> None:
+        assert self.state is not None
+        self.confessions += 1
+        limit = self.ex.settings.max_confessions
+        if self.confessions > limit:
+            if self.confessions == limit + 1:
+                await self._confess("warning", "confession_rate_limit",
+                                    f"agent sent more than {limit} confessions; dropping the rest")
+            return
+        n = self.confessions
+        cid = f"{self.state.id}-a{self.state.attempt}-c{n}"
+        full = msgspec.structs.replace(
+            confession, id=cid, source="agent", task_id=self.state.id, tenant=self.state.tenant,
+            attempt=self.state.attempt, node=self.ex.settings.node_id, component="agent",
+            time=utcnow(),
+        )
+        await self.ex.publish_confession(full)
+        self.sink.emit(ConfessionEvent(
+            task_id=self.state.id, attempt=self.state.attempt, time=utcnow(),
+            confession_id=cid, summary=full.summary, severity=full.severity, source="agent",
+        ))
+
+    async def _checkpoint_request(self, payload: dict[str, Any]) -> None:
+        log.info("checkpoint_requested", note=payload.get("note"))
+
+    async def _malformed(self, why: str) -> None:
+        await self._confess("warning", "malformed_control_line",
+                            f"agent printed a malformed ::vigil:: control line: {why}",
+                            hint="see the agent contract in the README; the line was kept as log")
+
+    async def _confess(self, severity: str, category: str, summary: str, *,
+                       hint: str | None = None, task_id: str | None = None,
+                       tenant: str | None = None, attempt: int | None = None,
+                       confession_id: str | None = None) -> None:
+        state, work = self.state, self.work
+        task_id = task_id or (state.id if state else work.task_id if work else None)
+        attempt = attempt if attempt is not None else (state.attempt if state else None)
+        cid = confession_id or f"executor-{task_id}-a{attempt}-{category}"
+        confession = Confession(
+            id=cid, summary=summary, severity=severity, category=category,  # type: ignore[arg-type]
+            hint=hint, task_id=task_id, tenant=tenant or (work.tenant if work else None),
+            attempt=attempt, source="executor", node=self.ex.settings.node_id,
+            component="executor", time=utcnow(),
+        )
+        await self.ex.publish_confession(confession)
+        if task_id is not None and state is not None:
+            self.sink.emit(ConfessionEvent(
+                task_id=task_id, attempt=state.attempt, time=utcnow(), confession_id=cid,
+                summary=summary, severity=severity, source="executor",
+            ))
+
+    async def _pump(self, container: Container, output: AgentOutput) -> None:
+        lines = self.ex.metrics.log_lines
+        async for stream, line in container.output():
+            await self.sink.room()
+            await output.feed(stream, line)
+            lines.labels(stream).inc()
+

@@ -1,0 +1,300 @@
+"""Rootless Podman through its REST API (``podman system service``), fully async.
+
+We speak the libpod API with aiohttp over the unix socket instead of using podman-py:
+podman-py is ``requests``-based (it would need a thread per call) and has no streaming
+attach. One container costs: create, attach (a hijacked stream that ends when the agent
+exits, so no output is lost and none is polled), start, wait (``interval=10ms``; the
+default polls every 250 ms), inspect (OOM flag), delete. See docs/decisions/0002.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import structlog
+
+from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
+
+from vigil_executor.runtime import (
+    LABEL_MANAGED,
+    ContainerSpec,
+    ExitInfo,
+    LineSplitter,
+    Stream,
+)
+
+log = structlog.get_logger("vigil.executor.podman")
+
+API = "/v4.0.0/libpod"
+STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+
+
+class PodmanError(VigilError):
+    pass
+
+
+def socket_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "unix":
+        raise RuntimeUnavailable(f"VIGIL_PODMAN_URL must be unix:///path/to/podman.sock, not {url}")
+    return parts.path
+
+
+class PodmanContainer:
+    def __init__(self, rt: PodmanRuntime, cid: str, attach: aiohttp.ClientResponse,
+                 max_line: int) -> None:
+        self.id = cid
+        self._rt = rt
+        self._attach = attach
+        self._max_line = max_line
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
+        splitters = {"stdout": LineSplitter(self._max_line), "stderr": LineSplitter(self._max_line)}
+        reader = self._attach.content
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(8)
+                except asyncio.IncompleteReadError:
+                    break
+                kind, size = header[0], struct.unpack(">I", header[4:])[0]
+                payload = await reader.readexactly(size) if size else b""
+                stream: Stream = STREAMS.get(kind, "stdout")
+                for line in splitters[stream].feed(payload):
+                    yield stream, line
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            log.warning("attach_stream_broken", container=self.id[:12], error=str(exc))
+        finally:
+            self._attach.release()
+        for stream_name in ("stdout", "stderr"):
+            for line in splitters[stream_name].flush():
+                yield stream_name, line  # type: ignore[misc]
+
+    async def wait(self) -> ExitInfo:
+        data = await self._rt.call(
+            "POST", f"/containers/{self.id}/wait",
+            params={"condition": "stopped", "interval": "10ms"}, timeout=None,
+        )
+        code = int(data) if isinstance(data, int | str) else -1
+        info = await self._rt.call("GET", f"/containers/{self.id}/json")
+        state = info.get("State", {}) if isinstance(info, dict) else {}
+        return ExitInfo(exit_code=code, oom_killed=bool(state.get("OOMKilled")))
+
+    async def stop(self, grace_s: float) -> None:
+        with contextlib.suppress(PodmanError):
+            await self._rt.call(
+                "POST", f"/containers/{self.id}/stop",
+                params={"timeout": str(max(0, int(grace_s)))}, timeout=grace_s + 30,
+            )
+
+    async def remove(self) -> None:
+        with contextlib.suppress(PodmanError):
+            await self._rt.call("DELETE", f"/containers/{self.id}", params={"force": "true"})
+
+
+class PodmanRuntime:
+    name = "podman"
+
+    def __init__(self, url: str, *, max_line: int = 16_384, oci_runtime: str = "runc") -> None:
+        self._path = socket_path(url)
+        self._url = url
+        self._max_line = max_line
+        self._oci_runtime = oci_runtime
+        self._session: aiohttp.ClientSession | None = None
+        self._attach_session: aiohttp.ClientSession | None = None
+        self._limits_enforced = False
+        self._limits_note = ""
+        self.info: dict[str, Any] = {}
+
+    @property
+    def limits_enforced(self) -> bool:
+        return self._limits_enforced
+
+    @property
+    def limits_note(self) -> str:
+        return self._limits_note
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self._path, limit=64),
+            base_url="http://podman",
+        )
+        # Attach streams live as long as their agents: a pool of their own, unbounded.
+        self._attach_session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self._path, limit=0),
+            base_url="http://podman",
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+        )
+        self.info = await self.call("GET", "/info")
+        host = self.info.get("host", {})
+        security = host.get("security", {})
+        if not security.get("rootless", False):
+            await self.close()
+            raise PodmanError(
+                f"the Podman service at {self._url} runs as root; Vigil runs agents only in "
+                "rootless Podman. Start `podman system service` as an unprivileged user."
+            )
+        version = host.get("cgroupVersion", "")
+        controllers = set(host.get("cgroupControllers") or [])
+        if version == "v2" and {"memory", "pids"} <= controllers:
+            self._limits_enforced = True
+            self._limits_note = "cgroup v2 with delegated controllers: limits enforced"
+        else:
+            self._limits_enforced = False
+            self._limits_note = (
+                f"cgroup {version or 'unknown'} rootless: memory/CPU/pids limits cannot be "
+                "enforced by cgroups on this host; only rlimits (nofile, nproc, data) apply"
+            )
+
+    async def close(self) -> None:
+        for session in (self._session, self._attach_session):
+            if session is not None:
+                await session.close()
+        self._session = self._attach_session = None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        timeout: float | None = 30.0,
+        ok: tuple[int, ...] = (200, 201, 204, 304),
+    ) -> Any:
+        if self._session is None:
+            raise RuntimeUnavailable("Podman runtime is not open")
+        try:
+            async with self._session.request(
+                method, API + path, params=params, json=body,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                body = await resp.read()
+                if resp.status not in ok:
+                    raise _error(resp.status, body, path)
+                if not body:
+                    return None
+                if resp.content_type == "application/json":
+                    return await resp.json(content_type=None)
+                return body.decode(errors="replace").strip()
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RuntimeUnavailable(
+                f"cannot reach the Podman API at {self._url} ({exc}); is `podman system "
+                "service` running as the rootless user?"
+            ) from exc
+        except TimeoutError as exc:
+            raise RuntimeUnavailable(f"Podman API timed out on {method} {path}") from exc
+
+    async def image_exists(self, image: str) -> bool:
+        try:
+            await self.call("GET", f"/images/{quote(image, safe='')}/exists", ok=(204,))
+        except PodmanError:
+            return False
+        return True
+
+    def create_body(self, spec: ContainerSpec) -> dict[str, Any]:
+        limits = spec.limits
+        body: dict[str, Any] = {
+            "name": spec.name,
+            "image": spec.image,
+            "command": spec.command,
+            "env": spec.env,
+            "labels": {**spec.labels, LABEL_MANAGED: "1"},
+            "hostname": "agent",
+            "work_dir": spec.workspace_path,
+            # The sandbox: no network, read-only root (tmpfs /tmp, /run), no capabilities,
+            # no privilege escalation, runc (crun fails on hybrid cgroups here).
+            "netns": {"nsmode": "none"},
+            "read_only_filesystem": True,
+            "read_only_tmpfs": True,
+            "cap_drop": ["all"],
+            "no_new_privileges": True,
+            "oci_runtime": self._oci_runtime,
+            "volumes": [{"Name": spec.workspace_volume, "Dest": spec.workspace_path}],
+            "log_configuration": {"driver": "k8s-file"},
+            "stop_timeout": max(1, int(spec.stop_grace_s)),
+            # Podman kills the agent on its own if the executor is gone past the deadline.
+            "timeout": int(spec.timeout_s + spec.stop_grace_s + 60),
+            "r_limits": [
+                {"type": "nofile", "soft": limits.nofile, "hard": limits.nofile},
+                {"type": "nproc", "soft": limits.nproc, "hard": limits.nproc},
+            ],
+        }
+        if self._limits_enforced:
+            resources: dict[str, Any] = {
+                "pids": {"limit": limits.pids},
+                "memory": {"limit": limits.memory_mb * 1024 * 1024},
+            }
+            if limits.cpus > 0:
+                period = 100_000
+                resources["cpu"] = {"quota": int(limits.cpus * period), "period": period}
+            body["resource_limits"] = resources
+        else:
+            # No cgroup limits here: cap the data segment so one agent cannot take the
+            # host's memory (runc itself needs more than 64 MiB, so never go below that).
+            data = max(limits.memory_mb, 128) * 1024 * 1024
+            body["r_limits"].append({"type": "data", "soft": data, "hard": data})
+        return body
+
+    async def start(self, spec: ContainerSpec) -> PodmanContainer:
+        body = self.create_body(spec)
+        try:
+            created = await self.call("POST", "/containers/create", body=body)
+        except PodmanError as exc:
+            if "already in use" in str(exc):
+                # A container left by a crashed earlier life of this same attempt.
+                await self.call("DELETE", f"/containers/{quote(spec.name)}",
+                                params={"force": "true"}, ok=(200, 204, 404))
+                created = await self.call("POST", "/containers/create", body=body)
+            else:
+                raise
+        cid = created["Id"]
+        assert self._attach_session is not None
+        try:
+            attach = await self._attach_session.post(
+                f"{API}/containers/{cid}/attach",
+                params={"stream": "true", "stdout": "true", "stderr": "true", "logs": "true"},
+            )
+            if attach.status != 200:
+                text = await attach.text()
+                attach.release()
+                raise _error(attach.status, text.encode(), "attach")
+            await self.call("POST", f"/containers/{cid}/start")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})
+            raise
+        return PodmanContainer(self, cid, attach, self._max_line)
+
+    async def remove_volume(self, name: str) -> None:
+        with contextlib.suppress(PodmanError):
+            await self.call("DELETE", f"/volumes/{quote(name)}", params={"force": "true"},
+                            ok=(204, 404))
+
+    async def list_managed(self) -> list[dict[str, Any]]:
+        data = await self.call(
+            "GET", "/containers/json",
+            params={"all": "true", "filters": f'{{"label":["{LABEL_MANAGED}=1"]}}'},
+        )
+        return list(data or [])
+
+
+def _error(status: int, body: bytes, what: str) -> VigilError:
+    try:
+        message = json.loads(body).get("message") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = body.decode(errors="replace")
+    if "image not known" in message or "failed to find image" in message:
+        return ImageNotFound(
+            f"{message}; images are not pulled from registries: build or load it on this node "
+            "(the default agent image comes from scripts/build-agent-image.sh)"
+        )
+    return PodmanError(f"Podman API {what}: HTTP {status}: {message}")

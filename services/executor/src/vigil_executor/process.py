@@ -1,0 +1,160 @@
+"""UNSAFE runtimes, for measuring the platform's own overhead and for fast tests.
+
+``process`` runs the task's command as a plain child process of the executor, with no
+isolation at all; ``null`` runs nothing and reports success (``false`` as the command's
+first word reports exit code 1). Both refuse to start unless ``VIGIL_UNSAFE_RUNTIME=1``,
+and the executor logs a warning at start when one is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from vigil_executor.runtime import ContainerSpec, ExitInfo, LineSplitter, Stream
+
+
+class ProcessContainer:
+    def __init__(self, proc: asyncio.subprocess.Process, max_line: int) -> None:
+        self.id = f"pid-{proc.pid}"
+        self._proc = proc
+        self._max_line = max_line
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue()
+
+        async def pump(stream: Stream, reader: asyncio.StreamReader | None) -> None:
+            splitter = LineSplitter(self._max_line)
+            if reader is not None:
+                while chunk := await reader.read(65_536):
+                    for line in splitter.feed(chunk):
+                        await queue.put((stream, line))
+            for line in splitter.flush():
+                await queue.put((stream, line))
+            await queue.put(None)
+
+        pumps = [
+            asyncio.create_task(pump("stdout", self._proc.stdout)),
+            asyncio.create_task(pump("stderr", self._proc.stderr)),
+        ]
+        open_streams = 2
+        try:
+            while open_streams:
+                item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                    continue
+                yield item
+        finally:
+            for p in pumps:
+                p.cancel()
+
+    async def wait(self) -> ExitInfo:
+        code = await self._proc.wait()
+        return ExitInfo(exit_code=code if code >= 0 else 128 - code)
+
+    async def stop(self, grace_s: float) -> None:
+        if self._proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self._proc.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            await self._proc.wait()
+
+    async def remove(self) -> None:
+        await self.stop(0)
+
+
+class ProcessRuntime:
+    """Runs the command on the host. No sandbox: never for untrusted agents."""
+
+    name = "process"
+    limits_enforced = False
+    limits_note = "UNSAFE process runtime: no isolation, no limits"
+
+    def __init__(self, workspace_root: Path | None = None, max_line: int = 16_384) -> None:
+        self._root = workspace_root or Path(tempfile.gettempdir()) / "vigil-unsafe-workspaces"
+        self._max_line = max_line
+
+    async def open(self) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        pass
+
+    async def image_exists(self, image: str) -> bool:
+        return True
+
+    async def start(self, spec: ContainerSpec) -> ProcessContainer:
+        workspace = self._root / spec.workspace_volume
+        workspace.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            **spec.env,
+            "VIGIL_WORKSPACE": str(workspace),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            *spec.command,
+            cwd=workspace,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        return ProcessContainer(proc, self._max_line)
+
+    async def remove_volume(self, name: str) -> None:
+        shutil.rmtree(self._root / name, ignore_errors=True)
+
+
+class NullContainer:
+    def __init__(self, exit_code: int) -> None:
+        self.id = "null"
+        self._code = exit_code
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        return
+        yield  # pragma: no cover - makes this an async generator
+
+    async def wait(self) -> ExitInfo:
+        return ExitInfo(exit_code=self._code)
+
+    async def stop(self, grace_s: float) -> None:
+        pass
+
+    async def remove(self) -> None:
+        pass
+
+
+class NullRuntime:
+    """Runs nothing: isolates the platform's overhead (scheduling, state, events, acks)."""
+
+    name = "null"
+    limits_enforced = False
+    limits_note = "UNSAFE null runtime: commands are not run"
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def image_exists(self, image: str) -> bool:
+        return True
+
+    async def start(self, spec: ContainerSpec) -> NullContainer:
+        return NullContainer(1 if spec.command and spec.command[0] == "false" else 0)
+
+    async def remove_volume(self, name: str) -> None:
+        pass

@@ -1,0 +1,129 @@
+"""The container runtime interface the executor runs agents through.
+
+Podman (:mod:`vigil_executor.podman`) is the default and the only runtime allowed in
+production. :mod:`vigil_executor.process` holds two *unsafe* runtimes for measuring the
+platform's own overhead; they refuse to start without ``VIGIL_UNSAFE_RUNTIME=1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Stream = Literal["stdout", "stderr"]
+
+# Labels every Vigil container carries: how a restarted executor finds its orphans.
+LABEL_TASK = "dev.vigil.task-id"
+LABEL_ATTEMPT = "dev.vigil.attempt"
+LABEL_EXECUTOR = "dev.vigil.executor"
+LABEL_MANAGED = "dev.vigil.managed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits. Which of them the host can enforce is the runtime's to say."""
+
+    pids: int = 512
+    memory_mb: int = 2048
+    cpus: float = 0.0  # 0 = no CPU quota
+    nofile: int = 1024
+    nproc: int = 4096
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    workspace_volume: str
+    workspace_path: str = "/workspace"
+    limits: Limits = field(default_factory=Limits)
+    timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
+    stop_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int
+    oom_killed: bool = False
+
+
+class Container(Protocol):
+    id: str
+
+    def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """Output lines (without the newline) as they are written, until the agent exits."""
+        ...
+
+    async def wait(self) -> ExitInfo: ...
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``."""
+        ...
+
+    async def remove(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    @property
+    def limits_enforced(self) -> bool:
+        """False when the host cannot enforce memory/CPU/pids limits (cgroup v1 rootless)."""
+        ...
+
+    @property
+    def limits_note(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def image_exists(self, image: str) -> bool: ...
+
+    async def start(self, spec: ContainerSpec) -> Container: ...
+
+    async def remove_volume(self, name: str) -> None: ...
+
+
+class LineSplitter:
+    """Turn a stream of chunks into lines, truncating any line longer than ``max_len``."""
+
+    def __init__(self, max_len: int) -> None:
+        self._buf = bytearray()
+        self._max = max_len
+        self._dropping = False  # inside the tail of a line already emitted as truncated
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buf += chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            nl = self._buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = bytes(self._buf[start:nl])
+            start = nl + 1
+            if self._dropping:
+                self._dropping = False
+                continue
+            out.append(line if len(line) <= self._max else line[: self._max] + TRUNCATED)
+        del self._buf[:start]
+        if len(self._buf) > self._max:
+            if not self._dropping:
+                out.append(bytes(self._buf[: self._max]) + TRUNCATED)
+                self._dropping = True
+            self._buf.clear()
+        return out
+
+    def flush(self) -> list[bytes]:
+        line, dropping = bytes(self._buf), self._dropping
+        self._buf.clear()
+        self._dropping = False
+        return [line] if line and not dropping else []
+
+
+TRUNCATED = b" [truncated]"

@@ -1,0 +1,63 @@
+"""From a work item to a sandboxed container spec: the agent contract's environment."""
+
+from __future__ import annotations
+
+from vigil.messages import WorkItem
+
+from vigil_executor.runtime import (
+    LABEL_ATTEMPT,
+    LABEL_EXECUTOR,
+    LABEL_TASK,
+    ContainerSpec,
+    Limits,
+)
+from vigil_executor.settings import ExecutorSettings
+
+WORKSPACE = "/workspace"
+
+
+def container_name(task_id: str, attempt: int) -> str:
+    return f"vigil-{task_id}-a{attempt}"
+
+
+def workspace_volume(task_id: str) -> str:
+    return f"vigil-ws-{task_id}"
+
+
+def container_spec(
+    work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False
+) -> ContainerSpec:
+    spec = work.spec
+    assert spec.image is not None, "the scheduler resolves the image"
+    env = {
+        **spec.env,
+        "VIGIL_TASK_ID": work.task_id,
+        "VIGIL_TENANT": work.tenant,
+        "VIGIL_ATTEMPT": str(attempt),
+        "VIGIL_RESUMED": "1" if resumed else "0",
+        "VIGIL_WORKSPACE": WORKSPACE,
+        # The root filesystem is read-only; /tmp is a private tmpfs.
+        "HOME": spec.env.get("HOME", "/tmp"),
+    }
+    return ContainerSpec(
+        name=container_name(work.task_id, attempt),
+        image=spec.image,
+        command=list(spec.command),
+        env=env,
+        labels={
+            LABEL_TASK: work.task_id,
+            LABEL_ATTEMPT: str(attempt),
+            LABEL_EXECUTOR: conf.node_id,
+        },
+        workspace_volume=workspace_volume(work.task_id),
+        workspace_path=WORKSPACE,
+        limits=Limits(
+            pids=conf.pids_limit,
+            memory_mb=conf.memory_mb,
+            cpus=conf.cpus,
+            nofile=conf.nofile,
+            nproc=conf.nproc,
+        ),
+        timeout_s=spec.timeout_s or 3600.0,
+        stop_grace_s=conf.stop_grace_s,
+    )

@@ -1,0 +1,215 @@
+"""The executor: pulls work for its pool with a bounded number of slots and runs each task
+as an :class:`~vigil_executor.attempt.Attempt` in a rootless Podman container.
+
+Shutdown (SIGTERM = the node is going away): stop pulling, hand buffered messages back,
+ask every running attempt to stop its agent and hand its task back (state back to
+``scheduled``, message naked without delay) so another node starts it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from vigil import subjects, topology
+from vigil.conn import connect
+from vigil.consume import PullConsumer
+from vigil.errors import RuntimeUnavailable, SettingsError
+from vigil.jetstream import TaskStore, publish_confession
+from vigil.messages import Confession, utcnow
+from vigil.ops import OpsServer, ops_app
+
+from vigil_executor.attempt import Attempt
+from vigil_executor.metrics import Metrics
+from vigil_executor.podman import PodmanRuntime
+from vigil_executor.process import NullRuntime, ProcessRuntime
+from vigil_executor.runtime import Runtime
+from vigil_executor.settings import ExecutorSettings
+
+log = structlog.get_logger("vigil.executor")
+
+
+def make_runtime(conf: ExecutorSettings) -> Runtime:
+    if conf.runtime == "podman":
+        return PodmanRuntime(conf.podman_url, max_line=conf.max_line_bytes)
+    if not conf.unsafe_runtime:
+        raise SettingsError(
+            f"VIGIL_RUNTIME={conf.runtime} runs agents without any sandbox; it exists for "
+            "benchmarks and tests only. Set VIGIL_UNSAFE_RUNTIME=1 to accept that, or use "
+            "VIGIL_RUNTIME=podman."
+        )
+    if conf.runtime == "process":
+        root = Path(conf.workspace_root) if conf.workspace_root else None
+        return ProcessRuntime(root, max_line=conf.max_line_bytes)
+    return NullRuntime()
+
+
+class Executor:
+    def __init__(self, settings: ExecutorSettings, runtime: Runtime | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.metrics.slots.set(settings.slots)
+        self.runtime: Runtime = runtime or make_runtime(settings)
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._store: TaskStore | None = None
+        self._consumer: PullConsumer | None = None
+        self._ops: OpsServer | None = None
+        self._stop = asyncio.Event()
+        self._attempts: dict[asyncio.Task[None], Attempt] = {}
+        self.ready = asyncio.Event()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None
+        return self._js
+
+    @property
+    def store(self) -> TaskStore:
+        assert self._store is not None
+        return self._store
+
+    @property
+    def http_port(self) -> int:
+        return self._ops.port if self._ops else 0
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.settings
+        self._ops = OpsServer(ops_app(self.metrics.registry, self._health), s.http_host, s.http_port)
+        await self._ops.start()
+        try:
+            await self._open_runtime()
+            if self._stop.is_set():
+                return
+            self._nc = await connect(s.nats_url, f"vigil-executor-{s.node_id}",
+                                     on_reconnect=self._on_reconnect)
+            self._js = self._nc.jetstream(timeout=5.0)
+            await topology.ensure_topology(self._js, s.replicas)
+            await topology.ensure_consumer(
+                self._js, subjects.STREAM_WORK,
+                topology.executor_consumer(s.pool, s.ack_wait_s),
+            )
+            self._store = await TaskStore.open(self._js)
+            if self.runtime.name != "podman":
+                log.warning("unsafe_runtime", runtime=self.runtime.name,
+                            note="agents run WITHOUT a sandbox; benchmarks and tests only")
+            if not self.runtime.limits_enforced:
+                await self._confess_limits()
+            self._consumer = PullConsumer(
+                self._nc, subjects.STREAM_WORK, subjects.consumer_executor(s.pool),
+                capacity=s.slots, max_batch=s.slots, heartbeat_s=min(5.0, s.heartbeat_s),
+            )
+            await self._consumer.start()
+            log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
+                     runtime=self.runtime.name, http_port=self._ops.port,
+                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
+            self.ready.set()
+            await self._loop()
+            await self._drain()
+        finally:
+            await self._close()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+
+    async def _open_runtime(self) -> None:
+        delay = 0.2
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                await self.runtime.open()
+                return
+            except RuntimeUnavailable as exc:
+                if attempt in (1, 5) or attempt % 20 == 0:
+                    log.warning("runtime_unavailable", error=str(exc), attempt=attempt)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _confess_limits(self) -> None:
+        note = self.runtime.limits_note
+        log.warning("resource_limits_not_enforced", note=note)
+        await self.publish_confession(Confession(
+            id=f"executor-{self.settings.node_id}-limits-{utcnow():%Y%m%d}",
+            summary=f"resource limits are not enforceable on node {self.settings.node_id}",
+            severity="warning", category="limits_unenforced", detail=note,
+            hint="run executors on hosts with cgroup v2 and delegated memory/pids/cpu "
+            "controllers for real limits",
+            source="executor", node=self.settings.node_id, component="executor",
+            time=utcnow(),
+        ))
+
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                nxt = asyncio.ensure_future(self._consumer.next())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        msg = await nxt
+                        await msg.nak()
+                    break
+                self._spawn(nxt.result())
+        finally:
+            stop.cancel()
+
+    def _spawn(self, msg: Msg) -> None:
+        attempt = Attempt(self, msg)
+        task = asyncio.create_task(attempt.run())
+        self._attempts[task] = attempt
+        self.metrics.running.set(len(self._attempts))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._attempts.pop(task, None)
+        self.metrics.running.set(len(self._attempts))
+        if self._consumer is not None and not self._stop.is_set():
+            self._consumer.release(1)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("attempt_crashed", error=repr(exc))
+
+    async def _drain(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._attempts:
+            log.info("draining", running=len(self._attempts))
+            for attempt in self._attempts.values():
+                attempt.stop("executor draining")
+            await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 30)
+
+    async def _close(self) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        with contextlib.suppress(Exception):
+            await self.runtime.close()
+        if self._ops is not None:
+            await self._ops.stop()
+        log.info("executor_stopped")
+
+    async def _on_reconnect(self) -> None:
+        if self._consumer is not None:
+            self._consumer.reset()
+
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        connected = self._nc is not None and self._nc.is_connected
+        return connected and self.ready.is_set(), {
+            "nats": connected, "running": len(self._attempts), "slots": self.settings.slots,
+            "runtime": self.runtime.name, "limits_enforced": self.runtime.limits_enforced,
+        }
+
+    async def publish_confession(self, confession: Confession) -> None:
+        await publish_confession(self.js, confession)
+        self.metrics.confessions.labels(confession.source or "executor",
+                                        confession.severity).inc()

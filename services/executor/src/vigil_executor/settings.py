@@ -1,0 +1,59 @@
+"""Executor settings (``VIGIL_*`` environment variables)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from vigil.messages import ID_PATTERN
+from vigil.settings import CommonSettings, default_node_id
+
+
+def default_podman_url() -> str:
+    return f"unix:///run/user/{os.getuid()}/podman/podman.sock"
+
+
+class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
+    node_id: Annotated[str, Meta(pattern=ID_PATTERN)] = msgspec.field(
+        default_factory=default_node_id
+    )
+    """This node's name, recorded as the task's ``executor``. Default: the hostname."""
+    pool: Annotated[str, Meta(pattern=ID_PATTERN)] = "default"
+    """The pool whose work this executor takes (``vigil.work.<pool>``)."""
+    slots: Annotated[int, Meta(ge=1, le=512)] = 4
+    """Agents run at once on this node."""
+    ack_wait_s: Annotated[float, Meta(ge=2, le=86_400)] = 30.0
+    """Lease length: a task whose executor stops renewing is redelivered after this."""
+    heartbeat_s: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
+    """Lease renewal interval (in-progress acks); must be well inside the ack wait."""
+    runtime: Literal["podman", "process", "null"] = "podman"
+    """Container runtime. ``process`` and ``null`` are UNSAFE (no sandbox), for benchmarks."""
+    unsafe_runtime: bool = False
+    """Must be true to use an unsafe runtime."""
+    podman_url: str = msgspec.field(default_factory=default_podman_url)
+    """The rootless Podman API socket, ``unix:///path/podman.sock``."""
+    stop_grace_s: Annotated[float, Meta(ge=0, le=600)] = 10.0
+    """SIGTERM-to-SIGKILL grace when stopping an agent."""
+    max_line_bytes: Annotated[int, Meta(ge=256, le=1_048_576)] = 16_384
+    """Longer output lines are truncated."""
+    pids_limit: Annotated[int, Meta(ge=16)] = 512
+    memory_mb: Annotated[int, Meta(ge=128)] = 2048
+    cpus: Annotated[float, Meta(ge=0)] = 0.0
+    """CPU quota per agent (0 = none). Enforced only where cgroup v2 is delegated."""
+    nofile: Annotated[int, Meta(ge=64)] = 1024
+    nproc: Annotated[int, Meta(ge=64)] = 4096
+    """RLIMIT_NPROC; note it counts every process of the rootless user, not per agent."""
+    max_confessions: Annotated[int, Meta(ge=0)] = 100
+    """Confessions accepted per task attempt; the rest are counted and dropped."""
+    workspace_root: str = ""
+    """Host directory for the unsafe process runtime's workspaces (default: a temp dir)."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s * 2 > self.ack_wait_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s}) must be at most half of ack_wait_s "
+                f"({self.ack_wait_s}) so that one lost heartbeat does not lose the lease"
+            )

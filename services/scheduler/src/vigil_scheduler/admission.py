@@ -1,0 +1,125 @@
+"""Admission: turn a raw submission into a task, or into a precise rejection.
+
+Pure logic (no I/O) so that every rule is unit-tested. The id rule is the public one in
+:mod:`vigil.ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+
+from vigil import codec, ids, subjects
+from vigil.errors import InvalidTask
+from vigil.messages import TaskSpec, TaskState, WorkItem
+
+from vigil_scheduler.settings import SchedulerSettings
+
+
+@dataclass(frozen=True)
+class Admit:
+    state: TaskState
+    work: WorkItem
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A submission that can never run. ``task_id`` is where the failure is recorded."""
+
+    task_id: str | None
+    tenant: str | None
+    error: str
+    field: str | None = None
+
+
+def tenant_of(subject: str) -> str | None:
+    """``vigil.submit.<tenant>`` -> tenant, or None when the subject is malformed."""
+    parts = subject.split(".")
+    if len(parts) != 3 or f"{parts[0]}.{parts[1]}" != subjects.SUBMIT:
+        return None
+    return parts[2] if ids.is_valid_id(parts[2]) else None
+
+
+def admit(
+    data: bytes,
+    subject: str,
+    msg_id: str | None,
+    seq: int,
+    now: datetime,
+    conf: SchedulerSettings,
+) -> Admit | Reject:
+    tenant = tenant_of(subject)
+    fallback_id = ids.task_id_for(None, msg_id, seq)
+    if tenant is None:
+        return Reject(
+            task_id=None,
+            tenant=None,
+            error=f"subject {subject!r} is not {subjects.SUBMIT}.<tenant> with a tenant "
+            "matching [A-Za-z0-9_-]{1,64}",
+            field="subject",
+        )
+    try:
+        spec = codec.decode_spec(data)
+    except InvalidTask as exc:
+        return Reject(
+            task_id=_salvage_id(data) or fallback_id,
+            tenant=tenant,
+            error=str(exc),
+            field=exc.field,
+        )
+    task_id = ids.task_id_for(spec.id, msg_id, seq)
+    resolved = msgspec.structs.replace(
+        spec,
+        id=task_id,
+        image=spec.image or conf.default_image,
+        timeout_s=spec.timeout_s or conf.default_timeout_s,
+        max_attempts=spec.max_attempts or conf.default_max_attempts,
+    )
+    state = TaskState(
+        id=task_id,
+        tenant=tenant,
+        status="queued",
+        created_at=now,
+        updated_at=now,
+        spec=resolved,
+        submit_seq=seq,
+    )
+    work = WorkItem(
+        task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq
+    )
+    return Admit(state=state, work=work)
+
+
+def _salvage_id(data: bytes) -> str | None:
+    """The spec's own ``id`` when the rest of it is invalid but the id itself is fine."""
+    try:
+        raw = codec.any_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict):
+        value = raw.get("id")
+        if isinstance(value, str) and ids.is_valid_id(value):
+            return value
+    return None
+
+
+def failed_state(reject: Reject, seq: int, now: datetime) -> TaskState | None:
+    if reject.task_id is None or reject.tenant is None:
+        return None
+    return TaskState(
+        id=reject.task_id,
+        tenant=reject.tenant,
+        status="failed",
+        error=reject.error,
+        created_at=now,
+        updated_at=now,
+        finished_at=now,
+        submit_seq=seq,
+    )
+
+
+def spec_of(state: TaskState) -> TaskSpec:
+    assert state.spec is not None
+    return state.spec

@@ -1,0 +1,282 @@
+"""The scheduler: consumes ``vigil.submit.>``, records tasks, publishes work.
+
+Per submission, in order, each step idempotent so that a redelivery (after a crash
+between steps) completes the work instead of duplicating it:
+
+1. validate and assign the id (:mod:`vigil_scheduler.admission`);
+2. create the task in ``vigil-tasks`` as ``queued`` (create-if-absent: a second submission
+   of the same id is a duplicate and runs nothing);
+3. move it to ``scheduled`` (compare-and-set), then publish the work item with
+   ``Nats-Msg-Id = <id>:work:<submit_seq>`` so a re-publish is deduplicated;
+4. ack the submission only once all of that, and the ``accepted``/``scheduled`` events, are
+   durable. A transient NATS failure naks with a delay; an invalid submission is recorded
+   (failed state + confession) and terminated, never redelivered forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from structlog.contextvars import bound_contextvars
+
+from vigil import codec, subjects, topology
+from vigil.conn import connect
+from vigil.consume import PullConsumer
+from vigil.errors import NatsUnavailable
+from vigil.jetstream import TaskStore, publish, publish_confession, publish_event
+from vigil.messages import (
+    Accepted,
+    Confession,
+    Event,
+    Finished,
+    Scheduled,
+    TaskState,
+    utcnow,
+)
+from vigil.ops import OpsServer, ops_app
+from vigil.settings import default_node_id
+
+from vigil_scheduler.admission import Admit, Reject, admit, failed_state
+from vigil_scheduler.metrics import Metrics
+from vigil_scheduler.settings import SchedulerSettings
+
+log = structlog.get_logger("vigil.scheduler")
+
+RETRY_DELAY_S = 2.0
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.node = default_node_id()
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._store: TaskStore | None = None
+        self._consumer: PullConsumer | None = None
+        self._ops: OpsServer | None = None
+        self._stop = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()
+
+    # lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.settings
+        self._ops = OpsServer(ops_app(self.metrics.registry, self._health), s.http_host, s.http_port)
+        await self._ops.start()
+        self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect)
+        self._js = self._nc.jetstream(timeout=5.0)
+        await topology.ensure_topology(self._js, s.replicas)
+        await topology.ensure_consumer(
+            self._js, subjects.STREAM_SUBMIT, topology.scheduler_consumer()
+        )
+        self._store = await TaskStore.open(self._js)
+        self._consumer = PullConsumer(
+            self._nc,
+            subjects.STREAM_SUBMIT,
+            subjects.CONSUMER_SCHEDULER,
+            capacity=s.batch,
+            max_batch=s.batch,
+        )
+        await self._consumer.start()
+        log.info("scheduler_started", http_port=self._ops.port, batch=s.batch)
+        self.ready.set()
+        try:
+            await self._loop()
+        finally:
+            await self._close()
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+
+    async def _close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._inflight:
+            # Let admissions in progress finish: each is a few JetStream round trips.
+            await asyncio.wait(self._inflight, timeout=10)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        if self._ops is not None:
+            await self._ops.stop()
+        log.info("scheduler_stopped")
+
+    async def _on_reconnect(self) -> None:
+        if self._consumer is not None:
+            self._consumer.reset()
+
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        connected = self._nc is not None and self._nc.is_connected
+        return connected and self.ready.is_set(), {"nats": connected, "inflight": len(self._inflight)}
+
+    @property
+    def http_port(self) -> int:
+        return self._ops.port if self._ops else 0
+
+    # loop ----------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                nxt = asyncio.ensure_future(self._consumer.next())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                self._spawn(nxt.result())
+        finally:
+            stop.cancel()
+
+    def _spawn(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._consumer is not None:
+            self._consumer.release(1)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("handler_crashed", error=repr(exc))
+
+    # one submission ------------------------------------------------------------------------
+    async def _handle(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        msg_id = msg.headers.get(subjects.MSG_ID) if msg.headers else None
+        with bound_contextvars(submit_seq=seq, subject=msg.subject):
+            try:
+                decision = admit(msg.data, msg.subject, msg_id, seq, utcnow(), self.settings)
+                if isinstance(decision, Reject):
+                    await self._reject(decision, seq, msg_id)
+                    await msg.term()
+                    self.metrics.submissions.labels("rejected").inc()
+                    return
+                with bound_contextvars(task_id=decision.state.id, tenant=decision.state.tenant):
+                    outcome = await self._schedule(decision)
+                await msg.ack()
+                self.metrics.submissions.labels(outcome).inc()
+                if outcome == "scheduled":
+                    self.metrics.admission_seconds.observe(time.perf_counter() - started)
+            except NatsUnavailable as exc:
+                log.warning("submission_retry", error=str(exc), delivered=meta.num_delivered)
+                self.metrics.submissions.labels("retried").inc()
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=RETRY_DELAY_S)
+
+    async def _schedule(self, admit_: Admit) -> str:
+        assert self._store is not None and self._js is not None
+        state, work = admit_.state, admit_.work
+        rev = await self._store.create(state)
+        if rev is None:
+            existing = await self._store.get(state.id)
+            if existing is None:
+                # Deleted between our create and get (TTL expiry): treat as new next time.
+                raise NatsUnavailable(f"task {state.id} vanished while admitting; retrying")
+            current, rev = existing
+            if current.submit_seq != state.submit_seq or current.tenant != state.tenant:
+                await self._on_duplicate(state, current)
+                return "duplicate"
+            # Our own earlier attempt at this submission got partway: carry on from there.
+            state = current
+            log.info("submission_resumed", status=state.status)
+        pending: list[Awaitable[object]] = []
+        if state.status == "queued":
+            self.metrics.tasks.labels("queued").inc()
+            pending.append(self._event(Accepted(
+                task_id=state.id, time=state.created_at, tenant=state.tenant,
+                submit_seq=state.submit_seq,
+            )))
+            now = utcnow()
+            scheduled = msgspec.structs.replace(state, status="scheduled", updated_at=now)
+            new_rev = await self._store.cas(scheduled, rev)
+            if new_rev is None:
+                # Someone else moved it on (cancel, or a concurrent scheduler): not ours.
+                await asyncio.gather(*pending)
+                return "duplicate"
+            state = scheduled
+            self.metrics.tasks.labels("scheduled").inc()
+        if state.status == "scheduled":
+            await publish(
+                self._js,
+                subjects.work(work.spec.pool),
+                codec.encode(work),
+                f"{state.id}:work:{state.submit_seq}",
+            )
+            pending.append(self._event(Scheduled(
+                task_id=state.id, time=state.updated_at, pool=work.spec.pool,
+            )))
+        await asyncio.gather(*pending)
+        log.info("task_scheduled", pool=work.spec.pool)
+        return "scheduled"
+
+    async def _on_duplicate(self, state: TaskState, current: TaskState) -> None:
+        if current.tenant != state.tenant:
+            # Ids are global; another tenant's task already has this one. Say so.
+            await self._confess(
+                Confession(
+                    id=f"scheduler-id-taken-{state.submit_seq}",
+                    summary=f"task id {state.id!r} is already used by another tenant; "
+                    "submission ignored",
+                    severity="warning",
+                    category="invalid_submission",
+                    tenant=state.tenant,
+                    hint="choose another id (or omit it to get one assigned)",
+                    data={"submit_seq": state.submit_seq},
+                )
+            )
+        log.info("submission_duplicate", existing_seq=current.submit_seq, status=current.status)
+
+    async def _reject(self, reject: Reject, seq: int, msg_id: str | None) -> None:
+        """Record an invalid submission where its submitter will look for it."""
+        assert self._store is not None
+        now = utcnow()
+        recorded_as: str | None = None
+        state = failed_state(reject, seq, now)
+        if state is not None:
+            rev = await self._store.create(state)
+            if rev is not None:
+                recorded_as = state.id
+                self.metrics.tasks.labels("failed").inc()
+                await self._event(Finished(
+                    task_id=state.id, time=now, status="failed", error=reject.error
+                ))
+        where = f"; recorded as task {recorded_as}" if recorded_as else ""
+        log.warning("submission_rejected", error=reject.error, field=reject.field,
+                    task_id=recorded_as)
+        await self._confess(
+            Confession(
+                id=f"scheduler-invalid-{seq}",
+                summary=f"invalid submission rejected{where}",
+                severity="warning",
+                category="invalid_submission",
+                detail=reject.error,
+                hint="fix the task spec and submit again; see the error for the field",
+                task_id=recorded_as,
+                tenant=reject.tenant,
+                data={"submit_seq": seq, "field": reject.field, "msg_id": msg_id},
+            )
+        )
+
+    async def _event(self, event: Event) -> None:
+        assert self._js is not None
+        await publish_event(self._js, event)
+
+    async def _confess(self, confession: Confession) -> None:
+        assert self._js is not None
+        full = msgspec.structs.replace(
+            confession, source="scheduler", node=self.node, component="scheduler",
+            time=confession.time or utcnow(),
+        )
+        await publish_confession(self._js, full)

@@ -1,0 +1,192 @@
+"""Thin, typed plumbing over nats-py JetStream: publishes with retries, the task store.
+
+Every JetStream call here has a bounded wait. Transient failures (timeouts, no responders
+while a server restarts) are retried with the same ``Nats-Msg-Id`` until a deadline, so a
+retry never duplicates; then :class:`~vigil.errors.NatsUnavailable` is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
+from nats.js.kv import KeyValue
+
+from vigil import codec, subjects
+from vigil.errors import NatsUnavailable
+from vigil.messages import Confession, Event, TaskState
+
+log = structlog.get_logger("vigil.jetstream")
+
+T = TypeVar("T")
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+async def retrying(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    deadline_s: float = 30.0,
+) -> T:
+    """Run ``call`` until it succeeds or ``deadline_s`` passes on transient NATS errors."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    delay = 0.05
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if loop.time() + delay >= deadline:
+                raise NatsUnavailable(
+                    f"{what}: NATS did not answer for {deadline_s:.0f}s ({type(exc).__name__})"
+                ) from exc
+            if attempt == 2:
+                log.warning("nats_retrying", what=what, error=type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        except APIError as exc:
+            # 503 from the JS API while a stream leader is being elected is transient too.
+            if exc.code == 503 and loop.time() + delay < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            raise
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    msg_id: str,
+    *,
+    timeout: float = 2.0,
+    deadline_s: float = 30.0,
+) -> PubAck:
+    """Publish with ``Nats-Msg-Id`` and wait for the ack, retrying transient failures."""
+    headers = {subjects.MSG_ID: msg_id}
+
+    async def once() -> PubAck:
+        return await js.publish(subject, payload, timeout=timeout, headers=headers)
+
+    return await retrying(f"publish {subject}", once, deadline_s=deadline_s)
+
+
+class TaskStore:
+    """Typed access to the ``vigil-tasks`` bucket with compare-and-set writes."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> TaskStore:
+        return cls(await js.key_value(subjects.KV_TASKS))
+
+    async def get(self, task_id: str) -> tuple[TaskState, int] | None:
+        async def once() -> tuple[TaskState, int] | None:
+            try:
+                entry = await self._kv.get(task_id)
+            except KeyNotFoundError:
+                return None
+            if entry.value is None:
+                return None
+            return codec.state_decoder.decode(entry.value), int(entry.revision or 0)
+
+        return await retrying(f"get task {task_id}", once)
+
+    async def create(self, state: TaskState) -> int | None:
+        """Create the task's key; None if it already exists (and is not our own write)."""
+        return await self._write(state, None)
+
+    async def cas(self, state: TaskState, revision: int) -> int | None:
+        """Write ``state`` if the key is still at ``revision``; None if someone else wrote."""
+        return await self._write(state, revision)
+
+    async def _write(self, state: TaskState, revision: int | None) -> int | None:
+        data = codec.encode(state)
+        tries = 0
+
+        async def once() -> int | None:
+            nonlocal tries
+            tries += 1
+            try:
+                if revision is None:
+                    return int(await self._kv.create(state.id, data))
+                return int(await self._kv.update(state.id, data, last=revision))
+            except KeyWrongLastSequenceError:
+                if tries == 1:
+                    return None
+                # A retry after a lost reply: the first try may have landed. If the key
+                # holds exactly what we wrote, that write was ours.
+                try:
+                    entry = await self._kv.get(state.id)
+                except KeyNotFoundError:
+                    return None
+                if entry.value == data:
+                    return int(entry.revision or 0)
+                return None
+
+        return await retrying(f"write task {state.id}", once)
+
+
+def event_kind(event: Event) -> str:
+    return str(type(event).__struct_config__.tag)
+
+
+def event_msg_id(event: Event, n: int | None = None) -> str:
+    """``<task>:<attempt>:<kind>[:<n>]``: what the event means, so a re-publish dedupes.
+
+    ``n`` numbers repeated events of one kind within an attempt (log batches by their first
+    line, progress and confessions by their order in the agent's output).
+    """
+    base = f"{event.task_id}:{event.attempt}:{event_kind(event)}"
+    return base if n is None else f"{base}:{n}"
+
+
+async def publish_event(
+    js: JetStreamContext, event: Event, n: int | None = None, *, deadline_s: float = 30.0
+) -> PubAck:
+    return await publish(
+        js,
+        subjects.event(event.task_id, event_kind(event)),
+        codec.encode(event),
+        event_msg_id(event, n),
+        deadline_s=deadline_s,
+    )
+
+
+async def publish_confession(
+    js: JetStreamContext, confession: Confession, *, deadline_s: float = 30.0
+) -> PubAck:
+    """Publish on ``vigil.issues.<source>.<severity>``; ``id`` and ``source`` are required."""
+    if not confession.id or not confession.source:
+        raise ValueError("a platform confession needs an id and a source")
+    return await publish(
+        js,
+        subjects.issue(confession.source, confession.severity),
+        codec.encode(confession),
+        confession.id,
+        deadline_s=deadline_s,
+    )

@@ -1,0 +1,228 @@
+"""Wire messages: what travels on Vigil's subjects and sits in its buckets.
+
+All are frozen, keyword-only msgspec Structs. Unknown fields are ignored when decoding so
+that older services read newer messages; every field added later must have a default.
+The ``*Strict`` variants forbid unknown fields and are used at the user-facing doors,
+where a typo such as ``timeout`` for ``timeout_s`` should be an error, not silently lost.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+# Identifiers: safe as a single NATS subject token and as a KV key.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ID_RE = re.compile(ID_PATTERN)
+TaskId = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9_-]{1,64}")]
+Name = Annotated[str, Meta(pattern=ID_PATTERN)]
+ImageRef = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$", description="image reference")
+]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvValue = Annotated[str, Meta(max_length=32_768)]
+LabelKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, Meta(max_length=256)]
+Arg = Annotated[str, Meta(min_length=1, max_length=65_536)]
+Command = Annotated[list[Arg], Meta(min_length=1, max_length=1_024)]
+
+Status = Literal[
+    "queued", "scheduled", "running", "succeeded", "failed", "cancelled", "timed_out", "dead"
+]
+STATUSES: tuple[str, ...] = (
+    "queued", "scheduled", "running", "succeeded", "failed", "cancelled", "timed_out", "dead",
+)
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "timed_out", "dead"})
+
+Severity = Literal["info", "warning", "error", "critical"]
+SEVERITIES: tuple[str, ...] = ("info", "warning", "error", "critical")
+
+# Env names the platform sets inside the container; a task may not override them.
+RESERVED_ENV_PREFIX = "VIGIL_"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a user submits: run ``command`` in ``image`` until it finishes.
+
+    ``id`` is optional; see :func:`vigil.ids.task_id_for` for how a missing id is assigned.
+    ``image``, ``timeout_s`` and ``max_attempts`` fall back to the platform defaults.
+    """
+
+    command: Command
+    id: TaskId | None = None
+    image: ImageRef | None = None
+    env: dict[EnvName, EnvValue] = {}
+    timeout_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] | None = None
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] | None = None
+    labels: dict[LabelKey, LabelValue] = {}
+    pool: Name = "default"
+
+    def __post_init__(self) -> None:
+        for name in self.env:
+            if name.startswith(RESERVED_ENV_PREFIX):
+                # msgspec turns a ValueError here into a ValidationError for the caller.
+                raise ValueError(
+                    f"env name {name!r} is reserved (the platform sets VIGIL_* inside the "
+                    "container) - at `$.env`"
+                )
+        if len(self.labels) > 64:
+            raise ValueError("at most 64 labels are allowed - at `$.labels`")
+
+
+class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """:class:`TaskSpec` for user-facing doors: unknown fields are errors."""
+
+
+class TaskState(msgspec.Struct, frozen=True, kw_only=True):
+    """A task's current state: the value of its key in the ``vigil-tasks`` bucket.
+
+    Written with compare-and-set on the KV revision, so only the current attempt can
+    record progress or an outcome.
+    """
+
+    id: str
+    tenant: str
+    status: Status
+    attempt: int = 0
+    executor: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    spec: TaskSpec | None = None
+    submit_seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One unit of work on ``vigil.work.<pool>``; ``spec`` has the defaults resolved."""
+
+    task_id: str
+    tenant: str
+    spec: TaskSpec
+    submitted_at: datetime
+    submit_seq: int = 0
+
+
+class Confession(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A complaint on ``vigil.issues.<source>.<severity>``.
+
+    Anyone may publish one; only ``summary`` and ``severity`` are required. ``id`` makes it
+    idempotent (the auditor keys on it; without it, the message id or stream sequence).
+    """
+
+    summary: Annotated[str, Meta(min_length=1, max_length=2_000)]
+    severity: Severity
+    id: str | None = None
+    source: str | None = None
+    category: str | None = None
+    detail: str | None = None
+    hint: str | None = None
+    task_id: str | None = None
+    tenant: str | None = None
+    attempt: int | None = None
+    node: str | None = None
+    component: str | None = None
+    time: datetime | None = None
+    data: dict[str, Any] = {}
+
+
+class ConfessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What the auditor stores per confession in ``vigil-confessions``."""
+
+    id: str
+    source: str
+    severity: str
+    subject: str
+    stream_seq: int
+    received_at: datetime
+    confession: Confession | None = None
+    error: str | None = None  # set when the message was not a valid confession
+    raw: str | None = None
+
+
+# Events ---------------------------------------------------------------------------------
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_defaults=True):
+    """Base of every event on ``vigil.events.<task_id>.<kind>``."""
+
+    task_id: str
+    attempt: int = 0
+    time: datetime
+
+
+class Accepted(Event, tag="accepted", frozen=True, kw_only=True):
+    tenant: str
+    submit_seq: int = 0
+
+
+class Scheduled(Event, tag="scheduled", frozen=True, kw_only=True):
+    pool: str
+
+
+class Started(Event, tag="started", frozen=True, kw_only=True):
+    executor: str
+    image: str
+    container: str | None = None
+    resumed: bool = False
+    limits_enforced: bool = True
+
+
+class Log(Event, tag="log", frozen=True, kw_only=True):
+    """A batch of consecutive output lines of one stream; ``first`` numbers the first line."""
+
+    stream: Literal["stdout", "stderr"]
+    lines: list[str]
+    first: int = 0
+
+
+class Progress(Event, tag="progress", frozen=True, kw_only=True):
+    data: dict[str, Any] = {}
+
+
+class Checkpoint(Event, tag="checkpoint", frozen=True, kw_only=True):
+    name: str
+    size: int = 0
+    digest: str | None = None
+    note: dict[str, Any] = {}
+
+
+class ConfessionEvent(Event, tag="confession", frozen=True, kw_only=True):
+    confession_id: str
+    summary: str
+    severity: str
+    source: str
+
+
+class Retrying(Event, tag="retrying", frozen=True, kw_only=True):
+    reason: str
+    delay_s: float = 0.0
+
+
+class Finished(Event, tag="finished", frozen=True, kw_only=True):
+    status: Status
+    exit_code: int | None = None
+    error: str | None = None
+    duration_s: float | None = None
+    final: bool = True
+
+
+AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
+    Retrying | Finished
+)
+EVENT_KINDS: tuple[str, ...] = (
+    "accepted", "scheduled", "started", "log", "progress", "checkpoint", "confession",
+    "retrying", "finished",
+)

@@ -1,0 +1,67 @@
+"""Every subject, stream, bucket and consumer name Vigil uses, in one place.
+
+These names are public contracts (see DESIGN.md): raw NATS clients publish to them and
+operators filter on them. Services never spell a subject literally; they call these.
+"""
+
+from __future__ import annotations
+
+# Subject prefixes -------------------------------------------------------------------------
+SUBMIT = "vigil.submit"  # vigil.submit.<tenant>            task specs from users
+WORK = "vigil.work"  # vigil.work.<pool>                  work items for executors
+EVENTS = "vigil.events"  # vigil.events.<task_id>.<kind>  a task's timeline
+ISSUES = "vigil.issues"  # vigil.issues.<source>.<severity>   confessions
+ALERTS = "vigil.alerts"  # vigil.alerts.<severity>            escalations (auditor)
+
+# Streams, buckets, object stores ------------------------------------------------------------
+STREAM_SUBMIT = "VIGIL_SUBMIT"
+STREAM_WORK = "VIGIL_WORK"
+STREAM_EVENTS = "VIGIL_EVENTS"
+STREAM_ISSUES = "VIGIL_ISSUES"
+KV_TASKS = "vigil-tasks"
+KV_CONFESSIONS = "vigil-confessions"
+OBJ_CHECKPOINTS = "vigil-checkpoints"
+
+# Durable consumers ----------------------------------------------------------------------------
+CONSUMER_SCHEDULER = "scheduler"
+CONSUMER_AUDITOR = "auditor"
+
+
+def consumer_executor(pool: str) -> str:
+    """The durable work-queue consumer shared by every executor of ``pool``."""
+    return f"executor-{pool}"
+
+
+# Header names -----------------------------------------------------------------------------
+MSG_ID = "Nats-Msg-Id"
+
+
+def submit(tenant: str) -> str:
+    return f"{SUBMIT}.{tenant}"
+
+
+def work(pool: str) -> str:
+    return f"{WORK}.{pool}"
+
+
+def event(task_id: str, kind: str) -> str:
+    return f"{EVENTS}.{task_id}.{kind}"
+
+
+def task_events(task_id: str) -> str:
+    """Filter matching every event of one task."""
+    return f"{EVENTS}.{task_id}.>"
+
+
+def issue(source: str, severity: str) -> str:
+    return f"{ISSUES}.{source}.{severity}"
+
+
+def alert(severity: str) -> str:
+    return f"{ALERTS}.{severity}"
+
+
+def token(subject: str, index: int) -> str | None:
+    """The ``index``-th dot-separated token of ``subject``, or None if it has fewer."""
+    parts = subject.split(".")
+    return parts[index] if 0 <= index < len(parts) else None

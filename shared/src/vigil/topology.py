@@ -1,0 +1,262 @@
+"""Streams, consumers, buckets and object stores, declared as data, and ``ensure_topology``.
+
+Every service calls :func:`ensure_topology` at start. It creates what is missing and
+updates what differs (e.g. a longer max age), so it is safe to run concurrently and
+repeatedly. A change the server cannot apply in place (retention policy, storage type)
+raises :class:`~vigil.errors.TopologyError` naming the stream and what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from vigil import subjects
+from vigil.errors import TopologyError
+
+log = structlog.get_logger("vigil.topology")
+
+DAY = 86_400.0
+STREAM_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    subjects: tuple[str, ...]
+    retention: RetentionPolicy
+    max_age_s: float = 0.0
+    duplicate_window_s: float = 120.0
+    max_bytes: int = -1
+    max_msgs: int = -1
+    discard: DiscardPolicy = DiscardPolicy.OLD
+    max_msg_size: int = 1024 * 1024
+    description: str = ""
+
+    def config(self, replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.name,
+            description=self.description,
+            subjects=list(self.subjects),
+            retention=self.retention,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=self.max_age_s,
+            duplicate_window=self.duplicate_window_s,
+            max_bytes=self.max_bytes,
+            max_msgs=self.max_msgs,
+            discard=self.discard,
+            max_msg_size=self.max_msg_size,
+        )
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    history: int = 1
+    ttl_s: float = 0.0
+    max_value_size: int = 1024 * 1024
+    description: str = ""
+
+    def config(self, replicas: int) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=self.name,
+            description=self.description,
+            history=self.history,
+            ttl=self.ttl_s or None,
+            max_value_size=self.max_value_size,
+            storage=StorageType.FILE,
+            replicas=replicas,
+        )
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    name: str
+    ttl_s: float = 0.0
+    description: str = ""
+
+    def config(self, replicas: int) -> ObjectStoreConfig:
+        return ObjectStoreConfig(
+            bucket=self.name,
+            description=self.description,
+            ttl=self.ttl_s or None,
+            storage=StorageType.FILE,
+            replicas=replicas,
+        )
+
+
+# Submissions are kept (limits retention) so they can be replayed; the duplicate window
+# makes a re-publish with the same Nats-Msg-Id a no-op. Idempotency beyond the window comes
+# from the task id: the scheduler never creates a task whose id exists.
+SUBMIT = Stream(
+    name=subjects.STREAM_SUBMIT,
+    subjects=(f"{subjects.SUBMIT}.>",),
+    retention=RetentionPolicy.LIMITS,
+    max_age_s=7 * DAY,
+    duplicate_window_s=600.0,
+    description="Task submissions, kept 7 days for replay",
+)
+# Work items leave the stream when an executor acks them. Discard-new: when full, a
+# publish fails loudly (the scheduler retries and confesses) instead of dropping work.
+WORK = Stream(
+    name=subjects.STREAM_WORK,
+    subjects=(f"{subjects.WORK}.>",),
+    retention=RetentionPolicy.WORK_QUEUE,
+    discard=DiscardPolicy.NEW,
+    max_msgs=1_000_000,
+    description="Work items, one per task attempt, removed when acked",
+)
+EVENTS = Stream(
+    name=subjects.STREAM_EVENTS,
+    subjects=(f"{subjects.EVENTS}.>",),
+    retention=RetentionPolicy.LIMITS,
+    max_age_s=7 * DAY,
+    description="Task timelines: accepted, started, log, finished ...",
+)
+ISSUES = Stream(
+    name=subjects.STREAM_ISSUES,
+    subjects=(f"{subjects.ISSUES}.>",),
+    retention=RetentionPolicy.LIMITS,
+    max_age_s=30 * DAY,
+    description="Confessions from agents and the platform",
+)
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES)
+
+TASKS = Bucket(
+    name=subjects.KV_TASKS,
+    history=1,
+    ttl_s=30 * DAY,
+    description="Task state by task id (compare-and-set on revision)",
+)
+CONFESSIONS = Bucket(
+    name=subjects.KV_CONFESSIONS,
+    history=1,
+    ttl_s=30 * DAY,
+    description="Confessions recorded by the auditor, by confession id",
+)
+BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS)
+
+CHECKPOINTS = ObjectStore(
+    name=subjects.OBJ_CHECKPOINTS,
+    ttl_s=30 * DAY,
+    description="Workspace checkpoints by task id",
+)
+OBJECT_STORES: tuple[ObjectStore, ...] = (CHECKPOINTS,)
+
+
+# Consumers ----------------------------------------------------------------------------------
+def scheduler_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_SCHEDULER,
+        description="Scheduler: admits submissions",
+        filter_subject=f"{subjects.SUBMIT}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_ack_pending=10_000,
+        max_waiting=512,
+    )
+
+
+def executor_consumer(pool: str, ack_wait_s: float, max_deliver: int = -1) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.consumer_executor(pool),
+        description=f"Executors of pool {pool}",
+        filter_subject=subjects.work(pool),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+
+
+def auditor_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_AUDITOR,
+        description="Auditor: records and triages confessions",
+        filter_subject=f"{subjects.ISSUES}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_ack_pending=10_000,
+        max_waiting=512,
+    )
+
+
+# Ensure ------------------------------------------------------------------------------------
+async def ensure_stream(js: JetStreamContext, stream: Stream, replicas: int = 1) -> None:
+    config = stream.config(replicas)
+    try:
+        await js.add_stream(config=config)
+        return
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_IN_USE:
+            raise TopologyError(f"cannot create stream {stream.name}: {exc.description}") from exc
+    try:
+        await js.update_stream(config=config)
+        log.info("stream_updated", stream=stream.name)
+    except BadRequestError as exc:
+        raise TopologyError(
+            f"stream {stream.name} exists with a configuration that cannot be changed in "
+            f"place ({exc.description}); back it up and delete it, or fix the declaration"
+        ) from exc
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: Bucket, replicas: int = 1) -> None:
+    try:
+        await js.create_key_value(config=bucket.config(replicas))
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_IN_USE:
+            raise TopologyError(f"cannot create bucket {bucket.name}: {exc.description}") from exc
+        # Exists with a different configuration (e.g. made by an older version): use it.
+        await js.key_value(bucket.name)
+        log.warning("bucket_config_differs", bucket=bucket.name)
+
+
+async def ensure_object_store(js: JetStreamContext, store: ObjectStore, replicas: int = 1) -> None:
+    try:
+        # nats-py overwrites config.bucket with its `bucket` argument: pass both.
+        await js.create_object_store(store.name, config=store.config(replicas))
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_IN_USE:
+            raise TopologyError(f"cannot create object store {store.name}: {exc}") from exc
+        await js.object_store(store.name)
+        log.warning("object_store_config_differs", store=store.name)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    """Create or update a durable consumer (the server applies allowed changes in place)."""
+    try:
+        await js.add_consumer(stream, config=config)
+    except BadRequestError as exc:
+        raise TopologyError(
+            f"cannot create consumer {config.durable_name} on {stream}: {exc.description}"
+        ) from exc
+
+
+async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update every stream, bucket and object store Vigil uses. Idempotent."""
+    for stream in STREAMS:
+        await ensure_stream(js, stream, replicas)
+    for bucket in BUCKETS:
+        await ensure_bucket(js, bucket, replicas)
+    for store in OBJECT_STORES:
+        await ensure_object_store(js, store, replicas)
+
