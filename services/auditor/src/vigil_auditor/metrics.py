@@ -1,0 +1,18 @@
+"""The auditor's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.confessions = Counter(
+            "vigil_confessions_total", "Confessions recorded, by source and severity",
+            ["source", "severity"], registry=r,
+        )
+        self.invalid = Counter(
+            "vigil_confessions_invalid_total", "Messages on the issues stream that were not "
+            "valid confessions (recorded with their error)", registry=r,
+        )

@@ -1,0 +1,68 @@
+"""Turning a message on ``vigil.issues.<source>.<severity>`` into a stored record.
+
+Anyone may publish a confession, so nothing is trusted: the subject must have exactly a
+source and a severity, the body must be a JSON confession with ``summary`` and
+``severity``. Whatever arrives is recorded (an invalid one with its error and a prefix of
+the raw body) so that a complaint is never silently lost. The record's id is, in order:
+the confession's ``id``, the ``Nats-Msg-Id`` header, or ``seq-<stream sequence>`` — so a
+redelivery overwrites the same record and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+import msgspec
+
+from vigil import codec, ids, subjects
+from vigil.messages import SEVERITIES, ConfessionRecord
+
+RAW_PREFIX = 2_000
+
+
+def record_id(confession_id: str | None, msg_id: str | None, seq: int) -> str:
+    """A KV-safe key: the given id when it is one, else a digest of it, else the sequence."""
+    for candidate in (confession_id, msg_id):
+        if candidate:
+            if ids.is_valid_id(candidate):
+                return candidate
+            return "h" + hashlib.sha256(candidate.encode()).hexdigest()[:40]
+    return f"seq-{seq}"
+
+
+def to_record(
+    subject: str, data: bytes, msg_id: str | None, seq: int, now: datetime
+) -> ConfessionRecord:
+    parts = subject.split(".")
+    source = parts[2] if len(parts) > 2 else ""
+    severity = parts[3] if len(parts) > 3 else ""
+    problems = []
+    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != subjects.ISSUES:
+        problems.append(f"subject {subject!r} is not {subjects.ISSUES}.<source>.<severity>")
+    elif severity not in SEVERITIES:
+        problems.append(f"subject severity {severity!r} is not one of {', '.join(SEVERITIES)}")
+    try:
+        confession = codec.confession_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        message, field = codec.error_field(exc)
+        where = f" (at {field})" if field else ""
+        problems.append(f"not a valid confession: {message}{where}")
+        return ConfessionRecord(
+            id=record_id(None, msg_id, seq), source=source, severity=severity, subject=subject,
+            stream_seq=seq, received_at=now, error="; ".join(problems),
+            raw=data[:RAW_PREFIX].decode("utf-8", errors="replace"),
+        )
+    if confession.severity != severity and not problems:
+        # The body is the authority on severity; note the mismatch, keep the body's.
+        problems.append(f"subject severity {severity!r} differs from body {confession.severity!r}")
+    return ConfessionRecord(
+        id=record_id(confession.id, msg_id, seq),
+        source=confession.source or source,
+        severity=confession.severity,
+        subject=subject,
+        stream_seq=seq,
+        received_at=now,
+        confession=confession,
+        error="; ".join(problems) or None,
+    )

@@ -1,0 +1,76 @@
+"""``GET /v1/tasks/{id}/events``: a task's timeline as Server-Sent Events.
+
+Each event's SSE ``id`` is its sequence in the events stream, so a client that reconnects
+with ``Last-Event-ID`` resumes exactly after the last event it saw (an ordered consumer
+starting at that sequence + 1). Comment lines keep idle connections alive. The stream
+ends after the final ``finished`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import nats.errors
+from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from vigil import codec, subjects
+from vigil.messages import TaskState
+
+
+async def stream_events(
+    request: web.Request,
+    js: JetStreamContext,
+    state: TaskState,
+    after: int,
+    keepalive_s: float,
+    stopping: asyncio.Event,
+) -> web.StreamResponse:
+    config = ConsumerConfig(inactive_threshold=60.0)
+    if after > 0:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = after + 1
+    sub = await js.subscribe(
+        subjects.task_events(state.id), stream=subjects.STREAM_EVENTS,
+        ordered_consumer=True, config=config,
+    )
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    try:
+        await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
+        while not stopping.is_set():
+            try:
+                msg = await sub.next_msg(timeout=keepalive_s)
+            except nats.errors.TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            seq = msg.metadata.sequence.stream
+            kind = msg.subject.rsplit(".", 1)[-1]
+            data = msg.data.replace(b"\n", b" ")
+            await response.write(
+                b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), data)
+            )
+            if kind == "finished" and _is_final(msg.data):
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+def _is_final(data: bytes) -> bool:
+    try:
+        event = codec.any_decoder.decode(data)
+    except Exception:
+        return True
+    return not isinstance(event, dict) or event.get("final", True) is not False

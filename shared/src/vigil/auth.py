@@ -1,0 +1,103 @@
+"""Gateway API tokens: stored hashed, looked up by digest, mapped to a tenant and a role.
+
+A tokens file is JSON::
+
+    {"tokens": [{"name": "ci", "tenant": "acme", "role": "submitter",
+                 "sha256": "<hex digest of the token>"}]}
+
+Only digests are stored; :func:`new_token` makes a token and its entry. Roles:
+``viewer`` reads, ``submitter`` also submits and cancels, ``operator`` also replays and
+redrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from vigil.errors import SettingsError
+from vigil.messages import ID_PATTERN
+
+Role = Literal["viewer", "submitter", "operator"]
+ROLES: tuple[str, ...] = ("viewer", "submitter", "operator")
+TOKEN_PREFIX = "vgl_"
+
+
+class TokenEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    tenant: Annotated[str, Meta(pattern=ID_PATTERN)]
+    role: Role
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class TokensFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tokens: list[TokenEntry] = []
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    tenant: str
+    role: Role
+
+    def can(self, role: Role) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+class TokenBook:
+    def __init__(self, entries: list[TokenEntry]) -> None:
+        self._by_digest = {e.sha256: e for e in entries}
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenBook:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SettingsError(f"VIGIL_TOKENS_FILE: cannot read {path}: {exc.strerror}") from None
+        try:
+            parsed = msgspec.json.decode(data, type=TokensFile)
+        except msgspec.DecodeError as exc:
+            raise SettingsError(f"VIGIL_TOKENS_FILE: {path}: {exc}") from None
+        return cls(parsed.tokens)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def verify(self, token: str) -> Principal | None:
+        d = digest(token)
+        entry = self._by_digest.get(d)
+        # The dict lookup is by digest (a token's digest reveals nothing usable); compare
+        # in constant time anyway so no code path depends on secret bytes.
+        if entry is None or not hmac.compare_digest(entry.sha256, d):
+            return None
+        return Principal(name=entry.name, tenant=entry.tenant, role=entry.role)
+
+
+def add_token(path: str | Path, name: str, tenant: str, role: Role) -> str:
+    """Create a token, append its digest to ``path`` (created 0600), return the token."""
+    p = Path(path)
+    existing = TokenBook.load(p)._by_digest.values() if p.exists() else []
+    token = new_token()
+    entries = [*existing, TokenEntry(name=name, tenant=tenant, role=role, sha256=digest(token))]
+    body = json.dumps({"tokens": [msgspec.to_builtins(e) for e in entries]}, indent=2)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(body + "\n")
+    tmp.replace(p)
+    return token

@@ -1,0 +1,398 @@
+"""``vigil up``: the whole platform on one machine, as child processes.
+
+    rootless Podman API service  (as the unprivileged Podman user when run as root)
+    nats-server                  (JetStream, file storage, sync_interval: always,
+                                  one least-privilege user per service)
+    vigil-scheduler, vigil-executor, vigil-auditor, vigil-gateway
+
+Children die with us (PR_SET_PDEATHSIG) even if we are killed with SIGKILL; on SIGINT or
+SIGTERM they are stopped in order (the gateway first, NATS and Podman last) and any
+container left by this stack's executor is removed, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from vigil import auth
+from vigil.errors import VigilError
+from vigil.natsserver import NatsServer, User, check_version, find_binary
+from vigil.permissions import service_permissions
+
+PR_SET_PDEATHSIG = 1
+SERVICES = ("scheduler", "executor", "auditor", "gateway")
+START_TIMEOUT_S = 60.0
+
+
+class StackError(VigilError):
+    pass
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path
+    nats_port: int = 4222
+    http_port: int = 8080
+    host: str = "127.0.0.1"
+    slots: int = 4
+    runtime: str = "podman"
+    podman_user: str | None = None
+    log_level: str = "info"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stack_id(self) -> str:
+        return hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+
+    @property
+    def node_id(self) -> str:
+        host = socket.gethostname().split(".", 1)[0] or "node"
+        return f"{host}-{self.stack_id}"
+
+    def service_port(self, name: str) -> int:
+        return {"gateway": self.http_port, "scheduler": self.http_port + 1,
+                "executor": self.http_port + 2, "auditor": self.http_port + 3}[name]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+    user: int | None = None
+    group: int | None = None
+    cwd: str | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                user=self.user, group=self.group,
+                extra_groups=[] if self.user is not None else None,
+                cwd=self.cwd, start_new_session=True,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def stop(self, timeout_s: float) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+class Stack:
+    def __init__(self, config: StackConfig, say: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.say = say
+        self.data = config.data_dir.resolve()
+        self.nats: NatsServer | None = None
+        self.podman: Child | None = None
+        self.podman_socket: Path | None = None
+        self.children: dict[str, Child] = {}
+        self.token = ""
+        self.failed: str | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.http_port}"
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url_for("admin")
+
+    # start ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data, 0o700)
+        (self.data / "logs").mkdir(exist_ok=True)
+        secrets_ = self._secrets()
+        self._check_ports()
+        if self.config.runtime == "podman":
+            await self._start_podman()
+        await self._start_nats(secrets_)
+        self._write_tokens()
+        for name in SERVICES:
+            child = self._service_child(name, secrets_)
+            self.children[name] = child
+            child.start()
+        for name in SERVICES:
+            await self._wait_healthy(self.children[name])
+            self.say(f"  ✓ {name:<10} http://{self.config.host}:{self.config.service_port(name)}"
+                     f"{'' if name == 'gateway' else '/metrics'}")
+
+    def _check_ports(self) -> None:
+        c = self.config
+        for port, what in [(c.nats_port, "--nats-port")] + [
+            (c.service_port(n), "--http-port") for n in SERVICES
+        ]:
+            with socket.socket() as s:
+                try:
+                    s.bind((c.host, port))
+                except OSError:
+                    raise StackError(
+                        f"port {port} on {c.host} is in use (another `vigil up`?); choose other "
+                        f"ports with {what} (the stack uses --http-port .. --http-port+3)"
+                    ) from None
+
+    def _secrets(self) -> dict[str, str]:
+        path = self.data / "secrets.json"
+        if path.exists():
+            data: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = {}
+        changed = False
+        for name in (*SERVICES, "admin"):
+            if name not in data:
+                data[name] = secrets.token_urlsafe(24)
+                changed = True
+        if changed:
+            _write_private(path, json.dumps(data, indent=2))
+        return data
+
+    def _write_tokens(self) -> None:
+        tokens_file = self.data / "tokens.json"
+        client_file = self.data / "client.json"
+        client: dict[str, Any] = {}
+        if client_file.exists():
+            client = json.loads(client_file.read_text(encoding="utf-8"))
+        if not tokens_file.exists() or not client.get("token"):
+            tokens_file.unlink(missing_ok=True)
+            client["token"] = auth.add_token(tokens_file, "vigil-up", "default", "operator")
+        client["url"] = self.gateway_url
+        client["nats_url"] = self.nats_url
+        _write_private(client_file, json.dumps(client, indent=2))
+        self.token = client["token"]
+
+    async def _start_nats(self, secrets_: dict[str, str]) -> None:
+        binary = find_binary()
+        version = check_version(binary)
+        users = [User("admin", secrets_["admin"])]
+        for name, (pub, sub) in service_permissions().items():
+            users.append(User(name, secrets_[name], publish=pub, subscribe=sub))
+        self.nats = NatsServer(
+            store_dir=self.data / "nats", port=self.config.nats_port, host=self.config.host,
+            sync_always=True, users=users, binary=binary,
+        )
+        await self.nats.start()
+        self.say(f"  ✓ nats      {self.nats.url}  ({version}, JetStream, fsync always)")
+
+    def _service_child(self, name: str, secrets_: dict[str, str]) -> Child:
+        c = self.config
+        assert self.nats is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("VIGIL_")})
+        env.update(c.extra_env)
+        env.update({
+            "VIGIL_NATS_URL": self.nats.url_for(name),
+            "VIGIL_HTTP_HOST": c.host,
+            "VIGIL_HTTP_PORT": str(c.service_port(name)),
+            "VIGIL_LOG_FORMAT": "json",
+            "VIGIL_LOG_LEVEL": c.log_level,
+        })
+        if name == "gateway":
+            env["VIGIL_TOKENS_FILE"] = str(self.data / "tokens.json")
+            env["VIGIL_AUTH"] = "tokens"
+        if name == "executor":
+            env["VIGIL_NODE_ID"] = c.node_id
+            env["VIGIL_SLOTS"] = str(c.slots)
+            env["VIGIL_RUNTIME"] = c.runtime
+            if self.podman_socket is not None:
+                env["VIGIL_PODMAN_URL"] = f"unix://{self.podman_socket}"
+        module = f"vigil_{name}"
+        return Child(name, [sys.executable, "-m", module], env,
+                     self.data / "logs" / f"{name}.log")
+
+    async def _wait_healthy(self, child: Child) -> None:
+        url = f"http://{self.config.host}:{self.config.service_port(child.name)}/healthz"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if not child.alive:
+                    raise StackError(f"{child.name} exited during start; its log "
+                                     f"({child.log_path}) ends:\n{child.tail()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise StackError(f"{child.name} not healthy after {START_TIMEOUT_S:.0f}s; see "
+                         f"{child.log_path}:\n{child.tail()}")
+
+    # podman -----------------------------------------------------------------------------------
+    async def _start_podman(self) -> None:
+        podman = shutil.which("podman")
+        if podman is None:
+            raise StackError("podman is not installed; run `./dev setup` (or apt-get install "
+                             "podman runc uidmap slirp4netns fuse-overlayfs)")
+        user: int | None = None
+        group: int | None = None
+        if os.geteuid() == 0:
+            name = self.config.podman_user or "vigil"
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                raise StackError(f"user {name!r} for rootless Podman does not exist; run "
+                                 "`./dev setup`, or set VIGIL_PODMAN_USER") from None
+            user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+            runtime_dir = Path(f"/run/user/{user}")
+            if not runtime_dir.is_dir():
+                runtime_dir = Path(f"/tmp/vigil-runtime-{user}")
+            runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chown(runtime_dir, user, group)
+            sock_dir = Path(f"/tmp/vigil-podman-{user}-{self.config.stack_id}")
+            sock_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chown(sock_dir, user, group)
+            who = name
+        else:
+            home = os.path.expanduser("~")
+            runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or
+                               f"/tmp/vigil-runtime-{os.getuid()}")
+            runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            sock_dir = self.data / "podman"
+            sock_dir.mkdir(mode=0o700, exist_ok=True)
+            who = pwd.getpwuid(os.getuid()).pw_name
+        sock = sock_dir / "podman.sock"
+        sock.unlink(missing_ok=True)
+        env = {
+            "HOME": home, "USER": who, "LOGNAME": who, "XDG_RUNTIME_DIR": str(runtime_dir),
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        self.podman = Child("podman", [podman, "system", "service", "--time=0", f"unix://{sock}"],
+                            env, self.data / "logs" / "podman.log", user=user, group=group,
+                            cwd=home)
+        self.podman.start()
+        self.podman_socket = sock
+        await self._wait_podman(sock)
+        self.say(f"  ✓ podman    unix://{sock}  (rootless, as user {who})")
+
+    async def _wait_podman(self, sock: Path) -> None:
+        assert self.podman is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.podman.alive:
+                raise StackError(f"podman system service exited; its log ends:\n"
+                                 f"{self.podman.tail()}")
+            if sock.exists():
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with aiohttp.ClientSession(
+                        connector=aiohttp.UnixConnector(path=str(sock))
+                    ) as http, http.get("http://podman/_ping") as r:
+                        if r.status == 200:
+                            return
+            await asyncio.sleep(0.1)
+        raise StackError("the Podman API service did not come up within 30s; see "
+                         f"{self.podman.log_path}")
+
+    async def _remove_leftover_containers(self) -> None:
+        if self.podman_socket is None or self.podman is None or not self.podman.alive:
+            return
+        label = json.dumps({"label": [f"dev.vigil.executor={self.config.node_id}"]})
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.podman_socket)),
+                base_url="http://podman",
+            ) as http:
+                async with http.get("/v4.0.0/libpod/containers/json",
+                                    params={"all": "true", "filters": label}) as r:
+                    found = await r.json() if r.status == 200 else []
+                for c in found or []:
+                    async with http.delete(f"/v4.0.0/libpod/containers/{c['Id']}",
+                                           params={"force": "true"}):
+                        pass
+
+    # supervise & stop ---------------------------------------------------------------------------
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Restart a crashed service (at most 5 times a minute); return when asked to stop."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if stop.is_set():
+                return
+            if self.nats is not None and not self.nats.running:
+                self.failed = f"nats-server exited; see {self.nats.log_file}"
+                return
+            if self.podman is not None and not self.podman.alive:
+                self.failed = f"the Podman API service exited; see {self.podman.log_path}"
+                return
+            for child in self.children.values():
+                if child.alive:
+                    continue
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60]
+                code = child.process.returncode if child.process else None
+                if len(child.restarts) >= 5:
+                    self.failed = (f"{child.name} keeps crashing (exit {code}); its log "
+                                   f"({child.log_path}) ends:\n{child.tail()}")
+                    return
+                self.say(f"  ! {child.name} exited with {code}; restarting")
+                child.restarts.append(now)
+                child.start()
+
+    async def stop(self) -> None:
+        order = ("gateway", "scheduler", "auditor", "executor")
+        for name in order:
+            child = self.children.get(name)
+            if child is not None:
+                await child.stop(45.0 if name == "executor" else 15.0)
+        await self._remove_leftover_containers()
+        if self.nats is not None:
+            await self.nats.stop()
+        if self.podman is not None:
+            await self.podman.stop(10.0)
+            if self.podman_socket is not None:
+                with contextlib.suppress(OSError):
+                    self.podman_socket.unlink(missing_ok=True)

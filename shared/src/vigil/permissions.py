@@ -1,0 +1,118 @@
+"""Least-privilege NATS users, as data: what each service may publish and subscribe to.
+
+The embedded stack (``vigil up``) and the test suite run nats-server with exactly these
+users, so a service that reaches beyond its role fails in tests, not in production.
+Production deployments can render the same table into their server config
+(``vigil nats-config``).
+"""
+
+from __future__ import annotations
+
+from vigil import subjects, topology
+
+INBOX = "_INBOX.>"
+
+
+def _owned_streams() -> list[str]:
+    names = [s.name for s in topology.STREAMS]
+    names += [f"KV_{b.name}" for b in topology.BUCKETS]
+    names += [f"OBJ_{o.name}" for o in topology.OBJECT_STORES]
+    return names
+
+
+def _topology() -> list[str]:
+    """Enough to run ensure_topology(): create/update/inspect Vigil's own streams only."""
+    allow = ["$JS.API.INFO"]
+    for name in _owned_streams():
+        allow += [
+            f"$JS.API.STREAM.CREATE.{name}",
+            f"$JS.API.STREAM.UPDATE.{name}",
+            f"$JS.API.STREAM.INFO.{name}",
+        ]
+    return allow
+
+
+def _kv(bucket: str, write: bool) -> list[str]:
+    stream = f"KV_{bucket}"
+    allow = [
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+    ]
+    if write:
+        allow.append(f"$KV.{bucket}.>")
+    return allow
+
+
+def _pull(stream: str, durable: str) -> list[str]:
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]
+
+
+def _ordered(stream: str) -> list[str]:
+    """Ephemeral ordered push consumers (SSE streams, timelines)."""
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (publish allow, subscribe allow)."""
+    common = _topology()
+    return {
+        "scheduler": (
+            [
+                *common,
+                *_pull(subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER),
+                *_kv(subjects.KV_TASKS, write=True),
+                f"{subjects.WORK}.>",
+                f"{subjects.EVENTS}.>",
+                f"{subjects.ISSUES}.scheduler.>",
+            ],
+            [INBOX],
+        ),
+        "executor": (
+            [
+                *common,
+                *_pull(subjects.STREAM_WORK, subjects.consumer_executor(pool)),
+                *_kv(subjects.KV_TASKS, write=True),
+                f"$O.{subjects.OBJ_CHECKPOINTS}.>",
+                *_kv(subjects.OBJ_CHECKPOINTS, write=False),
+                *_ordered(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
+                f"{subjects.EVENTS}.>",
+                f"{subjects.ISSUES}.executor.>",
+                f"{subjects.ISSUES}.agent.>",
+            ],
+            [INBOX],
+        ),
+        "auditor": (
+            [
+                *common,
+                *_pull(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR),
+                *_kv(subjects.KV_CONFESSIONS, write=True),
+                *_kv(subjects.KV_TASKS, write=False),
+                f"{subjects.ALERTS}.>",
+                f"{subjects.ISSUES}.auditor.>",
+            ],
+            [INBOX],
+        ),
+        "gateway": (
+            [
+                *common,
+                *_kv(subjects.KV_TASKS, write=False),
+                *_kv(subjects.KV_CONFESSIONS, write=False),
+                *_ordered(subjects.STREAM_EVENTS),
+                f"{subjects.SUBMIT}.>",
+            ],
+            [INBOX, f"{subjects.EVENTS}.*.accepted", f"{subjects.EVENTS}.*.finished"],
+        ),
+    }
