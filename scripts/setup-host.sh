@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap ca-certificates
           python3 python3-venv procps)
 if [ "${VIGIL_WITH_TEST_PACKAGES:-0}" = 1 ]; then
-  PACKAGES+=(chromium chromium-driver redis-server)
+  PACKAGES+=(jq)
 fi
 
 missing=()

@@ -30,16 +30,25 @@ confession_decoder = msgspec.json.Decoder(Confession)
 confession_record_decoder = msgspec.json.Decoder(ConfessionRecord)
 any_decoder = msgspec.json.Decoder()
 
-_AT = re.compile(r" - at `(\$[^`]*)`$")
+_AT = re.compile(r" - at (?:`key` in )?`(\$[^`]*)`$")
+_NAMED = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
 
 
 def error_field(exc: msgspec.DecodeError | ValueError) -> tuple[str, str | None]:
-    """Split msgspec's ``"Expected … - at `$.command[0]`"`` into (message, "$.command[0]")."""
+    """Split msgspec's ``"Expected … - at `$.command[0]`"`` into (message, "$.command[0]").
+
+    For a missing or unknown field the path names that field itself (``$.command``), not
+    the object that lacks or has it.
+    """
     text = str(exc)
     match = _AT.search(text)
-    if match is None:
-        return text, None
-    return text[: match.start()], match.group(1)
+    message, path = (text, None) if match is None else (text[: match.start()], match.group(1))
+    named = _NAMED.search(message)
+    if named is not None:
+        path = f"{path or '$'}.{named.group(1)}"
+    elif path is None and isinstance(exc, msgspec.ValidationError):
+        path = "$"
+    return message, path
 
 
 def decode_spec(data: bytes, *, strict: bool = False) -> TaskSpec:
@@ -51,9 +60,11 @@ def decode_spec(data: bytes, *, strict: bool = False) -> TaskSpec:
             spec = spec_decoder.decode(data)
     except msgspec.ValidationError as exc:
         message, field = error_field(exc)
-        raise InvalidTask(f"invalid task spec: {message}", field=field) from None
+        where = f" (at {field})" if field else ""
+        raise InvalidTask(f"invalid task spec: {message}{where}", field=field) from None
     except msgspec.DecodeError as exc:
-        raise InvalidTask(f"task spec is not valid JSON: {exc}", field="$") from None
+        raise InvalidTask(f"task spec is not valid JSON: {exc}", field="$",
+                          malformed=True) from None
     return spec
 
 

@@ -140,6 +140,7 @@ class Stack:
         self.data = config.data_dir.resolve()
         self.nats: NatsServer | None = None
         self.podman: Child | None = None
+        self.podman_service: PodmanService | None = None
         self.podman_socket: Path | None = None
         self.children: dict[str, Child] = {}
         self.token = ""
@@ -274,68 +275,16 @@ class Stack:
 
     # podman -----------------------------------------------------------------------------------
     async def _start_podman(self) -> None:
-        podman = shutil.which("podman")
-        if podman is None:
-            raise StackError("podman is not installed; run `./dev setup` (or apt-get install "
-                             "podman runc uidmap slirp4netns fuse-overlayfs)")
-        user: int | None = None
-        group: int | None = None
-        if os.geteuid() == 0:
-            name = self.config.podman_user or "vigil"
-            try:
-                pw = pwd.getpwnam(name)
-            except KeyError:
-                raise StackError(f"user {name!r} for rootless Podman does not exist; run "
-                                 "`./dev setup`, or set VIGIL_PODMAN_USER") from None
-            user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-            runtime_dir = Path(f"/run/user/{user}")
-            if not runtime_dir.is_dir():
-                runtime_dir = Path(f"/tmp/vigil-runtime-{user}")
-            runtime_dir.mkdir(mode=0o700, exist_ok=True)
-            os.chown(runtime_dir, user, group)
-            sock_dir = Path(f"/tmp/vigil-podman-{user}-{self.config.stack_id}")
-            sock_dir.mkdir(mode=0o700, exist_ok=True)
-            os.chown(sock_dir, user, group)
-            who = name
-        else:
-            home = os.path.expanduser("~")
-            runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or
-                               f"/tmp/vigil-runtime-{os.getuid()}")
-            runtime_dir.mkdir(mode=0o700, exist_ok=True)
-            sock_dir = self.data / "podman"
-            sock_dir.mkdir(mode=0o700, exist_ok=True)
-            who = pwd.getpwuid(os.getuid()).pw_name
-        sock = sock_dir / "podman.sock"
-        sock.unlink(missing_ok=True)
-        env = {
-            "HOME": home, "USER": who, "LOGNAME": who, "XDG_RUNTIME_DIR": str(runtime_dir),
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        }
-        self.podman = Child("podman", [podman, "system", "service", "--time=0", f"unix://{sock}"],
-                            env, self.data / "logs" / "podman.log", user=user, group=group,
-                            cwd=home)
-        self.podman.start()
-        self.podman_socket = sock
-        await self._wait_podman(sock)
-        self.say(f"  ✓ podman    unix://{sock}  (rootless, as user {who})")
-
-    async def _wait_podman(self, sock: Path) -> None:
-        assert self.podman is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not self.podman.alive:
-                raise StackError(f"podman system service exited; its log ends:\n"
-                                 f"{self.podman.tail()}")
-            if sock.exists():
-                with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with aiohttp.ClientSession(
-                        connector=aiohttp.UnixConnector(path=str(sock))
-                    ) as http, http.get("http://podman/_ping") as r:
-                        if r.status == 200:
-                            return
-            await asyncio.sleep(0.1)
-        raise StackError("the Podman API service did not come up within 30s; see "
-                         f"{self.podman.log_path}")
+        self.podman_service = PodmanService(self.data / "logs" / "podman.log",
+                                            user=self.config.podman_user,
+                                            sock_dir=None if os.geteuid() == 0
+                                            else self.data / "podman",
+                                            tag=self.config.stack_id)
+        await self.podman_service.start()
+        self.podman = self.podman_service.child
+        self.podman_socket = self.podman_service.socket
+        self.say(f"  ✓ podman    unix://{self.podman_socket}  (rootless, as user "
+                 f"{self.podman_service.user_name})")
 
     async def _remove_leftover_containers(self) -> None:
         if self.podman_socket is None or self.podman is None or not self.podman.alive:
@@ -391,8 +340,98 @@ class Stack:
         await self._remove_leftover_containers()
         if self.nats is not None:
             await self.nats.stop()
-        if self.podman is not None:
-            await self.podman.stop(10.0)
-            if self.podman_socket is not None:
-                with contextlib.suppress(OSError):
-                    self.podman_socket.unlink(missing_ok=True)
+        if self.podman_service is not None:
+            await self.podman_service.stop()
+
+
+class PodmanService:
+    """``podman system service`` for rootless Podman, as a child process.
+
+    Run as root, it runs as the unprivileged ``user`` (default ``vigil``): containers are
+    then rootless (container root = that user's uid). Run as anyone else, it runs as them.
+    """
+
+    def __init__(self, log_path: Path, *, user: str | None = None,
+                 sock_dir: Path | None = None, tag: str = "default") -> None:
+        self.log_path = log_path
+        self._user = user
+        self._sock_dir = sock_dir
+        self._tag = tag
+        self.child: Child | None = None
+        self.socket: Path | None = None
+        self.user_name = ""
+
+    @property
+    def url(self) -> str:
+        assert self.socket is not None
+        return f"unix://{self.socket}"
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        podman = shutil.which("podman")
+        if podman is None:
+            raise StackError("podman is not installed; run `./dev setup` (or apt-get install "
+                             "podman runc uidmap slirp4netns fuse-overlayfs)")
+        user: int | None = None
+        group: int | None = None
+        if os.geteuid() == 0:
+            name = self._user or "vigil"
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                raise StackError(f"user {name!r} for rootless Podman does not exist; run "
+                                 "`./dev setup`, or set --podman-user") from None
+            user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+            runtime_dir = Path(f"/run/user/{user}")
+            if not runtime_dir.is_dir():
+                runtime_dir = Path(f"/tmp/vigil-runtime-{user}")
+            runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chown(runtime_dir, user, group)
+            sock_dir = self._sock_dir or Path(f"/tmp/vigil-podman-{user}-{self._tag}")
+            sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(sock_dir, user, group)
+            self.user_name = name
+        else:
+            home = os.path.expanduser("~")
+            runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or
+                               f"/tmp/vigil-runtime-{os.getuid()}")
+            runtime_dir.mkdir(mode=0o700, exist_ok=True)
+            sock_dir = self._sock_dir or Path(f"/tmp/vigil-podman-{os.getuid()}-{self._tag}")
+            sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.user_name = pwd.getpwuid(os.getuid()).pw_name
+        sock = sock_dir / "podman.sock"
+        sock.unlink(missing_ok=True)
+        env = {
+            "HOME": home, "USER": self.user_name, "LOGNAME": self.user_name,
+            "XDG_RUNTIME_DIR": str(runtime_dir),
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        self.child = Child("podman", [podman, "system", "service", "--time=0", f"unix://{sock}"],
+                           env, self.log_path, user=user, group=group, cwd=home)
+        self.child.start()
+        self.socket = sock
+        await self._wait(sock, timeout_s)
+
+    async def _wait(self, sock: Path, timeout_s: float) -> None:
+        assert self.child is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.child.alive:
+                raise StackError(f"podman system service exited; its log ends:\n"
+                                 f"{self.child.tail()}")
+            if sock.exists():
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with aiohttp.ClientSession(
+                        connector=aiohttp.UnixConnector(path=str(sock))
+                    ) as http, http.get("http://podman/_ping") as r:
+                        if r.status == 200:
+                            return
+            await asyncio.sleep(0.1)
+        raise StackError(f"the Podman API service did not come up within {timeout_s:.0f}s; "
+                         f"see {self.log_path}")
+
+    async def stop(self) -> None:
+        if self.child is not None:
+            await self.child.stop(10.0)
+        if self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.unlink(missing_ok=True)

@@ -23,11 +23,13 @@ class SettingsError(VigilError):
 
 
 class InvalidTask(VigilError):
-    """A task spec failed validation. ``field`` is a JSON path such as ``$.command[0]``."""
+    """A task spec failed validation. ``field`` is a JSON path such as ``$.command[0]``;
+    ``malformed`` means the input was not JSON at all."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, malformed: bool = False) -> None:
         super().__init__(message, retryable=False)
         self.field = field
+        self.malformed = malformed
 
 
 class NatsUnavailable(VigilError):

@@ -36,7 +36,7 @@ from vigil_gateway.settings import GatewaySettings
 
 log = structlog.get_logger("vigil.gateway")
 
-PRINCIPAL = "vigil.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 PUBLIC = frozenset({"/healthz", "/metrics"})
 
@@ -188,13 +188,13 @@ class Gateway:
         if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
             return error(400, "invalid_header", "Idempotency-Key must be 1-255 visible ASCII "
                          "characters", field="Idempotency-Key")
-        if request.content_type not in ("application/json", ""):
-            return error(415, "unsupported_media_type", "send the task spec as application/json")
+        # The body is parsed as JSON whatever its declared type: `curl -d` sends
+        # form-urlencoded, and refusing that would help nobody.
         body = await request.read()
         try:
             spec = codec.decode_spec(body, strict=True)
         except InvalidTask as exc:
-            status = 400 if exc.field == "$" else 422
+            status = 400 if exc.malformed else 422
             self.metrics.submissions.labels("invalid").inc()
             return error(status, "invalid_json" if status == 400 else "invalid_field",
                          str(exc), field=exc.field)

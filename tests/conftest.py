@@ -1,0 +1,65 @@
+"""Fixtures: real nats-server processes (free port, temp store) and rootless Podman."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from vigil.embedded import PodmanService
+from vigil.natsserver import NatsServer
+from support import Platform, start_platform
+
+AGENT_IMAGE = "localhost/vigil-agent:latest"
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(store_dir=tmp_path / "nats", sync_always=True)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def platform(nats_server: NatsServer) -> AsyncIterator[Platform]:
+    p = await start_platform(nats_server.url)
+    try:
+        yield p
+    finally:
+        await p.stop()
+        await p.nc.close()
+
+
+@pytest.fixture(scope="session")
+async def podman(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PodmanService]:
+    """A rootless Podman API service for the whole session (as user vigil when root)."""
+    logs = tmp_path_factory.mktemp("podman")
+    service = PodmanService(logs / "podman.log", tag=f"pytest-{os.getpid()}")
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_image() -> str:
+    """The default agent image must have been built by setup (./dev test does it)."""
+    user = "vigil" if os.geteuid() == 0 else None
+    cmd = ["podman", "image", "exists", AGENT_IMAGE]
+    if user:
+        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
+                                 check=True).stdout)
+        runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
+            f"/tmp/vigil-runtime-{uid}"
+        cmd = ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}",
+               f"XDG_RUNTIME_DIR={runtime}", *cmd]
+    if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+        pytest.fail(f"{AGENT_IMAGE} is missing: run ./dev setup (scripts/build-agent-image.sh)")
+    return AGENT_IMAGE

@@ -1,0 +1,166 @@
+"""Test support: bounded waiting, and the platform's services run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from vigil import codec, subjects
+from vigil.conn import connect
+from vigil.jetstream import TaskStore
+from vigil.messages import TaskState
+from vigil_auditor.service import Auditor
+from vigil_auditor.settings import AuditorSettings
+from vigil_executor.service import Executor
+from vigil_executor.settings import ExecutorSettings
+from vigil_gateway.service import Gateway
+from vigil_gateway.settings import GatewaySettings
+from vigil_scheduler.service import Scheduler
+from vigil_scheduler.settings import SchedulerSettings
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 15.0, what: str = "condition"
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class EventLog:
+    """Every event on ``vigil.events.>`` seen by a core subscription, in arrival order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._changed = asyncio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        self.events.append((msg.subject, json.loads(msg.data)))
+        self._changed.set()
+
+    def of(self, task_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        prefix = f"{subjects.EVENTS}.{task_id}."
+        return [e for s, e in self.events
+                if s.startswith(prefix) and (kind is None or s.endswith("." + kind))]
+
+    async def wait_for(self, task_id: str, kind: str, count: int = 1,
+                       timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.of(task_id, kind)
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no {kind} event for {task_id} after {timeout}s; saw "
+                    f"{[k for s, k in ((s, e.get('kind')) for s, e in self.events) if task_id in s]}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+
+@dataclass
+class Platform:
+    """The four services running in this test's event loop against one nats-server."""
+
+    url: str
+    nc: NATS
+    store: TaskStore
+    events: EventLog
+    services: list[Any] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def js(self) -> Any:
+        return self.nc.jetstream()
+
+    async def add(self, service: Any) -> Any:
+        task = asyncio.create_task(service.run())
+        self.services.append(service)
+        self.tasks.append(task)
+        ready = asyncio.create_task(service.ready.wait())
+        done, _ = await asyncio.wait({ready, task}, timeout=30,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            task.result()  # raises the service's start-up error
+            raise AssertionError(f"{type(service).__name__} stopped during start")
+        assert ready in done, f"{type(service).__name__} not ready after 30s"
+        return service
+
+    async def scheduler(self, **overrides: Any) -> Scheduler:
+        return await self.add(Scheduler(SchedulerSettings(nats_url=self.url, **overrides)))
+
+    async def executor(self, runtime_impl: Any = None, **overrides: Any) -> Executor:
+        conf = {"nats_url": self.url, "runtime": "process", "unsafe_runtime": True,
+                "heartbeat_s": 1.0, "ack_wait_s": 5.0, **overrides}
+        return await self.add(Executor(ExecutorSettings(**conf), runtime=runtime_impl))
+
+    async def auditor(self, **overrides: Any) -> Auditor:
+        return await self.add(Auditor(AuditorSettings(nats_url=self.url, **overrides)))
+
+    async def gateway(self, **overrides: Any) -> Gateway:
+        conf = {"nats_url": self.url, "http_port": 0, "auth": "none", **overrides}
+        return await self.add(Gateway(GatewaySettings(**conf)))
+
+    async def publish_spec(self, spec: dict[str, Any] | bytes, tenant: str = "acme",
+                           msg_id: str | None = None) -> Any:
+        data = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
+        headers = {subjects.MSG_ID: msg_id} if msg_id else None
+        return await self.js.publish(subjects.submit(tenant), data, headers=headers)
+
+    async def state(self, task_id: str) -> TaskState | None:
+        got = await self.store.get(task_id)
+        return got[0] if got else None
+
+    async def final_state(self, task_id: str, timeout: float = 30.0) -> TaskState:
+        async def probe() -> TaskState | None:
+            s = await self.state(task_id)
+            return s if s is not None and s.terminal else None
+
+        return await eventually(probe, timeout=timeout, what=f"task {task_id} to finish")
+
+    async def stop(self) -> None:
+        for service in reversed(self.services):
+            await service.shutdown()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=30)
+        for task in self.tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def start_platform(url: str) -> Platform:
+    nc = await connect(url, "pytest", wait_s=10)
+    js = nc.jetstream()
+    from vigil import topology
+
+    await topology.ensure_topology(js)
+    store = await TaskStore.open(js)
+    events = EventLog()
+    await nc.subscribe(f"{subjects.EVENTS}.>", cb=events.on_msg)
+    return Platform(url=url, nc=nc, store=store, events=events)
+
+
+def decode_state(data: bytes) -> TaskState:
+    return codec.state_decoder.decode(data)

@@ -1,0 +1,174 @@
+"""The gateway's HTTP API against real NATS and a real scheduler/executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from support import Platform
+from vigil import auth
+from vigil.client import Client
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def api(platform: Platform, tmp_path: Path):
+    tokens = tmp_path / "tokens.json"
+    keys = {
+        "submitter": auth.add_token(tokens, "s", "acme", "submitter"),
+        "viewer": auth.add_token(tokens, "v", "acme", "viewer"),
+        "other": auth.add_token(tokens, "o", "globex", "operator"),
+    }
+    await platform.scheduler()
+    await platform.executor()
+    gw = await platform.gateway(auth="tokens", tokens_file=str(tokens), max_body_bytes=4096)
+    url = f"http://127.0.0.1:{gw.http_port}"
+    async with aiohttp.ClientSession() as http:
+        yield url, keys, http
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_submit_get_and_follow_events(api) -> None:
+    url, keys, _ = api
+    async with Client(url, keys["submitter"]) as client:
+        accepted = await client.submit({"command": ["sh", "-c", "echo hello; echo bye"]})
+        assert accepted["status"] in ("queued", "scheduled", "running", "succeeded")
+        kinds, lines = [], []
+        async for ev in client.events(accepted["id"]):
+            kinds.append(ev.kind)
+            lines += ev.data.get("lines", [])
+        state = await client.get(accepted["id"])
+    assert state.status == "succeeded"
+    assert kinds[0] == "accepted" and kinds[-1] == "finished"
+    assert lines == ["hello", "bye"]
+
+
+async def test_idempotency_key_returns_the_same_task(api) -> None:
+    url, keys, http = api
+    body = json.dumps({"command": ["true"]})
+    headers = {**bearer(keys["submitter"]), "Idempotency-Key": "order-42"}
+    async with http.post(f"{url}/v1/tasks", data=body, headers=headers) as r1:
+        assert r1.status == 202
+        first = await r1.json()
+    async with http.post(f"{url}/v1/tasks", data=body, headers=headers) as r2:
+        assert r2.status == 200
+        second = await r2.json()
+    assert first["id"] == second["id"]
+    # Concurrent duplicates converge on one task too.
+    headers["Idempotency-Key"] = "order-43"
+
+    async def post() -> str:
+        async with http.post(f"{url}/v1/tasks", data=body, headers=headers) as r:
+            assert r.status in (200, 202), await r.text()
+            return (await r.json())["id"]
+
+    ids = await asyncio.gather(*[post() for _ in range(5)])
+    assert len(set(ids)) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"{oops", 400, "$"),
+        (b'{"image": "x"}', 422, "$.command"),
+        (b'{"command": "echo hi"}', 422, "$.command"),
+        (b'{"command": [""]}', 422, "$.command[0]"),
+        (b'{"command": ["true"], "timeout_s": -1}', 422, "$.timeout_s"),
+        (b'{"command": ["true"], "max_attempts": 0}', 422, "$.max_attempts"),
+        (b'{"command": ["true"], "id": "no spaces"}', 422, "$.id"),
+        (b'{"command": ["true"], "timeout": 5}', 422, "$.timeout"),  # typo of timeout_s
+        (b'{"command": ["true"], "env": {"1BAD": "x"}}', 422, "$.env"),
+    ],
+)
+async def test_invalid_bodies_name_the_field_and_change_nothing(api, body, status, field) -> None:
+    url, keys, http = api
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
+        assert r.status == status
+        err = (await r.json())["error"]
+    assert err["field"] == field
+    assert err["message"]
+
+
+async def test_unknown_field_message_names_it(api) -> None:
+    url, keys, http = api
+    async with http.post(f"{url}/v1/tasks", data=b'{"command": ["true"], "timeout": 5}',
+                         headers=bearer(keys["submitter"])) as r:
+        err = (await r.json())["error"]
+    assert "timeout" in err["message"]
+
+
+async def test_auth_and_tenant_isolation(api) -> None:
+    url, keys, http = api
+    body = b'{"command": ["true"]}'
+    async with http.post(f"{url}/v1/tasks", data=body) as r:
+        assert r.status == 401
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer("vgl_wrong")) as r:
+        assert r.status == 401
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["viewer"])) as r:
+        assert r.status == 403
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
+        task_id = (await r.json())["id"]
+    async with http.get(f"{url}/v1/tasks/{task_id}", headers=bearer(keys["viewer"])) as r:
+        assert r.status == 200
+    async with http.get(f"{url}/v1/tasks/{task_id}", headers=bearer(keys["other"])) as r:
+        assert r.status == 404  # another tenant's task looks like no task
+    async with http.get(f"{url}/v1/tasks/{task_id}/events", headers=bearer(keys["other"])) as r:
+        assert r.status == 404
+    async with http.get(f"{url}/healthz") as r:
+        assert r.status == 200
+
+
+async def test_body_limit_and_unknown_task(api) -> None:
+    url, keys, http = api
+    big = json.dumps({"command": ["echo", "x" * 10_000]})
+    async with http.post(f"{url}/v1/tasks", data=big, headers=bearer(keys["submitter"])) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"] == "body_too_large"
+    async with http.get(f"{url}/v1/tasks/nope", headers=bearer(keys["viewer"])) as r:
+        assert r.status == 404
+    async with http.get(f"{url}/v1/tasks/bad%20id", headers=bearer(keys["viewer"])) as r:
+        assert r.status == 404
+
+
+async def test_explicit_id_conflict_is_409(api) -> None:
+    url, keys, http = api
+    body = b'{"command": ["true"], "id": "fixed-1"}'
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
+        assert r.status == 202
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
+        assert r.status == 409
+        assert (await r.json())["error"]["field"] == "$.id"
+    async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["other"])) as r:
+        assert r.status == 409
+
+
+async def test_sse_resumes_after_last_event_id(api) -> None:
+    url, keys, _ = api
+    async with Client(url, keys["submitter"]) as client:
+        accepted = await client.submit({"command": ["sh", "-c", "for i in 1 2 3; do echo $i; "
+                                                    "sleep 0.1; done"]})
+        first = []
+        async for ev in client.events(accepted["id"]):
+            first.append(ev)
+            if ev.kind == "started":
+                break
+        rest = [ev async for ev in client.events(accepted["id"], last_event_id=first[-1].seq)]
+        everything = [ev async for ev in client.events(accepted["id"])]
+    seqs = [e.seq for e in first + rest]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+    assert [e.seq for e in everything] == seqs
+
+
+async def test_metrics_exposed(api) -> None:
+    url, _, http = api
+    async with http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    assert "vigil_http_requests_total" in text

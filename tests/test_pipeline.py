@@ -1,0 +1,215 @@
+"""A task's path through real NATS: raw submission -> scheduler -> executor -> outcome.
+
+The executor uses the (unsafe) process runtime here so these tests isolate the platform's
+own logic; tests/test_podman.py runs the same path in rootless containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+import pytest
+
+from support import Platform, eventually
+from vigil import subjects
+
+pytestmark = pytest.mark.integration
+
+
+async def test_raw_nats_client_submits_and_reads_state_from_kv(
+    platform: Platform, nats_server
+) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    # A client with no Vigil code: plain nats-py, JSON bytes, the public subject and bucket.
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        spec = {"command": ["sh", "-c", "echo out; echo err >&2; exit 0"]}
+        ack = await js.publish("vigil.submit.acme", json.dumps(spec).encode(),
+                               headers={"Nats-Msg-Id": "raw-1"})
+        assert ack.stream == "VIGIL_SUBMIT"
+        kv = await js.key_value("vigil-tasks")
+
+        async def final() -> dict | None:
+            try:
+                entry = await kv.get("raw-1")  # the id rule: no spec id -> the message id
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            state = json.loads(entry.value)
+            return state if state["status"] in ("succeeded", "failed") else None
+
+        state = await eventually(final, what="raw-1 in vigil-tasks")
+    finally:
+        await nc.close()
+    assert state["status"] == "succeeded"
+    assert state["tenant"] == "acme"
+    assert state["exit_code"] == 0
+    assert state["attempt"] == 1
+    assert state["executor"]
+    for key in ("id", "tenant", "status", "attempt", "executor", "exit_code", "error",
+                "created_at", "updated_at"):
+        assert key in state
+    kinds = [e["kind"] for e in platform.events.of("raw-1")]
+    assert kinds[:3] == ["accepted", "scheduled", "started"]
+    assert kinds[-1] == "finished"
+    lines = [(e["stream"], line) for e in platform.events.of("raw-1", "log") for line in e["lines"]]
+    assert ("stdout", "out") in lines and ("stderr", "err") in lines
+
+
+async def test_same_msg_id_twice_runs_once(platform: Platform, tmp_path) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    marker = tmp_path / "runs"
+    spec = {"command": ["sh", "-c", f"echo run >> {marker}"]}
+    first = await platform.publish_spec(spec, msg_id="dup-1")
+    second = await platform.publish_spec(spec, msg_id="dup-1")
+    assert second.duplicate and second.seq == first.seq  # JetStream's dedupe window
+    state = await platform.final_state("dup-1")
+    assert state.status == "succeeded"
+    # Beyond the dedupe window the task id still protects: same id, new message.
+    await platform.publish_spec({**spec, "id": "dup-1"}, msg_id="other-msg-id")
+    await eventually(lambda: _consumer_idle(platform), what="scheduler to drain")
+    assert marker.read_text().count("run") == 1
+    assert len(platform.events.of("dup-1", "started")) == 1
+
+
+async def _consumer_idle(platform: Platform) -> bool:
+    info = await platform.js.consumer_info(subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "task_id", "error_part"),
+    [
+        (b"{not json", "bad-json", "not valid JSON"),
+        (json.dumps({"image": "x"}).encode(), "no-command", "missing required field `command`"),
+        (json.dumps({"command": []}).encode(), "empty-command", "length >= 1"),
+        (json.dumps({"command": ["a", 3]}).encode(), "non-string", "Expected `str`"),
+        (json.dumps({"command": ["true"], "id": "bad id!"}).encode(), "fallback-id",
+         "$.id"),
+        (json.dumps({"command": ["true"], "env": {"VIGIL_TASK_ID": "x"}}).encode(),
+         "reserved-env", "reserved"),
+    ],
+)
+async def test_bad_submission_is_recorded_and_terminated(
+    platform: Platform, payload: bytes, task_id: str, error_part: str
+) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    await platform.auditor()
+    ack = await platform.publish_spec(payload, msg_id=task_id)
+    state = await platform.final_state(task_id)
+    assert state.status == "failed"
+    assert error_part in (state.error or "")
+    # ... a confession on vigil.issues.scheduler.* names the submission ...
+    kv = await platform.js.key_value(subjects.KV_CONFESSIONS)
+
+    async def confession() -> dict | None:
+        try:
+            entry = await kv.get(f"scheduler-invalid-{ack.seq}")
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return json.loads(entry.value)
+
+    record = await eventually(confession, what="the scheduler's confession")
+    assert record["confession"]["data"]["submit_seq"] == ack.seq
+    assert error_part in record["confession"]["detail"]
+    # ... the message is terminated, not redelivered, and nothing ran ...
+    await eventually(lambda: _consumer_idle(platform), what="submission to be settled")
+    assert platform.events.of(task_id, "started") == []
+    # ... and a good task still runs afterwards.
+    await platform.publish_spec({"command": ["true"]}, msg_id=f"{task_id}-good")
+    assert (await platform.final_state(f"{task_id}-good")).status == "succeeded"
+
+
+async def test_invalid_tenant_subject_confesses(platform: Platform) -> None:
+    await platform.scheduler()
+    await platform.auditor()
+    ack = await platform.js.publish("vigil.submit.a.b", b'{"command":["true"]}')
+    kv = await platform.js.key_value(subjects.KV_CONFESSIONS)
+
+    async def confession() -> dict | None:
+        try:
+            return json.loads((await kv.get(f"scheduler-invalid-{ack.seq}")).value)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+
+    record = await eventually(confession)
+    assert "is not vigil.submit.<tenant>" in record["confession"]["detail"]
+
+
+async def test_id_rule_falls_back_to_stream_sequence(platform: Platform) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    ack = await platform.publish_spec({"command": ["true"]})  # no id, no Nats-Msg-Id
+    state = await platform.final_state(f"s{ack.seq}")
+    assert state.status == "succeeded"
+
+
+async def test_failure_exit_code_and_error(platform: Platform) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    await platform.publish_spec({"id": "fails", "command": ["sh", "-c", "echo boom; exit 7"]})
+    state = await platform.final_state("fails")
+    assert state.status == "failed"
+    assert state.exit_code == 7
+    assert "exit" in (state.error or "") and "boom" in (state.error or "")
+
+
+async def test_time_limit_kills_and_records_timed_out(platform: Platform) -> None:
+    await platform.scheduler()
+    await platform.executor(stop_grace_s=1)
+    await platform.publish_spec({"id": "slow", "command": ["sleep", "30"], "timeout_s": 0.5})
+    state = await platform.final_state("slow", timeout=20)
+    assert state.status == "timed_out"
+    assert "time limit" in (state.error or "")
+
+
+async def test_slots_bound_concurrency(platform: Platform, tmp_path) -> None:
+    await platform.scheduler()
+    await platform.executor(slots=2)
+    script = (
+        f"date +%s.%N > {tmp_path}/$VIGIL_TASK_ID.start; sleep 0.3; "
+        f"date +%s.%N > {tmp_path}/$VIGIL_TASK_ID.end"
+    )
+    ids = [f"slot-{i}" for i in range(6)]
+    await asyncio.gather(*[
+        platform.publish_spec({"id": i, "command": ["sh", "-c", script]}) for i in ids
+    ])
+    for i in ids:
+        assert (await platform.final_state(i)).status == "succeeded"
+    spans = [(float((tmp_path / f"{i}.start").read_text()),
+              float((tmp_path / f"{i}.end").read_text())) for i in ids]
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, delta in edges:
+        running += delta
+        peak = max(peak, running)
+    assert peak == 2  # both slots used, never more
+
+
+async def test_agent_control_lines_become_events_and_confessions(platform: Platform) -> None:
+    await platform.scheduler()
+    await platform.executor()
+    await platform.auditor()
+    script = (
+        "echo '::vigil::progress {\"step\": 1}'; "
+        "echo '::vigil::confess {\"summary\": \"git missing\", \"severity\": \"error\"}'; "
+        "echo '::vigil::confess {not json'; "
+        "echo plain"
+    )
+    await platform.publish_spec({"id": "ctl", "command": ["sh", "-c", script]})
+    assert (await platform.final_state("ctl")).status == "succeeded"
+    progress = platform.events.of("ctl", "progress")
+    assert progress and progress[0]["data"] == {"step": 1}
+    confessions = platform.events.of("ctl", "confession")
+    summaries = {c["summary"] for c in confessions}
+    assert "git missing" in summaries
+    assert any("malformed" in s for s in summaries)
+    lines = [line for e in platform.events.of("ctl", "log") for line in e["lines"]]
+    assert "plain" in lines
+    assert "::vigil::confess {not json" in lines  # kept as a log line
+    assert not any("git missing" in line for line in lines)

@@ -1,0 +1,130 @@
+"""`vigil up` as a user runs it: a subprocess, the CLI against it, then Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.podman, pytest.mark.slow]
+
+VIGIL = str(Path(sys.executable).parent / "vigil")
+
+
+def free_ports(count: int) -> int:
+    """A base port with ``count`` consecutive free ports."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65_000:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def children_of(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return {int(x) for x in out.split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
+                  timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line.rstrip("\n"))
+            if needle in line:
+                return
+            continue
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{needle!r} not printed within {timeout}s; output:\n" + "\n".join(seen))
+
+
+def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    # Options go before the command: everything after `--` belongs to the task.
+    return subprocess.run([VIGIL, args[0], "--data-dir", str(data_dir), *args[1:]],
+                          capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
+    data = tmp_path / "stack"
+    http = free_ports(4)
+    nats_port = free_ports(1)
+    proc = subprocess.Popen(
+        [VIGIL, "up", "--demo", "--data-dir", str(data), "--http-port", str(http),
+         "--nats-port", str(nats_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen: list[str] = []
+    try:
+        wait_for_line(proc, "Submit more tasks", seen, timeout=120)
+        text = "\n".join(seen)
+        assert "hello from Vigil task" in text and "demo finished" in text
+        assert "succeeded" in text
+
+        done = run_cli("submit", "--wait", "--", "sh", "-c", "echo via-cli", data_dir=data)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "via-cli" in done.stdout and "succeeded" in done.stdout
+
+        failed = run_cli("submit", "--wait", "--", "sh", "-c", "exit 4", data_dir=data)
+        assert failed.returncode == 1
+        assert "failed" in failed.stdout
+
+        sub = run_cli("submit", "--json", "--", "true", data_dir=data)
+        task_id = json.loads(sub.stdout)["id"]
+        status = run_cli("status", task_id, data_dir=data)
+        assert status.returncode == 0 and task_id in status.stdout
+
+        bad = run_cli("submit", "--timeout", "-1", "--", "true", data_dir=data)
+        assert bad.returncode == 2 and "timeout_s" in bad.stderr
+
+        kids = children_of(proc.pid)
+        assert len(kids) >= 6  # podman, nats-server, four services
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, out
+    assert "nothing left running" in out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(k) for k in kids):
+        time.sleep(0.1)
+    assert not [k for k in kids if alive(k)], "children survived vigil up"
