@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from support import Platform, start_platform
 from vigil.embedded import PodmanService
 from vigil.natsserver import NatsServer
-from support import Platform, start_platform
 
 AGENT_IMAGE = "localhost/vigil-agent:latest"
 

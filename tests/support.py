@@ -70,10 +70,9 @@ class EventLog:
                 return found
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(
-                    f"no {kind} event for {task_id} after {timeout}s; saw "
-                    f"{[k for s, k in ((s, e.get('kind')) for s, e in self.events) if task_id in s]}"
-                )
+                kinds = [e.get("kind") for s, e in self.events if task_id in s]
+                raise AssertionError(f"no {kind} event for {task_id} after {timeout}s; "
+                                     f"saw {kinds}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)

@@ -28,7 +28,7 @@ from vigil.messages import ID_PATTERN
 
 Role = Literal["viewer", "submitter", "operator"]
 ROLES: tuple[str, ...] = ("viewer", "submitter", "operator")
-TOKEN_PREFIX = "vgl_"
+TOKEN_PREFIX = "vgl_"  # noqa: S105 - a prefix that makes leaked tokens greppable
 
 
 class TokenEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

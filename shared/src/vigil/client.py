@@ -125,8 +125,7 @@ class Client:
                     raise VigilError(f"event stream for {task_id} ended early", retryable=True)
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                    asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 failures += 1
                 if not reconnect or failures > 10:
                     raise VigilError(f"event stream for {task_id} broke: {exc}",
@@ -145,7 +144,8 @@ class Client:
 
 
 async def _parse_sse(content: aiohttp.StreamReader) -> AsyncIterator[StreamEvent]:
-    seq, kind, data_lines = 0, "message", []
+    seq, kind = 0, "message"
+    data_lines: list[str] = []
     async for raw in content:
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         if not line:

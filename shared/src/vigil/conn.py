@@ -56,7 +56,7 @@ async def connect(
                 connect_timeout=2,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py takes seconds
                 ping_interval=5,
                 max_outstanding_pings=3,
                 # Buffer publishes during a short reconnect instead of failing them at once.

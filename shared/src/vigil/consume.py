@@ -17,8 +17,8 @@ are reset and re-requested.
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -126,7 +126,7 @@ class PullConsumer:
             elif status in ("408", "409"):
                 # No count given: we cannot tell which credits lapsed; start over.
                 self._requested = 0
-            if status == "409":
+            if status == "409" and headers:
                 log.info("pull_request_ended", status=status, detail=headers.get("Description"))
             self._pull()
             return

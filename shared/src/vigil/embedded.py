@@ -95,7 +95,7 @@ class Child:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                 user=self.user, group=self.group,
                 extra_groups=[] if self.user is not None else None,
                 cwd=self.cwd, start_new_session=True,

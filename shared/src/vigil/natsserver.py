@@ -135,12 +135,12 @@ class NatsServer:
             lines.append("authorization {")
             lines.append("  users: [")
             for u in self.users:
-                perms = {}
+                perms: dict[str, dict[str, list[str]]] = {}
                 if u.publish is not None:
                     perms["publish"] = {"allow": u.publish}
                 if u.subscribe is not None:
                     perms["subscribe"] = {"allow": u.subscribe}
-                entry = {"user": u.name, "password": u.password}
+                entry: dict[str, object] = {"user": u.name, "password": u.password}
                 if perms:
                     entry["permissions"] = perms
                 lines.append(f"    {json.dumps(entry)}")
@@ -187,7 +187,9 @@ class NatsServer:
                 )
             if loop.time() > deadline:
                 self.kill()
-                raise NatsServerError(f"nats-server not ready after {timeout_s}s; see {self.log_file}")
+                raise NatsServerError(
+                    f"nats-server not ready after {timeout_s}s; see {self.log_file}"
+                )
             await asyncio.sleep(0.02)
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vigil import runner
-
 from vigil_auditor.service import Auditor
 from vigil_auditor.settings import AuditorSettings
 

@@ -24,7 +24,6 @@ from vigil.errors import NatsUnavailable
 from vigil.jetstream import retrying
 from vigil.messages import utcnow
 from vigil.ops import OpsServer, ops_app
-
 from vigil_auditor.metrics import Metrics
 from vigil_auditor.record import to_record
 from vigil_auditor.settings import AuditorSettings
@@ -51,7 +50,8 @@ class Auditor:
 
     async def run(self) -> None:
         s = self.settings
-        self._ops = OpsServer(ops_app(self.metrics.registry, self._health), s.http_host, s.http_port)
+        app = ops_app(self.metrics.registry, self._health)
+        self._ops = OpsServer(app, s.http_host, s.http_port)
         await self._ops.start()
         try:
             self._nc = await connect(s.nats_url, "vigil-auditor", on_reconnect=self._on_reconnect)
@@ -129,7 +129,8 @@ class Auditor:
         await msg.ack()
         if record.error and record.confession is None:
             self.metrics.invalid.inc()
-        self.metrics.confessions.labels(record.source or "unknown", record.severity or "unknown").inc()
+        self.metrics.confessions.labels(record.source or "unknown",
+                                        record.severity or "unknown").inc()
         c = record.confession
         log.info("confession_recorded", confession_id=record.id, source=record.source,
                  severity=record.severity, summary=c.summary if c else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vigil import runner
-
 from vigil_executor.service import Executor
 from vigil_executor.settings import ExecutorSettings
 

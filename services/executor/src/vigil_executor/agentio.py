@@ -23,8 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from vigil.messages import SEVERITIES, Confession, Log, Progress, utcnow
-
+from vigil.messages import SEVERITIES, Confession, Event, Log, Progress, utcnow
 from vigil_executor.runtime import Stream
 
 log = structlog.get_logger("vigil.executor.agentio")
@@ -95,7 +94,7 @@ def agent_confession(payload: dict[str, Any]) -> Confession:
     )
 
 
-Publish = Callable[[object], None]
+Publish = Callable[[Event], None]
 OnConfess = Callable[[Confession], Awaitable[None]]
 OnCheckpoint = Callable[[dict[str, Any]], Awaitable[None]]
 OnMalformed = Callable[[str], Awaitable[None]]

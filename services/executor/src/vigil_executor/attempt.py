@@ -32,7 +32,6 @@ from vigil.messages import (
     WorkItem,
     utcnow,
 )
-
 from vigil_executor.agentio import AgentOutput
 from vigil_executor.runtime import Container, ExitInfo
 from vigil_executor.sandbox import container_spec, workspace_volume
@@ -264,7 +263,7 @@ class Attempt:
         self.ex.metrics.tasks.labels(outcome.status).inc()
         started = self.state.started_at or now
         self.sink.emit(Finished(
-            task_id=final.id, attempt=final.attempt, time=now, status=final.status,  # type: ignore[arg-type]
+            task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error,
             duration_s=(now - started).total_seconds(),
         ), once=True)

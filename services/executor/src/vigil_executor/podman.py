@@ -21,7 +21,6 @@ import aiohttp
 import structlog
 
 from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
-
 from vigil_executor.runtime import (
     LABEL_MANAGED,
     ContainerSpec,
@@ -57,7 +56,8 @@ class PodmanContainer:
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
-        splitters = {"stdout": LineSplitter(self._max_line), "stderr": LineSplitter(self._max_line)}
+        splitters: dict[Stream, LineSplitter] = {
+            "stdout": LineSplitter(self._max_line), "stderr": LineSplitter(self._max_line)}
         reader = self._attach.content
         try:
             while True:
@@ -74,9 +74,9 @@ class PodmanContainer:
             log.warning("attach_stream_broken", container=self.id[:12], error=str(exc))
         finally:
             self._attach.release()
-        for stream_name in ("stdout", "stderr"):
-            for line in splitters[stream_name].flush():
-                yield stream_name, line  # type: ignore[misc]
+        for name, splitter in splitters.items():
+            for line in splitter.flush():
+                yield ("stdout" if name == "stdout" else "stderr"), line
 
     async def wait(self) -> ExitInfo:
         data = await self._rt.call(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vigil.messages import WorkItem
-
 from vigil_executor.runtime import (
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
@@ -37,7 +36,7 @@ def container_spec(
         "VIGIL_RESUMED": "1" if resumed else "0",
         "VIGIL_WORKSPACE": WORKSPACE,
         # The root filesystem is read-only; /tmp is a private tmpfs.
-        "HOME": spec.env.get("HOME", "/tmp"),
+        "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
     }
     return ContainerSpec(
         name=container_name(work.task_id, attempt),

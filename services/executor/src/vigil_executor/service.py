@@ -24,7 +24,6 @@ from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
-
 from vigil_executor.attempt import Attempt
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
@@ -82,7 +81,8 @@ class Executor:
     # lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
-        self._ops = OpsServer(ops_app(self.metrics.registry, self._health), s.http_host, s.http_port)
+        app = ops_app(self.metrics.registry, self._health)
+        self._ops = OpsServer(app, s.http_host, s.http_port)
         await self._ops.start()
         try:
             await self._open_runtime()

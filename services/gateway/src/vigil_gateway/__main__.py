@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vigil import runner
-
 from vigil_gateway.service import Gateway
 from vigil_gateway.settings import GatewaySettings
 

@@ -27,7 +27,6 @@ from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import TaskState
 from vigil.ops import OpsServer, add_ops_routes
-
 from vigil_gateway.acceptance import Acceptance
 from vigil_gateway.errors import error
 from vigil_gateway.events import stream_events

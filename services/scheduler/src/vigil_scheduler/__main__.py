@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vigil import runner
-
 from vigil_scheduler.service import Scheduler
 from vigil_scheduler.settings import SchedulerSettings
 

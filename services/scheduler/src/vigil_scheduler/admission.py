@@ -14,7 +14,6 @@ import msgspec
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
 from vigil.messages import TaskSpec, TaskState, WorkItem
-
 from vigil_scheduler.settings import SchedulerSettings
 
 

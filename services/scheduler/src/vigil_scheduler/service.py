@@ -43,7 +43,6 @@ from vigil.messages import (
 )
 from vigil.ops import OpsServer, ops_app
 from vigil.settings import default_node_id
-
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
 from vigil_scheduler.metrics import Metrics
 from vigil_scheduler.settings import SchedulerSettings
@@ -70,7 +69,8 @@ class Scheduler:
     # lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
-        self._ops = OpsServer(ops_app(self.metrics.registry, self._health), s.http_host, s.http_port)
+        app = ops_app(self.metrics.registry, self._health)
+        self._ops = OpsServer(app, s.http_host, s.http_port)
         await self._ops.start()
         self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect)
         self._js = self._nc.jetstream(timeout=5.0)
@@ -116,7 +116,8 @@ class Scheduler:
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self._nc is not None and self._nc.is_connected
-        return connected and self.ready.is_set(), {"nats": connected, "inflight": len(self._inflight)}
+        detail: dict[str, object] = {"nats": connected, "inflight": len(self._inflight)}
+        return connected and self.ready.is_set(), detail
 
     @property
     def http_port(self) -> int:

@@ -1,0 +1,42 @@
+"""Unit tests: any message on the issues stream becomes a record, never a crash."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from vigil_auditor.record import record_id, to_record
+
+pytestmark = pytest.mark.unit
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_valid_confession() -> None:
+    body = json.dumps({"summary": "disk full", "severity": "error", "id": "c-1",
+                       "task_id": "t"}).encode()
+    rec = to_record("vigil.issues.agent.error", body, None, 4, NOW)
+    assert rec.id == "c-1" and rec.source == "agent" and rec.severity == "error"
+    assert rec.confession is not None and rec.confession.task_id == "t" and rec.error is None
+
+
+def test_invalid_confession_is_kept_with_its_error() -> None:
+    rec = to_record("vigil.issues.human.warning", b'{"severity": "warning"}', "m-1", 5, NOW)
+    assert rec.confession is None and rec.id == "m-1"
+    assert "summary" in (rec.error or "") and rec.raw == '{"severity": "warning"}'
+    rec = to_record("vigil.issues.x", b"garbage", None, 6, NOW)
+    assert rec.id == "seq-6" and "not vigil.issues.<source>.<severity>" in (rec.error or "")
+
+
+def test_severity_mismatch_is_noted() -> None:
+    rec = to_record("vigil.issues.agent.info", b'{"summary": "s", "severity": "critical"}',
+                    None, 7, NOW)
+    assert rec.severity == "critical" and "differs" in (rec.error or "")
+
+
+def test_record_ids_are_kv_safe() -> None:
+    assert record_id("ok-id", None, 1) == "ok-id"
+    weird = record_id("has spaces/and.dots", None, 1)
+    assert weird.startswith("h") and " " not in weird and "." not in weird
+    assert record_id(None, None, 9) == "seq-9"

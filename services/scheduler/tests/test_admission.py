@@ -1,0 +1,65 @@
+"""Unit tests of admission: the id rule applied, defaults resolved, precise rejections."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from vigil_scheduler.admission import Admit, Reject, admit, failed_state, tenant_of
+from vigil_scheduler.settings import SchedulerSettings
+
+pytestmark = pytest.mark.unit
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+CONF = SchedulerSettings(default_image="img:1", default_timeout_s=60, default_max_attempts=2)
+
+
+def run(spec: dict | bytes, subject: str = "vigil.submit.acme", msg_id: str | None = None,
+        seq: int = 10) -> Admit | Reject:
+    data = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
+    return admit(data, subject, msg_id, seq, NOW, CONF)
+
+
+def test_admit_resolves_defaults_and_id() -> None:
+    result = run({"command": ["true"]}, msg_id="m-1")
+    assert isinstance(result, Admit)
+    assert result.state.id == "m-1" and result.state.status == "queued"
+    assert result.state.tenant == "acme" and result.state.submit_seq == 10
+    spec = result.work.spec
+    assert spec.image == "img:1" and spec.timeout_s == 60 and spec.max_attempts == 2
+    assert spec.id == "m-1"
+
+
+def test_spec_values_win_over_defaults() -> None:
+    result = run({"command": ["true"], "image": "mine:2", "timeout_s": 5, "max_attempts": 7,
+                  "id": "own"})
+    assert isinstance(result, Admit)
+    assert (result.work.spec.image, result.work.spec.timeout_s,
+            result.work.spec.max_attempts, result.state.id) == ("mine:2", 5, 7, "own")
+
+
+@pytest.mark.parametrize("subject", ["vigil.submit", "vigil.submit.a.b", "vigil.submit.a b",
+                                     "other.submit.acme"])
+def test_bad_subject_rejected(subject: str) -> None:
+    result = run({"command": ["true"]}, subject=subject)
+    assert isinstance(result, Reject) and result.field == "subject"
+    assert failed_state(result, 10, NOW) is None  # no tenant: nowhere to record a state
+
+
+def test_rejection_salvages_a_valid_spec_id() -> None:
+    result = run({"id": "keep-me", "command": "not a list"}, msg_id="m")
+    assert isinstance(result, Reject)
+    assert result.task_id == "keep-me" and result.field == "$.command"
+    state = failed_state(result, 10, NOW)
+    assert state is not None and state.status == "failed" and "$.command" in (state.error or "")
+
+
+def test_rejection_of_bad_id_falls_back_to_rule() -> None:
+    result = run({"id": "no good", "command": ["true"]})
+    assert isinstance(result, Reject) and result.task_id == "s10" and result.field == "$.id"
+
+
+def test_tenant_of() -> None:
+    assert tenant_of("vigil.submit.acme") == "acme"
+    assert tenant_of("vigil.submit.") is None

@@ -1,0 +1,54 @@
+"""The architecture's rule, enforced: no service imports another; shared imports none."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {
+    "vigil": ROOT / "shared" / "src" / "vigil",
+    "vigil_scheduler": ROOT / "services" / "scheduler" / "src" / "vigil_scheduler",
+    "vigil_executor": ROOT / "services" / "executor" / "src" / "vigil_executor",
+    "vigil_auditor": ROOT / "services" / "auditor" / "src" / "vigil_auditor",
+    "vigil_gateway": ROOT / "services" / "gateway" / "src" / "vigil_gateway",
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_imports_stay_inside_their_layer(package: str) -> None:
+    allowed = {package, "vigil"}
+    offenders = []
+    for path in PACKAGES[package].rglob("*.py"):
+        bad = {p for p in imported_packages(path) if p in PACKAGES and p not in allowed}
+        offenders += [f"{path.relative_to(ROOT)} imports {p}" for p in sorted(bad)]
+    assert not offenders, offenders
+
+
+def test_services_spell_no_subjects() -> None:
+    """Subjects are declared once in vigil.subjects, never written out in a service."""
+    offenders = []
+    for package, root in PACKAGES.items():
+        if package == "vigil":
+            continue
+        for path in root.rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for literal in ('"vigil.submit', '"vigil.work', '"vigil.events', '"vigil.issues',
+                            '"vigil-tasks', "f\"vigil."):
+                if literal in text:
+                    offenders.append(f"{path.relative_to(ROOT)}: {literal}")
+    assert not offenders, offenders
