@@ -52,3 +52,14 @@ def test_services_spell_no_subjects() -> None:
                 if literal in text:
                     offenders.append(f"{path.relative_to(ROOT)}: {literal}")
     assert not offenders, offenders
+
+
+def test_settings_doc_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_settings_doc.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (ROOT / "docs" / "settings.md").read_text() == gen.render(), (
+        "docs/settings.md is stale: run .venv/bin/python scripts/gen_settings_doc.py")

@@ -279,6 +279,25 @@ Submit more tasks (Ctrl-C stops everything):
 Logs of each service: {d}/logs/""", flush=True)
 
 
+async def cmd_nats_config(args: argparse.Namespace) -> int:
+    """Render a production nats-server config with Vigil's least-privilege users."""
+    from vigil.natsserver import NatsServer, User
+    from vigil.permissions import service_permissions
+
+    users = [User("admin", "$VIGIL_ADMIN_PASSWORD")]
+    for name, (pub, sub) in service_permissions(args.pool).items():
+        users.append(User(name, f"$VIGIL_{name.upper()}_PASSWORD", publish=pub, subscribe=sub))
+    server = NatsServer(store_dir=Path(args.store_dir), port=args.port, host=args.host,
+                        sync_always=True, users=users, name=args.server_name)
+    text = server.config_text().replace(
+        f'"{Path(args.store_dir) / "jetstream"}"', json.dumps(args.store_dir))
+    print("# nats-server config for Vigil, from `vigil nats-config`: JetStream on file storage,")
+    print("# fsync before every ack (sync_interval: always), one least-privilege user per")
+    print("# service. Passwords come from the server's environment ($VIGIL_*_PASSWORD).")
+    print(text, end="")
+    return EXIT_OK
+
+
 async def cmd_token_create(args: argparse.Namespace) -> int:
     token = auth.add_token(args.file, args.name, args.tenant, args.role)
     print(token)
@@ -348,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw state as JSON")
     client_flags(st)
     st.set_defaults(func=cmd_status)
+
+    nc = sub.add_parser("nats-config", help="print a nats-server config with Vigil's users",
+                        description="Print a production nats-server configuration: JetStream "
+                        "with sync_interval: always and one least-privilege user per service "
+                        "(passwords read from $VIGIL_<SERVICE>_PASSWORD).")
+    nc.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server config's default
+    nc.add_argument("--port", type=int, default=4222)
+    nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
+    nc.add_argument("--pool", default="default", help="executor pool the users may pull")
+    nc.add_argument("--server-name", default="vigil-1")
+    nc.set_defaults(func=cmd_nats_config)
 
     tk = sub.add_parser("token", help="manage gateway API tokens")
     tks = tk.add_subparsers(dest="token_command", metavar="ACTION", required=True)

@@ -63,7 +63,7 @@ def check_version(binary: str) -> str:
 @dataclass
 class User:
     name: str
-    password: str
+    password: str  # a literal, or "$ENV_NAME" to let nats-server read it from its environment
     publish: list[str] | None = None  # None = no restriction
     subscribe: list[str] | None = None
 
@@ -143,7 +143,11 @@ class NatsServer:
                 entry: dict[str, object] = {"user": u.name, "password": u.password}
                 if perms:
                     entry["permissions"] = perms
-                lines.append(f"    {json.dumps(entry)}")
+                text = json.dumps(entry)
+                if u.password.startswith("$"):
+                    # nats-server substitutes unquoted $VARS from its environment.
+                    text = text.replace(json.dumps(u.password), u.password)
+                lines.append(f"    {text}")
             lines.append("  ]")
             lines.append("}")
         return "\n".join(lines) + "\n"

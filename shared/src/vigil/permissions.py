@@ -32,13 +32,16 @@ def _topology() -> list[str]:
     return allow
 
 
-def _kv(bucket: str, write: bool) -> list[str]:
-    stream = f"KV_{bucket}"
-    allow = [
+def _read(stream: str) -> list[str]:
+    return [
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
     ]
+
+
+def _kv(bucket: str, write: bool) -> list[str]:
+    allow = _read(f"KV_{bucket}")
     if write:
         allow.append(f"$KV.{bucket}.>")
     return allow
@@ -86,7 +89,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_pull(subjects.STREAM_WORK, subjects.consumer_executor(pool)),
                 *_kv(subjects.KV_TASKS, write=True),
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
-                *_kv(subjects.OBJ_CHECKPOINTS, write=False),
+                *_read(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 *_ordered(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"{subjects.EVENTS}.>",
                 f"{subjects.ISSUES}.executor.>",

@@ -30,8 +30,10 @@ class Service(Protocol):
 def main(name: str, settings_cls: type[S], factory: Callable[[S], Service]) -> None:
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print(f"usage: {name}\n\nConfigured only by environment variables:\n")
-        for var, default, typ in settings.describe(settings_cls):
-            print(f"  {var:<32} {typ:<40} default {default or '(none)'}")
+        for var, default, typ, doc in settings.describe(settings_cls):
+            print(f"  {var}  ({typ}, default: {default or 'none'})")
+            if doc:
+                print(f"      {doc}")
         return
     try:
         conf = settings.load(settings_cls)

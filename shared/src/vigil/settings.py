@@ -8,13 +8,16 @@ Vigil reads ``os.environ``.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import os
 import socket
+import textwrap
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -92,13 +95,45 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def describe(cls: type[msgspec.Struct]) -> list[tuple[str, str, str]]:
-    """(variable, default, type) for each setting: used by ``--help`` and the README."""
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of ``cls`` (and its bases): its documentation."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe(cls: type[msgspec.Struct]) -> list[tuple[str, str, str, str]]:
+    """(variable, default, type, doc) per setting: used by ``--help`` and the README."""
+    docs = field_docs(cls)
     rows = []
     for f in msgspec.structs.fields(cls):
-        default = "" if f.default is msgspec.NODEFAULT else repr(f.default)
-        rows.append((env_name(f.name), default, str(f.type)))
+        if f.default is not msgspec.NODEFAULT:
+            default = str(f.default)
+        elif f.default_factory is not msgspec.NODEFAULT:
+            default = str(f.default_factory())
+        else:
+            default = ""
+        rows.append((env_name(f.name), default, _type_name(f.type), docs.get(f.name, "")))
     return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _type_name(get_args(tp)[0])
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
 
 
 def default_node_id() -> str:
