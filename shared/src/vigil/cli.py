@@ -155,7 +155,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         try:
             accepted = await client.submit(spec, idempotency_key=args.idempotency_key)
         except ApiError as exc:
-            field = f" (field {exc.field})" if exc.field else ""
+            field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
             print(f"vigil: submission refused: {exc}{field}", file=sys.stderr)
             return EXIT_USAGE
         task_id = accepted["id"]
