@@ -79,6 +79,7 @@ class Attempt:
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
+        self._lease: asyncio.Task[None] | None = None
 
     # entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -116,13 +117,13 @@ class Attempt:
         assert self.state is not None
         attempt = self.state.attempt
         with bound_contextvars(attempt=attempt):
-            heartbeat = asyncio.create_task(self._heartbeat())
+            self._lease = asyncio.create_task(self._heartbeat())
             try:
                 outcome = await self._execute(attempt)
             finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+                self._lease.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                    await self._lease
             await self._record(outcome)
 
     async def _claim(self) -> bool:
@@ -198,11 +199,19 @@ class Attempt:
         pump = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
         stopper = asyncio.create_task(self._stop_event.wait())
+        assert self._lease is not None
         timed_out = False
         try:
             done, _ = await asyncio.wait(
-                {waiter, stopper}, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {waiter, stopper, self._lease}, timeout=spec.timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
+            if self._lease in done:
+                # The lease is gone (see _heartbeat): the agent must not run on unowned.
+                await self.container.stop(0)
+                pump.cancel()
+                self._lease.result()  # raises LeaseLost
+                raise LeaseLost("lease renewal ended")
             if waiter not in done:
                 if stopper in done:
                     await self.container.stop(ex.settings.stop_grace_s)
@@ -332,21 +341,41 @@ class Attempt:
 
     # lease ------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
-        """Renew the lease; past the ack wait without renewal, the lease is gone: stop."""
+        """Keep the lease, or end (raising LeaseLost) when it is gone.
+
+        Each tick sends an in-progress ack and then a PING/PONG round trip: nats-py buffers
+        publishes while disconnected, so only the flush proves the server got the renewal.
+        The same tick reads the task's state: if its revision is no longer ours, a newer
+        attempt owns the task (this executor was frozen or partitioned past the ack wait).
+        Past the ack wait without a confirmed renewal the server will redeliver anyway.
+        """
         conf = self.ex.settings
+        assert self.state is not None
+        task_id, attempt = self.state.id, self.state.attempt
         while True:
             await asyncio.sleep(conf.heartbeat_s)
             try:
-                await asyncio.wait_for(self.msg.in_progress(), timeout=conf.heartbeat_s)
+                await self.msg.in_progress()
+                await self.ex.nc.flush(timeout=max(1, int(conf.heartbeat_s)))
                 self._lease_ok = time.monotonic()
             except Exception as exc:  # any failure to renew counts
                 lapsed = time.monotonic() - self._lease_ok
                 log.warning("lease_renewal_failed", error=str(exc) or type(exc).__name__,
                             lapsed_s=round(lapsed, 1))
                 if lapsed > conf.ack_wait_s:
-                    if self.container is not None:
-                        await self.container.stop(0)
                     raise LeaseLost("could not renew the lease within the ack wait") from exc
+                continue
+            try:
+                got = await asyncio.wait_for(self.ex.store.get(task_id), conf.heartbeat_s)
+            except (TimeoutError, NatsUnavailable):
+                continue
+            if got is None or got[1] != self.revision:
+                current = got[0] if got else None
+                if current is None or current.attempt != attempt or current.terminal:
+                    raise LeaseLost(
+                        f"task is now {current.status if current else 'gone'} with attempt "
+                        f"{current.attempt if current else '?'}; this attempt ({attempt}) "
+                        "lost it")
 
     # agent callbacks ---------------------------------------------------------------------------
     async def _agent_confession(self, confession: Confession) -> None:

@@ -70,6 +70,11 @@ class Executor:
         return self._js
 
     @property
+    def nc(self) -> NATS:
+        assert self._nc is not None
+        return self._nc
+
+    @property
     def store(self) -> TaskStore:
         assert self._store is not None
         return self._store
