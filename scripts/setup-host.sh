@@ -6,9 +6,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap ca-certificates
-          python3 python3-venv procps)
+          python3 python3-venv procps jq)
 if [ "${VIGIL_WITH_TEST_PACKAGES:-0}" = 1 ]; then
-  PACKAGES+=(jq)
+  PACKAGES+=(procps)  # test-only packages go here
 fi
 
 missing=()

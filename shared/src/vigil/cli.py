@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -270,9 +271,13 @@ async def _demo(stack: Any, stop: asyncio.Event) -> int:
 def _how_to(stack: Any, config: Any) -> None:
     d = config.data_dir
     extra = f" --data-dir {d}" if str(d) != ".vigil" else ""
+    vigil = Path(sys.argv[0])
+    if vigil.is_absolute():
+        with contextlib.suppress(ValueError):
+            vigil = vigil.relative_to(Path.cwd())
     print(f"""
 Submit more tasks (Ctrl-C stops everything):
-  vigil submit{extra} --wait -- python3 -c 'print("hello")'
+  {vigil} submit{extra} --wait -- python3 -c 'print("hello")'
   curl -H "Authorization: Bearer $(jq -r .token {d}/client.json)" \\
        -d '{{"command": ["echo", "hi"]}}' {stack.gateway_url}/v1/tasks
   raw NATS: publish a JSON task spec to vigil.submit.<tenant> (credentials in {d}/client.json)
