@@ -1,6 +1,7 @@
 """Throughput and latency of Vigil against the raw pieces it is built from.
 
-Run from the repository root (it needs root, or a user that can start rootless Podman):
+Run from the repository root; the container scenario needs root (it runs Podman as the
+unprivileged user ``vigil``, as ``vigil up`` does); ``--no-containers`` skips it:
 
     .venv/bin/python bench/throughput.py [--quick] [--tasks N] [--containers M]
 
@@ -22,10 +23,14 @@ What is measured
    * latency: one task at a time, submit -> ``finished`` event. Baseline: one message at a
      time, publish (PubAck) -> delivered to the pull consumer -> ack confirmed by the server.
 
-   Both run in each of NATS's two durability classes, because fsync dominates everything
-   else: nats-server's default (writes are flushed to disk every two minutes, or by the
-   OS) and ``sync_interval: always`` (every acknowledged write is fsynced first; what
-   ``vigil up`` runs).
+   The ``finished`` event is seen on core NATS when the server routes it, which can be a
+   little before it is stored; so if anything, the Vigil numbers are slightly flattered.
+
+   Both run in each of NATS's two durability classes, because an fsync per write can
+   dominate the cost of a durable queue: nats-server's default (acknowledged writes reach
+   the disk within its two-minute sync interval, or when the OS flushes them) and
+   ``sync_interval: always`` (every acknowledged write is fsynced first; what ``vigil up``
+   runs).
 
 2. **Containers.** The real executor runtime (rootless Podman through its API service) runs
    M containers of ``true`` with C slots. Baseline: the same image run M times by the
@@ -65,7 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,12 +139,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Params:
     p.add_argument("--no-containers", action="store_true", help="skip the Podman scenario")
     a = p.parse_args(argv)
     quick = bool(a.quick)
+
+    def pick(given: int | None, quick_default: int, full_default: int) -> int:
+        if given is not None:
+            return given
+        return quick_default if quick else full_default
+
     params = Params(
-        tasks=a.tasks or (500 if quick else 2000),
-        latency_samples=a.latency_samples or (50 if quick else 200),
-        containers=a.containers or (8 if quick else 20),
+        tasks=pick(a.tasks, 500, 2000),
+        latency_samples=pick(a.latency_samples, 50, 200),
+        containers=pick(a.containers, 8, 20),
         concurrency=a.concurrency,
-        repeats=a.repeats or (1 if quick else 3),
+        repeats=pick(a.repeats, 1, 3),
         slots=a.slots,
         warmup=50 if quick else 100,
         durability=tuple(DURABILITY) if a.durability == "both" else (a.durability,),
@@ -261,7 +272,7 @@ class DefaultFsyncStack(Stack):
     """``vigil up`` with nats-server's default fsync policy instead of ``sync_interval: always``.
 
     Stack hard-codes ``sync_always=True``; this repeats its ``_start_nats`` with the other
-    durability class so the rest of the stack is byte-for-byte the real one.
+    durability class and leaves everything else about the stack as it is.
     """
 
     async def _start_nats(self, secrets_: dict[str, str]) -> None:
@@ -283,7 +294,7 @@ def stack_say(text: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(runtime: str, slots: int, sync_always: bool):  # type: ignore[no-untyped-def]
+async def running_stack(runtime: str, slots: int, sync_always: bool) -> AsyncIterator[Stack]:
     """A whole Vigil stack in a temp dir; stopped and removed however the block exits."""
     data = Path(tempfile.mkdtemp(prefix="vigil-bench-"))
     nats_port = free_port()
@@ -296,23 +307,50 @@ async def running_stack(runtime: str, slots: int, sync_always: bool):  # type: i
     stack = cls(config, say=stack_say)
     try:
         await stack.start()
+        check_durability(stack, sync_always)
         yield stack
     finally:
         say(f"stopping the stack in {data}")
         await stack.stop()
         shutil.rmtree(data, ignore_errors=True)
-        if runtime == "podman" and os.geteuid() == 0:
-            uid = pwd.getpwnam(PODMAN_USER).pw_uid
-            # The stack makes this socket dir for the Podman service and leaves it behind.
-            shutil.rmtree(f"/tmp/vigil-podman-{uid}-{config.stack_id}", ignore_errors=True)
+        remove_socket_dir(stack)
+
+
+def check_durability(stack: Stack, sync_always: bool) -> None:
+    """Guard against measuring the wrong class (DefaultFsyncStack copies Stack's code)."""
+    assert stack.nats is not None
+    text = stack.nats.config_file.read_text(encoding="utf-8")
+    if ("sync_interval: always" in text) != sync_always:
+        raise BenchError(f"nats-server config does not match sync_always={sync_always}:\n{text}")
+
+
+def remove_socket_dir(stack: Stack) -> None:
+    """Stack.stop() removes the Podman socket but leaves its per-stack directory behind."""
+    sock = stack.podman_socket
+    if sock is not None and stack.config.stack_id in sock.parent.name:
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 # Publishing and watching ---------------------------------------------------------------------
+def honour_cancellation() -> None:
+    """Re-raise a Ctrl-C/SIGTERM that nats-py swallowed.
+
+    ``nats.aio.client.Client._flush_pending`` (under every publish) catches
+    ``asyncio.CancelledError`` and carries on, so a cancellation that lands there is lost
+    while the task stays marked as cancelling. Called between steps, this turns that mark
+    back into the exception, so an interrupt stops the run within one step.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def publish_pipelined(js: JetStreamContext, subject: str, ids: Sequence[str],
                             payload: bytes) -> None:
     """Publish one message per id without waiting in between; return when all are stored."""
     futures = [await js.publish_async(subject, payload, headers={subjects.MSG_ID: i})
                for i in ids]
+    honour_cancellation()
     acks = await asyncio.gather(*futures)
     duplicates = sum(1 for a in acks if a.duplicate)
     if duplicates:
@@ -321,6 +359,7 @@ async def publish_pipelined(js: JetStreamContext, subject: str, ids: Sequence[st
 
 async def publish_one(js: JetStreamContext, subject: str, msg_id: str, payload: bytes) -> None:
     ack = await js.publish(subject, payload, timeout=30, headers={subjects.MSG_ID: msg_id})
+    honour_cancellation()
     if ack.duplicate:
         raise BenchError(f"publish of {msg_id} was deduplicated")
 
@@ -385,8 +424,25 @@ class RawQueue:
             storage=StorageType.FILE, num_replicas=1, duplicate_window=120.0,
         ))
 
+    async def check_drained(self, durable: str, timeout_s: float = 10.0) -> None:
+        """The run counts only if the server ends up holding nothing unacked for it.
+
+        Not timed: the server applies acks asynchronously (a consumer's ack queue), just as
+        Vigil's executor acks its work item after the ``finished`` event the clock stops on.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            info = await self.js.consumer_info(RAW_STREAM, durable)
+            if not info.num_pending and not info.num_ack_pending:
+                return
+            if loop.time() > deadline:
+                raise BenchError(f"raw consumer {durable}: {info.num_pending} pending, "
+                                 f"{info.num_ack_pending} unacked {timeout_s:.0f}s after the run")
+            await asyncio.sleep(0.02)  # poll interval of a condition wait, not a sync point
+
     @contextlib.asynccontextmanager
-    async def consumer(self, capacity: int):  # type: ignore[no-untyped-def]
+    async def consumer(self, capacity: int) -> AsyncIterator[tuple[str, PullConsumer]]:
         self._runs += 1
         name = f"raw{self._runs}"
         subject = f"{RAW_SUBJECT}.{name}"
@@ -421,7 +477,9 @@ async def raw_throughput(q: RawQueue, n: int, tag: str, timeout_s: float) -> flo
                 publishing.cancel()
             # A PING/PONG after the acks: the server has read every ack we sent.
             await q.nc.flush()
-            return n / (time.perf_counter() - t0)
+            rate = n / (time.perf_counter() - t0)
+        await q.check_drained(pull.durable)
+    return rate
 
 
 async def raw_latency(q: RawQueue, samples: int, tag: str, timeout_s: float) -> list[float]:
@@ -452,7 +510,7 @@ async def vigil_batch(js: JetStreamContext, watcher: FinishedWatcher, ids: Seque
             elapsed = time.perf_counter() - t0
     except TimeoutError:
         left = sum(1 for f in futures if not f.done())
-        raise BenchError(f"{left} of {len(ids)} tasks not finished after {timeout_s:.0f}s") from None
+        raise BenchError(f"{left} of {len(ids)} tasks unfinished after {timeout_s:.0f}s") from None
     finally:
         watcher.forget(ids)
     return elapsed, list(events)
@@ -616,7 +674,7 @@ def check_podman_prereqs() -> None:
 
 
 async def container_scenario(p: Params, run_id: str, results: Results) -> None:
-    m, c = p.containers, p.concurrency
+    c = p.concurrency
     check_podman_prereqs()
     say(f"== containers: starting a stack (rootless Podman, {c} slots, fsync always)")
     async with running_stack("podman", c, sync_always=True) as stack:
@@ -670,6 +728,7 @@ def environment() -> dict[str, Any]:
         "kernel": platform.release(), "nats_server": run(find_binary(), "--version"),
         "podman": run("podman", "--version"), "git_commit": run("git", "rev-parse", "HEAD"),
         "git_dirty": bool(run("git", "status", "--porcelain")),
+        "loadavg_at_end": os.getloadavg(),
     }
 
 
@@ -695,10 +754,11 @@ async def run(p: Params) -> Results:
     if not p.skip_containers:
         await container_scenario(p, run_id, results)
     print(render_table(results))
-    print("\nvigil/baseline ratios; throughput >= 1.0 means Vigil is no slower, latency ratio = "
-          "raw round trips per Vigil task. median [min–max] over "
-          f"{p.repeats} run(s); N={p.tasks}, latency samples={p.latency_samples}, "
-          f"M={p.containers}, C={p.concurrency}, no-op slots={p.slots}.")
+    print(f"\nmedian [min–max] over {p.repeats} run(s); ratio = vigil/baseline: for throughput "
+          ">= 1.0 means Vigil is no slower, for latency it is raw round trips per Vigil task; "
+          "time per container = C x wall time / M.\n"
+          f"N={p.tasks}, latency samples={p.latency_samples}, M={p.containers}, "
+          f"C={p.concurrency}, no-op slots={p.slots}.")
     print(f"results: {write_json(p, results, started).relative_to(ROOT)}")
     return results
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -35,21 +34,15 @@ import aiohttp
 
 from vigil import auth
 from vigil.errors import VigilError
-from vigil.natsserver import NatsServer, User, check_version, find_binary
+from vigil.natsserver import NatsServer, User, check_version, die_with_parent, find_binary
 from vigil.permissions import service_permissions
 
-PR_SET_PDEATHSIG = 1
 SERVICES = ("scheduler", "executor", "auditor", "gateway")
 START_TIMEOUT_S = 60.0
 
 
 class StackError(VigilError):
     pass
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -62,6 +55,7 @@ class StackConfig:
     runtime: str = "podman"
     podman_user: str | None = None
     log_level: str = "info"
+    sync_always: bool = True  # fsync before every ack; False = nats-server's default
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -95,7 +89,7 @@ class Child:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
                 user=self.user, group=self.group,
                 extra_groups=[] if self.user is not None else None,
                 cwd=self.cwd, start_new_session=True,
@@ -226,16 +220,18 @@ class Stack:
             users.append(User(name, secrets_[name], publish=pub, subscribe=sub))
         self.nats = NatsServer(
             store_dir=self.data / "nats", port=self.config.nats_port, host=self.config.host,
-            sync_always=True, users=users, binary=binary,
+            sync_always=self.config.sync_always, users=users, binary=binary,
         )
         await self.nats.start()
-        self.say(f"  ✓ nats      {self.nats.url}  ({version}, JetStream, fsync always)")
+        fsync = "fsync always" if self.config.sync_always else "default fsync"
+        self.say(f"  ✓ nats      {self.nats.url}  ({version}, JetStream, {fsync})")
 
     def _service_child(self, name: str, secrets_: dict[str, str]) -> Child:
         c = self.config
         assert self.nats is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
-        env.update({k: v for k, v in os.environ.items() if k.startswith("VIGIL_")})
+        # The caller's VIGIL_* settings (e.g. VIGIL_ACK_WAIT_S) reach every service; the
+        # ones the stack must control are set after them.
+        env = dict(os.environ)
         env.update(c.extra_env)
         env.update({
             "VIGIL_NATS_URL": self.nats.url_for(name),
@@ -360,6 +356,7 @@ class PodmanService:
         self.child: Child | None = None
         self.socket: Path | None = None
         self.user_name = ""
+        self._made_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -398,6 +395,8 @@ class PodmanService:
             sock_dir = self._sock_dir or Path(f"/tmp/vigil-podman-{os.getuid()}-{self._tag}")
             sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.user_name = pwd.getpwuid(os.getuid()).pw_name
+        if self._sock_dir is None:
+            self._made_dir = sock_dir
         sock = sock_dir / "podman.sock"
         sock.unlink(missing_ok=True)
         env = {
@@ -435,3 +434,5 @@ class PodmanService:
         if self.socket is not None:
             with contextlib.suppress(OSError):
                 self.socket.unlink(missing_ok=True)
+        if self._made_dir is not None:
+            shutil.rmtree(self._made_dir, ignore_errors=True)

@@ -27,7 +27,7 @@ from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import TaskState
 from vigil.ops import OpsServer, add_ops_routes
-from vigil_gateway.acceptance import Acceptance
+from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import stream_events
 from vigil_gateway.metrics import Metrics
@@ -50,7 +50,6 @@ class Gateway:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
-        self._acceptance = Acceptance()
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
@@ -65,6 +64,12 @@ class Gateway:
         if self._js is None:
             raise NatsUnavailable("not connected to NATS yet")
         return self._js
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise NatsUnavailable("not connected to NATS yet")
+        return self._nc
 
     @property
     def store(self) -> TaskStore:
@@ -87,12 +92,10 @@ class Gateway:
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
             self._store = await TaskStore.open(self._js)
-            await self._acceptance.start(self._nc)
             log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}")
             self.ready.set()
             await self._stop.wait()
         finally:
-            await self._acceptance.stop()
             await self._ops.stop()
             if self._nc is not None:
                 with contextlib.suppress(Exception):
@@ -207,31 +210,32 @@ class Gateway:
         if existing is not None:
             return self._existing(existing[0], who, key)
         spec = msgspec.structs.replace(spec, id=task_id)
-        verdict = self._acceptance.expect(task_id)
-        try:
+        async with Verdict(self.nc, task_id) as verdict:
             ack = await publish(self.js, subjects.submit(who.tenant), codec.encode(spec), task_id,
                                 deadline_s=10.0)
             if ack.duplicate:
                 # A concurrent identical request got there first: answer with its task.
-                verdict.cancel()
-                for _ in range(50):
-                    found = await self.store.get(task_id)
-                    if found is not None:
-                        return self._existing(found[0], who, key)
-                    await asyncio.sleep(0.05)
+                found = await self._wait_state(task_id)
+                if found is not None:
+                    return self._existing(found, who, key)
                 return self._accepted(task_id, who, None, 202)
-            try:
-                kind = await asyncio.wait_for(verdict, self.settings.submit_wait_s)
-            except TimeoutError:
-                kind = None
-        finally:
-            self._acceptance.forget(task_id)
+            kind = await verdict.wait(self.settings.submit_wait_s)
         self.metrics.submissions.labels(kind or "pending").inc()
         state = await self.store.get(task_id) if kind is not None else None
         log.info("task_submitted", task_id=task_id, tenant=who.tenant, verdict=kind)
         if state is not None and state[0].status == "failed":
             return error(422, "rejected", state[0].error or "the scheduler rejected the task")
         return self._accepted(task_id, who, state[0] if state else None, 202)
+
+    async def _wait_state(self, task_id: str) -> TaskState | None:
+        deadline = asyncio.get_running_loop().time() + self.settings.submit_wait_s
+        while True:
+            found = await self.store.get(task_id)
+            if found is not None:
+                return found[0]
+            if asyncio.get_running_loop().time() > deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     def _existing(self, state: TaskState, who: Principal, key: str | None) -> web.Response:
         if state.tenant != who.tenant:
