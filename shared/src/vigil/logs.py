@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any
 
+import msgspec
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -20,7 +21,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def setup(service: str, level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_to_json)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
@@ -56,6 +57,15 @@ def setup(service: str, level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
     # aiohttp's access log is one line per request: keep it at debug.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _to_json(obj: Any, **_: Any) -> str:
+    # msgspec renders a log line several times faster than json.dumps; a line per task
+    # is on every service's hot path.
+    return _encoder.encode(obj).decode()
 
 
 def _add_service(service: str) -> Any:

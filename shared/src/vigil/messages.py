@@ -108,13 +108,20 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
-    """One unit of work on ``vigil.work.<pool>``; ``spec`` has the defaults resolved."""
+    """One unit of work on ``vigil.work.<pool>``; ``spec`` has the defaults resolved.
+
+    ``revision`` is the task's KV revision when it became ``scheduled``. With it an
+    executor claims a fresh task by compare-and-set alone, without reading it first; if
+    anything wrote the task since (a redelivery, a hand-back), the CAS fails and the
+    executor reads the state as usual. Everything a ``scheduled`` state holds is here.
+    """
 
     task_id: str
     tenant: str
     spec: TaskSpec
     submitted_at: datetime
     submit_seq: int = 0
+    revision: int = 0
 
 
 class Confession(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -64,6 +65,15 @@ class Outcome:
     status: str
     exit_code: int | None
     error: str | None
+
+
+def first_running_state(work: WorkItem, node: str, now: datetime) -> TaskState:
+    """The state of attempt 1, built from the work item alone (see WorkItem.revision)."""
+    return TaskState(
+        id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
+        created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
+        submit_seq=work.submit_seq,
+    )
 
 
 class Attempt:
@@ -130,6 +140,8 @@ class Attempt:
         """Move the task to ``running`` as attempt n+1; False when there is nothing to run."""
         assert self.work is not None
         store = self.ex.store
+        if await self._claim_fresh():
+            return True
         for _ in range(10):
             got = await store.get(self.work.task_id)
             if got is None:
@@ -166,6 +178,22 @@ class Attempt:
                 return True
         raise HandBack("could not claim the task: its state kept changing", delay_s=1.0)
 
+    async def _claim_fresh(self) -> bool:
+        """The common case in one round trip: a first delivery of a task nobody touched
+        since it was scheduled. CAS on the revision the work item carries; on any
+        mismatch the caller reads the state and decides."""
+        work = self.work
+        assert work is not None
+        if work.revision <= 0 or self.msg.metadata.num_delivered != 1:
+            return False
+        running = first_running_state(work, self.ex.settings.node_id, utcnow())
+        rev = await self.ex.store.cas(running, work.revision)
+        if rev is None:
+            return False
+        self.state, self.revision = running, rev
+        self.ex.metrics.tasks.labels("running").inc()
+        return True
+
     async def _execute(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
         ex, work = self.ex, self.work
@@ -189,7 +217,7 @@ class Attempt:
             image=spec.image, container=self.container.id[:12],
             limits_enforced=ex.runtime.limits_enforced,
         ), once=True)
-        log.info("agent_started", container=self.container.id[:12], image=spec.image)
+        log.debug("agent_started", container=self.container.id[:12], image=spec.image)
         output = AgentOutput(
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
@@ -278,7 +306,9 @@ class Attempt:
         ), once=True)
         await self.sink.drain()
         await self.msg.ack()
-        log.info("task_finished", status=final.status, exit_code=final.exit_code)
+        log.info("task_finished", status=final.status, exit_code=final.exit_code,
+                 container=self.container.id[:12] if self.container else None,
+                 image=self.work.spec.image)
 
     # failure paths -------------------------------------------------------------------------
     async def _dead(self, state: TaskState, rev: int, max_attempts: int) -> None:

@@ -206,13 +206,13 @@ class Scheduler:
                 # Someone else moved it on (cancel, or a concurrent scheduler): not ours.
                 await asyncio.gather(*pending)
                 return "duplicate"
-            state = scheduled
+            state, rev = scheduled, new_rev
             self.metrics.tasks.labels("scheduled").inc()
         if state.status == "scheduled":
             await publish(
                 self._js,
                 subjects.work(work.spec.pool),
-                codec.encode(work),
+                codec.encode(msgspec.structs.replace(work, revision=rev)),
                 f"{state.id}:work:{state.submit_seq}",
             )
             pending.append(self._event(Scheduled(

@@ -1,0 +1,30 @@
+"""Where two services must agree on data, check that they do (pure logic, no processes)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from vigil_executor.attempt import first_running_state
+from vigil_scheduler.admission import Admit, admit
+from vigil_scheduler.settings import SchedulerSettings
+
+pytestmark = pytest.mark.unit
+
+
+def test_executor_rebuilds_the_scheduled_state_from_the_work_item() -> None:
+    """The executor's one-round-trip claim writes a state built from the work item; it must
+    keep every field the scheduler recorded, or a fresh claim would lose data."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    result = admit(b'{"command": ["true"], "env": {"A": "1"}, "labels": {"k": "v"}}',
+                   "vigil.submit.acme", "m-1", 42, now, SchedulerSettings())
+    assert isinstance(result, Admit)
+    later = now + timedelta(seconds=1)
+    rebuilt = first_running_state(result.work, "node-a", later)
+    expected = msgspec.structs.replace(
+        result.state, status="running", attempt=1, executor="node-a", updated_at=later,
+        started_at=later,
+    )
+    assert rebuilt == expected
