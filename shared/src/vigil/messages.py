@@ -81,6 +81,28 @@ class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=
     """:class:`TaskSpec` for user-facing doors: unknown fields are errors."""
 
 
+class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a task's newest durable workspace checkpoint is (object store vigil-checkpoints)."""
+
+    name: str
+    size: int
+    digest: str  # "sha256:<hex>" of the tar archive
+    attempt: int
+    reason: str  # agent | periodic | drain
+    taken_at: datetime
+
+
+class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One past attempt, kept as evidence: who ran it and how it ended."""
+
+    attempt: int
+    executor: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    outcome: str  # a final status, or "lost" (executor gone), "handed_back" (drain)
+    error: str | None = None
+
+
 class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     """A task's current state: the value of its key in the ``vigil-tasks`` bucket.
 
@@ -101,6 +123,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None = None
     spec: TaskSpec | None = None
     submit_seq: int = 0
+    checkpoint: CheckpointRef | None = None
+    history: list[AttemptRecord] = []
+    tail: list[str] = []  # the last output lines of the newest attempt that ended
 
     @property
     def terminal(self) -> bool:
@@ -162,7 +187,7 @@ class ConfessionRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # Events ---------------------------------------------------------------------------------
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_defaults=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     """Base of every event on ``vigil.events.<task_id>.<kind>``."""
 
     task_id: str
@@ -203,7 +228,10 @@ class Checkpoint(Event, tag="checkpoint", frozen=True, kw_only=True):
     name: str
     size: int = 0
     digest: str | None = None
+    reason: str = "agent"
     note: dict[str, Any] = {}
+    ok: bool = True
+    error: str | None = None
 
 
 class ConfessionEvent(Event, tag="confession", frozen=True, kw_only=True):

@@ -90,6 +90,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_kv(subjects.KV_TASKS, write=True),
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
                 *_read(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
+                f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_CHECKPOINTS}",
                 *_ordered(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"{subjects.EVENTS}.>",
                 f"{subjects.ISSUES}.executor.>",

@@ -1,20 +1,32 @@
 """One attempt of one task on this node: claim, run, record, ack — in that order.
 
-The outcome is written with compare-and-set on the revision this attempt wrote when it
-claimed the task, so a stale attempt (a frozen or partitioned executor) can never
-overwrite a newer one; the work message is acked only after the outcome and every event
-are durable. A handed-back attempt (drain, Podman trouble) returns the task to
-``scheduled`` and naks the message for another node.
+- **Claim**: compare-and-set the task to ``running`` as attempt n+1. A task whose previous
+  attempt is still ``running`` lost its executor (the server redelivered it after the
+  ack wait): that attempt is recorded as ``lost``; after ``max_attempts`` lost attempts the
+  task is ``dead``.
+- **Run**: create the container; if an earlier attempt left a checkpoint, restore the
+  workspace into it first (``VIGIL_RESUMED=1``); start it; keep the lease.
+- **Checkpoint** on the agent's request, periodically if configured, and on drain: the
+  workspace archive goes to the object store and the state points to it (CAS).
+- **Record** the outcome with compare-and-set on the revision this attempt last wrote, so a
+  stale attempt (a frozen or partitioned executor) can never overwrite a newer one; ack
+  the work message only after the outcome and every event are durable.
+- **Hand back** (drain, Podman trouble): snapshot the stopped agent's workspace, return the
+  task to ``scheduled`` without spending an attempt, and nak the message without delay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -22,8 +34,11 @@ from nats.aio.msg import Msg
 from structlog.contextvars import bound_contextvars
 
 from vigil import codec
-from vigil.errors import ImageNotFound, NatsUnavailable, RuntimeUnavailable
+from vigil.errors import ImageNotFound, NatsUnavailable, RuntimeUnavailable, VigilError
 from vigil.messages import (
+    AttemptRecord,
+    Checkpoint,
+    CheckpointRef,
     Confession,
     ConfessionEvent,
     Finished,
@@ -34,6 +49,7 @@ from vigil.messages import (
     utcnow,
 )
 from vigil_executor.agentio import AgentOutput
+from vigil_executor.checkpoint import CheckpointError, object_name
 from vigil_executor.runtime import Container, ExitInfo
 from vigil_executor.sandbox import container_spec, workspace_volume
 from vigil_executor.sink import EventSink
@@ -76,6 +92,11 @@ def first_running_state(work: WorkItem, node: str, now: datetime) -> TaskState:
     )
 
 
+def spent_attempts(state: TaskState) -> int:
+    """Attempts that count against ``max_attempts``: hand-backs (drain) do not."""
+    return sum(1 for h in state.history if h.outcome != "handed_back")
+
+
 class Attempt:
     def __init__(self, ex: Executor, msg: Msg) -> None:
         self.ex = ex
@@ -85,11 +106,16 @@ class Attempt:
         self.revision = 0
         self.container: Container | None = None
         self.sink = EventSink(ex.js)
+        self.output: AgentOutput | None = None
         self.confessions = 0
+        self.control: Path | None = None
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
         self._lease: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()  # one state write (and checkpoint) at a time
+        self._checkpoints = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     # entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -110,7 +136,18 @@ class Attempt:
                 # We could not record what happened; the lease will lapse and another node
                 # (or this one) retries the task. Nothing is acked, nothing is lost.
                 log.error("nats_unavailable_mid_task", error=str(exc))
+            except Exception as exc:
+                # A bug of ours must not lose the task: give it back for another try (the
+                # consumer's max deliveries bound the loop) and say so loudly.
+                log.exception("attempt_failed_unexpectedly")
+                with contextlib.suppress(Exception):
+                    await self._confess("critical", "executor_bug",
+                                        f"executor failed handling the task: {exc!r}")
+                with contextlib.suppress(Exception):
+                    await self.msg.nak(delay=RUNTIME_RETRY_DELAY_S)
             finally:
+                for task in self._background:
+                    task.cancel()
                 self.sink.cancel()
                 await self._cleanup()
 
@@ -154,10 +191,17 @@ class Attempt:
                 return False
             max_attempts = (state.spec.max_attempts if state.spec else None) or 1
             now = utcnow()
+            history = list(state.history)
             if state.status == "running":
                 # The previous attempt's executor stopped renewing its lease: it is gone.
-                if state.attempt >= max_attempts:
-                    await self._dead(state, rev, max_attempts)
+                history.append(AttemptRecord(
+                    attempt=state.attempt, executor=state.executor,
+                    started_at=state.started_at, ended_at=now, outcome="lost",
+                    error="its executor stopped renewing the lease",
+                ))
+                lost = msgspec.structs.replace(state, history=history)
+                if spent_attempts(lost) >= max_attempts:
+                    await self._dead(lost, rev, max_attempts)
                     return False
                 await self._confess(
                     "warning", "lost_heartbeat",
@@ -169,7 +213,7 @@ class Attempt:
             running = msgspec.structs.replace(
                 state, status="running", attempt=state.attempt + 1,
                 executor=self.ex.settings.node_id, started_at=now, updated_at=now,
-                exit_code=None, error=None, finished_at=None,
+                exit_code=None, error=None, finished_at=None, history=history,
             )
             new_rev = await store.cas(running, rev)
             if new_rev is not None:
@@ -197,12 +241,26 @@ class Attempt:
     async def _execute(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
         ex, work = self.ex, self.work
-        spec = container_spec(work, attempt, ex.settings)
+        self.control = ex.control_dir(work.task_id, attempt)
+        spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control))
         t0 = time.perf_counter()
+        resumed = False
         try:
             if not await ex.runtime.image_exists(spec.image):
                 raise ImageNotFound(f"image {spec.image} is not present")
-            self.container = await ex.runtime.start(spec)
+            with tempfile.TemporaryFile() as archive:
+                resumed = await self._fetch_checkpoint(archive)
+                spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
+                                      resumed=resumed)
+                self.container = await ex.runtime.create(spec)
+                if resumed and not await self._unpack(self.container, archive):
+                    # VIGIL_RESUMED is fixed at create: make the container again, honestly.
+                    resumed = False
+                    await self.container.remove()
+                    spec = container_spec(work, attempt, ex.settings,
+                                          control_dir=str(self.control))
+                    self.container = await ex.runtime.create(spec)
+            await self.container.start()
         except ImageNotFound as exc:
             error = f"image {spec.image} not found on node {ex.settings.node_id}"
             await self._confess("error", "image_missing", error, hint=str(exc))
@@ -210,15 +268,20 @@ class Attempt:
         except RuntimeUnavailable as exc:
             await self._confess("error", "runtime_unavailable", str(exc))
             raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S) from exc
+        except VigilError as exc:
+            # The runtime refused this container (a bad mount, an invalid setting): a
+            # clear failure of this task, not a crash that would loop through redelivery.
+            error = f"could not start the container on {ex.settings.node_id}: {exc}"
+            await self._confess("error", "container_start_failed", error)
+            return Outcome("failed", None, error)
         ex.metrics.container_start.observe(time.perf_counter() - t0)
         started_at = time.monotonic()
         self.sink.emit(Started(
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
-            image=spec.image, container=self.container.id[:12],
+            image=spec.image, container=self.container.id[:12], resumed=resumed,
             limits_enforced=ex.runtime.limits_enforced,
         ), once=True)
-        log.debug("agent_started", container=self.container.id[:12], image=spec.image)
-        output = AgentOutput(
+        self.output = output = AgentOutput(
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
             on_checkpoint=self._checkpoint_request,
@@ -227,6 +290,7 @@ class Attempt:
         pump = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
         stopper = asyncio.create_task(self._stop_event.wait())
+        periodic = self._spawn(self._periodic_checkpoints())
         assert self._lease is not None
         timed_out = False
         try:
@@ -242,7 +306,14 @@ class Attempt:
                 raise LeaseLost("lease renewal ended")
             if waiter not in done:
                 if stopper in done:
+                    # SIGTERM gives the agent its grace period to checkpoint on its own;
+                    # then the stopped agent's workspace is snapshotted (consistent: nothing
+                    # writes it any more) while the lease is still kept, and handed back.
                     await self.container.stop(ex.settings.stop_grace_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(pump, OUTPUT_GRACE_S)
+                    output.flush()
+                    await self._checkpoint("drain", {})
                     raise HandBack(self._stopping or "executor stopping")
                 timed_out = True
                 log.warning("time_limit_exceeded", timeout_s=spec.timeout_s)
@@ -250,6 +321,7 @@ class Attempt:
             exit_info: ExitInfo = await waiter
         finally:
             stopper.cancel()
+            periodic.cancel()
             if not waiter.done():
                 waiter.cancel()
         try:
@@ -257,9 +329,38 @@ class Attempt:
         except TimeoutError:
             log.warning("output_stream_did_not_end")
         output.flush()
-        duration = time.monotonic() - started_at
-        ex.metrics.duration.observe(duration)
+        ex.metrics.duration.observe(time.monotonic() - started_at)
         return await self._judge(exit_info, output, timed_out, spec.timeout_s)
+
+    async def _fetch_checkpoint(self, into: IO[bytes]) -> bool:
+        """Download the newest checkpoint, if any; False when there is none or it failed."""
+        state = self.state
+        assert state is not None
+        ref = state.checkpoint
+        if ref is None:
+            return False
+        try:
+            size = await self.ex.checkpoints.load(ref.name, into)
+        except (CheckpointError, NatsUnavailable) as exc:
+            await self._restore_failed(str(exc))
+            return False
+        into.seek(0)
+        log.info("checkpoint_fetched", checkpoint=ref.name, size=size)
+        return True
+
+    async def _unpack(self, container: Container, archive: IO[bytes]) -> bool:
+        try:
+            await container.import_workspace(archive)  # type: ignore[arg-type]
+        except (RuntimeUnavailable, VigilError) as exc:
+            await self._restore_failed(str(exc))
+            return False
+        return True
+
+    async def _restore_failed(self, why: str) -> None:
+        ref = self.state.checkpoint if self.state else None
+        await self._confess("error", "restore_failed",
+                            f"could not restore checkpoint {ref.name if ref else '?'}: {why}; "
+                            "the agent starts from an empty workspace")
 
     async def _judge(self, exit_info: ExitInfo, output: AgentOutput, timed_out: bool,
                      timeout_s: float) -> Outcome:
@@ -287,22 +388,33 @@ class Attempt:
 
     async def _record(self, outcome: Outcome) -> None:
         assert self.state is not None and self.work is not None
-        now = utcnow()
-        final = msgspec.structs.replace(
-            self.state, status=outcome.status, exit_code=outcome.exit_code,
-            error=outcome.error, finished_at=now, updated_at=now,
-        )
         await self.sink.drain()  # the timeline is durable before the outcome
-        rev = await self.ex.store.cas(final, self.revision)
-        if rev is None:
-            raise LeaseLost("a newer attempt owns the task; not recording this outcome")
-        self.state, self.revision = final, rev
+        async with self._write_lock:
+            now = utcnow()
+            state = self.state
+            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
+                                   started_at=state.started_at, ended_at=now,
+                                   outcome=outcome.status, error=outcome.error)
+            drop_checkpoint = outcome.status == "succeeded" and state.checkpoint is not None
+            final = msgspec.structs.replace(
+                state, status=outcome.status, exit_code=outcome.exit_code,
+                error=outcome.error, finished_at=now, updated_at=now,
+                history=[*state.history, record], tail=self._tail(),
+                # A failed task keeps its last checkpoint as evidence; a finished one
+                # needs it no more.
+                checkpoint=None if drop_checkpoint else state.checkpoint,
+            )
+            rev = await self.ex.store.cas(final, self.revision)
+            if rev is None:
+                raise LeaseLost("a newer attempt owns the task; not recording this outcome")
+            self.state, self.revision = final, rev
+        if drop_checkpoint and state.checkpoint is not None:
+            self.ex.checkpoints.delete_later(state.checkpoint.name)
         self.ex.metrics.tasks.labels(outcome.status).inc()
-        started = self.state.started_at or now
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error,
-            duration_s=(now - started).total_seconds(),
+            duration_s=(now - (final.started_at or now)).total_seconds(),
         ), once=True)
         await self.sink.drain()
         await self.msg.ack()
@@ -310,19 +422,93 @@ class Attempt:
                  container=self.container.id[:12] if self.container else None,
                  image=self.work.spec.image)
 
+    def _tail(self) -> list[str]:
+        return list(self.output.tail) if self.output is not None else []
+
+    # checkpoints ------------------------------------------------------------------------------
+    async def _checkpoint_request(self, payload: dict[str, Any]) -> None:
+        """``::vigil::checkpoint``: snapshot now; the agent waits for the reply file."""
+        seq = payload.get("seq")
+        note = payload.get("note") if isinstance(payload.get("note"), dict) else {}
+        ok, error = await self._checkpoint("agent", note or {})
+        if isinstance(seq, int) and self.control is not None:
+            self._reply(f"checkpoint-{seq}.json", {"ok": ok, "error": error})
+
+    async def _periodic_checkpoints(self) -> None:
+        every = self.ex.settings.checkpoint_interval_s
+        if every <= 0:
+            return
+        while True:
+            await asyncio.sleep(every)
+            await self._checkpoint("periodic", {})
+
+    async def _checkpoint(self, reason: str, note: dict[str, Any]) -> tuple[bool, str | None]:
+        """Snapshot the workspace and point the task's state at it. Never raises: a failed
+        checkpoint is an event and a confession, and the agent carries on."""
+        container, work = self.container, self.work
+        if container is None or work is None or self.state is None:
+            return False, "no running container"
+        async with self._write_lock:
+            state = self.state
+            self._checkpoints += 1
+            name = object_name(work.task_id, state.attempt, self._checkpoints)
+            try:
+                saved = await self.ex.checkpoints.save(
+                    name, container.export_workspace(),
+                    description=f"workspace of task {work.task_id}, attempt {state.attempt} "
+                    f"({reason})",
+                )
+            except (CheckpointError, RuntimeUnavailable, NatsUnavailable) as exc:
+                error = str(exc)
+                self.sink.emit(Checkpoint(
+                    task_id=work.task_id, attempt=state.attempt, time=utcnow(), name=name,
+                    reason=reason, note=note, ok=False, error=error,
+                ))
+                await self._confess("error", "checkpoint_failed",
+                                    f"checkpoint ({reason}) failed: {error}")
+                log.warning("checkpoint_failed", reason=reason, error=error)
+                return False, error
+            now = utcnow()
+            ref = CheckpointRef(name=saved.name, size=saved.size, digest=saved.digest,
+                                attempt=state.attempt, reason=reason, taken_at=now)
+            updated = msgspec.structs.replace(state, checkpoint=ref, updated_at=now)
+            rev = await self.ex.store.cas(updated, self.revision)
+            if rev is None:
+                # Fenced: a newer attempt owns the task. Its state must not point here.
+                self.ex.checkpoints.delete_later(saved.name)
+                return False, "this attempt no longer owns the task"
+            previous = state.checkpoint
+            self.state, self.revision = updated, rev
+        if previous is not None:
+            self.ex.checkpoints.delete_later(previous.name)
+        self.sink.emit(Checkpoint(
+            task_id=work.task_id, attempt=updated.attempt, time=now, name=saved.name,
+            size=saved.size, digest=saved.digest, reason=reason, note=note,
+        ))
+        log.info("checkpoint_saved", reason=reason, name=saved.name, size=saved.size)
+        return True, None
+
+    def _reply(self, name: str, body: dict[str, Any]) -> None:
+        assert self.control is not None
+        tmp = self.control / f".{name}.tmp"
+        tmp.write_text(json.dumps(body), encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        tmp.replace(self.control / name)  # atomic: the agent never reads half a file
+
     # failure paths -------------------------------------------------------------------------
     async def _dead(self, state: TaskState, rev: int, max_attempts: int) -> None:
         now = utcnow()
         error = (
-            f"attempt {state.attempt} of {max_attempts} lost its executor ({state.executor}) "
-            "without an outcome; no attempts left"
+            f"{spent_attempts(state)} of {max_attempts} attempts ended without an outcome "
+            f"(the last on {state.executor}); no attempts left"
         )
         dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
                                        updated_at=now)
         if await self.ex.store.cas(dead, rev) is None:
             raise HandBack("task state changed while marking it dead", delay_s=1.0)
         self.ex.metrics.tasks.labels("dead").inc()
-        await self._confess("error", "task_dead", f"task {state.id} is dead: {error}",
+        where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
+        await self._confess("error", "task_dead", f"task {state.id} is dead: {error}{where}",
                             task_id=state.id, tenant=state.tenant, attempt=state.attempt)
         self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
                                 status="dead", error=error), once=True)
@@ -333,16 +519,23 @@ class Attempt:
     async def _hand_back(self, exc: HandBack) -> None:
         """Return the task to ``scheduled`` (not spending an attempt) and nak the message."""
         self.ex.metrics.handed_back.labels(exc.reason.split(":")[0][:40]).inc()
-        if self.state is not None and self.state.status == "running":
+        state = self.state
+        if state is not None and state.status == "running":
             now = utcnow()
+            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
+                                   started_at=state.started_at, ended_at=now,
+                                   outcome="handed_back", error=exc.reason)
             back = msgspec.structs.replace(
-                self.state, status="scheduled", attempt=self.state.attempt - 1,
-                executor=None, updated_at=now,
+                state, status="scheduled", executor=None, updated_at=now,
+                history=[*state.history, record], tail=self._tail(),
             )
             try:
-                if await self.ex.store.cas(back, self.revision) is not None:
+                async with self._write_lock:
+                    rev = await self.ex.store.cas(back, self.revision)
+                if rev is not None:
+                    self.state, self.revision = back, rev
                     self.sink.emit(Retrying(
-                        task_id=self.state.id, attempt=self.state.attempt, time=now,
+                        task_id=state.id, attempt=state.attempt, time=now,
                         reason=exc.reason, delay_s=exc.delay_s,
                     ), once=True)
                     await self.sink.drain()
@@ -365,9 +558,12 @@ class Attempt:
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
-        if self.work is not None and (self.state is None or self.state.terminal):
+        if self.work is not None:
+            # The workspace lives on in the checkpoint, not in this node's volume.
             with contextlib.suppress(Exception):
                 await self.ex.runtime.remove_volume(workspace_volume(self.work.task_id))
+        if self.control is not None:
+            self.ex.remove_control_dir(self.control)
 
     # lease ------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -375,7 +571,7 @@ class Attempt:
 
         Each tick sends an in-progress ack and then a PING/PONG round trip: nats-py buffers
         publishes while disconnected, so only the flush proves the server got the renewal.
-        The same tick reads the task's state: if its revision is no longer ours, a newer
+        The same tick reads the task's state: if it moved to another attempt, a newer
         attempt owns the task (this executor was frozen or partitioned past the ack wait).
         Past the ack wait without a confirmed renewal the server will redeliver anyway.
         """
@@ -399,13 +595,11 @@ class Attempt:
                 got = await asyncio.wait_for(self.ex.store.get(task_id), conf.heartbeat_s)
             except (TimeoutError, NatsUnavailable):
                 continue
-            if got is None or got[1] != self.revision:
-                current = got[0] if got else None
-                if current is None or current.attempt != attempt or current.terminal:
-                    raise LeaseLost(
-                        f"task is now {current.status if current else 'gone'} with attempt "
-                        f"{current.attempt if current else '?'}; this attempt ({attempt}) "
-                        "lost it")
+            current = got[0] if got else None
+            if current is None or current.attempt != attempt or current.terminal:
+                raise LeaseLost(
+                    f"task is now {current.status if current else 'gone'} with attempt "
+                    f"{current.attempt if current else '?'}; this attempt ({attempt}) lost it")
 
     # agent callbacks ---------------------------------------------------------------------------
     async def _agent_confession(self, confession: Confession) -> None:
@@ -429,9 +623,6 @@ class Attempt:
             task_id=self.state.id, attempt=self.state.attempt, time=utcnow(),
             confession_id=cid, summary=full.summary, severity=full.severity, source="agent",
         ))
-
-    async def _checkpoint_request(self, payload: dict[str, Any]) -> None:
-        log.info("checkpoint_requested", note=payload.get("note"))
 
     async def _malformed(self, why: str) -> None:
         await self._confess("warning", "malformed_control_line",
@@ -466,3 +657,8 @@ class Attempt:
             await output.feed(stream, line)
             lines.labels(stream).inc()
 
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task

@@ -14,7 +14,7 @@ import contextlib
 import json
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -22,9 +22,14 @@ import structlog
 
 from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
 from vigil_executor.runtime import (
+    CONTROL_PATH,
+    LABEL_ATTEMPT,
+    LABEL_EXECUTOR,
     LABEL_MANAGED,
+    LABEL_TASK,
     ContainerSpec,
     ExitInfo,
+    Leftover,
     LineSplitter,
     Stream,
 )
@@ -48,11 +53,28 @@ def socket_path(url: str) -> str:
 
 class PodmanContainer:
     def __init__(self, rt: PodmanRuntime, cid: str, attach: aiohttp.ClientResponse,
-                 max_line: int) -> None:
+                 max_line: int, workspace: str) -> None:
         self.id = cid
         self._rt = rt
         self._attach = attach
         self._max_line = max_line
+        self._workspace = workspace
+
+    async def start(self) -> None:
+        await self._rt.call("POST", f"/containers/{self.id}/start")
+
+    async def import_workspace(self, archive: BinaryIO) -> None:
+        # Podman unpacks into the named volume even before the container first runs.
+        await self._rt.call(
+            "PUT", f"/containers/{self.id}/archive", params={"path": self._workspace},
+            data=archive, headers={"Content-Type": "application/x-tar"}, timeout=600,
+        )
+
+    async def export_workspace(self) -> AsyncIterator[bytes]:
+        async for chunk in self._rt.stream(
+            "GET", f"/containers/{self.id}/archive", params={"path": self._workspace}
+        ):
+            yield chunk
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
@@ -167,6 +189,8 @@ class PodmanRuntime:
         *,
         params: dict[str, str] | None = None,
         body: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
         timeout: float | None = 30.0,
         ok: tuple[int, ...] = (200, 201, 204, 304),
     ) -> Any:
@@ -174,7 +198,7 @@ class PodmanRuntime:
             raise RuntimeUnavailable("Podman runtime is not open")
         try:
             async with self._session.request(
-                method, API + path, params=params, json=body,
+                method, API + path, params=params, json=body, data=data, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 body = await resp.read()
@@ -192,6 +216,23 @@ class PodmanRuntime:
             ) from exc
         except TimeoutError as exc:
             raise RuntimeUnavailable(f"Podman API timed out on {method} {path}") from exc
+
+    async def stream(self, method: str, path: str, *, params: dict[str, str] | None = None,
+                     chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """A streamed response body (archives), in chunks; errors as for ``call``."""
+        if self._session is None:
+            raise RuntimeUnavailable("Podman runtime is not open")
+        try:
+            async with self._session.request(
+                method, API + path, params=params,
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+            ) as resp:
+                if resp.status != 200:
+                    raise _error(resp.status, await resp.read(), path)
+                async for data in resp.content.iter_chunked(chunk):
+                    yield data
+        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise RuntimeUnavailable(f"cannot reach the Podman API at {self._url} ({exc})") from exc
 
     async def image_exists(self, image: str) -> bool:
         try:
@@ -219,6 +260,10 @@ class PodmanRuntime:
             "no_new_privileges": True,
             "oci_runtime": self._oci_runtime,
             "volumes": [{"Name": spec.workspace_volume, "Dest": spec.workspace_path}],
+            "mounts": [] if spec.control_dir is None else [{
+                "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
+                "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+            }],
             "log_configuration": {"driver": "k8s-file"},
             "stop_timeout": max(1, int(spec.stop_grace_s)),
             # Podman kills the agent on its own if the executor is gone past the deadline.
@@ -244,7 +289,7 @@ class PodmanRuntime:
             body["r_limits"].append({"type": "data", "soft": data, "hard": data})
         return body
 
-    async def start(self, spec: ContainerSpec) -> PodmanContainer:
+    async def create(self, spec: ContainerSpec) -> PodmanContainer:
         body = self.create_body(spec)
         try:
             created = await self.call("POST", "/containers/create", body=body)
@@ -267,24 +312,35 @@ class PodmanRuntime:
                 text = await attach.text()
                 attach.release()
                 raise _error(attach.status, text.encode(), "attach")
-            await self.call("POST", f"/containers/{cid}/start")
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})
             raise
-        return PodmanContainer(self, cid, attach, self._max_line)
+        return PodmanContainer(self, cid, attach, self._max_line, spec.workspace_path)
 
     async def remove_volume(self, name: str) -> None:
         with contextlib.suppress(PodmanError):
             await self.call("DELETE", f"/volumes/{quote(name)}", params={"force": "true"},
                             ok=(204, 404))
 
-    async def list_managed(self) -> list[dict[str, Any]]:
-        data = await self.call(
-            "GET", "/containers/json",
-            params={"all": "true", "filters": f'{{"label":["{LABEL_MANAGED}=1"]}}'},
-        )
-        return list(data or [])
+    async def find_containers(self, node_id: str) -> list[Leftover]:
+        """Containers this node's executor created (running or not), by label."""
+        filters = json.dumps({"label": [f"{LABEL_MANAGED}=1", f"{LABEL_EXECUTOR}={node_id}"]})
+        data = await self.call("GET", "/containers/json", params={"all": "true",
+                                                                  "filters": filters})
+        found = []
+        for c in data or []:
+            labels = c.get("Labels") or {}
+            found.append(Leftover(
+                id=c.get("Id", ""), task_id=labels.get(LABEL_TASK, ""),
+                attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0),
+                state=str(c.get("State", "")),
+            ))
+        return found
+
+    async def remove_container(self, cid: str) -> None:
+        await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "t": "0"},
+                        ok=(200, 204, 404))
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:

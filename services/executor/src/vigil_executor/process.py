@@ -10,23 +10,73 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import signal
+import tarfile
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
-from vigil_executor.runtime import ContainerSpec, ExitInfo, LineSplitter, Stream
+from vigil_executor.runtime import ContainerSpec, ExitInfo, Leftover, LineSplitter, Stream
+
+
+def _tar_dir(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for child in sorted(root.iterdir()):
+            tar.add(child, arcname=child.name)
+    return buf.getvalue()
+
+
+def _untar(archive: BinaryIO, root: Path) -> None:
+    with tarfile.open(fileobj=archive, mode="r|*") as tar:
+        tar.extractall(root, filter="data")
 
 
 class ProcessContainer:
-    def __init__(self, proc: asyncio.subprocess.Process, max_line: int) -> None:
-        self.id = f"pid-{proc.pid}"
-        self._proc = proc
+    def __init__(self, spec: ContainerSpec, workspace: Path, max_line: int) -> None:
+        self.id = f"proc-{spec.name}"
+        self._spec = spec
+        self._workspace = workspace
         self._max_line = max_line
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started = asyncio.Event()
+
+    async def start(self) -> None:
+        spec = self._spec
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            **spec.env,
+            "VIGIL_WORKSPACE": str(self._workspace),
+        }
+        if spec.control_dir is not None:
+            env["VIGIL_CONTROL_DIR"] = spec.control_dir
+        self._proc = await asyncio.create_subprocess_exec(
+            *spec.command,
+            cwd=self._workspace,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.id = f"pid-{self._proc.pid}"
+        self._started.set()
+
+    async def import_workspace(self, archive: BinaryIO) -> None:
+        await asyncio.to_thread(_untar, archive, self._workspace)
+
+    async def export_workspace(self) -> AsyncIterator[bytes]:
+        data = await asyncio.to_thread(_tar_dir, self._workspace)
+        for i in range(0, len(data), 256 * 1024):
+            yield data[i : i + 256 * 1024]
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        await self._started.wait()
+        assert self._proc is not None
         queue: asyncio.Queue[tuple[Stream, bytes] | None] = asyncio.Queue()
 
         async def pump(stream: Stream, reader: asyncio.StreamReader | None) -> None:
@@ -56,20 +106,23 @@ class ProcessContainer:
                 p.cancel()
 
     async def wait(self) -> ExitInfo:
+        await self._started.wait()
+        assert self._proc is not None
         code = await self._proc.wait()
         return ExitInfo(exit_code=code if code >= 0 else 128 - code)
 
     async def stop(self, grace_s: float) -> None:
-        if self._proc.returncode is not None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(self._proc.wait(), grace_s)
+            await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            await self._proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
 
     async def remove(self) -> None:
         await self.stop(0)
@@ -95,33 +148,34 @@ class ProcessRuntime:
     async def image_exists(self, image: str) -> bool:
         return True
 
-    async def start(self, spec: ContainerSpec) -> ProcessContainer:
+    async def create(self, spec: ContainerSpec) -> ProcessContainer:
         workspace = self._root / spec.workspace_volume
         workspace.mkdir(parents=True, exist_ok=True)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            **spec.env,
-            "VIGIL_WORKSPACE": str(workspace),
-        }
-        proc = await asyncio.create_subprocess_exec(
-            *spec.command,
-            cwd=workspace,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        return ProcessContainer(proc, self._max_line)
+        return ProcessContainer(spec, workspace, self._max_line)
 
     async def remove_volume(self, name: str) -> None:
         shutil.rmtree(self._root / name, ignore_errors=True)
+
+    async def find_containers(self, node_id: str) -> list[Leftover]:
+        return []  # child processes die with the executor (their session is killed)
+
+    async def remove_container(self, cid: str) -> None:
+        pass
 
 
 class NullContainer:
     def __init__(self, exit_code: int) -> None:
         self.id = "null"
         self._code = exit_code
+
+    async def start(self) -> None:
+        pass
+
+    async def import_workspace(self, archive: BinaryIO) -> None:
+        pass
+
+    async def export_workspace(self) -> AsyncIterator[bytes]:
+        yield _tar_dir_empty()
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         return
@@ -135,6 +189,13 @@ class NullContainer:
 
     async def remove(self) -> None:
         pass
+
+
+def _tar_dir_empty() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w"):
+        pass
+    return buf.getvalue()
 
 
 class NullRuntime:
@@ -153,8 +214,14 @@ class NullRuntime:
     async def image_exists(self, image: str) -> bool:
         return True
 
-    async def start(self, spec: ContainerSpec) -> NullContainer:
+    async def create(self, spec: ContainerSpec) -> NullContainer:
         return NullContainer(1 if spec.command and spec.command[0] == "false" else 0)
 
     async def remove_volume(self, name: str) -> None:
+        pass
+
+    async def find_containers(self, node_id: str) -> list[Leftover]:
+        return []
+
+    async def remove_container(self, cid: str) -> None:
         pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal, Protocol
 
 Stream = Literal["stdout", "stderr"]
 
@@ -40,6 +40,7 @@ class ContainerSpec:
     labels: dict[str, str]
     workspace_volume: str
     workspace_path: str = "/workspace"
+    control_dir: str | None = None  # host dir, read-only inside at CONTROL_PATH
     limits: Limits = field(default_factory=Limits)
     timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
     stop_grace_s: float = 10.0
@@ -51,8 +52,33 @@ class ExitInfo:
     oom_killed: bool = False
 
 
-class Container(Protocol):
+CONTROL_PATH = "/run/vigil"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A container found on the runtime that an earlier life of this executor created."""
+
     id: str
+    task_id: str
+    attempt: int
+    state: str
+
+
+class Container(Protocol):
+    """A created container. ``output()`` may be iterated from before ``start()``."""
+
+    id: str
+
+    async def start(self) -> None: ...
+
+    async def import_workspace(self, archive: BinaryIO) -> None:
+        """Unpack a tar archive (from ``export_workspace``) into the workspace; before start."""
+        ...
+
+    def export_workspace(self) -> AsyncIterator[bytes]:
+        """The workspace as a tar archive, in chunks."""
+        ...
 
     def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Output lines (without the newline) as they are written, until the agent exits."""
@@ -84,9 +110,15 @@ class Runtime(Protocol):
 
     async def image_exists(self, image: str) -> bool: ...
 
-    async def start(self, spec: ContainerSpec) -> Container: ...
+    async def create(self, spec: ContainerSpec) -> Container:
+        """Create the container and attach to its output; ``start()`` runs it."""
+        ...
 
     async def remove_volume(self, name: str) -> None: ...
+
+    async def find_containers(self, node_id: str) -> list[Leftover]: ...
+
+    async def remove_container(self, cid: str) -> None: ...
 
 
 class LineSplitter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vigil.messages import WorkItem
 from vigil_executor.runtime import (
+    CONTROL_PATH,
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
     LABEL_TASK,
@@ -24,7 +25,8 @@ def workspace_volume(task_id: str) -> str:
 
 
 def container_spec(
-    work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False
+    work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False,
+    control_dir: str | None = None,
 ) -> ContainerSpec:
     spec = work.spec
     assert spec.image is not None, "the scheduler resolves the image"
@@ -35,6 +37,7 @@ def container_spec(
         "VIGIL_ATTEMPT": str(attempt),
         "VIGIL_RESUMED": "1" if resumed else "0",
         "VIGIL_WORKSPACE": WORKSPACE,
+        "VIGIL_CONTROL_DIR": CONTROL_PATH,
         # The root filesystem is read-only; /tmp is a private tmpfs.
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
     }
@@ -50,6 +53,7 @@ def container_spec(
         },
         workspace_volume=workspace_volume(work.task_id),
         workspace_path=WORKSPACE,
+        control_dir=control_dir,
         limits=Limits(
             pids=conf.pids_limit,
             memory_mb=conf.memory_mb,

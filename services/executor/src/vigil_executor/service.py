@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 from pathlib import Path
 
 import structlog
@@ -25,10 +27,12 @@ from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_executor.attempt import Attempt
+from vigil_executor.checkpoint import CheckpointStore
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
 from vigil_executor.process import NullRuntime, ProcessRuntime
 from vigil_executor.runtime import Runtime
+from vigil_executor.sandbox import workspace_volume
 from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
@@ -62,6 +66,7 @@ class Executor:
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
+        self.checkpoints: CheckpointStore
         self.ready = asyncio.Event()
 
     @property
@@ -102,6 +107,10 @@ class Executor:
                 topology.executor_consumer(s.pool, s.ack_wait_s),
             )
             self._store = await TaskStore.open(self._js)
+            self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_mb * 1024 * 1024)
+            await self.checkpoints.open()
+            self._prepare_state_dir()
+            await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,
                             note="agents run WITHOUT a sandbox; benchmarks and tests only")
@@ -138,6 +147,62 @@ class Executor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
+
+    # node-local state --------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        s = self.settings
+        return Path(s.state_dir or f"/tmp/vigil-executor-{s.node_id}")  # noqa: S108
+
+    def _prepare_state_dir(self) -> None:
+        control = self.state_dir / "control"
+        # Agents read their control directory through a read-only bind mount as an
+        # unprivileged uid: world-readable, writable only by us.
+        control.mkdir(parents=True, exist_ok=True)
+        for d in (self.state_dir, control):
+            os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
+        for leftover in control.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def control_dir(self, task_id: str, attempt: int) -> Path:
+        d = self.state_dir / "control" / f"{task_id}-a{attempt}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
+        return d
+
+    def remove_control_dir(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    async def _remove_orphans(self) -> None:
+        """Containers left by an earlier life of this node (killed, crashed, rebooted).
+
+        Their tasks are not ours any more: NATS redelivers each after the ack wait, and the
+        next attempt resumes from the last checkpoint. Stop them so that two copies of an
+        agent never run, and say that the node was lost.
+        """
+        node = self.settings.node_id
+        try:
+            leftovers = await self.runtime.find_containers(node)
+        except RuntimeUnavailable as exc:
+            log.warning("orphan_scan_failed", error=str(exc))
+            return
+        for c in leftovers:
+            await self.runtime.remove_container(c.id)
+            with contextlib.suppress(Exception):
+                await self.runtime.remove_volume(workspace_volume(c.task_id))
+            log.warning("orphan_removed", container=c.id[:12], task_id=c.task_id,
+                        attempt=c.attempt, state=c.state)
+            await self.publish_confession(Confession(
+                id=f"executor-{node}-orphan-{c.id[:12]}",
+                summary=f"node {node} restarted and found attempt {c.attempt} of task "
+                f"{c.task_id} still in a container ({c.state}); removed it",
+                severity="warning", category="node_lost", task_id=c.task_id or None,
+                attempt=c.attempt, detail="the executor on this node died without handing "
+                "its tasks back (killed, crashed or rebooted); NATS redelivers them after the "
+                "ack wait and they resume from their last checkpoint",
+                source="executor", node=node, component="executor", time=utcnow(),
+            ))
 
     async def _confess_limits(self) -> None:
         note = self.runtime.limits_note

@@ -50,6 +50,14 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     """Confessions accepted per task attempt; the rest are counted and dropped."""
     workspace_root: str = ""
     """Host directory for the unsafe process runtime's workspaces (default: a temp dir)."""
+    state_dir: str = ""
+    """Host directory for per-attempt control directories, mounted read-only into agents
+    (replies to checkpoint requests). Default: /tmp/vigil-executor-<node id>."""
+    checkpoint_max_mb: Annotated[int, Meta(ge=1)] = 1024
+    """Largest workspace archive a checkpoint may hold; larger fails with a confession."""
+    checkpoint_interval_s: Annotated[float, Meta(ge=0)] = 0.0
+    """Also checkpoint every this many seconds while an agent runs (0 = only on request
+    and on drain). Such snapshots are taken while the agent writes: best effort."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_s * 2 > self.ack_wait_s:

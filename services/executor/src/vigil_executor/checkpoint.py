@@ -1,0 +1,120 @@
+"""Workspace checkpoints in the JetStream object store ``vigil-checkpoints``.
+
+A checkpoint is the workspace as a tar archive (the runtime exports it), spooled to a
+temporary file while its size and SHA-256 are counted, then uploaded in chunks. The
+object is named ``<task>/a<attempt>-<n>``; the task's state points to the newest one
+(written with compare-and-set, so a stale attempt cannot replace a newer checkpoint), and
+the previous object is deleted once the new one is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import IO
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+
+from vigil import subjects
+from vigil.errors import VigilError
+from vigil.jetstream import retrying
+
+log = structlog.get_logger("vigil.executor.checkpoint")
+
+SPOOL_IN_MEMORY = 8 * 1024 * 1024  # smaller archives never touch the disk
+
+
+class CheckpointError(VigilError):
+    pass
+
+
+class CheckpointTooLarge(CheckpointError):
+    pass
+
+
+@dataclass(frozen=True)
+class Saved:
+    name: str
+    size: int
+    digest: str
+
+
+def object_name(task_id: str, attempt: int, n: int) -> str:
+    return f"{task_id}/a{attempt}-{n}"
+
+
+class CheckpointStore:
+    def __init__(self, js: JetStreamContext, max_bytes: int) -> None:
+        self._js = js
+        self._max = max_bytes
+        self._store: ObjectStore | None = None
+
+    async def open(self) -> None:
+        self._store = await self._js.object_store(subjects.OBJ_CHECKPOINTS)
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            raise CheckpointError("checkpoint store is not open")
+        return self._store
+
+    async def save(self, name: str, archive: AsyncIterator[bytes], description: str) -> Saved:
+        """Spool ``archive``, enforce the size limit, upload; return what was stored."""
+        digest = hashlib.sha256()
+        size = 0
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            async for chunk in archive:
+                size += len(chunk)
+                if size > self._max:
+                    raise CheckpointTooLarge(
+                        f"workspace archive exceeds the checkpoint limit of "
+                        f"{self._max // (1024 * 1024)} MiB (VIGIL_CHECKPOINT_MAX_MB)"
+                    )
+                digest.update(chunk)
+                await asyncio.to_thread(spool.write, chunk)
+            spool.seek(0)
+            meta = ObjectMeta(name=name, description=description)
+            store = self.store
+
+            async def upload() -> object:
+                spool.seek(0)
+                return await store.put(name, spool, meta=meta)  # type: ignore[arg-type]
+
+            await retrying(f"upload checkpoint {name}", upload, deadline_s=60)
+        return Saved(name=name, size=size, digest=f"sha256:{digest.hexdigest()}")
+
+    async def load(self, name: str, into: IO[bytes]) -> int:
+        """Download ``name`` into ``into`` (verified against the store's digest)."""
+        try:
+            await self.store.get(name, writeinto=into)  # type: ignore[arg-type]
+        except (ObjectNotFoundError, NotFoundError) as exc:
+            raise CheckpointError(f"checkpoint {name} is not in the object store") from exc
+        into.flush()
+        return into.tell()
+
+    async def delete(self, name: str) -> None:
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await self.store.delete(name)
+
+    def delete_later(self, name: str) -> None:
+        """Best effort, off the task's path: a leftover object expires with the store's TTL."""
+        task = asyncio.create_task(self._delete_quietly(name))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _delete_quietly(self, name: str) -> None:
+        try:
+            await self.delete(name)
+        except Exception as exc:  # a leftover is harmless; say so and move on
+            log.info("checkpoint_delete_failed", name=name, error=str(exc))
+
+
+_background: set[asyncio.Task[None]] = set()
