@@ -10,7 +10,10 @@ import time
 import vigil_agent as vigil
 
 state_file = os.path.join(vigil.workspace(), "count")
-n = int(open(state_file).read()) if os.path.exists(state_file) else 0
+n = 0
+if os.path.exists(state_file):
+    with open(state_file) as fh:
+        n = int(fh.read())
 print(f"start at {n} resumed={int(vigil.resumed())} attempt={vigil.attempt()}", flush=True)
 total = int(os.environ.get("STEPS", "10"))
 while n < total:
