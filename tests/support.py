@@ -163,3 +163,85 @@ async def start_platform(url: str) -> Platform:
 
 def decode_state(data: bytes) -> TaskState:
     return codec.state_decoder.decode(data)
+
+
+async def stored_events(js: Any, task_id: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Every event of ``task_id`` as stored in VIGIL_EVENTS (not as seen live: a core
+    subscription misses what is published while the test's connection is down)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    sub = await js.subscribe(subjects.task_events(task_id), stream=subjects.STREAM_EVENTS,
+                             ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except Exception:
+                break
+            out.append(json.loads(msg.data))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+class ExecutorProcess:
+    """A real ``vigil-executor`` process, to kill -9, SIGTERM, SIGSTOP for real."""
+
+    def __init__(self, workdir: Any, nats_url: str, node_id: str, **settings: Any) -> None:
+        import os
+        import sys
+
+        self.node_id = node_id
+        self.log_path = workdir / f"executor-{node_id}.log"
+        self.env = {**os.environ, "VIGIL_NATS_URL": nats_url, "VIGIL_NODE_ID": node_id,
+                    "VIGIL_LOG_FORMAT": "json", "VIGIL_HTTP_PORT": "0"}
+        for key, value in settings.items():
+            self.env[f"VIGIL_{key.upper()}"] = str(value)
+        self.argv = [sys.executable, "-m", "vigil_executor"]
+        self.process: Any = None
+
+    def start(self) -> ExecutorProcess:
+        import subprocess
+
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[self._offset:]
+
+    async def ready(self, timeout: float = 30.0) -> ExecutorProcess:
+        async def started() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"executor {self.node_id} exited:\n{self.log_text()}")
+            return "executor_started" in self.log_text()
+
+        await eventually(started, timeout=timeout, what=f"executor {self.node_id} to start")
+        return self
+
+    def signal(self, sig: int) -> None:
+        import os
+
+        os.kill(self.process.pid, sig)
+
+    async def exited(self, timeout: float = 60.0) -> int:
+        async def done() -> bool:
+            return self.process.poll() is not None
+
+        await eventually(done, timeout=timeout, what=f"executor {self.node_id} to exit")
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGKILL)
+            self.process.wait()

@@ -22,9 +22,9 @@ def test_executor_rebuilds_the_scheduled_state_from_the_work_item() -> None:
                    "vigil.submit.acme", "m-1", 42, now, SchedulerSettings())
     assert isinstance(result, Admit)
     later = now + timedelta(seconds=1)
-    rebuilt = first_running_state(result.work, "node-a", later)
+    rebuilt = first_running_state(result.work, "node-a", later, work_seq=7)
     expected = msgspec.structs.replace(
         result.state, status="running", attempt=1, executor="node-a", updated_at=later,
-        started_at=later,
+        started_at=later, work_seq=7, delivery=1,
     )
     assert rebuilt == expected

@@ -124,3 +124,18 @@ def test_heartbeat_must_fit_in_ack_wait() -> None:
 
     with pytest.raises(msgspec.ValidationError, match="half"):
         msgspec.convert({"ack_wait_s": 10, "heartbeat_s": 6}, ExecutorSettings)
+
+
+def test_judge_delivery() -> None:
+    from vigil.messages import TaskState
+    from vigil_executor.attempt import judge_delivery
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    fresh = TaskState(id="t", tenant="a", status="scheduled", created_at=now, updated_at=now)
+    assert judge_delivery(fresh, work_seq=5, delivery=1) == "claim"
+    held = TaskState(id="t", tenant="a", status="running", created_at=now, updated_at=now,
+                     work_seq=5, delivery=2)
+    assert judge_delivery(held, 5, 3) == "claim"      # the server redelivered: lease lapsed
+    assert judge_delivery(held, 5, 2) == "stale"      # the holder's own delivery, again
+    assert judge_delivery(held, 5, 1) == "stale"      # an older one, late from a frozen node
+    assert judge_delivery(held, 9, 1) == "duplicate"  # another work item for the same task

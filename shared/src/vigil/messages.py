@@ -124,6 +124,10 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     spec: TaskSpec | None = None
     submit_seq: int = 0
     checkpoint: CheckpointRef | None = None
+    # The work message the current attempt holds (stream sequence) and which delivery of
+    # it: a late, older delivery (buffered in a frozen executor) must not take over.
+    work_seq: int = 0
+    delivery: int = 0
     history: list[AttemptRecord] = []
     tail: list[str] = []  # the last output lines of the newest attempt that ended
 

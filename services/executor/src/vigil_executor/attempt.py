@@ -83,13 +83,31 @@ class Outcome:
     error: str | None
 
 
-def first_running_state(work: WorkItem, node: str, now: datetime) -> TaskState:
+def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
+                        ) -> TaskState:
     """The state of attempt 1, built from the work item alone (see WorkItem.revision)."""
     return TaskState(
         id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
         created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
-        submit_seq=work.submit_seq,
+        submit_seq=work.submit_seq, work_seq=work_seq, delivery=1,
     )
+
+
+def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
+    """What a delivery of work message ``work_seq`` may do to a non-terminal task.
+
+    - ``claim``: the task is free (scheduled), or its holder lost the lease: the server
+      redelivered *this* message, so this delivery is newer than the holder's;
+    - ``duplicate``: another work message for the same task (a re-published item): ack it
+      away, the task is held by its own message;
+    - ``stale``: an older delivery of the held message, arriving late (it sat in a frozen
+      executor's buffer): touch nothing, not even the message, whose lease is the holder's.
+    """
+    if state.work_seq and work_seq != state.work_seq:
+        return "duplicate"
+    if delivery <= state.delivery:
+        return "stale"
+    return "claim"
 
 
 def spent_attempts(state: TaskState) -> int:
@@ -185,9 +203,20 @@ class Attempt:
                 await self._poison(f"work item for unknown task {self.work.task_id}")
                 return False
             state, rev = got
+            meta = self.msg.metadata
             if state.terminal:
                 log.info("duplicate_delivery", status=state.status)
+                await self._finished_again(state)
                 await self.msg.ack()
+                return False
+            verdict = judge_delivery(state, meta.sequence.stream, meta.num_delivered)
+            if verdict == "duplicate":
+                log.info("duplicate_work_item", held_by=state.work_seq)
+                await self.msg.ack()
+                return False
+            if verdict == "stale":
+                log.warning("stale_delivery", delivery=meta.num_delivered, held=state.delivery,
+                            holder=state.executor)
                 return False
             max_attempts = (state.spec.max_attempts if state.spec else None) or 1
             now = utcnow()
@@ -214,6 +243,7 @@ class Attempt:
                 state, status="running", attempt=state.attempt + 1,
                 executor=self.ex.settings.node_id, started_at=now, updated_at=now,
                 exit_code=None, error=None, finished_at=None, history=history,
+                work_seq=meta.sequence.stream, delivery=meta.num_delivered,
             )
             new_rev = await store.cas(running, rev)
             if new_rev is not None:
@@ -230,7 +260,8 @@ class Attempt:
         assert work is not None
         if work.revision <= 0 or self.msg.metadata.num_delivered != 1:
             return False
-        running = first_running_state(work, self.ex.settings.node_id, utcnow())
+        running = first_running_state(work, self.ex.settings.node_id, utcnow(),
+                                      self.msg.metadata.sequence.stream)
         rev = await self.ex.store.cas(running, work.revision)
         if rev is None:
             return False
@@ -422,6 +453,18 @@ class Attempt:
                  container=self.container.id[:12] if self.container else None,
                  image=self.work.spec.image)
 
+    async def _finished_again(self, state: TaskState) -> None:
+        """Re-publish a finished task's ``finished`` event (same id: a no-op if it is
+        stored): an executor that died between recording the outcome and publishing the
+        event must not leave waiting clients waiting forever."""
+        self.sink.emit(Finished(
+            task_id=state.id, attempt=state.attempt, time=state.finished_at or utcnow(),
+            status=state.status, exit_code=state.exit_code, error=state.error,
+            duration_s=((state.finished_at - state.started_at).total_seconds()
+                        if state.finished_at and state.started_at else None),
+        ), once=True)
+        await self.sink.drain()
+
     def _tail(self) -> list[str]:
         return list(self.output.tail) if self.output is not None else []
 
@@ -558,10 +601,11 @@ class Attempt:
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
-        if self.work is not None:
+        if self.work is not None and self.state is not None:
             # The workspace lives on in the checkpoint, not in this node's volume.
             with contextlib.suppress(Exception):
-                await self.ex.runtime.remove_volume(workspace_volume(self.work.task_id))
+                await self.ex.runtime.remove_volume(
+                    workspace_volume(self.work.task_id, self.state.attempt))
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 

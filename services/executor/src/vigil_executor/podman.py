@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import json
 import struct
+import tarfile
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
@@ -71,10 +74,22 @@ class PodmanContainer:
         )
 
     async def export_workspace(self) -> AsyncIterator[bytes]:
-        async for chunk in self._rt.stream(
-            "GET", f"/containers/{self.id}/archive", params={"path": self._workspace}
-        ):
-            yield chunk
+        """The workspace as a tar whose members are relative to it.
+
+        Podman's archive of a running container names members ``workspace/...`` and of a
+        stopped one ``/...``; both are rewritten to ``...`` so an archive unpacks the same
+        into any workspace (and an operator can read it).
+        """
+        with tempfile.TemporaryFile() as raw, tempfile.TemporaryFile() as clean:
+            async for chunk in self._rt.stream(
+                "GET", f"/containers/{self.id}/archive", params={"path": self._workspace}
+            ):
+                await asyncio.to_thread(raw.write, chunk)
+            raw.seek(0)
+            await asyncio.to_thread(relative_tar, raw, clean, PurePosixPath(self._workspace).name)
+            clean.seek(0)
+            while data := await asyncio.to_thread(clean.read, 256 * 1024):
+                yield data
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
@@ -341,6 +356,25 @@ class PodmanRuntime:
     async def remove_container(self, cid: str) -> None:
         await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "t": "0"},
                         ok=(200, 204, 404))
+
+
+def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
+    """Copy a tar, renaming members to be relative to the archived directory itself."""
+    prefix: str | None = None  # decided by the first member: the directory's own entry
+    with tarfile.open(fileobj=src, mode="r:") as tin, tarfile.open(fileobj=dst, mode="w") as tout:
+        for member in tin:
+            name = member.name.lstrip("/")
+            if prefix is None:
+                prefix = dirname + "/" if name == dirname else ""
+                if name in ("", ".", dirname):
+                    continue  # the directory itself: the workspace mount already exists
+            if prefix and name.startswith(prefix):
+                name = name[len(prefix):]
+            if not name or name == ".":
+                continue
+            member.name = name
+            data = tin.extractfile(member) if member.isreg() else None
+            tout.addfile(member, data)
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:

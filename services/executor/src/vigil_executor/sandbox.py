@@ -20,8 +20,10 @@ def container_name(task_id: str, attempt: int) -> str:
     return f"vigil-{task_id}-a{attempt}"
 
 
-def workspace_volume(task_id: str) -> str:
-    return f"vigil-ws-{task_id}"
+def workspace_volume(task_id: str, attempt: int) -> str:
+    """One volume per attempt: the checkpoint, not a node's leftover volume, carries the
+    workspace from one attempt to the next (and an orphan never shares a live volume)."""
+    return f"vigil-ws-{task_id}-a{attempt}"
 
 
 def container_spec(
@@ -51,7 +53,7 @@ def container_spec(
             LABEL_ATTEMPT: str(attempt),
             LABEL_EXECUTOR: conf.node_id,
         },
-        workspace_volume=workspace_volume(work.task_id),
+        workspace_volume=workspace_volume(work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
         limits=Limits(

@@ -190,7 +190,7 @@ class Executor:
         for c in leftovers:
             await self.runtime.remove_container(c.id)
             with contextlib.suppress(Exception):
-                await self.runtime.remove_volume(workspace_volume(c.task_id))
+                await self.runtime.remove_volume(workspace_volume(c.task_id, c.attempt))
             log.warning("orphan_removed", container=c.id[:12], task_id=c.task_id,
                         attempt=c.attempt, state=c.state)
             await self.publish_confession(Confession(
@@ -251,12 +251,14 @@ class Executor:
 
     async def _drain(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._consumer.pause()
         if self._attempts:
             log.info("draining", running=len(self._attempts))
             for attempt in self._attempts.values():
                 attempt.stop("executor draining")
-            await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 30)
+            await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 60)
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def _close(self) -> None:
         if self._nc is not None:

@@ -1,0 +1,241 @@
+"""Node loss, for real: executors are separate processes, killed with SIGKILL, stopped with
+SIGTERM, frozen with SIGSTOP. Every test asserts the outcome: the task ends exactly once,
+nothing is lost, a stale attempt never overwrites, and the agent resumed from its
+checkpoint (its own output proves it did not start over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from support import ExecutorProcess, Platform, eventually, stored_events
+from vigil import subjects
+from vigil.embedded import PodmanService
+
+pytestmark = [pytest.mark.fault, pytest.mark.podman, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = (ROOT / "tests" / "agents" / "counter.py").read_text()
+ACK_WAIT_S = 6
+
+
+def executor(tmp_path: Path, platform: Platform, podman: PodmanService, node: str,
+             **extra: Any) -> ExecutorProcess:
+    return ExecutorProcess(tmp_path, platform.url, node, runtime="podman",
+                           podman_url=podman.url, ack_wait_s=ACK_WAIT_S, heartbeat_s=1,
+                           stop_grace_s=2, **extra)
+
+
+def counter_task(task_id: str, steps: int, step_s: float = 0.25, **extra: Any) -> dict:
+    return {"id": task_id, "command": ["python3", "-c", AGENT],
+            "env": {"STEPS": str(steps), "STEP_S": str(step_s)}, **extra}
+
+
+async def containers_of(podman: PodmanService, node: str) -> list[dict]:
+    filters = json.dumps({"label": [f"dev.vigil.executor={node}"]})
+    assert podman.socket is not None
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(podman.socket))) \
+            as http, http.get("http://podman/v4.0.0/libpod/containers/json",
+                              params={"all": "true", "filters": filters}) as r:
+        return list(await r.json() or [])
+
+
+async def outcome_of(platform: Platform, task_id: str) -> tuple[list[dict], list[str]]:
+    """(finished events as stored, agent output lines) — from the stream, not live."""
+    events = await stored_events(platform.js, task_id)
+    finished = [e for e in events if e["kind"] == "finished"]
+    lines = [line for e in events if e["kind"] == "log" for line in e["lines"]]
+    return finished, lines
+
+
+def resumed_from(lines: list[str], attempt: int) -> int:
+    line = next(ln for ln in lines if ln.endswith(f"attempt={attempt}"))
+    return int(line.split()[2])
+
+
+@pytest.fixture
+async def issues(platform: Platform) -> list[dict]:
+    seen: list[dict] = []
+
+    async def on_msg(msg: Any) -> None:
+        seen.append(json.loads(msg.data))
+
+    await platform.nc.subscribe(f"{subjects.ISSUES}.>", cb=on_msg)
+    return seen
+
+
+async def test_kill9_resumes_elsewhere_from_checkpoint_and_orphan_is_removed(
+    platform: Platform, podman: PodmanService, agent_image: str, tmp_path: Path,
+    issues: list[dict],
+) -> None:
+    await platform.scheduler()
+    a = executor(tmp_path, platform, podman, "kill-a").start()
+    b = executor(tmp_path, platform, podman, "kill-b")
+    try:
+        await a.ready()
+        await platform.publish_spec(counter_task("k9", steps=40))
+        await platform.events.wait_for("k9", "checkpoint", count=3, timeout=60)
+        await b.start().ready()
+        a.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await a.exited()
+        started = await platform.events.wait_for("k9", "started", count=2, timeout=60)
+        failover_s = time.monotonic() - killed_at
+        state = await platform.final_state("k9", timeout=90)
+        assert state.status == "succeeded" and state.executor == "kill-b"
+        assert [(h.attempt, h.executor, h.outcome) for h in state.history] == [
+            (1, "kill-a", "lost"), (2, "kill-b", "succeeded")]
+        assert started[1]["resumed"] is True
+        finished, lines = await outcome_of(platform, "k9")
+        assert len(finished) == 1 and finished[0]["attempt"] == 2
+        assert resumed_from(lines, 2) >= 3  # the agent carried on; it did not start over
+        assert lines[-1] == "done at 40"
+        # Bounded by the ack wait after the last heartbeat (+ a container start).
+        assert failover_s < ACK_WAIT_S + 1 + 5, failover_s
+        assert any(i.get("category") == "lost_heartbeat" and i.get("task_id") == "k9"
+                   for i in issues)
+
+        # The killed node's container outlived it; its next life removes it and says so.
+        assert await containers_of(podman, "kill-a")
+        a.start()
+        await a.ready()
+        assert await containers_of(podman, "kill-a") == []
+        await eventually(lambda: _found(issues, "node_lost", "k9"), what="orphan confession")
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def _found(issues: list[dict], category: str, task_id: str) -> bool:
+    return any(i.get("category") == category and i.get("task_id") == task_id for i in issues)
+
+
+async def test_sigterm_hands_the_task_over_in_seconds(
+    platform: Platform, podman: PodmanService, agent_image: str, tmp_path: Path
+) -> None:
+    await platform.scheduler()
+    a = executor(tmp_path, platform, podman, "term-a").start()
+    b = executor(tmp_path, platform, podman, "term-b")
+    try:
+        await a.ready()
+        await platform.publish_spec(counter_task("term", steps=40))
+        await platform.events.wait_for("term", "checkpoint", count=3, timeout=60)
+        await b.start().ready()
+        a.signal(signal.SIGTERM)
+        termed_at = time.monotonic()
+        started = await platform.events.wait_for("term", "started", count=2, timeout=30)
+        handover_s = time.monotonic() - termed_at
+        assert await a.exited() == 0
+        state = await platform.final_state("term", timeout=90)
+        assert state.status == "succeeded" and state.executor == "term-b"
+        assert [h.outcome for h in state.history] == ["handed_back", "succeeded"]
+        assert started[1]["resumed"] is True
+        finished, lines = await outcome_of(platform, "term")
+        assert len(finished) == 1
+        assert resumed_from(lines, 2) >= 3
+        # Drain = seamless migration: no ack wait, only the agent's grace + a container start.
+        assert handover_s < 5.0, handover_s
+        print(f"SIGTERM to running on the other node: {handover_s:.2f}s")
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def test_frozen_executor_cannot_overwrite_the_newer_attempt(
+    platform: Platform, podman: PodmanService, agent_image: str, tmp_path: Path
+) -> None:
+    await platform.scheduler()
+    a = executor(tmp_path, platform, podman, "frozen-a").start()
+    b = executor(tmp_path, platform, podman, "frozen-b")
+    try:
+        await a.ready()
+        await platform.publish_spec(counter_task("frozen", steps=60, step_s=0.25))
+        await platform.events.wait_for("frozen", "checkpoint", count=2, timeout=60)
+        await b.start().ready()
+        a.signal(signal.SIGSTOP)  # frozen past the ack wait: its lease lapses
+        await platform.events.wait_for("frozen", "started", count=2, timeout=60)
+        a.signal(signal.SIGCONT)  # wakes up believing it still runs attempt 1
+        await eventually(lambda: _logged(a, "lease_lost"), timeout=30, what="a to notice")
+        await eventually(lambda: _none_left(podman, "frozen-a"), timeout=30,
+                         what="a to remove its container")
+        state = await platform.final_state("frozen", timeout=120)
+        assert state.status == "succeeded" and state.executor == "frozen-b"
+        assert state.attempt == 2
+        finished, lines = await outcome_of(platform, "frozen")
+        assert [f["attempt"] for f in finished] == [2]  # the stale attempt recorded nothing
+        assert resumed_from(lines, 2) >= 2
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def _logged(proc: ExecutorProcess, event: str) -> bool:
+    return f'"event":"{event}"' in proc.log_text()
+
+
+async def _none_left(podman: PodmanService, node: str) -> bool:
+    return await containers_of(podman, node) == []
+
+
+async def test_a_task_that_keeps_killing_its_executor_goes_dead_with_evidence(
+    platform: Platform, podman: PodmanService, agent_image: str, tmp_path: Path,
+    issues: list[dict],
+) -> None:
+    await platform.scheduler()
+    spec = counter_task("doomed", steps=1000, step_s=0.2, max_attempts=2)
+    nodes = ["doom-a", "doom-b", "doom-c"]
+    procs = [executor(tmp_path, platform, podman, n) for n in nodes]
+    try:
+        await procs[0].start().ready()
+        await platform.publish_spec(spec)
+        for i in range(2):
+            await eventually(lambda i=i: _checkpointed(platform, "doomed", attempt=i + 1),
+                             timeout=60, what=f"attempt {i + 1} to checkpoint")
+            await procs[i + 1].start().ready()
+            procs[i].signal(signal.SIGKILL)  # the task "kills" the node it runs on
+            await procs[i].exited()
+        state = await platform.final_state("doomed", timeout=60)
+        assert state.status == "dead"
+        assert [(h.attempt, h.outcome) for h in state.history] == [(1, "lost"), (2, "lost")]
+        assert state.checkpoint is not None  # the last checkpoint is kept as evidence
+        assert "no attempts left" in (state.error or "")
+        assert any(i.get("category") == "task_dead" and i.get("task_id") == "doomed"
+                   for i in issues)
+        finished, _ = await outcome_of(platform, "doomed")
+        assert [f["status"] for f in finished] == ["dead"]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+async def _checkpointed(platform: Platform, task_id: str, attempt: int) -> bool:
+    return any(c["attempt"] == attempt for c in platform.events.of(task_id, "checkpoint"))
+
+
+async def test_nats_restart_mid_batch_loses_nothing(platform: Platform, nats_server,
+                                                    tmp_path: Path) -> None:
+    await platform.scheduler()
+    await platform.executor(slots=8, workspace_root=str(tmp_path / "ws"),
+                            state_dir=str(tmp_path / "st"))
+    ids = [f"batch-{i}" for i in range(60)]
+    for i in ids:
+        await platform.publish_spec({"id": i, "command": ["sh", "-c", "sleep 0.2; echo ok"]})
+    await platform.events.wait_for(ids[5], "finished", timeout=30)
+    await nats_server.stop()
+    await asyncio.sleep(0)  # the restart below is immediate: services see a hard drop
+    await nats_server.restart()
+    for i in ids:
+        state = await platform.final_state(i, timeout=90)
+        assert state.status == "succeeded", (i, state.error)
+    for i in ids:
+        finished, lines = await outcome_of(platform, i)
+        assert len(finished) == 1, (i, finished)
+        assert lines == ["ok"], (i, lines)
