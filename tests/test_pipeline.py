@@ -109,7 +109,7 @@ async def test_bad_submission_is_recorded_and_terminated(
 
     async def confession() -> dict | None:
         try:
-            entry = await kv.get(f"scheduler-invalid-{ack.seq}")
+            entry = await kv.get(f"scheduler.scheduler-invalid-{ack.seq}")
         except nats.js.errors.KeyNotFoundError:
             return None
         return json.loads(entry.value)
@@ -133,7 +133,7 @@ async def test_invalid_tenant_subject_confesses(platform: Platform) -> None:
 
     async def confession() -> dict | None:
         try:
-            return json.loads((await kv.get(f"scheduler-invalid-{ack.seq}")).value)
+            return json.loads((await kv.get(f"scheduler.scheduler-invalid-{ack.seq}")).value)
         except nats.js.errors.KeyNotFoundError:
             return None
 

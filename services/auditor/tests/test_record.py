@@ -17,13 +17,13 @@ def test_valid_confession() -> None:
     body = json.dumps({"summary": "disk full", "severity": "error", "id": "c-1",
                        "task_id": "t"}).encode()
     rec = to_record("vigil.issues.agent.error", body, None, 4, NOW)
-    assert rec.id == "c-1" and rec.source == "agent" and rec.severity == "error"
+    assert rec.id == "agent.c-1" and rec.source == "agent" and rec.severity == "error"
     assert rec.confession is not None and rec.confession.task_id == "t" and rec.error is None
 
 
 def test_invalid_confession_is_kept_with_its_error() -> None:
     rec = to_record("vigil.issues.human.warning", b'{"severity": "warning"}', "m-1", 5, NOW)
-    assert rec.confession is None and rec.id == "m-1"
+    assert rec.confession is None and rec.id == "human.m-1"
     assert "summary" in (rec.error or "") and rec.raw == '{"severity": "warning"}'
     rec = to_record("vigil.issues.x", b"garbage", None, 6, NOW)
     assert rec.id == "seq-6" and "not vigil.issues.<source>.<severity>" in (rec.error or "")
@@ -35,8 +35,16 @@ def test_severity_mismatch_is_noted() -> None:
     assert rec.severity == "critical" and "differs" in (rec.error or "")
 
 
-def test_record_ids_are_kv_safe() -> None:
-    assert record_id("ok-id", None, 1) == "ok-id"
-    weird = record_id("has spaces/and.dots", None, 1)
-    assert weird.startswith("h") and " " not in weird and "." not in weird
+def test_record_ids_are_kv_safe_and_scoped_by_source() -> None:
+    assert record_id("ok-id", None, 1, "agent") == "agent.ok-id"
+    assert record_id("ok-id", None, 1, "executor") == "executor.ok-id"
+    weird = record_id("has spaces/and.dots", None, 1, "agent")
+    assert weird.startswith("agent.h") and " " not in weird and weird.count(".") == 1
     assert record_id(None, None, 9) == "seq-9"
+
+
+def test_the_subject_names_the_source_not_the_body() -> None:
+    body = json.dumps({"summary": "s", "severity": "error", "source": "executor",
+                       "id": "executor-t-a1-oom"}).encode()
+    rec = to_record("vigil.issues.agent.error", body, None, 1, NOW)
+    assert rec.source == "agent" and rec.id == "agent.executor-t-a1-oom"

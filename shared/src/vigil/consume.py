@@ -94,16 +94,6 @@ class PullConsumer:
     def buffered(self) -> int:
         return self._queue.qsize()
 
-    async def pause(self) -> None:
-        """Stop asking for messages, but keep listening: pull requests already at the
-        server may still deliver, and each such message is naked back at once (for another
-        consumer) instead of vanishing into an inbox nobody reads until its ack wait."""
-        self._closed = True
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            with contextlib.suppress(Exception):
-                await msg.nak()
-
     async def stop(self) -> None:
         """Stop asking for messages. Buffered, unhandled messages are naked back at once."""
         self._closed = True

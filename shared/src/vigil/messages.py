@@ -60,7 +60,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: TaskId | None = None
     image: ImageRef | None = None
     env: dict[EnvName, EnvValue] = {}
-    timeout_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] | None = None
+    timeout_s: Annotated[float, Meta(gt=0, le=14 * 86_400)] | None = None
     max_attempts: Annotated[int, Meta(ge=1, le=100)] | None = None
     labels: dict[LabelKey, LabelValue] = {}
     pool: Name = "default"

@@ -109,6 +109,7 @@ SUBMIT = Stream(
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
     duplicate_window_s=600.0,
+    max_msg_size=256 * 1024,  # a task spec; its state (spec + history) must fit the KV
     description="Task submissions, kept 7 days for replay",
 )
 # Work items leave the stream when an executor acks them. Discard-new: when full, a
@@ -119,6 +120,7 @@ WORK = Stream(
     retention=RetentionPolicy.WORK_QUEUE,
     discard=DiscardPolicy.NEW,
     max_msgs=1_000_000,
+    duplicate_window_s=600.0,
     description="Work items, one per task attempt, removed when acked",
 )
 EVENTS = Stream(

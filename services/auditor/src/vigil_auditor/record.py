@@ -21,13 +21,17 @@ from vigil.messages import SEVERITIES, ConfessionRecord
 RAW_PREFIX = 2_000
 
 
-def record_id(confession_id: str | None, msg_id: str | None, seq: int) -> str:
-    """A KV-safe key: the given id when it is one, else a digest of it, else the sequence."""
+def record_id(confession_id: str | None, msg_id: str | None, seq: int,
+              source: str = "") -> str:
+    """A KV-safe key, scoped by source (so an agent cannot overwrite the platform's
+    evidence by reusing an id): ``<source>.<id>``, the id hashed when it is not KV-safe;
+    ``seq-<n>`` when the message has no id at all."""
+    scope = source if ids.is_valid_id(source) else "unknown"
     for candidate in (confession_id, msg_id):
         if candidate:
             if ids.is_valid_id(candidate):
-                return candidate
-            return "h" + hashlib.sha256(candidate.encode()).hexdigest()[:40]
+                return f"{scope}.{candidate}"
+            return f"{scope}.h" + hashlib.sha256(candidate.encode()).hexdigest()[:40]
     return f"seq-{seq}"
 
 
@@ -49,7 +53,8 @@ def to_record(
         where = f" (at {field})" if field else ""
         problems.append(f"not a valid confession: {message}{where}")
         return ConfessionRecord(
-            id=record_id(None, msg_id, seq), source=source, severity=severity, subject=subject,
+            id=record_id(None, msg_id, seq, source), source=source, severity=severity,
+            subject=subject,
             stream_seq=seq, received_at=now, error="; ".join(problems),
             raw=data[:RAW_PREFIX].decode("utf-8", errors="replace"),
         )
@@ -57,8 +62,8 @@ def to_record(
         # The body is the authority on severity; note the mismatch, keep the body's.
         problems.append(f"subject severity {severity!r} differs from body {confession.severity!r}")
     return ConfessionRecord(
-        id=record_id(confession.id, msg_id, seq),
-        source=confession.source or source,
+        id=record_id(confession.id, msg_id, seq, source),
+        source=source,
         severity=confession.severity,
         subject=subject,
         stream_seq=seq,

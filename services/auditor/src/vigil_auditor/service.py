@@ -15,6 +15,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from vigil import codec, subjects, topology
@@ -119,8 +120,14 @@ class Auditor:
         record = to_record(msg.subject, msg.data, msg_id, seq, utcnow())
         kv = self._kv
         data = codec.encode(record)
+        async def create() -> None:
+            # First write wins: a redelivery (or a replay) finds its record already there,
+            # and nobody can overwrite evidence by publishing a confession with its id.
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await kv.create(record.id, data)
+
         try:
-            await retrying(f"record confession {record.id}", lambda: kv.put(record.id, data))
+            await retrying(f"record confession {record.id}", create)
         except NatsUnavailable as exc:
             log.warning("confession_retry", error=str(exc))
             with contextlib.suppress(Exception):

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vigil.executor")
 
 OUTPUT_GRACE_S = 10.0
+TAIL_LINE_CHARS = 1_000
+HISTORY_KEPT = 50
 RUNTIME_RETRY_DELAY_S = 5.0
 
 
@@ -185,11 +187,13 @@ class Attempt:
             self._lease = asyncio.create_task(self._heartbeat())
             try:
                 outcome = await self._execute(attempt)
+                # The lease is kept until the ack: recording can take a while if NATS is
+                # slow, and a lapse now would hand a finished task to someone else.
+                await self._record(outcome)
             finally:
                 self._lease.cancel()
                 with contextlib.suppress(asyncio.CancelledError, LeaseLost):
                     await self._lease
-            await self._record(outcome)
 
     async def _claim(self) -> bool:
         """Move the task to ``running`` as attempt n+1; False when there is nothing to run."""
@@ -349,7 +353,12 @@ class Attempt:
                 timed_out = True
                 log.warning("time_limit_exceeded", timeout_s=spec.timeout_s)
                 await self.container.stop(ex.settings.stop_grace_s)
-            exit_info: ExitInfo = await waiter
+            try:
+                exit_info: ExitInfo = await asyncio.wait_for(
+                    asyncio.shield(waiter), ex.settings.stop_grace_s + 60)
+            except TimeoutError:
+                raise HandBack("the container runtime did not report the agent's exit",
+                               RUNTIME_RETRY_DELAY_S) from None
         finally:
             stopper.cancel()
             periodic.cancel()
@@ -430,7 +439,7 @@ class Attempt:
             final = msgspec.structs.replace(
                 state, status=outcome.status, exit_code=outcome.exit_code,
                 error=outcome.error, finished_at=now, updated_at=now,
-                history=[*state.history, record], tail=self._tail(),
+                history=[*state.history, record][-HISTORY_KEPT:], tail=self._tail(),
                 # A failed task keeps its last checkpoint as evidence; a finished one
                 # needs it no more.
                 checkpoint=None if drop_checkpoint else state.checkpoint,
@@ -466,7 +475,8 @@ class Attempt:
         await self.sink.drain()
 
     def _tail(self) -> list[str]:
-        return list(self.output.tail) if self.output is not None else []
+        # Evidence, not a log: short lines, so the state stays well under the KV's limit.
+        return [line[:TAIL_LINE_CHARS] for line in self.output.tail] if self.output else []
 
     # checkpoints ------------------------------------------------------------------------------
     async def _checkpoint_request(self, payload: dict[str, Any]) -> None:
@@ -570,20 +580,25 @@ class Attempt:
                                    outcome="handed_back", error=exc.reason)
             back = msgspec.structs.replace(
                 state, status="scheduled", executor=None, updated_at=now,
-                history=[*state.history, record], tail=self._tail(),
+                history=[*state.history, record][-HISTORY_KEPT:], tail=self._tail(),
             )
             try:
                 async with self._write_lock:
                     rev = await self.ex.store.cas(back, self.revision)
-                if rev is not None:
-                    self.state, self.revision = back, rev
-                    self.sink.emit(Retrying(
-                        task_id=state.id, attempt=state.attempt, time=now,
-                        reason=exc.reason, delay_s=exc.delay_s,
-                    ), once=True)
-                    await self.sink.drain()
             except NatsUnavailable:
-                pass  # the lease will lapse instead
+                return  # the lease will lapse instead; the server redelivers then
+            if rev is None:
+                # Someone else holds the task now: a nak from us would redeliver the
+                # message under the new holder's feet. Leave it alone.
+                log.info("hand_back_fenced", reason=exc.reason)
+                return
+            self.state, self.revision = back, rev
+            self.sink.emit(Retrying(
+                task_id=state.id, attempt=state.attempt, time=now,
+                reason=exc.reason, delay_s=exc.delay_s,
+            ), once=True)
+            with contextlib.suppress(NatsUnavailable):
+                await self.sink.drain()
         with contextlib.suppress(Exception):
             await self.msg.nak(delay=exc.delay_s or None)
         log.info("task_handed_back", reason=exc.reason, delay_s=exc.delay_s)
@@ -604,8 +619,8 @@ class Attempt:
         if self.work is not None and self.state is not None:
             # The workspace lives on in the checkpoint, not in this node's volume.
             with contextlib.suppress(Exception):
-                await self.ex.runtime.remove_volume(
-                    workspace_volume(self.work.task_id, self.state.attempt))
+                await self.ex.runtime.remove_volume(workspace_volume(
+                    self.ex.settings.node_id, self.work.task_id, self.state.attempt))
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 
@@ -640,7 +655,7 @@ class Attempt:
             except (TimeoutError, NatsUnavailable):
                 continue
             current = got[0] if got else None
-            if current is None or current.attempt != attempt or current.terminal:
+            if current is None or current.attempt != attempt:
                 raise LeaseLost(
                     f"task is now {current.status if current else 'gone'} with attempt "
                     f"{current.attempt if current else '?'}; this attempt ({attempt}) lost it")

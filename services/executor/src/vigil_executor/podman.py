@@ -168,7 +168,7 @@ class PodmanRuntime:
         self._attach_session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=self._path, limit=0),
             base_url="http://podman",
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
         )
         self.info = await self.call("GET", "/info")
         host = self.info.get("host", {})
@@ -309,24 +309,33 @@ class PodmanRuntime:
         try:
             created = await self.call("POST", "/containers/create", body=body)
         except PodmanError as exc:
-            if "already in use" in str(exc):
-                # A container left by a crashed earlier life of this same attempt.
-                await self.call("DELETE", f"/containers/{quote(spec.name)}",
-                                params={"force": "true"}, ok=(200, 204, 404))
-                created = await self.call("POST", "/containers/create", body=body)
-            else:
+            if "already in use" not in str(exc):
                 raise
+            # A container of that name: left by a crashed earlier life of this node's
+            # executor (the name holds node, task and attempt). Remove it only if its
+            # labels say so; never someone else's.
+            other = await self.call("GET", f"/containers/{quote(spec.name)}/json")
+            labels = ((other or {}).get("Config") or {}).get("Labels") or {}
+            if labels.get(LABEL_EXECUTOR) != spec.labels.get(LABEL_EXECUTOR):
+                raise
+            await self.call("DELETE", f"/containers/{quote(spec.name)}",
+                            params={"force": "true"}, ok=(200, 204, 404))
+            created = await self.call("POST", "/containers/create", body=body)
         cid = created["Id"]
         assert self._attach_session is not None
         try:
-            attach = await self._attach_session.post(
+            attach = await asyncio.wait_for(self._attach_session.post(
                 f"{API}/containers/{cid}/attach",
                 params={"stream": "true", "stdout": "true", "stderr": "true", "logs": "true"},
-            )
+            ), 30)
             if attach.status != 200:
                 text = await attach.text()
                 attach.release()
                 raise _error(attach.status, text.encode(), "attach")
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})
+            raise RuntimeUnavailable("the Podman API did not answer an attach in 30s") from None
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})

@@ -66,6 +66,7 @@ class Executor:
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
+        self._naks: set[asyncio.Task[None]] = set()
         self.checkpoints: CheckpointStore
         self.ready = asyncio.Event()
 
@@ -190,7 +191,7 @@ class Executor:
         for c in leftovers:
             await self.runtime.remove_container(c.id)
             with contextlib.suppress(Exception):
-                await self.runtime.remove_volume(workspace_volume(c.task_id, c.attempt))
+                await self.runtime.remove_volume(workspace_volume(node, c.task_id, c.attempt))
             log.warning("orphan_removed", container=c.id[:12], task_id=c.task_id,
                         attempt=c.attempt, state=c.state)
             await self.publish_confession(Confession(
@@ -235,6 +236,14 @@ class Executor:
             stop.cancel()
 
     def _spawn(self, msg: Msg) -> None:
+        if len(self._attempts) >= self.settings.slots:
+            # More deliveries than slots (pull requests outlived a reconnect): never run
+            # more agents than configured; hand the extra straight back.
+            log.warning("over_capacity_nak", running=len(self._attempts))
+            task = asyncio.create_task(msg.nak())
+            self._naks.add(task)
+            task.add_done_callback(self._naks.discard)
+            return
         attempt = Attempt(self, msg)
         task = asyncio.create_task(attempt.run())
         self._attempts[task] = attempt
@@ -242,7 +251,8 @@ class Executor:
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._attempts.pop(task, None)
+        if self._attempts.pop(task, None) is None:
+            return
         self.metrics.running.set(len(self._attempts))
         if self._consumer is not None and not self._stop.is_set():
             self._consumer.release(1)
@@ -250,15 +260,19 @@ class Executor:
             log.error("attempt_crashed", error=repr(exc))
 
     async def _drain(self) -> None:
+        # Unsubscribe before handing anything back: the server drops pull requests whose
+        # inbox lost interest, so a naked message goes straight to another executor
+        # instead of to our own outstanding requests (and from there nowhere until the
+        # ack wait). Acks and naks of messages we hold do not need the subscription.
         if self._consumer is not None:
-            await self._consumer.pause()
+            await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=2)
         if self._attempts:
             log.info("draining", running=len(self._attempts))
             for attempt in self._attempts.values():
                 attempt.stop("executor draining")
             await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 60)
-        if self._consumer is not None:
-            await self._consumer.stop()
 
     async def _close(self) -> None:
         if self._nc is not None:

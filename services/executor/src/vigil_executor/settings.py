@@ -37,7 +37,7 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     """The rootless Podman API socket, ``unix:///path/podman.sock``."""
     stop_grace_s: Annotated[float, Meta(ge=0, le=600)] = 10.0
     """SIGTERM-to-SIGKILL grace when stopping an agent."""
-    max_line_bytes: Annotated[int, Meta(ge=256, le=1_048_576)] = 16_384
+    max_line_bytes: Annotated[int, Meta(ge=256, le=65_536)] = 16_384
     """Longer output lines are truncated."""
     pids_limit: Annotated[int, Meta(ge=16)] = 512
     memory_mb: Annotated[int, Meta(ge=128)] = 2048

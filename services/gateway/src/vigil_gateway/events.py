@@ -3,7 +3,8 @@
 Each event's SSE ``id`` is its sequence in the events stream, so a client that reconnects
 with ``Last-Event-ID`` resumes exactly after the last event it saw (an ordered consumer
 starting at that sequence + 1). Comment lines keep idle connections alive. The stream
-ends after the final ``finished`` event.
+ends after the final ``finished`` event, or when the task has been terminal for two
+keep-alives without one (its recorder died before publishing it).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from vigil import codec, subjects
+from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
 
 
 async def stream_events(
     request: web.Request,
     js: JetStreamContext,
+    store: TaskStore,
     state: TaskState,
     after: int,
     keepalive_s: float,
@@ -42,6 +45,7 @@ async def stream_events(
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
+    quiet_terminal = 0
     try:
         await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
         while not stopping.is_set():
@@ -49,6 +53,13 @@ async def stream_events(
                 msg = await sub.next_msg(timeout=keepalive_s)
             except nats.errors.TimeoutError:
                 await response.write(b": keep-alive\n\n")
+                # A task that ended without a stored `finished` event (its recorder died
+                # in between) must not keep a client waiting forever.
+                current = await store.get(state.id)
+                if current is None or current[0].terminal:
+                    quiet_terminal += 1
+                    if quiet_terminal >= 2:
+                        break
                 continue
             seq = msg.metadata.sequence.stream
             kind = msg.subject.rsplit(".", 1)[-1]

@@ -223,7 +223,8 @@ class Gateway:
         self.metrics.submissions.labels(kind or "pending").inc()
         state = await self.store.get(task_id) if kind is not None else None
         log.info("task_submitted", task_id=task_id, tenant=who.tenant, verdict=kind)
-        if state is not None and state[0].status == "failed":
+        if state is not None and state[0].status == "failed" and state[0].attempt == 0:
+            # Failed before any attempt: the scheduler refused the spec itself.
             return error(422, "rejected", state[0].error or "the scheduler rejected the task")
         return self._accepted(task_id, who, state[0] if state else None, 202)
 
@@ -277,7 +278,14 @@ class Gateway:
         found = await self._visible(request)
         if isinstance(found, web.Response):
             return found
-        return web.Response(body=codec.encode(found[0]), content_type="application/json")
+        state = found[0]
+        who: Principal = request[PRINCIPAL]
+        if not who.can("submitter") and state.spec is not None and state.spec.env:
+            # Env values often carry credentials: a read-only token sees names only.
+            hidden = dict.fromkeys(state.spec.env, "<redacted>")
+            state = msgspec.structs.replace(
+                state, spec=msgspec.structs.replace(state.spec, env=hidden))
+        return web.Response(body=codec.encode(state), content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         found = await self._visible(request)
@@ -292,7 +300,7 @@ class Gateway:
             after = int(last)
         self.metrics.streams.inc()
         try:
-            return await stream_events(request, self.js, found[0], after,
+            return await stream_events(request, self.js, self.store, found[0], after,
                                        self.settings.sse_keepalive_s, self._stop)
         finally:
             self.metrics.streams.dec()

@@ -21,8 +21,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     default_tenant: Annotated[str, Meta(pattern=ID_PATTERN)] = "default"
     submit_wait_s: Annotated[float, Meta(ge=0, le=60)] = 5.0
     """How long POST /v1/tasks waits for the scheduler to accept the task."""
-    max_body_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
-    """Request bodies above this get 413."""
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024)] = 256 * 1024
+    """Request bodies above this get 413 (at most the submit stream's message size)."""
     sse_keepalive_s: Annotated[float, Meta(gt=0, le=300)] = 15.0
     """Comment lines on idle event streams, so proxies keep them open."""
 

@@ -25,6 +25,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import APIError
 from structlog.contextvars import bound_contextvars
 
 from vigil import codec, subjects, topology
@@ -50,6 +51,7 @@ from vigil_scheduler.settings import SchedulerSettings
 log = structlog.get_logger("vigil.scheduler")
 
 RETRY_DELAY_S = 2.0
+REFUSED_DELAY_S = 30.0
 
 
 class Scheduler:
@@ -175,6 +177,31 @@ class Scheduler:
                 self.metrics.submissions.labels("retried").inc()
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=RETRY_DELAY_S)
+            except APIError as exc:
+                # JetStream refused a write for good (a full work stream, a value over
+                # the bucket's limit): retrying the same message later may succeed (a
+                # full stream drains); say so, and retry slowly.
+                await self._refused(msg, seq, f"JetStream refused a write: {exc.description}")
+            except Exception as exc:
+                # A bug of ours, or input we did not foresee: never redeliver it forever.
+                log.exception("submission_crashed")
+                await self._refused(msg, seq, f"scheduler failed on this submission: {exc!r}",
+                                    poison=True)
+
+    async def _refused(self, msg: Msg, seq: int, why: str, *, poison: bool = False) -> None:
+        self.metrics.submissions.labels("poison" if poison else "refused").inc()
+        with contextlib.suppress(Exception):
+            await self._confess(Confession(
+                id=f"scheduler-refused-{seq}-{msg.metadata.num_delivered}",
+                summary=f"submission {seq} could not be admitted: {why}",
+                severity="critical" if poison else "error", category="admission_failed",
+                data={"submit_seq": seq, "delivered": msg.metadata.num_delivered},
+            ))
+        with contextlib.suppress(Exception):
+            if poison:
+                await msg.term()
+            else:
+                await msg.nak(delay=REFUSED_DELAY_S)
 
     async def _schedule(self, admit_: Admit) -> str:
         assert self._store is not None and self._js is not None
@@ -192,13 +219,16 @@ class Scheduler:
             # Our own earlier attempt at this submission got partway: carry on from there.
             state = current
             log.info("submission_resumed", status=state.status)
-        pending: list[Awaitable[object]] = []
+        # Events are sent before the work item on this one connection, so the server
+        # stores them first: no executor's `started` can precede them in the timeline. A
+        # resumed submission sends them again; their ids make that a no-op if stored.
+        pending: list[Awaitable[object]] = [asyncio.ensure_future(self._event(Accepted(
+            task_id=state.id, time=state.created_at, tenant=state.tenant,
+            submit_seq=state.submit_seq,
+        )))]
+        await asyncio.sleep(0)  # the accepted event is sent before anything below
         if state.status == "queued":
             self.metrics.tasks.labels("queued").inc()
-            pending.append(self._event(Accepted(
-                task_id=state.id, time=state.created_at, tenant=state.tenant,
-                submit_seq=state.submit_seq,
-            )))
             now = utcnow()
             scheduled = msgspec.structs.replace(state, status="scheduled", updated_at=now)
             new_rev = await self._store.cas(scheduled, rev)
@@ -209,15 +239,16 @@ class Scheduler:
             state, rev = scheduled, new_rev
             self.metrics.tasks.labels("scheduled").inc()
         if state.status == "scheduled":
+            pending.append(asyncio.ensure_future(self._event(Scheduled(
+                task_id=state.id, time=state.updated_at, pool=work.spec.pool,
+            ))))
+            await asyncio.sleep(0)  # let the event's publish go out first
             await publish(
                 self._js,
                 subjects.work(work.spec.pool),
                 codec.encode(msgspec.structs.replace(work, revision=rev)),
                 f"{state.id}:work:{state.submit_seq}",
             )
-            pending.append(self._event(Scheduled(
-                task_id=state.id, time=state.updated_at, pool=work.spec.pool,
-            )))
         await asyncio.gather(*pending)
         log.info("task_scheduled", pool=work.spec.pool)
         return "scheduled"
@@ -247,11 +278,19 @@ class Scheduler:
         state = failed_state(reject, seq, now)
         if state is not None:
             rev = await self._store.create(state)
+            if rev is None:
+                # Ours from an earlier delivery of this very submission? Then finish the
+                # job (the finished event may not have gone out before a crash).
+                existing = await self._store.get(state.id)
+                if existing is not None and existing[0].submit_seq == seq:
+                    state = existing[0]
+                    rev = existing[1]
             if rev is not None:
                 recorded_as = state.id
                 self.metrics.tasks.labels("failed").inc()
                 await self._event(Finished(
-                    task_id=state.id, time=now, status="failed", error=reject.error
+                    task_id=state.id, time=state.finished_at or now, status="failed",
+                    error=reject.error,
                 ))
         where = f"; recorded as task {recorded_as}" if recorded_as else ""
         log.warning("submission_rejected", error=reject.error, field=reject.field,
