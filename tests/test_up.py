@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +76,39 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
     raise AssertionError(f"{needle!r} not printed within {timeout}s; output:\n" + "\n".join(seen))
 
 
+async def raw_submit(url: str) -> str:
+    import nats
+
+    violations: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        violations.append(str(exc))
+
+    nc = await nats.connect(url, error_cb=on_error)
+    try:
+        js = nc.jetstream()
+        await js.publish("vigil.submit.default", b'{"command": ["true"]}',
+                         headers={"Nats-Msg-Id": "raw-submit-1"})
+        kv = await js.key_value("vigil-tasks")
+        status = ""
+        for _ in range(200):
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                status = json.loads((await kv.get("raw-submit-1")).value)["status"]
+                if status in ("succeeded", "failed"):
+                    break
+            await asyncio.sleep(0.05)
+        await nc.publish("vigil.work.default", b"{}")  # not allowed: work is the scheduler's
+        await nc.flush()
+        for _ in range(100):
+            if violations:
+                break
+            await asyncio.sleep(0.02)
+        assert any("permissions violation" in v.lower() for v in violations), violations
+        return status
+    finally:
+        await nc.close()
+
+
 def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     # Options go before the command: everything after `--` belongs to the task.
     return subprocess.run([VIGIL, args[0], "--data-dir", str(data_dir), *args[1:]],
@@ -112,6 +147,11 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
 
         bad = run_cli("submit", "--timeout", "-1", "--", "true", data_dir=data)
         assert bad.returncode == 2 and "timeout_s" in bad.stderr
+
+        # A raw NATS client with the least-privilege submit user: it may submit and read
+        # its task's state, and nothing else.
+        client = json.loads((data / "client.json").read_text())
+        assert asyncio.run(raw_submit(client["nats_submit_url"])) == "succeeded"
 
         kids = children_of(proc.pid)
         assert len(kids) >= 6  # podman, nats-server, four services

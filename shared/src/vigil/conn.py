@@ -20,6 +20,7 @@ async def connect(
     *,
     wait_s: float | None = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    inbox_prefix: str = "_INBOX",
 ) -> NATS:
     """Connect to ``url`` (comma-separated servers), retrying for up to ``wait_s`` seconds.
 
@@ -61,6 +62,9 @@ async def connect(
                 max_outstanding_pings=3,
                 # Buffer publishes during a short reconnect instead of failing them at once.
                 pending_size=64 * 1024 * 1024,
+                # Each service replies on its own prefix, and its NATS user may subscribe
+                # to that prefix only: no service can read another's replies.
+                inbox_prefix=inbox_prefix,
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,

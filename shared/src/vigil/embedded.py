@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -121,6 +122,28 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def private_dir(path: Path, uid: int, gid: int) -> Path:
+    """Make ``path`` a directory only ``uid`` can use, or prove it already is one.
+
+    These live in /tmp under predictable names: an existing one that is a symlink, or
+    belongs to someone else, or is open to others, is refused rather than chowned
+    (which would follow a planted symlink) or trusted (a planted Podman socket).
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+            raise StackError(
+                f"{path} exists but is not a private directory of uid {uid} (owner "
+                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}); remove it and retry"
+            ) from None
+        return path
+    # Freshly made by us in a sticky /tmp: nobody can have swapped it for a symlink.
+    os.chown(path, uid, gid)
+    return path
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -190,7 +213,7 @@ class Stack:
         else:
             data = {}
         changed = False
-        for name in (*SERVICES, "admin"):
+        for name in (*SERVICES, "admin", "submit"):
             if name not in data:
                 data[name] = secrets.token_urlsafe(24)
                 changed = True
@@ -209,6 +232,8 @@ class Stack:
             client["token"] = auth.add_token(tokens_file, "vigil-up", "default", "operator")
         client["url"] = self.gateway_url
         client["nats_url"] = self.nats_url
+        assert self.nats is not None
+        client["nats_submit_url"] = self.nats.url_for("submit")
         _write_private(client_file, json.dumps(client, indent=2))
         self.token = client["token"]
 
@@ -380,20 +405,18 @@ class PodmanService:
             user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
             runtime_dir = Path(f"/run/user/{user}")
             if not runtime_dir.is_dir():
-                runtime_dir = Path(f"/tmp/vigil-runtime-{user}")
-            runtime_dir.mkdir(mode=0o700, exist_ok=True)
-            os.chown(runtime_dir, user, group)
-            sock_dir = self._sock_dir or Path(f"/tmp/vigil-podman-{user}-{self._tag}")
-            sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chown(sock_dir, user, group)
+                runtime_dir = private_dir(Path(f"/tmp/vigil-runtime-{user}"), user, group)
+            sock_dir = private_dir(
+                self._sock_dir or Path(f"/tmp/vigil-podman-{user}-{self._tag}"), user, group)
             self.user_name = name
         else:
             home = os.path.expanduser("~")
-            runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or
-                               f"/tmp/vigil-runtime-{os.getuid()}")
-            runtime_dir.mkdir(mode=0o700, exist_ok=True)
-            sock_dir = self._sock_dir or Path(f"/tmp/vigil-podman-{os.getuid()}-{self._tag}")
-            sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            me, my_group = os.getuid(), os.getgid()
+            runtime_env = os.environ.get("XDG_RUNTIME_DIR")
+            runtime_dir = (Path(runtime_env) if runtime_env else
+                           private_dir(Path(f"/tmp/vigil-runtime-{me}"), me, my_group))
+            sock_dir = private_dir(
+                self._sock_dir or Path(f"/tmp/vigil-podman-{me}-{self._tag}"), me, my_group)
             self.user_name = pwd.getpwuid(os.getuid()).pw_name
         if self._sock_dir is None:
             self._made_dir = sock_dir

@@ -81,7 +81,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.EVENTS}.>",
                 f"{subjects.ISSUES}.scheduler.>",
             ],
-            [INBOX],
+            [f"{subjects.inbox('scheduler')}.>"],
         ),
         "executor": (
             [
@@ -96,7 +96,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.ISSUES}.executor.>",
                 f"{subjects.ISSUES}.agent.>",
             ],
-            [INBOX],
+            [f"{subjects.inbox('executor')}.>"],
         ),
         "auditor": (
             [
@@ -107,7 +107,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.ALERTS}.>",
                 f"{subjects.ISSUES}.auditor.>",
             ],
-            [INBOX],
+            [f"{subjects.inbox('auditor')}.>"],
         ),
         "gateway": (
             [
@@ -117,6 +117,18 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_ordered(subjects.STREAM_EVENTS),
                 f"{subjects.SUBMIT}.>",
             ],
-            [INBOX, f"{subjects.EVENTS}.*.accepted", f"{subjects.EVENTS}.*.finished"],
+            [f"{subjects.inbox('gateway')}.>", f"{subjects.EVENTS}.*.accepted",
+             f"{subjects.EVENTS}.*.finished"],
+        ),
+        # For raw NATS clients (no Vigil code): submit, and read task state. Not a
+        # service: it runs no ensure_topology and sees no events, work or confessions.
+        "submit": (
+            [
+                "$JS.API.INFO",
+                f"{subjects.SUBMIT}.>",
+                f"$JS.API.STREAM.INFO.KV_{subjects.KV_TASKS}",
+                *_kv(subjects.KV_TASKS, write=False),
+            ],
+            [INBOX],
         ),
     }

@@ -32,6 +32,11 @@ def consumer_executor(pool: str) -> str:
     return f"executor-{pool}"
 
 
+def inbox(service: str) -> str:
+    """The reply-subject prefix of ``service`` (its NATS user may subscribe only there)."""
+    return f"_INBOX_{service}"
+
+
 # Header names -----------------------------------------------------------------------------
 MSG_ID = "Nats-Msg-Id"
 

@@ -55,7 +55,8 @@ class Auditor:
         self._ops = OpsServer(app, s.http_host, s.http_port)
         await self._ops.start()
         try:
-            self._nc = await connect(s.nats_url, "vigil-auditor", on_reconnect=self._on_reconnect)
+            self._nc = await connect(s.nats_url, "vigil-auditor", on_reconnect=self._on_reconnect,
+                                     inbox_prefix=subjects.inbox("auditor"))
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
             await topology.ensure_consumer(self._js, subjects.STREAM_ISSUES,

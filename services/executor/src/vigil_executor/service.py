@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import structlog
@@ -100,6 +101,7 @@ class Executor:
             if self._stop.is_set():
                 return
             self._nc = await connect(s.nats_url, f"vigil-executor-{s.node_id}",
+                                     inbox_prefix=subjects.inbox("executor"),
                                      on_reconnect=self._on_reconnect)
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
@@ -156,12 +158,22 @@ class Executor:
         return Path(s.state_dir or f"/tmp/vigil-executor-{s.node_id}")  # noqa: S108
 
     def _prepare_state_dir(self) -> None:
+        """Agents read their control directory through a read-only bind mount as an
+        unprivileged uid: world-readable, writable only by us. The default lives in /tmp
+        under a predictable name, so an existing one must be ours and not a symlink."""
         control = self.state_dir / "control"
-        # Agents read their control directory through a read-only bind mount as an
-        # unprivileged uid: world-readable, writable only by us.
-        control.mkdir(parents=True, exist_ok=True)
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         for d in (self.state_dir, control):
-            os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
+            try:
+                d.mkdir(mode=0o755)
+                os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
+            except FileExistsError:
+                st = os.lstat(d)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
+                        st.st_mode & 0o022:
+                    raise SettingsError(
+                        f"{d} exists but is not a directory owned by this executor's user and "
+                        "writable only by it; remove it, or set VIGIL_STATE_DIR") from None
         for leftover in control.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
 

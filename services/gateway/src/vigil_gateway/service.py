@@ -88,7 +88,8 @@ class Gateway:
         self._ops = OpsServer(self.app, s.http_host, s.http_port)
         await self._ops.start()
         try:
-            self._nc = await connect(s.nats_url, "vigil-gateway")
+            self._nc = await connect(s.nats_url, "vigil-gateway",
+                                     inbox_prefix=subjects.inbox("gateway"))
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
             self._store = await TaskStore.open(self._js)

@@ -74,7 +74,8 @@ class Scheduler:
         app = ops_app(self.metrics.registry, self._health)
         self._ops = OpsServer(app, s.http_host, s.http_port)
         await self._ops.start()
-        self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect)
+        self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect,
+                                     inbox_prefix=subjects.inbox("scheduler"))
         self._js = self._nc.jetstream(timeout=5.0)
         await topology.ensure_topology(self._js, s.replicas)
         await topology.ensure_consumer(
