@@ -63,3 +63,30 @@ def agent_image() -> str:
     if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
         pytest.fail(f"{AGENT_IMAGE} is missing: run ./dev setup (scripts/build-agent-image.sh)")
     return AGENT_IMAGE
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[list[NatsServer]]:
+    """Three nats-server processes in one JetStream cluster (R3 streams survive one loss)."""
+    route_ports = [_free_port() for _ in range(3)]
+    servers = []
+    for i in range(3):
+        routes = [f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i]
+        servers.append(NatsServer(store_dir=tmp_path / f"n{i}", name=f"n{i}",
+                                  cluster_name="vigil-test", cluster_port=route_ports[i],
+                                  routes=routes, sync_always=True))
+    try:
+        for server in servers:
+            await server.start()
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()

@@ -170,9 +170,13 @@ async def stored_events(js: Any, task_id: str, timeout: float = 10.0) -> list[di
     subscription misses what is published while the test's connection is down)."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    sub = await js.subscribe(subjects.task_events(task_id), stream=subjects.STREAM_EVENTS,
-                             ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    from vigil.jetstream import retrying
+
+    # Retried: right after a cluster node dies, creating a consumer can time out while
+    # the stream's leadership moves.
+    sub = await retrying("subscribe to events", lambda: js.subscribe(
+        subjects.task_events(task_id), stream=subjects.STREAM_EVENTS, ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
     out: list[dict[str, Any]] = []
     try:
         while True:

@@ -239,3 +239,58 @@ async def test_nats_restart_mid_batch_loses_nothing(platform: Platform, nats_ser
         finished, lines = await outcome_of(platform, i)
         assert len(finished) == 1, (i, finished)
         assert lines == ["ok"], (i, lines)
+
+
+@pytest.mark.integration
+async def test_losing_one_node_of_a_three_node_cluster_loses_nothing(
+    nats_cluster: list, tmp_path: Path
+) -> None:
+    from support import start_platform
+
+    url = ",".join(s.url for s in nats_cluster)
+    platform = await _cluster_platform(url, start_platform)
+    try:
+        await platform.scheduler(replicas=3)
+        await platform.executor(slots=8, replicas=3, workspace_root=str(tmp_path / "ws"),
+                                state_dir=str(tmp_path / "st"))
+        ids = [f"r3-{i}" for i in range(40)]
+        for i in ids:
+            await platform.publish_spec({"id": i, "command": ["sh", "-c", "sleep 0.3; echo ok"]})
+        await platform.events.wait_for(ids[3], "finished", timeout=60)
+        nats_cluster[0].kill()  # SIGKILL one of three nodes mid-batch
+        for i in ids:
+            state = await platform.final_state(i, timeout=120)
+            assert state.status == "succeeded", (i, state.error)
+        for i in ids:
+            finished, lines = await outcome_of(platform, i)
+            state = await platform.state(i)
+            assert state is not None
+            assert len(finished) == 1, (i, finished)
+            # At-least-once execution, exactly-once outcome: an attempt that could not
+            # record its outcome while the cluster failed over may run again; each run
+            # is a recorded attempt, and only one outcome exists.
+            assert lines == ["ok"] * state.attempt, (i, lines, state.history)
+    finally:
+        await platform.stop()
+        await platform.nc.close()
+
+
+async def _cluster_platform(url: str, start: Any) -> Platform:
+    """The cluster elects its JetStream meta leader after start: retry until R3 works."""
+    from vigil import topology
+    from vigil.conn import connect
+
+    nc = await connect(url, "pytest-setup", wait_s=30)
+    try:
+        async def ready() -> bool:
+            try:
+                await topology.ensure_topology(nc.jetstream(timeout=5), replicas=3)
+            except Exception:
+                return False
+            return True
+
+        await eventually(ready, timeout=60, what="the cluster to accept R3 streams")
+    finally:
+        await nc.close()
+    platform: Platform = await start(url)
+    return platform

@@ -213,3 +213,38 @@ async def test_agent_control_lines_become_events_and_confessions(platform: Platf
     assert "plain" in lines
     assert "::vigil::confess {not json" in lines  # kept as a log line
     assert not any("git missing" in line for line in lines)
+
+
+async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
+    """A work message that keeps coming back (here: a consumer that naks it every time)
+    reaches the server's max deliveries; the advisory, captured durably, buries the task."""
+    from vigil import topology
+    from vigil.consume import PullConsumer
+
+    await platform.scheduler()
+    await platform.auditor()
+    await topology.ensure_consumer(platform.js, subjects.STREAM_WORK,
+                                   topology.executor_consumer("default", ack_wait_s=30))
+    naker = PullConsumer(platform.nc, subjects.STREAM_WORK, "executor-default", capacity=4)
+    await naker.start()
+
+    async def nak_forever() -> None:
+        while True:
+            msg = await naker.next()
+            await msg.nak()
+            naker.release(1)
+
+    pump = asyncio.create_task(nak_forever())
+    try:
+        await platform.publish_spec({"id": "bounced", "command": ["true"]})
+        state = await platform.final_state("bounced", timeout=60)
+    finally:
+        pump.cancel()
+        await naker.stop()
+    assert state.status == "dead"
+    assert f"delivered {topology.MAX_DELIVERIES} times" in (state.error or "")
+    # ... and the message no longer sits in the work queue.
+    info = await platform.js.stream_info(subjects.STREAM_WORK)
+    assert info.state.messages == 0
+    finished = platform.events.of("bounced", "finished")
+    assert [f["status"] for f in finished] == ["dead"]

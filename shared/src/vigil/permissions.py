@@ -76,6 +76,9 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
             [
                 *common,
                 *_pull(subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER),
+                *_pull(subjects.STREAM_ADVISORIES, subjects.CONSUMER_DEAD_LETTERS),
+                f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_WORK}",
+                f"$JS.API.STREAM.MSG.DELETE.{subjects.STREAM_WORK}",
                 *_kv(subjects.KV_TASKS, write=True),
                 f"{subjects.WORK}.>",
                 f"{subjects.EVENTS}.>",

@@ -18,6 +18,7 @@ STREAM_SUBMIT = "VIGIL_SUBMIT"
 STREAM_WORK = "VIGIL_WORK"
 STREAM_EVENTS = "VIGIL_EVENTS"
 STREAM_ISSUES = "VIGIL_ISSUES"
+STREAM_ADVISORIES = "VIGIL_ADVISORIES"
 KV_TASKS = "vigil-tasks"
 KV_CONFESSIONS = "vigil-confessions"
 OBJ_CHECKPOINTS = "vigil-checkpoints"
@@ -25,6 +26,10 @@ OBJ_CHECKPOINTS = "vigil-checkpoints"
 # Durable consumers ----------------------------------------------------------------------------
 CONSUMER_SCHEDULER = "scheduler"
 CONSUMER_AUDITOR = "auditor"
+CONSUMER_DEAD_LETTERS = "scheduler-max-deliveries"
+
+# The server's advisory when a work message reached the consumer's max deliveries.
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_WORK}"
 
 
 def consumer_executor(pool: str) -> str:

@@ -137,7 +137,21 @@ ISSUES = Stream(
     max_age_s=30 * DAY,
     description="Confessions from agents and the platform",
 )
-STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES)
+# The server's max-deliveries advisories for work messages, captured durably: a core
+# subscription would miss one fired while the scheduler restarts, and its task would wait
+# forever. The scheduler turns each into a dead task.
+ADVISORIES = Stream(
+    name=subjects.STREAM_ADVISORIES,
+    subjects=(f"{subjects.MAX_DELIVERIES_ADVISORY}.>",),
+    retention=RetentionPolicy.WORK_QUEUE,
+    max_age_s=30 * DAY,
+    description="Work messages that reached their max deliveries",
+)
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES)
+
+# Deliveries of one work message before the server gives up on it (every lost lease,
+# hand-back and over-capacity nak counts). The scheduler then marks the task dead.
+MAX_DELIVERIES = 50
 
 TASKS = Bucket(
     name=subjects.KV_TASKS,
@@ -175,7 +189,8 @@ def scheduler_consumer() -> ConsumerConfig:
     )
 
 
-def executor_consumer(pool: str, ack_wait_s: float, max_deliver: int = -1) -> ConsumerConfig:
+def executor_consumer(pool: str, ack_wait_s: float,
+                      max_deliver: int = MAX_DELIVERIES) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.consumer_executor(pool),
         description=f"Executors of pool {pool}",
@@ -186,6 +201,17 @@ def executor_consumer(pool: str, ack_wait_s: float, max_deliver: int = -1) -> Co
         max_deliver=max_deliver,
         max_ack_pending=-1,
         max_waiting=512,
+    )
+
+
+def dead_letter_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_DEAD_LETTERS,
+        description="Scheduler: tasks whose work message reached its max deliveries",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_waiting=64,
     )
 
 

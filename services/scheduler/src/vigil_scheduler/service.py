@@ -45,6 +45,7 @@ from vigil.messages import (
 from vigil.ops import OpsServer, ops_app
 from vigil.settings import default_node_id
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
+from vigil_scheduler.deadletter import DeadLetters
 from vigil_scheduler.metrics import Metrics
 from vigil_scheduler.settings import SchedulerSettings
 
@@ -90,10 +91,13 @@ class Scheduler:
             max_batch=s.batch,
         )
         await self._consumer.start()
+        dead_letters = asyncio.create_task(
+            DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
         log.info("scheduler_started", http_port=self._ops.port, batch=s.batch)
         self.ready.set()
         try:
             await self._loop()
+            await asyncio.wait({dead_letters}, timeout=10)
         finally:
             await self._close()
 

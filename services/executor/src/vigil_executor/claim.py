@@ -1,0 +1,64 @@
+"""The rules of claiming a task, as pure functions: who may run it, and what counts.
+
+Kept apart from the attempt's I/O so that each rule is unit-tested on its own (see
+docs/decisions/0007 for why deliveries are judged at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from vigil.messages import TaskState, WorkItem
+
+
+class HandBack(Exception):
+    """Give the task back to the queue without spending an attempt."""
+
+    def __init__(self, reason: str, delay_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s
+
+
+class LeaseLost(Exception):
+    """Another attempt owns the task now; this one must record nothing."""
+
+
+@dataclass
+class Outcome:
+    status: str
+    exit_code: int | None
+    error: str | None
+
+
+def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
+                        ) -> TaskState:
+    """The state of attempt 1, built from the work item alone (see WorkItem.revision)."""
+    return TaskState(
+        id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
+        created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
+        submit_seq=work.submit_seq, work_seq=work_seq, delivery=1,
+    )
+
+
+def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
+    """What a delivery of work message ``work_seq`` may do to a non-terminal task.
+
+    - ``claim``: the task is free (scheduled), or its holder lost the lease: the server
+      redelivered *this* message, so this delivery is newer than the holder's;
+    - ``duplicate``: another work message for the same task (a re-published item): ack it
+      away, the task is held by its own message;
+    - ``stale``: an older delivery of the held message, arriving late (it sat in a frozen
+      executor's buffer): touch nothing, not even the message, whose lease is the holder's.
+    """
+    if state.work_seq and work_seq != state.work_seq:
+        return "duplicate"
+    if delivery <= state.delivery:
+        return "stale"
+    return "claim"
+
+
+def spent_attempts(state: TaskState) -> int:
+    """Attempts that count against ``max_attempts``: hand-backs (drain) do not."""
+    return sum(1 for h in state.history if h.outcome != "handed_back")

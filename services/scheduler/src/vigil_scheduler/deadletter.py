@@ -1,0 +1,125 @@
+"""Tasks whose work message reached the executors' max deliveries become ``dead``.
+
+The server stops delivering such a message and publishes an advisory, which the
+``VIGIL_ADVISORIES`` stream captures durably. For each one: read the work message by its
+sequence, mark its task ``dead`` (compare-and-set, with the reason and evidence kept),
+confess it, publish ``finished``, then delete the message from the work queue, where it
+would otherwise sit forever. Every step is idempotent, so a redelivered advisory is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from vigil import codec, subjects, topology
+from vigil.consume import PullConsumer
+from vigil.errors import NatsUnavailable
+from vigil.jetstream import TaskStore, publish_confession, publish_event, retrying
+from vigil.messages import Confession, Finished, utcnow
+
+log = structlog.get_logger("vigil.scheduler.deadletter")
+
+_advisory = msgspec.json.Decoder(dict[str, Any])
+
+
+class DeadLetters:
+    def __init__(self, nc: NATS, js: JetStreamContext, store: TaskStore, node: str) -> None:
+        self._nc = nc
+        self._js = js
+        self._store = store
+        self._node = node
+        self._consumer: PullConsumer | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await topology.ensure_consumer(self._js, subjects.STREAM_ADVISORIES,
+                                       topology.dead_letter_consumer())
+        self._consumer = PullConsumer(self._nc, subjects.STREAM_ADVISORIES,
+                                      subjects.CONSUMER_DEAD_LETTERS, capacity=8, max_batch=8)
+        await self._consumer.start()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                nxt = asyncio.ensure_future(self._consumer.next())
+                done, _ = await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                msg = nxt.result()
+                try:
+                    await self.handle(msg)
+                except NatsUnavailable as exc:
+                    log.warning("dead_letter_retry", error=str(exc))
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=2.0)
+                except Exception:
+                    log.exception("dead_letter_failed")
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=30.0)
+                finally:
+                    self._consumer.release(1)
+        finally:
+            stopped.cancel()
+            await self._consumer.stop()
+
+    async def handle(self, msg: Msg) -> None:
+        advisory = _advisory.decode(msg.data)
+        seq = int(advisory.get("stream_seq") or 0)
+        deliveries = int(advisory.get("deliveries") or 0)
+        try:
+            raw = await retrying("read work message",
+                                 lambda: self._js.get_msg(subjects.STREAM_WORK, seq))
+        except NotFoundError:
+            await msg.ack()  # acked meanwhile (a late outcome): nothing is stuck
+            return
+        try:
+            work = codec.work_decoder.decode(raw.data or b"")
+        except msgspec.DecodeError:
+            await self._delete(seq)
+            await msg.ack()
+            return
+        with structlog.contextvars.bound_contextvars(task_id=work.task_id):
+            await self._bury(work.task_id, work.tenant, seq, deliveries)
+            await self._delete(seq)
+            await msg.ack()
+
+    async def _bury(self, task_id: str, tenant: str, seq: int, deliveries: int) -> None:
+        for _ in range(10):
+            got = await self._store.get(task_id)
+            if got is None or got[0].terminal:
+                return
+            state, rev = got
+            now = utcnow()
+            error = (f"its work was delivered {deliveries} times without an outcome (the "
+                     "executors' max deliveries); it was not retried further")
+            dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
+                                           updated_at=now)
+            if await self._store.cas(dead, rev) is None:
+                continue
+            where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
+            await publish_confession(self._js, Confession(
+                id=f"scheduler-max-deliveries-{task_id}-{seq}",
+                summary=f"task {task_id} is dead: {error}{where}", severity="error",
+                category="max_deliveries", task_id=task_id, tenant=tenant,
+                attempt=state.attempt, source="scheduler", node=self._node,
+                component="scheduler", time=now,
+                data={"work_seq": seq, "deliveries": deliveries},
+            ))
+            await publish_event(self._js, Finished(
+                task_id=task_id, attempt=state.attempt, time=now, status="dead", error=error,
+            ))
+            log.warning("task_dead_max_deliveries", deliveries=deliveries)
+            return
+
+    async def _delete(self, seq: int) -> None:
+        with contextlib.suppress(NotFoundError):
+            await retrying("delete work message",
+                           lambda: self._js.delete_msg(subjects.STREAM_WORK, seq))
