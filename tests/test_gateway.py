@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from support import Platform
-from vigil import auth
+from vigil import auth, subjects
 from vigil.client import Client
 
 pytestmark = pytest.mark.integration
@@ -88,13 +88,18 @@ async def test_idempotency_key_returns_the_same_task(api) -> None:
         (b'{"command": ["true"], "env": {"1BAD": "x"}}', 422, "$.env"),
     ],
 )
-async def test_invalid_bodies_name_the_field_and_change_nothing(api, body, status, field) -> None:
+async def test_invalid_bodies_name_the_field_and_change_nothing(
+    api, platform: Platform, body, status, field
+) -> None:
     url, keys, http = api
+    before = (await platform.js.stream_info(subjects.STREAM_SUBMIT)).state.messages
     async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
         assert r.status == status
         err = (await r.json())["error"]
     assert err["field"] == field
     assert err["message"]
+    # Nothing was submitted: the stream every submission goes through did not grow.
+    assert (await platform.js.stream_info(subjects.STREAM_SUBMIT)).state.messages == before
 
 
 async def test_unknown_field_message_names_it(api) -> None:

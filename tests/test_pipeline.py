@@ -12,7 +12,7 @@ import json
 import nats
 import pytest
 
-from support import Platform, eventually
+from support import Platform, eventually, stored_events
 from vigil import subjects
 
 pytestmark = pytest.mark.integration
@@ -52,8 +52,8 @@ async def test_raw_nats_client_submits_and_reads_state_from_kv(
     for key in ("id", "tenant", "status", "attempt", "executor", "exit_code", "error",
                 "created_at", "updated_at"):
         assert key in state
-    kinds = [e["kind"] for e in platform.events.of("raw-1")]
-    assert kinds[:3] == ["accepted", "scheduled", "started"]
+    kinds = [e["kind"] for e in await stored_events(platform.js, "raw-1")]
+    assert kinds[:3] == ["accepted", "scheduled", "started"]  # as stored: the timeline
     assert kinds[-1] == "finished"
     lines = [(e["stream"], line) for e in platform.events.of("raw-1", "log") for line in e["lines"]]
     assert ("stdout", "out") in lines and ("stderr", "err") in lines
@@ -69,7 +69,8 @@ async def test_same_msg_id_twice_runs_once(platform: Platform, tmp_path) -> None
     assert second.duplicate and second.seq == first.seq  # JetStream's dedupe window
     state = await platform.final_state("dup-1")
     assert state.status == "succeeded"
-    # Beyond the dedupe window the task id still protects: same id, new message.
+    # A different message id (as a re-publish after the dedupe window would be): the task
+    # id still protects, the scheduler never creates a task whose id exists.
     await platform.publish_spec({**spec, "id": "dup-1"}, msg_id="other-msg-id")
     await eventually(lambda: _consumer_idle(platform), what="scheduler to drain")
     assert marker.read_text().count("run") == 1

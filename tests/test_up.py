@@ -153,6 +153,16 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         client = json.loads((data / "client.json").read_text())
         assert asyncio.run(raw_submit(client["nats_submit_url"])) == "succeeded"
 
+        # A task still running when the stack stops: its container must not outlive it.
+        long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=data)
+        long_id = json.loads(long.stdout)["id"]
+        for _ in range(200):
+            if json.loads(run_cli("status", long_id, "--json", data_dir=data).stdout)[
+                    "status"] == "running":
+                break
+            time.sleep(0.05)
+        assert leftover_containers(data), "the long task's container should be running"
+
         kids = children_of(proc.pid)
         assert len(kids) >= 6  # podman, nats-server, four services
     finally:
@@ -168,3 +178,21 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
     while time.monotonic() < deadline and any(alive(k) for k in kids):
         time.sleep(0.1)
     assert not [k for k in kids if alive(k)], "children survived vigil up"
+    assert leftover_containers(data) == [], "containers survived vigil up"
+
+
+def leftover_containers(data: Path) -> list[str]:
+    """Containers of this stack's executor (its node id ends with the stack id)."""
+    import hashlib
+
+    stack_id = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:8]
+    cmd = ["podman", "ps", "-a", "--format", "{{.Names}} {{.Labels}}"]
+    if os.geteuid() == 0:
+        uid = int(subprocess.run(["id", "-u", "vigil"], capture_output=True, text=True,
+                                 check=True).stdout)
+        runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
+            f"/tmp/vigil-runtime-{uid}"
+        cmd = ["runuser", "-u", "vigil", "--", "env", "HOME=/home/vigil",
+               f"XDG_RUNTIME_DIR={runtime}", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if f"-{stack_id}" in line]

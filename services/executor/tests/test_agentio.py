@@ -79,11 +79,17 @@ async def test_output_flushes_on_a_timer() -> None:
     async def noop(*_: Any) -> None:
         pass
 
-    out = AgentOutput("t", 1, emitted.append, noop, noop, noop)
+    flushed = asyncio.Event()
+
+    def emit(event: Any) -> None:
+        emitted.append(event)
+        flushed.set()
+
+    out = AgentOutput("t", 1, emit, noop, noop, noop)
     await out.feed("stdout", b"lonely")
-    assert emitted == []
-    await asyncio.sleep(0.1)
-    assert len(emitted) == 1
+    assert emitted == []  # a lone line waits for company ...
+    await asyncio.wait_for(flushed.wait(), 2.0)
+    assert len(emitted) == 1  # ... but not for long: the batch timer flushes it
 
 
 def test_podman_create_body_is_hardened() -> None:
