@@ -25,7 +25,8 @@ class EventSink:
         self._js = js
         self._pending: set[asyncio.Task[object]] = set()
         self._counters: defaultdict[str, int] = defaultdict(int)
-        self._errors: list[BaseException] = []
+        self._events: dict[asyncio.Task[object], tuple[Event, int | None]] = {}
+        self._failed: list[tuple[Event, int | None]] = []
         self._room = asyncio.Event()
         self._room.set()
 
@@ -41,6 +42,7 @@ class EventSink:
             n = self._counters[kind]
             self._counters[kind] += 1
         task: asyncio.Task[object] = asyncio.create_task(publish_event(self._js, event, n))
+        self._events[task] = (event, n)
         self._pending.add(task)
         task.add_done_callback(self._done)
         if len(self._pending) >= MAX_PENDING:
@@ -48,8 +50,9 @@ class EventSink:
 
     def _done(self, task: asyncio.Task[object]) -> None:
         self._pending.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._errors.append(exc)
+        event = self._events.pop(task, None)
+        if not task.cancelled() and task.exception() is not None and event is not None:
+            self._failed.append(event)
         if len(self._pending) < MAX_PENDING // 2:
             self._room.set()
 
@@ -58,12 +61,17 @@ class EventSink:
         await self._room.wait()
 
     async def drain(self) -> None:
-        """Wait for every pending publish; raise the first failure, if any."""
+        """Wait for every pending publish. A publish that failed (NATS away longer than its
+        retry deadline) is tried once more, in order: the ids make it idempotent, and one
+        lost log batch should not cost a finished task its outcome. Raises if that fails.
+        """
         while self._pending:
             await asyncio.wait(set(self._pending))
-        if self._errors:
-            raise self._errors[0]
+        failed, self._failed = self._failed, []
+        for event, n in failed:
+            await publish_event(self._js, event, n)
 
     def cancel(self) -> None:
         for task in self._pending:
             task.cancel()
+        self._failed.clear()
