@@ -294,3 +294,41 @@ async def _cluster_platform(url: str, start: Any) -> Platform:
         await nc.close()
     platform: Platform = await start(url)
     return platform
+
+
+@pytest.mark.integration
+async def test_executor_that_cannot_renew_its_lease_stops_its_agent(
+    platform: Platform, nats_server, tmp_path: Path
+) -> None:
+    """NATS unreachable longer than the ack wait: the executor must assume the task is
+    someone else's now, stop its agent and record nothing; when NATS is back the task is
+    redelivered and runs to one outcome."""
+    await platform.scheduler()
+    ex = await platform.executor(workspace_root=str(tmp_path / "ws"),
+                                 state_dir=str(tmp_path / "st"), ack_wait_s=4, heartbeat_s=1)
+    marker = tmp_path / "beats"
+    script = f"for i in $(seq 1 60); do echo $VIGIL_ATTEMPT >> {marker}; sleep 0.1; done"
+    await platform.publish_spec({"id": "cut-off", "command": ["sh", "-c", script]})
+    await platform.events.wait_for("cut-off", "started", timeout=30)
+    nats_server.signal(signal.SIGSTOP)  # NATS hangs: no renewal gets through
+    try:
+        await eventually(lambda: _leases_lost(ex), timeout=30, what="the lease to be given up")
+        # The agent was stopped: its output file stops growing.
+        size = marker.stat().st_size
+        await asyncio.sleep(0.5)
+        assert marker.stat().st_size == size
+    finally:
+        nats_server.signal(signal.SIGCONT)
+    state = await platform.final_state("cut-off", timeout=60)
+    assert state.status == "succeeded"
+    # Attempt 1 was given up; on a loaded machine a tight test lease (4 s) may lapse once
+    # more while NATS catches up. Whatever happened, each earlier attempt is recorded as
+    # lost and exactly one outcome exists.
+    outcomes = [h.outcome for h in state.history]
+    assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) == {"lost"}
+    finished, _ = await outcome_of(platform, "cut-off")
+    assert [f["attempt"] for f in finished] == [state.attempt]
+
+
+async def _leases_lost(ex: Any) -> bool:
+    return bool(ex.metrics.leases_lost._value.get() >= 1)
