@@ -293,7 +293,9 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
     for name, (pub, sub) in service_permissions(args.pool).items():
         users.append(User(name, f"$VIGIL_{name.upper()}_PASSWORD", publish=pub, subscribe=sub))
     server = NatsServer(store_dir=Path(args.store_dir), port=args.port, host=args.host,
-                        sync_always=True, users=users, name=args.server_name)
+                        sync_always=True, users=users, name=args.server_name,
+                        cluster_name=args.cluster_name, cluster_port=args.cluster_port,
+                        routes=list(args.route or []))
     text = server.config_text().replace(
         f'"{Path(args.store_dir) / "jetstream"}"', json.dumps(args.store_dir))
     print("# nats-server config for Vigil, from `vigil nats-config`: JetStream on file storage,")
@@ -381,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--port", type=int, default=4222)
     nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
     nc.add_argument("--pool", default="default", help="executor pool the users may pull")
-    nc.add_argument("--server-name", default="vigil-1")
+    nc.add_argument("--server-name", default="vigil-1", help="unique per cluster node")
+    nc.add_argument("--cluster-name", help="join a JetStream cluster of this name (use 3 "
+                    "nodes, and VIGIL_REPLICAS=3 on the services, for R3 streams)")
+    nc.add_argument("--cluster-port", type=int, default=6222)
+    nc.add_argument("--route", action="append", metavar="URL",
+                    help="another node's route URL, nats://host:6222 (repeat)")
     nc.set_defaults(func=cmd_nats_config)
 
     tk = sub.add_parser("token", help="manage gateway API tokens")
