@@ -69,7 +69,7 @@ async def retrying(
             delay = min(delay * 2, 1.0)
         except APIError as exc:
             # 503 from the JS API while a stream leader is being elected is transient too.
-            if exc.code == 503 and loop.time() + delay < deadline:
+            if getattr(exc, "code", None) == 503 and loop.time() + delay < deadline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue

@@ -105,7 +105,10 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
             [
                 *common,
                 *_pull(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR),
+                *_pull(subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER),
                 *_kv(subjects.KV_CONFESSIONS, write=True),
+                *_kv(subjects.KV_INCIDENTS, write=True),
+                *_kv(subjects.KV_DELIVERIES, write=True),
                 *_kv(subjects.KV_TASKS, write=False),
                 f"{subjects.ALERTS}.>",
                 f"{subjects.ISSUES}.auditor.>",
@@ -117,8 +120,11 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *common,
                 *_kv(subjects.KV_TASKS, write=False),
                 *_kv(subjects.KV_CONFESSIONS, write=False),
+                *_kv(subjects.KV_INCIDENTS, write=False),
+                *_kv(subjects.KV_DELIVERIES, write=False),
                 *_ordered(subjects.STREAM_EVENTS),
                 f"{subjects.SUBMIT}.>",
+                f"{subjects.ISSUES}.operator.>",  # incident ack/resolve are confessions
             ],
             [f"{subjects.inbox('gateway')}.>", f"{subjects.EVENTS}.*.accepted",
              f"{subjects.EVENTS}.*.finished"],

@@ -147,7 +147,15 @@ ADVISORIES = Stream(
     max_age_s=30 * DAY,
     description="Work messages that reached their max deliveries",
 )
-STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES)
+ALERTS = Stream(
+    name=subjects.STREAM_ALERTS,
+    subjects=(f"{subjects.ALERTS}.>",),
+    retention=RetentionPolicy.LIMITS,
+    max_age_s=30 * DAY,
+    duplicate_window_s=3600.0,  # an alert re-published after a crash is the same alert
+    description="Incident alerts from the auditor (also sent to webhooks)",
+)
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS)
 
 # Deliveries of one work message before the server gives up on it (every lost lease,
 # hand-back and over-capacity nak counts). The scheduler then marks the task dead.
@@ -165,7 +173,19 @@ CONFESSIONS = Bucket(
     ttl_s=30 * DAY,
     description="Confessions recorded by the auditor, by confession id",
 )
-BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS)
+INCIDENTS = Bucket(
+    name=subjects.KV_INCIDENTS,
+    history=1,
+    ttl_s=90 * DAY,
+    description="Incidents triaged from confessions, by incident id",
+)
+DELIVERIES = Bucket(
+    name=subjects.KV_DELIVERIES,
+    history=1,
+    ttl_s=30 * DAY,
+    description="Webhook deliveries of alerts: delivered, or failed after retries",
+)
+BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES)
 
 CHECKPOINTS = ObjectStore(
     name=subjects.OBJ_CHECKPOINTS,
@@ -215,6 +235,19 @@ def dead_letter_consumer() -> ConsumerConfig:
     )
 
 
+def notifier_consumer(max_attempts: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_NOTIFIER,
+        description="Auditor: sends alerts to webhooks, with retries",
+        filter_subject=f"{subjects.ALERTS}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_deliver=max_attempts + 1,  # the last delivery records the failure
+        max_waiting=64,
+    )
+
+
 def auditor_consumer() -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.CONSUMER_AUDITOR,
@@ -223,6 +256,7 @@ def auditor_consumer() -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
+        max_deliver=20,
         max_ack_pending=10_000,
         max_waiting=512,
     )

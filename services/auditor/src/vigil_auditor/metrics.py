@@ -12,6 +12,14 @@ class Metrics:
             "vigil_confessions_total", "Confessions recorded, by source and severity",
             ["source", "severity"], registry=r,
         )
+        self.alerts = Counter(
+            "vigil_alerts_total", "Alerts raised, by severity and reason",
+            ["severity", "reason"], registry=r,
+        )
+        self.open_incidents = Counter(
+            "vigil_incidents_opened_total", "Incidents opened or reopened, by severity",
+            ["severity"], registry=r,
+        )
         self.invalid = Counter(
             "vigil_confessions_invalid_total", "Messages on the issues stream that were not "
             "valid confessions (recorded with their error)", registry=r,

@@ -6,9 +6,30 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from vigil.settings import CommonSettings
+from vigil.settings import CommonSettings, default_node_id
 
 
 class AuditorSettings(CommonSettings, frozen=True, kw_only=True):
     batch: Annotated[int, Meta(ge=1, le=4096)] = 256
-    """Confessions handled concurrently."""
+    """Confessions fetched ahead; they are triaged one at a time, in stream order."""
+    webhook_urls: str = ""
+    """Comma-separated URLs that receive every alert as a signed JSON POST."""
+    webhook_secret: str = ""
+    """Shared secret for the X-Vigil-Signature HMAC (required with webhook_urls)."""
+    webhook_max_attempts: Annotated[int, Meta(ge=1, le=50)] = 6
+    """Deliveries of one alert before it is recorded as failed (backoff 1, 2, 4 … 60 s)."""
+    webhook_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 5.0
+    """Per-request timeout of a webhook delivery."""
+
+    def __post_init__(self) -> None:
+        if self.webhook_urls and not self.webhook_secret:
+            raise ValueError("VIGIL_WEBHOOK_SECRET is required when VIGIL_WEBHOOK_URLS is set "
+                             "(receivers verify each alert's signature with it)")
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip() for u in self.webhook_urls.split(",") if u.strip()]
+
+    @property
+    def node(self) -> str:
+        return default_node_id()

@@ -1,0 +1,244 @@
+"""Triage: from confessions to incidents, as pure functions (the service adds I/O).
+
+**Fingerprint** — two confessions are "the same problem" when they come from the same
+source, in the same category, about the same image, and their summaries are equal once
+everything that varies between occurrences is masked: the task's own id, Vigil ids,
+UUIDs, long hex strings, paths and numbers. So "task t_abc failed after 3 tries at
+/tmp/x/1" and "task t_xyz failed after 5 tries at /tmp/y/2" are one incident.
+
+**Incidents** count occurrences, remember first/last seen, the tasks and tenants they
+hit and a few sample confessions. Severity is the highest seen, raised one level when
+``ESCALATE_COUNT`` occurrences land within ``ESCALATE_WINDOW_S``; any ``critical``
+confession makes the incident critical. Each new severity level (and each reopening) is
+an alert, emitted once.
+
+**Lifecycle** — ``open`` → ``acknowledged`` → ``resolved``; a recurrence reopens a
+resolved incident. Operators act by publishing confessions too (source ``operator``,
+category ``incident_ack``/``incident_resolve``), so the issues stream holds everything
+and replaying it from the start rebuilds identical incidents.
+
+Every timestamp comes from the messages (their stream time), never from the clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from vigil.messages import SEVERITIES, ConfessionRecord
+
+IncidentStatus = Literal["open", "acknowledged", "resolved"]
+ESCALATE_COUNT = 10
+ESCALATE_WINDOW_S = 600.0
+MAX_TASKS = 100
+MAX_TENANTS = 50
+FIRST_SAMPLES = 3
+LAST_SAMPLES = 2
+OPERATOR = "operator"
+ACK, RESOLVE = "incident_ack", "incident_resolve"
+
+_MASKS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I),
+     "<uuid>"),
+    (re.compile(r"\b[tk]_[a-z2-7]{26}\b"), "<id>"),
+    (re.compile(r"\b[0-9a-f]{12,}\b", re.I), "<hex>"),
+    (re.compile(r"(?<![\w<])(?:/[\w.\-]+)+/?"), "<path>"),
+    (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
+]
+_SPACE = re.compile(r"\s+")
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    confession_id: str
+    summary: str
+    task_id: str | None = None
+    tenant: str | None = None
+    time: datetime
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    fingerprint: str
+    source: str
+    category: str | None = None
+    image: str | None = None
+    title: str
+    severity: str
+    status: IncidentStatus = "open"
+    count: int = 0
+    first_seen: datetime
+    last_seen: datetime
+    window_start: datetime
+    window_count: int = 0
+    tasks: list[str] = []
+    tasks_total: int = 0
+    tenants: list[str] = []
+    first_samples: list[Sample] = []
+    last_samples: list[Sample] = []
+    alerted: list[str] = []  # severities (and reopenings) already announced
+    reopened: int = 0
+    acknowledged_by: str | None = None
+    resolved_by: str | None = None
+    last_seq: int = 0  # the newest confession (stream sequence) applied
+
+
+class Alert(msgspec.Struct, frozen=True, kw_only=True):
+    """One notification: published on vigil.alerts.<severity> and sent to webhooks."""
+
+    id: str  # incident + what happened: a re-run of triage yields the same id
+    incident_id: str
+    severity: str
+    reason: str  # opened | escalated | reopened
+    title: str
+    count: int
+    source: str
+    category: str | None = None
+    tasks: list[str] = []
+    tenants: list[str] = []
+    time: datetime
+
+
+def normalize(summary: str, task_id: str | None = None) -> str:
+    text = summary
+    if task_id:
+        text = text.replace(task_id, "<task>")
+    for pattern, mask in _MASKS:
+        text = pattern.sub(mask, text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def fingerprint(source: str, category: str | None, image: str | None, title: str) -> str:
+    return f"{source}|{category or '-'}|{image or '-'}|{title}"
+
+
+def incident_id(fp: str) -> str:
+    return "inc_" + hashlib.sha256(fp.encode()).hexdigest()[:20]
+
+
+def _level(severity: str) -> int:
+    return SEVERITIES.index(severity) if severity in SEVERITIES else 1
+
+
+def _raise(severity: str) -> str:
+    return SEVERITIES[min(_level(severity) + 1, len(SEVERITIES) - 1)]
+
+
+def operator_action(record: ConfessionRecord) -> tuple[str, str, str] | None:
+    """(action, incident id, who) when the record is an operator's ack/resolve."""
+    c = record.confession
+    if record.source != OPERATOR or c is None or c.category not in (ACK, RESOLVE):
+        return None
+    target = c.data.get("incident_id")
+    if not isinstance(target, str):
+        return None
+    who = c.data.get("by")
+    return c.category, target, str(who) if who else "operator"
+
+
+def key_of(record: ConfessionRecord) -> str | None:
+    """The incident a confession belongs to; None for records that are not triaged."""
+    c = record.confession
+    if c is None or operator_action(record) is not None:
+        return None
+    image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
+    title = normalize(c.summary, c.task_id)
+    return incident_id(fingerprint(record.source, c.category, image, title))
+
+
+def apply(current: Incident | None, record: ConfessionRecord, at: datetime
+          ) -> tuple[Incident | None, list[Alert]]:
+    """Fold one confession (seen at stream time ``at``) into its incident.
+
+    Returns the new incident (None when nothing changes: a record already applied, or
+    one that is not triaged) and the alerts it raises.
+    """
+    if current is not None and record.stream_seq <= current.last_seq:
+        return None, []  # applied before (a redelivery): count nothing twice
+    action = operator_action(record)
+    if action is not None:
+        return _act(current, action, record, at)
+    c = record.confession
+    if c is None:
+        return None, []
+    image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
+    title = normalize(c.summary, c.task_id)
+    fp = fingerprint(record.source, c.category, image, title)
+    sample = Sample(confession_id=record.id, summary=c.summary[:500], task_id=c.task_id,
+                    tenant=c.tenant, time=at)
+    if current is None:
+        current = Incident(
+            id=incident_id(fp), fingerprint=fp, source=record.source, category=c.category,
+            image=image, title=title, severity=c.severity, first_seen=at, last_seen=at,
+            window_start=at,
+        )
+    reason: str | None = None
+    status = current.status
+    reopened = current.reopened
+    if status == "resolved":
+        status, reopened, reason = "open", reopened + 1, "reopened"
+    window_start, window_count = current.window_start, current.window_count
+    if at - window_start > timedelta(seconds=ESCALATE_WINDOW_S):
+        window_start, window_count = at, 0
+    window_count += 1
+    severity = max(current.severity, c.severity, key=_level)
+    if c.severity == "critical":
+        severity = "critical"
+    elif window_count >= ESCALATE_COUNT and window_count % ESCALATE_COUNT == 0:
+        severity = max(severity, _raise(current.severity), key=_level)
+    tasks, tasks_total = list(current.tasks), current.tasks_total
+    if c.task_id and c.task_id not in tasks:
+        tasks_total += 1
+        if len(tasks) < MAX_TASKS:
+            tasks.append(c.task_id)
+    tenants = list(current.tenants)
+    if c.tenant and c.tenant not in tenants and len(tenants) < MAX_TENANTS:
+        tenants.append(c.tenant)
+    first = list(current.first_samples)
+    last = list(current.last_samples)
+    if len(first) < FIRST_SAMPLES:
+        first.append(sample)
+    else:
+        last = [*last, sample][-LAST_SAMPLES:]
+    alerted = list(current.alerted)
+    announce = f"{severity}#{reopened}"
+    if announce not in alerted:
+        alerted.append(announce)
+        reason = reason or ("opened" if current.count == 0 else "escalated")
+    updated = msgspec.structs.replace(
+        current, severity=severity, status=status, count=current.count + 1, last_seen=at,
+        window_start=window_start, window_count=window_count, tasks=tasks,
+        tasks_total=tasks_total, tenants=tenants, first_samples=first, last_samples=last,
+        alerted=alerted, reopened=reopened, last_seq=record.stream_seq,
+        resolved_by=None if status == "open" else current.resolved_by,
+        acknowledged_by=None if reason == "reopened" else current.acknowledged_by,
+    )
+    alerts = [] if reason is None else [_alert(updated, reason, at)]
+    return updated, alerts
+
+
+def _act(current: Incident | None, action: tuple[str, str, str], record: ConfessionRecord,
+         at: datetime) -> tuple[Incident | None, list[Alert]]:
+    kind, _, who = action
+    if current is None:
+        return None, []
+    if kind == ACK and current.status == "open":
+        return msgspec.structs.replace(current, status="acknowledged", acknowledged_by=who,
+                                       last_seq=record.stream_seq), []
+    if kind == RESOLVE and current.status != "resolved":
+        return msgspec.structs.replace(current, status="resolved", resolved_by=who,
+                                       last_seq=record.stream_seq), []
+    return msgspec.structs.replace(current, last_seq=record.stream_seq), []
+
+
+def _alert(incident: Incident, reason: str, at: datetime) -> Alert:
+    return Alert(
+        id=f"{incident.id}.{incident.severity}.{incident.reopened}",
+        incident_id=incident.id, severity=incident.severity, reason=reason,
+        title=incident.title, count=incident.count, source=incident.source,
+        category=incident.category, tasks=incident.tasks[:20], tenants=incident.tenants,
+        time=at,
+    )
