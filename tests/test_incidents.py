@@ -150,3 +150,63 @@ async def test_auditor_killed_and_stream_replayed_rebuild_identical_incidents(
 
 async def _any_incident(platform: Platform) -> bool:
     return bool(await incidents(platform))
+
+
+async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
+    platform: Platform, tmp_path: Any
+) -> None:
+    import aiohttp
+
+    from vigil import auth
+
+    tokens = tmp_path / "tokens.json"
+    viewer_a = auth.add_token(tokens, "va", "acme", "viewer")
+    viewer_b = auth.add_token(tokens, "vb", "globex", "viewer")
+    operator = auth.add_token(tokens, "op", "acme", "operator")
+    await platform.auditor()
+    gw = await platform.gateway(auth="tokens", tokens_file=str(tokens))
+    url = f"http://127.0.0.1:{gw.http_port}/v1/incidents"
+
+    async def confess(n: int, tenant: str) -> None:
+        body = {"summary": f"cannot reach registry mirror {n}", "severity": "error",
+                "category": "network", "tenant": tenant, "task_id": f"{tenant}-{n}"}
+        await platform.js.publish("vigil.issues.agent.error", json.dumps(body).encode())
+
+    await confess(1, "acme")
+    await confess(2, "acme")
+    async with aiohttp.ClientSession() as http:
+        async def listed(token: str, **params: str) -> list[dict]:
+            async with http.get(url, params=params,
+                                headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+                return list((await r.json())["incidents"])
+
+        found = await eventually(lambda: listed(viewer_a), timeout=30, what="an incident")
+        (incident,) = found
+        assert incident["count"] == 2 and incident["status"] == "open"
+        assert await listed(viewer_b) == []  # globex never sees acme's incident
+        assert await listed(viewer_a, status="resolved") == []
+        async with http.get(url, params={"severity": "bogus"},
+                            headers={"Authorization": f"Bearer {viewer_a}"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["field"] == "severity"
+
+        one = f"{url}/{incident['id']}"
+        async with http.post(f"{one}/ack", headers={"Authorization": f"Bearer {viewer_a}"}) as r:
+            assert r.status == 403
+        async with http.post(f"{one}/ack", headers={"Authorization": f"Bearer {operator}"}) as r:
+            assert r.status == 200 and (await r.json())["status"] == "acknowledged"
+        async with http.post(f"{one}/resolve",
+                             headers={"Authorization": f"Bearer {operator}"}) as r:
+            assert r.status == 200 and (await r.json())["status"] == "resolved"
+        await confess(3, "acme")  # the problem recurs
+
+        async def reopened() -> dict | None:
+            async with http.get(one, headers={"Authorization": f"Bearer {viewer_a}"}) as r:
+                body = await r.json()
+            return body if body["status"] == "open" else None
+
+        again = await eventually(reopened, timeout=30, what="the incident to reopen")
+        assert again["reopened"] == 1 and again["count"] == 3
+        async with http.get(f"{url}/inc_nope",
+                            headers={"Authorization": f"Bearer {viewer_a}"}) as r:
+            assert r.status == 404

@@ -139,6 +139,13 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         failed = run_cli("submit", "--wait", "--", "sh", "-c", "exit 4", data_dir=data)
         assert failed.returncode == 1
         assert "failed" in failed.stdout
+        # The platform confessed the silent failure; the auditor made it an incident.
+        for _ in range(100):
+            listed = run_cli("incidents", data_dir=data)
+            if "without any output" in listed.stdout:
+                break
+            time.sleep(0.1)
+        assert "executor: agent exited with code <n> without any output" in listed.stdout
 
         sub = run_cli("submit", "--json", "--", "true", data_dir=data)
         task_id = json.loads(sub.stdout)["id"]

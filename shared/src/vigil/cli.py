@@ -305,6 +305,50 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_incidents(args: argparse.Namespace) -> int:
+    url, token = _client_config(args)
+    async with Client(url, token) as client:
+        try:
+            if args.action == "list":
+                found = await client.incidents(status=args.status or "",
+                                               severity=args.severity or "",
+                                               tenant=args.tenant or "")
+                if args.json:
+                    print(json.dumps(found, default=str))
+                    return EXIT_OK
+                if not found:
+                    print("no incidents")
+                    return EXIT_OK
+                print(f"{'ID':<26} {'SEVERITY':<9} {'STATUS':<13} {'COUNT':>6}  "
+                      f"{'LAST SEEN':<20} TITLE")
+                for i in found:
+                    print(f"{i['id']:<26} {i['severity']:<9} {i['status']:<13} "
+                          f"{i['count']:>6}  {i['last_seen'][:19]:<20} "
+                          f"{i['source']}: {i['title'][:70]}")
+                return EXIT_OK
+            if not args.incident_id:
+                raise VigilError(f"`vigil incidents {args.action}` needs an incident id")
+            if args.action == "show":
+                data = await client.incident(args.incident_id)
+            else:
+                data = await client.incident_action(args.incident_id, args.action)
+        except ApiError as exc:
+            print(f"vigil: {exc}", file=sys.stderr)
+            return EXIT_TASK_FAILED if exc.status == 404 else EXIT_USAGE
+    if args.json or args.action != "show":
+        print(json.dumps(data, default=str) if args.json else
+              f"incident {data['id']} is now {data['status']}")
+        return EXIT_OK
+    for key in ("id", "title", "source", "category", "severity", "status", "count",
+                "first_seen", "last_seen", "tenants", "reopened"):
+        print(f"{key:>11}  {data.get(key)}")
+    print(f"{'tasks':>11}  {', '.join(data.get('tasks', [])[:10])}")
+    for sample in data.get("first_samples", []) + data.get("last_samples", []):
+        print(f"{'sample':>11}  {sample['time'][:19]}  {sample.get('task_id') or '-'}  "
+              f"{sample['summary'][:80]}")
+    return EXIT_OK
+
+
 async def cmd_token_create(args: argparse.Namespace) -> int:
     token = auth.add_token(args.file, args.name, args.tenant, args.role)
     print(token)
@@ -390,6 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--route", action="append", metavar="URL",
                     help="another node's route URL, nats://host:6222 (repeat)")
     nc.set_defaults(func=cmd_nats_config)
+
+    inc = sub.add_parser("incidents", help="list, show, acknowledge, resolve incidents",
+                         description="Incidents are confessions triaged by the auditor: one "
+                         "per problem, counted, escalated, alerted once.",
+                         epilog="examples: vigil incidents; vigil incidents show inc_…; "
+                         "vigil incidents ack inc_…")
+    inc.add_argument("action", nargs="?", default="list",
+                     choices=("list", "show", "ack", "resolve"))
+    inc.add_argument("incident_id", nargs="?")
+    inc.add_argument("--status", choices=("open", "acknowledged", "resolved"))
+    inc.add_argument("--severity", choices=("info", "warning", "error", "critical"))
+    inc.add_argument("--tenant")
+    inc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    client_flags(inc)
+    inc.set_defaults(func=cmd_incidents)
 
     tk = sub.add_parser("token", help="manage gateway API tokens")
     tks = tk.add_subparsers(dest="token_command", metavar="ACTION", required=True)

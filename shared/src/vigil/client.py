@@ -81,6 +81,11 @@ class Client:
                 f"cannot reach the gateway at {self.url} ({exc}); is `vigil up` running, "
                 "and is VIGIL_GATEWAY_URL right?", retryable=True,
             ) from exc
+        except TimeoutError as exc:
+            raise VigilError(
+                f"the gateway at {self.url} did not answer {method} {path} in time; see its "
+                "log", retryable=True,
+            ) from exc
 
     async def submit(self, spec: TaskSpec | Mapping[str, Any], *,
                      idempotency_key: str | None = None) -> dict[str, Any]:
@@ -137,6 +142,21 @@ class Client:
         async for _ in self.events(task_id):
             pass
         return await self.get(task_id)
+
+    async def incidents(self, **filters: str) -> list[dict[str, Any]]:
+        """Incidents (filters: status, severity, tenant), newest activity first."""
+        query = "&".join(f"{k}={v}" for k, v in filters.items() if v)
+        _, data = await self._request("GET", "/v1/incidents" + (f"?{query}" if query else ""))
+        return list(data["incidents"])
+
+    async def incident(self, incident_id: str) -> dict[str, Any]:
+        _, data = await self._request("GET", f"/v1/incidents/{incident_id}")
+        return dict(data)
+
+    async def incident_action(self, incident_id: str, action: str) -> dict[str, Any]:
+        """``action`` is ``ack`` or ``resolve`` (operator role)."""
+        _, data = await self._request("POST", f"/v1/incidents/{incident_id}/{action}")
+        return dict(data)
 
     async def health(self) -> dict[str, Any]:
         _, data = await self._request("GET", "/healthz")

@@ -64,6 +64,7 @@ def _ordered(stream: str) -> list[str]:
         f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.CREATE.{stream}",
         f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
         f"$JS.FC.{stream}.>",
     ]
 
@@ -121,6 +122,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_kv(subjects.KV_TASKS, write=False),
                 *_kv(subjects.KV_CONFESSIONS, write=False),
                 *_kv(subjects.KV_INCIDENTS, write=False),
+                *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch
                 *_kv(subjects.KV_DELIVERIES, write=False),
                 *_ordered(subjects.STREAM_EVENTS),
                 f"{subjects.SUBMIT}.>",

@@ -87,6 +87,7 @@ class Attempt:
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
         self._lease: asyncio.Task[None] | None = None
+        self._lease_done = asyncio.Event()
         self._write_lock = asyncio.Lock()  # one state write (and checkpoint) at a time
         self._checkpoints = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -145,9 +146,12 @@ class Attempt:
                 # slow, and a lapse now would hand a finished task to someone else.
                 await self._record(outcome)
             finally:
+                self._lease_done.set()
                 self._lease.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                    await self._lease
+                await asyncio.wait({self._lease}, timeout=self.ex.settings.heartbeat_s + 10)
+                if self._lease.done() and not self._lease.cancelled():
+                    with contextlib.suppress(LeaseLost, Exception):
+                        self._lease.result()
 
     async def _claim(self) -> bool:
         """Move the task to ``running`` as attempt n+1; False when there is nothing to run."""
@@ -243,9 +247,11 @@ class Attempt:
                                       resumed=resumed)
                 self.container = await ex.runtime.create(spec)
                 if resumed and not await self._unpack(self.container, archive):
-                    # VIGIL_RESUMED is fixed at create: make the container again, honestly.
+                    # VIGIL_RESUMED is fixed at create: make the container again, honestly,
+                    # on a fresh volume (a failed unpack may have left part of the files).
                     resumed = False
                     await self.container.remove()
+                    await ex.runtime.remove_volume(spec.workspace_volume)
                     spec = container_spec(work, attempt, ex.settings,
                                           control_dir=str(self.control))
                     self.container = await ex.runtime.create(spec)
@@ -591,8 +597,15 @@ class Attempt:
         conf = self.ex.settings
         assert self.state is not None
         task_id, attempt = self.state.id, self.state.attempt
-        while True:
-            await asyncio.sleep(conf.heartbeat_s)
+        while not self._lease_done.is_set():
+            # Not asyncio.sleep + cancel: on Python 3.11 a cancel that lands while a
+            # wait_for (inside flush, or ours) completes is swallowed, and a cancelled
+            # heartbeat would renew forever, holding the attempt and its slot. The event
+            # ends the loop whatever happens to the cancel.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_done.wait(), conf.heartbeat_s)
+            if self._lease_done.is_set():
+                return
             try:
                 await self.msg.in_progress()
                 await self.ex.nc.flush(timeout=max(1, int(conf.heartbeat_s)))

@@ -67,10 +67,16 @@ class PodmanContainer:
         await self._rt.call("POST", f"/containers/{self.id}/start")
 
     async def import_workspace(self, archive: BinaryIO) -> None:
-        # Podman unpacks into the named volume even before the container first runs.
+        # Podman unpacks into the named volume even before the container first runs. The
+        # body is an async generator (not the file): if Podman fails the request early,
+        # no background read is left behind on a file we are about to close.
+        async def chunks() -> AsyncIterator[bytes]:
+            while data := await asyncio.to_thread(archive.read, 256 * 1024):
+                yield data
+
         await self._rt.call(
             "PUT", f"/containers/{self.id}/archive", params={"path": self._workspace},
-            data=archive, headers={"Content-Type": "application/x-tar"}, timeout=600,
+            data=chunks(), headers={"Content-Type": "application/x-tar"}, timeout=600,
         )
 
     async def export_workspace(self) -> AsyncIterator[bytes]:
@@ -170,7 +176,11 @@ class PodmanRuntime:
             base_url="http://podman",
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
         )
-        self.info = await self.call("GET", "/info")
+        try:
+            self.info = await self.call("GET", "/info")
+        except BaseException:
+            await self.close()
+            raise
         host = self.info.get("host", {})
         security = host.get("security", {})
         if not security.get("rootless", False):
@@ -281,6 +291,10 @@ class PodmanRuntime:
             }],
             "log_configuration": {"driver": "k8s-file"},
             "stop_timeout": max(1, int(spec.stop_grace_s)),
+            # An init as PID 1 (catatonit) forwards SIGTERM to the agent: an agent with no
+            # handler of its own is PID 1 otherwise, ignores it, and every drain ends in
+            # SIGKILL without the grace period it was promised.
+            "init": True,
             # Podman kills the agent on its own if the executor is gone past the deadline.
             "timeout": int(spec.timeout_s + spec.stop_grace_s + 60),
             "r_limits": [

@@ -27,6 +27,7 @@ from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import TaskState
 from vigil.ops import OpsServer, add_ops_routes
+from vigil_gateway import incidents
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import stream_events
@@ -52,6 +53,7 @@ class Gateway:
         self._store: TaskStore | None = None
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
+        self._incidents: incidents.Incidents | None = None
         self.ready = asyncio.Event()
         self.app = self._make_app()
 
@@ -120,6 +122,11 @@ class Gateway:
         app.router.add_post("/v1/tasks", self.submit, name="submit")
         app.router.add_get("/v1/tasks/{id}", self.get_task, name="get_task")
         app.router.add_get("/v1/tasks/{id}/events", self.events, name="events")
+        app.router.add_get("/v1/incidents", self.list_incidents, name="incidents")
+        app.router.add_get("/v1/incidents/{id}", self.get_incident, name="incident")
+        app.router.add_post("/v1/incidents/{id}/ack", self.ack_incident, name="incident_ack")
+        app.router.add_post("/v1/incidents/{id}/resolve", self.resolve_incident,
+                            name="incident_resolve")
         return app
 
     @web.middleware
@@ -305,6 +312,42 @@ class Gateway:
                                        self.settings.sse_keepalive_s, self._stop)
         finally:
             self.metrics.streams.dec()
+
+
+    # incidents -----------------------------------------------------------------------------
+    def _incidents_store(self) -> incidents.Incidents:
+        if self._incidents is None:
+            self._incidents = incidents.Incidents(self.js)
+        return self._incidents
+
+    async def list_incidents(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await incidents.list_incidents(request, self._incidents_store(), who)
+
+    async def get_incident(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await incidents.get_incident(request, self._incidents_store(), who)
+
+    async def ack_incident(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "operator")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await incidents.change(request, self._incidents_store(), who, "incident_ack")
+
+    async def resolve_incident(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "operator")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await incidents.change(request, self._incidents_store(), who,
+                                      "incident_resolve")
 
 
 class _Forbidden(Exception):

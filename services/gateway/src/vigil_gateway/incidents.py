@@ -1,0 +1,148 @@
+"""``/v1/incidents``: the auditor's incidents, read from ``vigil-incidents``; ack and
+resolve are published as operator confessions (the auditor applies them in order, so the
+issues stream stays the single source of truth and a replay rebuilds the same state).
+
+Tenant isolation: an incident can span tenants. A non-operator sees only incidents that
+touched its tenant, with samples and tenants narrowed to its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from vigil import codec, ids, subjects
+from vigil.auth import Principal
+from vigil.jetstream import publish, retrying
+from vigil.messages import SEVERITIES, Confession, utcnow
+
+STATUSES = ("open", "acknowledged", "resolved")
+WAIT_S = 5.0
+
+
+def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
+    if who.can("operator"):
+        return incident
+    if who.tenant not in incident.get("tenants", []):
+        return None
+    narrowed = dict(incident)
+    narrowed["tenants"] = [who.tenant]
+    for key in ("first_samples", "last_samples"):
+        narrowed[key] = [s for s in incident.get(key, []) if s.get("tenant") == who.tenant]
+    narrowed["tasks"] = sorted({s["task_id"] for k in ("first_samples", "last_samples")
+                                for s in narrowed[k] if s.get("task_id")})
+    narrowed.pop("tasks_total", None)
+    return narrowed
+
+
+class Incidents:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._kv: KeyValue | None = None
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(subjects.KV_INCIDENTS)
+        return self._kv
+
+    async def get(self, incident_id: str) -> dict[str, Any] | None:
+        if not ids.is_valid_id(incident_id):
+            return None
+        kv = await self.kv()
+        try:
+            entry = await retrying("read incident", lambda: kv.get(incident_id))
+        except KeyNotFoundError:
+            return None
+        data: dict[str, Any] = codec.any_decoder.decode(entry.value or b"{}")
+        return data
+
+    async def all(self) -> list[dict[str, Any]]:
+        kv = await self.kv()
+        try:
+            keys = await retrying("list incidents", kv.keys)
+        except NoKeysError:
+            return []
+        found = await asyncio.gather(*[self.get(k) for k in keys])
+        return [i for i in found if i is not None]
+
+    async def act(self, incident_id: str, action: str, who: Principal) -> None:
+        """Publish the operator's action; the auditor applies it in stream order."""
+        now = utcnow()
+        confession = Confession(
+            id=f"operator-{action}-{incident_id}-{int(now.timestamp() * 1000)}",
+            summary=f"{who.name} {action.split('_', 1)[1]}d incident {incident_id}",
+            severity="info", category=action, source="operator", component="gateway",
+            time=now, data={"incident_id": incident_id, "by": who.name},
+        )
+        await publish(self._js, subjects.issue("operator", "info"), codec.encode(confession),
+                      confession.id or "")
+
+
+def _problem(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    return web.json_response({"error": body}, status=status)
+
+
+async def list_incidents(request: web.Request, store: Incidents, who: Principal) -> web.Response:
+    q = request.query
+    status, severity, tenant = q.get("status"), q.get("severity"), q.get("tenant")
+    if status is not None and status not in STATUSES:
+        return _problem(400, "invalid_query", f"status must be one of {', '.join(STATUSES)}",
+                        "status")
+    if severity is not None and severity not in SEVERITIES:
+        return _problem(400, "invalid_query",
+                        f"severity must be one of {', '.join(SEVERITIES)}", "severity")
+    shown = []
+    for incident in await store.all():
+        view = visible(incident, who)
+        if view is None:
+            continue
+        if status and view["status"] != status:
+            continue
+        if severity and view["severity"] != severity:
+            continue
+        if tenant and tenant not in view.get("tenants", []):
+            continue
+        shown.append(view)
+    shown.sort(key=lambda i: i["last_seen"], reverse=True)
+    return web.json_response({"incidents": shown})
+
+
+async def get_incident(request: web.Request, store: Incidents, who: Principal) -> web.Response:
+    incident = await store.get(request.match_info["id"])
+    view = visible(incident, who) if incident else None
+    if view is None:
+        return _problem(404, "not_found", f"no incident {request.match_info['id']!r}")
+    return web.json_response(view)
+
+
+async def change(request: web.Request, store: Incidents, who: Principal,
+                 action: str) -> web.Response:
+    incident_id = request.match_info["id"]
+    incident = await store.get(incident_id)
+    if incident is None or visible(incident, who) is None:
+        return _problem(404, "not_found", f"no incident {incident_id!r}")
+    target = "acknowledged" if action == "incident_ack" else "resolved"
+    if incident["status"] == target:
+        return web.json_response(incident)
+    if action == "incident_ack" and incident["status"] == "resolved":
+        return _problem(409, "conflict", "the incident is resolved; it reopens by itself if "
+                        "the problem recurs")
+    await store.act(incident_id, action, who)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while loop.time() < deadline:
+        current = await store.get(incident_id)
+        if current is not None and current["status"] == target:
+            return web.json_response(current)
+        await asyncio.sleep(0.05)
+    return web.json_response({**incident, "note": "accepted; the auditor has not applied it "
+                              "yet"}, status=202)
+
