@@ -181,7 +181,11 @@ async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
                 assert r.status == 200
                 return list((await r.json())["incidents"])
 
-        found = await eventually(lambda: listed(viewer_a), timeout=30, what="an incident")
+        async def both_counted() -> list[dict] | None:
+            found = await listed(viewer_a)
+            return found if found and found[0]["count"] == 2 else None
+
+        found = await eventually(both_counted, timeout=30, what="an incident counting 2")
         (incident,) = found
         assert incident["count"] == 2 and incident["status"] == "open"
         assert await listed(viewer_b) == []  # globex never sees acme's incident
