@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -73,6 +74,26 @@ class PullConsumer:
     async def next(self) -> Msg:
         """Wait for the next message. The caller owns it until it acks/naks/terms it."""
         return await self._queue.get()
+
+    async def until(self, stop: asyncio.Event) -> AsyncIterator[Msg]:
+        """Messages as they arrive, until ``stop`` is set. A message that arrives just as
+        the iteration ends is naked back, not left to wait out its ack wait."""
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                nxt = asyncio.ensure_future(self.next())
+                done, _ = await asyncio.wait({nxt, stopped},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        late = await nxt
+                        with contextlib.suppress(Exception):
+                            await late.nak()
+                    return
+                yield nxt.result()
+        finally:
+            stopped.cancel()
 
     def next_nowait(self) -> Msg | None:
         try:

@@ -89,17 +89,9 @@ class Notifier:
         consumer = PullConsumer(self._nc, subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER,
                                 capacity=16, max_batch=16)
         await consumer.start()
-        stopped = asyncio.ensure_future(stop.wait())
         async with aiohttp.ClientSession(timeout=self._timeout) as http:
             try:
-                while not stop.is_set():
-                    nxt = asyncio.ensure_future(consumer.next())
-                    done, _ = await asyncio.wait({nxt, stopped},
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
-                        nxt.cancel()
-                        break
-                    msg = nxt.result()
+                async for msg in consumer.until(stop):
                     try:
                         await self._deliver(http, msg)
                     except Exception:
@@ -109,7 +101,6 @@ class Notifier:
                     finally:
                         consumer.release(1)
             finally:
-                stopped.cancel()
                 await consumer.stop()
 
     async def _deliver(self, http: aiohttp.ClientSession, msg: Msg) -> None:

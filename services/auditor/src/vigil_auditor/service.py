@@ -145,21 +145,12 @@ class Auditor:
 
     async def _loop(self) -> None:
         assert self._consumer is not None
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            while not self._stop.is_set():
-                nxt = asyncio.ensure_future(self._consumer.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                # One at a time, in order: see the module docstring.
-                task = asyncio.create_task(self._handle(nxt.result()))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
-                await asyncio.wait({task})
-        finally:
-            stop.cancel()
+        async for msg in self._consumer.until(self._stop):
+            # One at a time, in order: see the module docstring.
+            task = asyncio.create_task(self._handle(msg))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+            await asyncio.wait({task})
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

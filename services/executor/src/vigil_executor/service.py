@@ -232,20 +232,8 @@ class Executor:
 
     async def _loop(self) -> None:
         assert self._consumer is not None
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            while not self._stop.is_set():
-                nxt = asyncio.ensure_future(self._consumer.next())
-                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        msg = await nxt
-                        await msg.nak()
-                    break
-                self._spawn(nxt.result())
-        finally:
-            stop.cancel()
+        async for msg in self._consumer.until(self._stop):
+            self._spawn(msg)
 
     def _spawn(self, msg: Msg) -> None:
         if len(self._attempts) >= self.settings.slots:

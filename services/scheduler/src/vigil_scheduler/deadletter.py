@@ -45,15 +45,8 @@ class DeadLetters:
         self._consumer = PullConsumer(self._nc, subjects.STREAM_ADVISORIES,
                                       subjects.CONSUMER_DEAD_LETTERS, capacity=8, max_batch=8)
         await self._consumer.start()
-        stopped = asyncio.ensure_future(stop.wait())
         try:
-            while not stop.is_set():
-                nxt = asyncio.ensure_future(self._consumer.next())
-                done, _ = await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    break
-                msg = nxt.result()
+            async for msg in self._consumer.until(stop):
                 try:
                     await self.handle(msg)
                 except NatsUnavailable as exc:
@@ -67,7 +60,6 @@ class DeadLetters:
                 finally:
                     self._consumer.release(1)
         finally:
-            stopped.cancel()
             await self._consumer.stop()
 
     async def handle(self, msg: Msg) -> None:
