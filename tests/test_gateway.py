@@ -172,6 +172,17 @@ async def test_sse_resumes_after_last_event_id(api) -> None:
     assert [e.seq for e in everything] == seqs
 
 
+async def test_task_view_shows_its_confessions(api) -> None:
+    url, keys, _ = api
+    line = '::vigil::confess {"summary": "npm registry unreachable", "severity": "error"}'
+    async with Client(url, keys["submitter"]) as client:
+        accepted = await client.submit({"command": ["sh", "-c", f"echo '{line}'"]})
+        await client.wait(accepted["id"])
+        confessions = await client.confessions(accepted["id"])
+    assert [(c["source"], c["summary"]) for c in confessions] == [
+        ("agent", "npm registry unreachable")]
+
+
 async def test_metrics_exposed(api) -> None:
     url, _, http = api
     async with http.get(f"{url}/metrics") as r:

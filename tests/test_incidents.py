@@ -211,6 +211,8 @@ async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
 
         again = await eventually(reopened, timeout=30, what="the incident to reopen")
         assert again["reopened"] == 1 and again["count"] == 3
+        auditor = platform.services[0]
+        assert auditor.metrics.open_incidents._value.get() == 1
         async with http.get(f"{url}/inc_nope",
                             headers={"Authorization": f"Bearer {viewer_a}"}) as r:
             assert r.status == 404

@@ -167,6 +167,9 @@ async def test_time_limit_kills_and_records_timed_out(platform: Platform) -> Non
     state = await platform.final_state("slow", timeout=20)
     assert state.status == "timed_out"
     assert "time limit" in (state.error or "")
+    # The platform confessed it on the agent's behalf, on the task's timeline too.
+    (confession,) = platform.events.of("slow", "confession")
+    assert confession["source"] == "executor" and "time limit" in confession["summary"]
 
 
 async def test_slots_bound_concurrency(platform: Platform, tmp_path) -> None:

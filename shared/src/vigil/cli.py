@@ -182,6 +182,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     async with Client(url, token) as client:
         try:
             state = await client.get(args.task_id)
+            confessions = await client.confessions(args.task_id)
         except ApiError as exc:
             print(f"vigil: {exc}", file=sys.stderr)
             return EXIT_TASK_FAILED if exc.status == 404 else EXIT_USAGE
@@ -200,6 +201,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
         rows.insert(4, ("image", state.spec.image or "-"))
     for key, value in rows:
         print(f"{key:>10}  {value}")
+    for c in confessions:
+        print(f"{'confessed':>10}  [{c.get('severity')}] {c.get('source')}: {c.get('summary')}")
     return EXIT_OK
 
 

@@ -99,6 +99,11 @@ class Client:
         _, data = await self._request("GET", f"/v1/tasks/{task_id}")
         return msgspec.convert(data, TaskState)
 
+    async def confessions(self, task_id: str) -> list[dict[str, Any]]:
+        """The confessions on the task's timeline, oldest first."""
+        _, data = await self._request("GET", f"/v1/tasks/{task_id}?include=confessions")
+        return list(data.get("confessions", []))
+
     async def events(self, task_id: str, last_event_id: int | None = None,
                      *, reconnect: bool = True) -> AsyncIterator[StreamEvent]:
         """Yield the task's events until its final ``finished`` event."""

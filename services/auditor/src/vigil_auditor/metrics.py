@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class Metrics:
@@ -16,9 +16,13 @@ class Metrics:
             "vigil_alerts_total", "Alerts raised, by severity and reason",
             ["severity", "reason"], registry=r,
         )
-        self.open_incidents = Counter(
+        self.opened = Counter(
             "vigil_incidents_opened_total", "Incidents opened or reopened, by severity",
             ["severity"], registry=r,
+        )
+        self.open_incidents = Gauge(
+            "vigil_incidents_open", "Incidents open now (not acknowledged or resolved)",
+            registry=r,
         )
         self.invalid = Counter(
             "vigil_confessions_invalid_total", "Messages on the issues stream that were not "

@@ -23,7 +23,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from vigil import codec, ids, subjects, topology
@@ -76,6 +76,7 @@ class Auditor:
                                            topology.auditor_consumer())
             self._kv = await self._js.key_value(subjects.KV_CONFESSIONS)
             self._incidents = await self._js.key_value(subjects.KV_INCIDENTS)
+            await self._count_open()
             notifier = Notifier(self._nc, self._js, s.urls, s.webhook_secret,
                                 s.webhook_max_attempts, s.webhook_timeout_s, s.node)
             self._notifier = asyncio.create_task(notifier.run(self._stop))
@@ -101,6 +102,21 @@ class Auditor:
 
     async def shutdown(self) -> None:
         self._stop.set()
+
+    async def _count_open(self) -> None:
+        """Start the open-incidents gauge from what the bucket holds."""
+        kv = self._incidents
+        assert kv is not None
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        open_now = 0
+        for key in keys:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await kv.get(key)
+                open_now += _incident.decode(entry.value or b"").status == "open"
+        self.metrics.open_incidents.set(open_now)
 
     async def _triage(self, record: ConfessionRecord, at: datetime) -> None:
         action = triage.operator_action(record)
@@ -128,9 +144,12 @@ class Auditor:
                                functools.partial(_write, kv, key, codec.encode(updated), revision))
             except KeyWrongLastSequenceError:
                 continue  # another auditor, or our own lost reply: read again, re-apply
-            opened = updated.status == "open" and (current is None or current.status != "open")
-            if opened:
-                self.metrics.open_incidents.labels(updated.severity).inc()
+            was_open = current is not None and current.status == "open"
+            if updated.status == "open" and not was_open:
+                self.metrics.opened.labels(updated.severity).inc()
+                self.metrics.open_incidents.inc()
+            elif was_open and updated.status != "open":
+                self.metrics.open_incidents.dec()
             log.info("incident_updated", incident_id=key, count=updated.count,
                      severity=updated.severity, status=updated.status)
             return

@@ -30,7 +30,7 @@ from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
-from vigil_gateway.events import stream_events
+from vigil_gateway.events import stream_events, task_confessions
 from vigil_gateway.metrics import Metrics
 from vigil_gateway.settings import GatewaySettings
 
@@ -293,7 +293,12 @@ class Gateway:
             hidden = dict.fromkeys(state.spec.env, "<redacted>")
             state = msgspec.structs.replace(
                 state, spec=msgspec.structs.replace(state.spec, env=hidden))
-        return web.Response(body=codec.encode(state), content_type="application/json")
+        include = set(request.query.get("include", "").split(","))
+        if "confessions" not in include:
+            return web.Response(body=codec.encode(state), content_type="application/json")
+        body = msgspec.to_builtins(state)
+        body["confessions"] = await task_confessions(self.js, state.id)
+        return web.json_response(body)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         found = await self._visible(request)
