@@ -181,6 +181,9 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
             raise
     assert proc.returncode == 0, out
     assert "nothing left running" in out
+    # Least privilege held: no service reached for a subject its NATS user may not use.
+    for log in (data / "logs").glob("*.log"):
+        assert "permissions violation" not in log.read_text().lower(), log.name
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(alive(k) for k in kids):
         time.sleep(0.1)

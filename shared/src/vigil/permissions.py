@@ -109,6 +109,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_pull(subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER),
                 *_kv(subjects.KV_CONFESSIONS, write=True),
                 *_kv(subjects.KV_INCIDENTS, write=True),
+                *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # counting open ones at start
                 *_kv(subjects.KV_DELIVERIES, write=True),
                 *_kv(subjects.KV_TASKS, write=False),
                 f"{subjects.ALERTS}.>",

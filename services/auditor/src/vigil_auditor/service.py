@@ -76,7 +76,10 @@ class Auditor:
                                            topology.auditor_consumer())
             self._kv = await self._js.key_value(subjects.KV_CONFESSIONS)
             self._incidents = await self._js.key_value(subjects.KV_INCIDENTS)
-            await self._count_open()
+            try:
+                await self._count_open()
+            except Exception as exc:  # a gauge is not worth failing the start for
+                log.warning("open_incident_count_failed", error=str(exc))
             notifier = Notifier(self._nc, self._js, s.urls, s.webhook_secret,
                                 s.webhook_max_attempts, s.webhook_timeout_s, s.node)
             self._notifier = asyncio.create_task(notifier.run(self._stop))
