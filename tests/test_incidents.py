@@ -123,7 +123,7 @@ async def test_auditor_killed_and_stream_replayed_rebuild_identical_incidents(
         body = {"summary": f"{problem} in job {n}", "severity": "warning", "id": f"r{n}",
                 "task_id": f"job{n}", "tenant": "acme"}
         await platform.js.publish("vigil.issues.agent.warning", json.dumps(body).encode())
-    auditor = await platform.auditor(batch=4)
+    auditor = await platform.auditor()
     # Kill it mid-stream (cancel the service task: no graceful shutdown), start another.
     await eventually(lambda: _any_incident(platform), timeout=30, what="some progress")
     platform.tasks[-1].cancel()

@@ -255,9 +255,12 @@ def auditor_consumer() -> ConsumerConfig:
         filter_subject=f"{subjects.ISSUES}.>",
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30.0,
+        # One confession in flight across all auditors: an incident applies confessions in
+        # stream order and skips what it has seen, so a message held by an auditor that
+        # died must come back before anything newer is handed to another one.
+        ack_wait=10.0,
         max_deliver=20,
-        max_ack_pending=10_000,
+        max_ack_pending=1,
         max_waiting=512,
     )
 

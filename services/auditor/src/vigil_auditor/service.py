@@ -3,9 +3,11 @@
 (:mod:`vigil_auditor.triage`), and raises alerts on ``vigil.alerts.<severity>``, which
 :mod:`vigil_auditor.notify` sends to webhooks.
 
-Confessions are handled one at a time, in stream order: an incident remembers the newest
-stream sequence it applied, so a redelivery after a crash counts nothing twice, and a
-replay of the stream from the start rebuilds the same incidents. Alerts are published
+Confessions are handled one at a time, in stream order (the consumer allows one
+unacknowledged message across all auditors, so a message held by one that died comes back
+before anything newer): an incident remembers the newest stream sequence it applied, so a
+redelivery after a crash counts nothing twice, and a replay of the stream from the start
+rebuilds the same incidents. Alerts are published
 before the incident is written (their ids are deterministic, so a repeat is deduplicated)
 so a crash in between loses no alert. Each message ends in an explicit decision: done ->
 ack; NATS unavailable -> nak with a delay; anything else -> recorded, confessed, acked.
@@ -84,8 +86,7 @@ class Auditor:
                                 s.webhook_max_attempts, s.webhook_timeout_s, s.node)
             self._notifier = asyncio.create_task(notifier.run(self._stop))
             self._consumer = PullConsumer(self._nc, subjects.STREAM_ISSUES,
-                                          subjects.CONSUMER_AUDITOR, capacity=s.batch,
-                                          max_batch=s.batch)
+                                          subjects.CONSUMER_AUDITOR, capacity=1)
             await self._consumer.start()
             log.info("auditor_started", http_port=self._ops.port)
             self.ready.set()

@@ -10,8 +10,6 @@ from vigil.settings import CommonSettings, default_node_id
 
 
 class AuditorSettings(CommonSettings, frozen=True, kw_only=True):
-    batch: Annotated[int, Meta(ge=1, le=4096)] = 256
-    """Confessions fetched ahead; they are triaged one at a time, in stream order."""
     webhook_urls: str = ""
     """Comma-separated URLs that receive every alert as a signed JSON POST."""
     webhook_secret: str = ""
