@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from vigil import codec, subjects
+from vigil import subjects
 from vigil.conn import connect
 from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
@@ -161,35 +161,13 @@ async def start_platform(url: str) -> Platform:
     return Platform(url=url, nc=nc, store=store, events=events)
 
 
-def decode_state(data: bytes) -> TaskState:
-    return codec.state_decoder.decode(data)
-
-
-async def stored_events(js: Any, task_id: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+async def stored_events(js: Any, task_id: str) -> list[dict[str, Any]]:
     """Every event of ``task_id`` as stored in VIGIL_EVENTS (not as seen live: a core
     subscription misses what is published while the test's connection is down)."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from vigil.jetstream import read_stored
 
-    from vigil.jetstream import retrying
-
-    # Retried: right after a cluster node dies, creating a consumer can time out while
-    # the stream's leadership moves.
-    sub = await retrying("subscribe to events", lambda: js.subscribe(
-        subjects.task_events(task_id), stream=subjects.STREAM_EVENTS, ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
-    out: list[dict[str, Any]] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except Exception:
-                break
-            out.append(json.loads(msg.data))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return out
+    stored = await read_stored(js, subjects.STREAM_EVENTS, subjects.task_events(task_id))
+    return [json.loads(data) for data in stored]
 
 
 class ExecutorProcess:

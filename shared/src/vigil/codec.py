@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import msgspec
 
@@ -11,7 +10,6 @@ from vigil.errors import InvalidTask
 from vigil.messages import (
     AnyEvent,
     Confession,
-    ConfessionRecord,
     TaskSpec,
     TaskSpecStrict,
     TaskState,
@@ -27,7 +25,6 @@ state_decoder = msgspec.json.Decoder(TaskState)
 work_decoder = msgspec.json.Decoder(WorkItem)
 event_decoder = msgspec.json.Decoder(AnyEvent)
 confession_decoder = msgspec.json.Decoder(Confession)
-confession_record_decoder = msgspec.json.Decoder(ConfessionRecord)
 any_decoder = msgspec.json.Decoder()
 
 _AT = re.compile(r" - at (?:`key` in )?`(\$[^`]*)`$")
@@ -67,6 +64,3 @@ def decode_spec(data: bytes, *, strict: bool = False) -> TaskSpec:
                           malformed=True) from None
     return spec
 
-
-def to_builtins(obj: Any) -> Any:
-    return msgspec.to_builtins(obj)

@@ -95,12 +95,6 @@ class PullConsumer:
         finally:
             stopped.cancel()
 
-    def next_nowait(self) -> Msg | None:
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
     def release(self, n: int = 1) -> None:
         """The caller finished ``n`` messages and can take ``n`` more."""
         self._capacity += n
@@ -110,10 +104,6 @@ class PullConsumer:
         """Forget outstanding requests (after a reconnect they are gone) and ask again."""
         self._requested = 0
         self._pull()
-
-    @property
-    def buffered(self) -> int:
-        return self._queue.qsize()
 
     async def stop(self) -> None:
         """Stop asking for messages. Buffered, unhandled messages are naked back at once."""

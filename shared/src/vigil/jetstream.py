@@ -8,13 +8,14 @@ retry never duplicates; then :class:`~vigil.errors.NatsUnavailable` is raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import (
     APIError,
     KeyNotFoundError,
@@ -190,3 +191,27 @@ async def publish_confession(
         confession.id,
         deadline_s=deadline_s,
     )
+
+
+async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit: int = 10_000,
+                      idle_s: float = 1.0) -> list[bytes]:
+    """The payloads a stream holds on ``subject``, oldest first (an ordered consumer read
+    until nothing is pending). Creating the consumer is retried: right after a cluster
+    node dies it can time out while the stream's leadership moves."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10.0)
+    sub = await retrying(f"read {subject}", lambda: js.subscribe(
+        subject, stream=stream, ordered_consumer=True, config=config))
+    found: list[bytes] = []
+    try:
+        while len(found) < limit:
+            try:
+                msg = await sub.next_msg(timeout=idle_s)
+            except nats.errors.TimeoutError:
+                break
+            found.append(msg.data)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return found

@@ -261,7 +261,3 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
     Retrying | Finished
 )
-EVENT_KINDS: tuple[str, ...] = (
-    "accepted", "scheduled", "started", "log", "progress", "checkpoint", "confession",
-    "retrying", "finished",
-)

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from vigil import codec, subjects
-from vigil.jetstream import TaskStore
+from vigil.jetstream import TaskStore, read_stored
 from vigil.messages import TaskState
 
 
@@ -87,26 +87,9 @@ def _is_final(data: bytes) -> bool:
     return not isinstance(event, dict) or event.get("final", True) is not False
 
 
-async def task_confessions(js: JetStreamContext, task_id: str, limit: int = 200
-                           ) -> list[dict[str, object]]:
+async def task_confessions(js: JetStreamContext, task_id: str) -> list[dict[str, object]]:
     """The confessions on a task's timeline (agent's and platform's), oldest first."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10.0)
-    sub = await js.subscribe(subjects.event(task_id, "confession"),
-                             stream=subjects.STREAM_EVENTS, ordered_consumer=True,
-                             config=config)
-    found: list[dict[str, object]] = []
-    try:
-        while len(found) < limit:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except nats.errors.TimeoutError:
-                break
-            event = codec.any_decoder.decode(msg.data)
-            if isinstance(event, dict):
-                found.append(event)
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return found
+    stored = await read_stored(js, subjects.STREAM_EVENTS, subjects.event(task_id, "confession"),
+                               limit=200, idle_s=0.5)
+    events = [codec.any_decoder.decode(data) for data in stored]
+    return [e for e in events if isinstance(e, dict)]

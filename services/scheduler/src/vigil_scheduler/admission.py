@@ -13,7 +13,7 @@ import msgspec
 
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
-from vigil.messages import TaskSpec, TaskState, WorkItem
+from vigil.messages import TaskState, WorkItem
 from vigil_scheduler.settings import SchedulerSettings
 
 
@@ -118,7 +118,3 @@ def failed_state(reject: Reject, seq: int, now: datetime) -> TaskState | None:
         submit_seq=seq,
     )
 
-
-def spec_of(state: TaskState) -> TaskSpec:
-    assert state.spec is not None
-    return state.spec
