@@ -87,8 +87,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from vigil import subjects
 from vigil.consume import PullConsumer
 from vigil.embedded import Stack, StackConfig
-from vigil.natsserver import NatsServer, User, check_version, find_binary
-from vigil.permissions import service_permissions
+from vigil.natsserver import find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -268,27 +267,6 @@ def free_port_block(count: int, avoid: Iterable[int] = (), host: str = "127.0.0.
 
 
 # The stack -----------------------------------------------------------------------------------
-class DefaultFsyncStack(Stack):
-    """``vigil up`` with nats-server's default fsync policy instead of ``sync_interval: always``.
-
-    Stack hard-codes ``sync_always=True``; this repeats its ``_start_nats`` with the other
-    durability class and leaves everything else about the stack as it is.
-    """
-
-    async def _start_nats(self, secrets_: dict[str, str]) -> None:
-        binary = find_binary()
-        version = check_version(binary)
-        users = [User("admin", secrets_["admin"])]
-        for name, (pub, sub) in service_permissions().items():
-            users.append(User(name, secrets_[name], publish=pub, subscribe=sub))
-        self.nats = NatsServer(
-            store_dir=self.data / "nats", port=self.config.nats_port, host=self.config.host,
-            sync_always=False, users=users, binary=binary,
-        )
-        await self.nats.start()
-        self.say(f"  ✓ nats      {self.nats.url}  ({version}, JetStream, default fsync)")
-
-
 def stack_say(text: str) -> None:
     say(text.strip())
 
@@ -301,10 +279,10 @@ async def running_stack(runtime: str, slots: int, sync_always: bool) -> AsyncIte
     config = StackConfig(
         data_dir=data, nats_port=nats_port, http_port=free_port_block(4, avoid=[nats_port]),
         runtime=runtime, slots=slots, podman_user=PODMAN_USER,
+        sync_always=sync_always,
         extra_env={"VIGIL_UNSAFE_RUNTIME": "1"} if runtime != "podman" else {},
     )
-    cls = Stack if sync_always else DefaultFsyncStack
-    stack = cls(config, say=stack_say)
+    stack = Stack(config, say=stack_say)
     try:
         await stack.start()
         check_durability(stack, sync_always)
@@ -313,22 +291,14 @@ async def running_stack(runtime: str, slots: int, sync_always: bool) -> AsyncIte
         say(f"stopping the stack in {data}")
         await stack.stop()
         shutil.rmtree(data, ignore_errors=True)
-        remove_socket_dir(stack)
 
 
 def check_durability(stack: Stack, sync_always: bool) -> None:
-    """Guard against measuring the wrong class (DefaultFsyncStack copies Stack's code)."""
+    """Guard against measuring the wrong durability class."""
     assert stack.nats is not None
     text = stack.nats.config_file.read_text(encoding="utf-8")
     if ("sync_interval: always" in text) != sync_always:
         raise BenchError(f"nats-server config does not match sync_always={sync_always}:\n{text}")
-
-
-def remove_socket_dir(stack: Stack) -> None:
-    """Stack.stop() removes the Podman socket but leaves its per-stack directory behind."""
-    sock = stack.podman_socket
-    if sock is not None and stack.config.stack_id in sock.parent.name:
-        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 # Publishing and watching ---------------------------------------------------------------------
