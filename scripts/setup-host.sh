@@ -47,6 +47,14 @@ rt="$(podman_runtime_dir)"
 if [ ! -d "$rt" ]; then
   "${SUDO[@]}" install -d -m 0700 -o "$PODMAN_USER" -g "$(id -gn "$PODMAN_USER")" "$rt"
 fi
+# A runtime directory outlives its processes here (it is not a tmpfs cleared at logout), so
+# after a reboot or a killed session Podman finds its "alive" marker without the pause
+# process and refuses everything with "invalid internal status". Reset it, as it asks.
+if ! probe="$(as_podman_user podman info --format '{{.Host.RemoteSocket.Path}}' 2>&1 >/dev/null)" &&
+   grep -q 'system migrate' <<<"$probe"; then
+  say "resetting rootless Podman state left by a previous session (podman system migrate)"
+  as_podman_user podman system migrate 2>&1 | grep -v 'shared mount' >&2 || true
+fi
 
 # --- uv and the Python environment ---------------------------------------------------------
 UV="$(command -v uv || true)"
