@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from vigil import __version__, auth, settings
+from vigil import __version__, auth, cli_replay, settings
 from vigil.client import Client, StreamEvent
 from vigil.errors import ApiError, VigilError
 
@@ -463,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--name", default="token", help="a label for the token")
     tc.add_argument("--file", default=".vigil/tokens.json", help="tokens file (VIGIL_TOKENS_FILE)")
     tc.set_defaults(func=cmd_token_create)
+
+    cli_replay.register(sub)
     return p
 
 

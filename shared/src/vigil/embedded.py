@@ -213,7 +213,7 @@ class Stack:
         else:
             data = {}
         changed = False
-        for name in (*SERVICES, "admin", "submit"):
+        for name in (*SERVICES, "admin", "submit", "operator"):
             if name not in data:
                 data[name] = secrets.token_urlsafe(24)
                 changed = True
@@ -234,6 +234,7 @@ class Stack:
         client["nats_url"] = self.nats_url
         assert self.nats is not None
         client["nats_submit_url"] = self.nats.url_for("submit")
+        client["nats_operator_url"] = self.nats.url_for("operator")
         _write_private(client_file, json.dumps(client, indent=2))
         self.token = client["token"]
 

@@ -130,6 +130,14 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     delivery: int = 0
     history: list[AttemptRecord] = []
     tail: list[str] = []  # the last output lines of the newest attempt that ended
+    # Set by the scheduler on a running task: its executor stops the agent (grace period,
+    # then kill) and records ``cancelled``. A new attempt never starts once this is set.
+    cancel_requested_at: datetime | None = None
+    cancel_reason: str | None = None
+    # Operator redrives of a finished task; attempts up to ``budget_from`` were spent
+    # before the newest redrive and no longer count against ``max_attempts``.
+    redriven: int = 0
+    budget_from: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -151,6 +159,35 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: datetime
     submit_seq: int = 0
     revision: int = 0
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Ask the scheduler to cancel a task: publish to ``vigil.control.cancel.<tenant>``.
+
+    A queued or scheduled task ends ``cancelled`` without starting; a running one has its
+    container stopped (grace period, then kill); a finished one is left as it is.
+    """
+
+    task_id: TaskId
+    reason: Annotated[str, Meta(max_length=500)] | None = None
+    requested_by: Annotated[str, Meta(max_length=200)] | None = None
+
+
+class RedriveRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Ask the scheduler to run a finished (``dead``, ``failed``, ``timed_out``) task again
+    as a new attempt with a fresh attempt budget: ``vigil.control.redrive.<tenant>``.
+
+    ``expect_revision`` (the task's KV revision when the operator chose it) makes a
+    repeated request a no-op: once redriven, the revision has moved on.
+    """
+
+    task_id: TaskId
+    reason: Annotated[str, Meta(max_length=500)] | None = None
+    requested_by: Annotated[str, Meta(max_length=200)] | None = None
+    expect_revision: int = 0
+
+
+ControlRequest = CancelRequest | RedriveRequest
 
 
 class Confession(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -250,14 +287,24 @@ class Retrying(Event, tag="retrying", frozen=True, kw_only=True):
     delay_s: float = 0.0
 
 
+class Cancelling(Event, tag="cancelling", frozen=True, kw_only=True):
+    """A running task was asked to stop; its ``finished`` (``cancelled``) follows."""
+
+    reason: str | None = None
+
+
 class Finished(Event, tag="finished", frozen=True, kw_only=True):
     status: Status
     exit_code: int | None = None
     error: str | None = None
     duration_s: float | None = None
     final: bool = True
+    # Set when no ``accepted`` event precedes this one (a submission refused outright), so
+    # the event log alone says whose task it was.
+    tenant: str | None = None
+    submit_seq: int = 0
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
-    Retrying | Finished
+    Retrying | Cancelling | Finished
 )

@@ -78,6 +78,9 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *common,
                 *_pull(subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER),
                 *_pull(subjects.STREAM_ADVISORIES, subjects.CONSUMER_DEAD_LETTERS),
+                *_pull(subjects.STREAM_CONTROL, subjects.CONSUMER_CONTROL),
+                *_read(subjects.STREAM_SUBMIT),  # a redriven task's original spec
+                f"{subjects.CANCEL}.*",
                 f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_WORK}",
                 f"$JS.API.STREAM.MSG.DELETE.{subjects.STREAM_WORK}",
                 *_kv(subjects.KV_TASKS, write=True),
@@ -100,7 +103,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.ISSUES}.executor.>",
                 f"{subjects.ISSUES}.agent.>",
             ],
-            [f"{subjects.inbox('executor')}.>"],
+            [f"{subjects.inbox('executor')}.>", f"{subjects.CANCEL}.*"],
         ),
         "auditor": (
             [
@@ -127,10 +130,18 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_kv(subjects.KV_DELIVERIES, write=False),
                 *_ordered(subjects.STREAM_EVENTS),
                 f"{subjects.SUBMIT}.>",
+                f"{subjects.CONTROL}.cancel.>",
                 f"{subjects.ISSUES}.operator.>",  # incident ack/resolve are confessions
             ],
             [f"{subjects.inbox('gateway')}.>", f"{subjects.EVENTS}.*.accepted",
              f"{subjects.EVENTS}.*.finished"],
+        ),
+        # `vigil replay`: an operator's tool reads every stream, re-publishes ranges, sends
+        # redrives and builds scratch buckets. Broad by nature, but no $SYS and no
+        # impersonation of services' inboxes.
+        "operator": (
+            ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>", "vigil.>"],
+            [f"{subjects.inbox('operator')}.>"],
         ),
         # For raw NATS clients (no Vigil code): submit, and read task state. Not a
         # service: it runs no ensure_topology and sees no events, work or confessions.

@@ -12,6 +12,8 @@ WORK = "vigil.work"  # vigil.work.<pool>                  work items for executo
 EVENTS = "vigil.events"  # vigil.events.<task_id>.<kind>  a task's timeline
 ISSUES = "vigil.issues"  # vigil.issues.<source>.<severity>   confessions
 ALERTS = "vigil.alerts"  # vigil.alerts.<severity>            escalations (auditor)
+CONTROL = "vigil.control"  # vigil.control.<verb>.<tenant>   cancel / redrive requests
+CANCEL = "vigil.cancel"  # vigil.cancel.<task_id>  core NATS: "stop it now" to executors
 
 # Streams, buckets, object stores ------------------------------------------------------------
 STREAM_SUBMIT = "VIGIL_SUBMIT"
@@ -20,6 +22,8 @@ STREAM_EVENTS = "VIGIL_EVENTS"
 STREAM_ISSUES = "VIGIL_ISSUES"
 STREAM_ADVISORIES = "VIGIL_ADVISORIES"
 STREAM_ALERTS = "VIGIL_ALERTS"
+STREAM_CONTROL = "VIGIL_CONTROL"
+KV_REPLAYS = "vigil-replays"
 KV_INCIDENTS = "vigil-incidents"
 KV_DELIVERIES = "vigil-deliveries"
 KV_TASKS = "vigil-tasks"
@@ -31,6 +35,7 @@ CONSUMER_SCHEDULER = "scheduler"
 CONSUMER_AUDITOR = "auditor"
 CONSUMER_DEAD_LETTERS = "scheduler-max-deliveries"
 CONSUMER_NOTIFIER = "auditor-notifier"
+CONSUMER_CONTROL = "scheduler-control"
 
 # The server's advisory when a work message reached the consumer's max deliveries.
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_WORK}"
@@ -52,6 +57,21 @@ MSG_ID = "Nats-Msg-Id"
 
 def submit(tenant: str) -> str:
     return f"{SUBMIT}.{tenant}"
+
+
+def cancel_request(tenant: str) -> str:
+    """Where a :class:`~vigil.messages.CancelRequest` for a task of ``tenant`` goes."""
+    return f"{CONTROL}.cancel.{tenant}"
+
+
+def redrive_request(tenant: str) -> str:
+    """Where a :class:`~vigil.messages.RedriveRequest` for a task of ``tenant`` goes."""
+    return f"{CONTROL}.redrive.{tenant}"
+
+
+def cancel_notice(task_id: str) -> str:
+    """Core NATS nudge to the executor running ``task_id`` (the KV state is the truth)."""
+    return f"{CANCEL}.{task_id}"
 
 
 def work(pool: str) -> str:

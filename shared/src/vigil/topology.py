@@ -155,7 +155,18 @@ ALERTS = Stream(
     duplicate_window_s=3600.0,  # an alert re-published after a crash is the same alert
     description="Incident alerts from the auditor (also sent to webhooks)",
 )
-STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS)
+# Cancel and redrive requests (from the gateway, `vigil replay redrive`, raw clients), kept
+# like submissions so an operator can see who asked for what.
+CONTROL = Stream(
+    name=subjects.STREAM_CONTROL,
+    subjects=(f"{subjects.CONTROL}.>",),
+    retention=RetentionPolicy.LIMITS,
+    max_age_s=7 * DAY,
+    duplicate_window_s=600.0,
+    max_msg_size=16 * 1024,
+    description="Cancel and redrive requests for the scheduler",
+)
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS, CONTROL)
 
 # Deliveries of one work message before the server gives up on it (every lost lease,
 # hand-back and over-capacity nak counts). The scheduler then marks the task dead.
@@ -185,7 +196,16 @@ DELIVERIES = Bucket(
     ttl_s=30 * DAY,
     description="Webhook deliveries of alerts: delivered, or failed after retries",
 )
-BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES)
+# Progress of operator replays that re-publish (`vigil replay stream --to`): the highest
+# source sequence done per replay id, so running a replay again publishes nothing new
+# even after the target's duplicate window has passed.
+REPLAYS = Bucket(
+    name=subjects.KV_REPLAYS,
+    history=1,
+    ttl_s=90 * DAY,
+    description="Operator replays: last source sequence re-published, by replay id",
+)
+BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES, REPLAYS)
 
 CHECKPOINTS = ObjectStore(
     name=subjects.OBJ_CHECKPOINTS,
@@ -205,6 +225,19 @@ def scheduler_consumer() -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_ack_pending=10_000,
+        max_waiting=512,
+    )
+
+
+def control_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_CONTROL,
+        description="Scheduler: cancel and redrive requests",
+        filter_subject=f"{subjects.CONTROL}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_ack_pending=1_000,
         max_waiting=512,
     )
 

@@ -1,0 +1,112 @@
+"""The gateway's HTTP response bodies, as msgspec types.
+
+The gateway encodes its answers with these, the SDK decodes them, and ``/openapi.json``
+is generated from them: one definition, so the document cannot drift from the server.
+Request bodies are :class:`vigil.messages.TaskSpecStrict` (submit) and
+:class:`CancelBody`; a task's full state is :class:`vigil.messages.TaskState`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from vigil.messages import Status, TaskState
+
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    """Stable machine-readable reason, e.g. ``invalid_field``, ``not_found``."""
+    message: str
+    """What went wrong and what to do next, for a human."""
+    field: str | None = None
+    """The request field at fault (a JSON path such as ``$.command``, a query parameter
+    or a header name), when there is one."""
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class TaskLinks(msgspec.Struct, frozen=True, kw_only=True):
+    self: str
+    events: str
+    logs: str
+    cancel: str
+
+
+def task_links(task_id: str) -> TaskLinks:
+    base = f"/v1/tasks/{task_id}"
+    return TaskLinks(self=base, events=f"{base}/events", logs=f"{base}/logs",
+                     cancel=f"{base}/cancel")
+
+
+class SubmitResponse(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tenant: str
+    status: Status | None
+    """The task's status when the answer was made; null if the scheduler has not
+    recorded it yet (the submission is durable all the same)."""
+    links: TaskLinks
+    note: str | None = None
+
+
+class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of ``GET /v1/tasks``: the state without spec, history and output tail."""
+
+    id: str
+    tenant: str
+    status: Status
+    attempt: int = 0
+    executor: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    pool: str = "default"
+    image: str | None = None
+    labels: dict[str, str] = {}
+    cancel_requested_at: datetime | None = None
+
+    @classmethod
+    def of(cls, state: TaskState) -> TaskSummary:
+        spec = state.spec
+        return cls(
+            id=state.id, tenant=state.tenant, status=state.status, attempt=state.attempt,
+            executor=state.executor, exit_code=state.exit_code, error=state.error,
+            created_at=state.created_at, updated_at=state.updated_at,
+            finished_at=state.finished_at,
+            pool=spec.pool if spec else "default",
+            image=spec.image if spec else None,
+            labels=dict(spec.labels) if spec else {},
+            cancel_requested_at=state.cancel_requested_at,
+        )
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True):
+    tasks: list[TaskSummary]
+    """Newest first (by creation time, then id)."""
+    next_cursor: str | None = None
+    """Pass as ``cursor`` for the next page; null on the last page."""
+
+
+class CancelBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of ``POST /v1/tasks/{id}/cancel``."""
+
+    reason: Annotated[str, Meta(max_length=500)] | None = None
+
+
+class CancelResponse(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: Status
+    """``cancelled`` once done; else the task's status while its executor stops it."""
+    cancel_requested_at: datetime | None = None
+    links: TaskLinks
+    note: str | None = None
