@@ -27,7 +27,7 @@ from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import TaskState
 from vigil.ops import OpsServer, add_ops_routes
-from vigil_gateway import incidents
+from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import stream_events, task_confessions
@@ -38,7 +38,7 @@ log = structlog.get_logger("vigil.gateway")
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
-PUBLIC = frozenset({"/healthz", "/metrics"})
+PUBLIC = frozenset({"/healthz", "/metrics", "/openapi.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,6 +55,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._incidents: incidents.Incidents | None = None
         self.ready = asyncio.Event()
+        self._openapi: bytes | None = None
         self.app = self._make_app()
 
     @property
@@ -119,6 +120,7 @@ class Gateway:
             middlewares=[self._errors_mw, self._auth_mw],
         )
         add_ops_routes(app, self.metrics.registry, self._health)
+        app.router.add_get("/openapi.json", self.openapi, name="openapi")
         app.router.add_post("/v1/tasks", self.submit, name="submit")
         app.router.add_get("/v1/tasks/{id}", self.get_task, name="get_task")
         app.router.add_get("/v1/tasks/{id}/events", self.events, name="events")
@@ -189,6 +191,11 @@ class Gateway:
         return p
 
     # handlers -------------------------------------------------------------------------------
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(openapi.document())
+        return web.Response(body=self._openapi, content_type="application/json")
+
     async def submit(self, request: web.Request) -> web.StreamResponse:
         try:
             who = self.principal(request, "submitter")
