@@ -75,6 +75,18 @@ class TokenBook:
             raise SettingsError(f"VIGIL_TOKENS_FILE: {path}: {exc}") from None
         return cls(parsed.tokens)
 
+    @classmethod
+    def parse(cls, text: str, where: str = "VIGIL_TOKENS") -> TokenBook:
+        """Entries from tokens-file JSON held in a string (e.g. an env variable)."""
+        try:
+            parsed = msgspec.json.decode(text.encode(), type=TokensFile)
+        except msgspec.DecodeError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+        return cls(parsed.tokens)
+
+    def merged(self, other: TokenBook) -> TokenBook:
+        return TokenBook([*self._by_digest.values(), *other._by_digest.values()])
+
     def __len__(self) -> int:
         return len(self._by_digest)
 

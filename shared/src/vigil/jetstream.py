@@ -156,7 +156,7 @@ def event_kind(event: Event) -> str:
     return str(type(event).__struct_config__.tag)
 
 
-def event_msg_id(event: Event, n: int | None = None) -> str:
+def event_msg_id(event: Event, n: int | str | None = None) -> str:
     """``<task>:<attempt>:<kind>[:<n>]``: what the event means, so a re-publish dedupes.
 
     ``n`` numbers repeated events of one kind within an attempt (log batches by their first
@@ -167,7 +167,8 @@ def event_msg_id(event: Event, n: int | None = None) -> str:
 
 
 async def publish_event(
-    js: JetStreamContext, event: Event, n: int | None = None, *, deadline_s: float = 30.0
+    js: JetStreamContext, event: Event, n: int | str | None = None, *,
+    deadline_s: float = 30.0
 ) -> PubAck:
     return await publish(
         js,

@@ -124,6 +124,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
             [
                 *common,
                 *_kv(subjects.KV_TASKS, write=False),
+                *_ordered(f"KV_{subjects.KV_TASKS}"),  # the task index for lists
                 *_kv(subjects.KV_CONFESSIONS, write=False),
                 *_kv(subjects.KV_INCIDENTS, write=False),
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch

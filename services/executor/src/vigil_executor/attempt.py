@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -86,6 +87,7 @@ class Attempt:
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
+        self._cancel_event = asyncio.Event()  # the scheduler marked the task cancelled
         self._lease: asyncio.Task[None] | None = None
         self._lease_done = asyncio.Event()
         self._write_lock = asyncio.Lock()  # one state write (and checkpoint) at a time
@@ -130,6 +132,35 @@ class Attempt:
         """Ask this attempt to hand its task back (executor draining)."""
         self._stopping = reason
         self._stop_event.set()
+
+    def cancel(self) -> None:
+        """The task was cancelled: stop the agent (grace, then kill), record ``cancelled``."""
+        if not self._cancel_event.is_set():
+            log.info("cancel_received")
+            self._cancel_event.set()
+
+    async def _cas(self, change: Callable[[TaskState], TaskState]) -> TaskState | None:
+        """Write ``change(state)`` by compare-and-set; None when fenced off.
+
+        Besides this attempt, only the scheduler writes a running task: it marks a cancel
+        request. That moves the revision without taking the task away, so a failed CAS
+        is retried on the fresh state while it is still this attempt's (same attempt,
+        executor, work message and delivery); anything else is a newer attempt's task.
+        """
+        assert self.state is not None
+        for _ in range(5):
+            updated = change(self.state)
+            rev = await self.ex.store.cas(updated, self.revision)
+            if rev is not None:
+                self.state, self.revision = updated, rev
+                return updated
+            got = await self.ex.store.get(self.state.id)
+            if got is None or not _same_attempt(got[0], self.state):
+                return None
+            self.state, self.revision = got
+            if got[0].cancel_requested_at is not None:
+                self.cancel()
+        return None
 
     # steps ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -183,6 +214,10 @@ class Attempt:
             max_attempts = (state.spec.max_attempts if state.spec else None) or 1
             now = utcnow()
             history = list(state.history)
+            if state.cancel_requested_at is not None:
+                # Cancelled while its executor was gone: finish the cancel, run nothing.
+                await self._cancelled_unrun(state, rev)
+                return False
             if state.status == "running":
                 # The previous attempt's executor stopped renewing its lease: it is gone.
                 history.append(AttemptRecord(
@@ -285,12 +320,13 @@ class Attempt:
         pump = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
         stopper = asyncio.create_task(self._stop_event.wait())
+        canceller = asyncio.create_task(self._cancel_event.wait())
         periodic = self._spawn(self._periodic_checkpoints())
         assert self._lease is not None
-        timed_out = False
+        timed_out = cancelled = False
         try:
             done, _ = await asyncio.wait(
-                {waiter, stopper, self._lease}, timeout=spec.timeout_s,
+                {waiter, stopper, canceller, self._lease}, timeout=spec.timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if self._lease in done:
@@ -299,7 +335,13 @@ class Attempt:
                 pump.cancel()
                 self._lease.result()  # raises LeaseLost
                 raise LeaseLost("lease renewal ended")
-            if waiter not in done:
+            if waiter not in done and canceller in done:
+                # Cancelled: SIGTERM, the grace period, then SIGKILL. No checkpoint: the
+                # task will not run again.
+                cancelled = True
+                log.info("cancelling_agent", grace_s=ex.settings.stop_grace_s)
+                await self.container.stop(ex.settings.stop_grace_s)
+            elif waiter not in done:
                 if stopper in done:
                     # SIGTERM gives the agent its grace period to checkpoint on its own;
                     # then the stopped agent's workspace is snapshotted (consistent: nothing
@@ -321,6 +363,7 @@ class Attempt:
                                RUNTIME_RETRY_DELAY_S) from None
         finally:
             stopper.cancel()
+            canceller.cancel()
             periodic.cancel()
             if not waiter.done():
                 waiter.cancel()
@@ -330,6 +373,9 @@ class Attempt:
             log.warning("output_stream_did_not_end")
         output.flush()
         ex.metrics.duration.observe(time.monotonic() - started_at)
+        if cancelled:
+            reason = self.state.cancel_reason if self.state else None
+            return Outcome("cancelled", exit_info.exit_code, reason or "cancelled")
         return await self._judge(exit_info, output, timed_out, spec.timeout_s)
 
     async def _fetch_checkpoint(self, into: IO[bytes]) -> bool:
@@ -389,27 +435,29 @@ class Attempt:
     async def _record(self, outcome: Outcome) -> None:
         assert self.state is not None and self.work is not None
         await self.sink.drain()  # the timeline is durable before the outcome
-        async with self._write_lock:
-            now = utcnow()
-            state = self.state
+        now = utcnow()
+        tail = self._tail()
+
+        def finish(state: TaskState) -> TaskState:
             record = AttemptRecord(attempt=state.attempt, executor=state.executor,
                                    started_at=state.started_at, ended_at=now,
                                    outcome=outcome.status, error=outcome.error)
-            drop_checkpoint = outcome.status == "succeeded" and state.checkpoint is not None
-            final = msgspec.structs.replace(
+            return msgspec.structs.replace(
                 state, status=outcome.status, exit_code=outcome.exit_code,
                 error=outcome.error, finished_at=now, updated_at=now,
-                history=[*state.history, record][-HISTORY_KEPT:], tail=self._tail(),
+                history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
                 # A failed task keeps its last checkpoint as evidence; a finished one
                 # needs it no more.
-                checkpoint=None if drop_checkpoint else state.checkpoint,
+                checkpoint=None if outcome.status == "succeeded" else state.checkpoint,
             )
-            rev = await self.ex.store.cas(final, self.revision)
-            if rev is None:
+
+        async with self._write_lock:
+            checkpoint = self.state.checkpoint
+            final = await self._cas(finish)
+            if final is None:
                 raise LeaseLost("a newer attempt owns the task; not recording this outcome")
-            self.state, self.revision = final, rev
-        if drop_checkpoint and state.checkpoint is not None:
-            self.ex.checkpoints.delete_later(state.checkpoint.name)
+        if outcome.status == "succeeded" and checkpoint is not None:
+            self.ex.checkpoints.delete_later(checkpoint.name)
         self.ex.metrics.tasks.labels(outcome.status).inc()
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
@@ -484,14 +532,14 @@ class Attempt:
             now = utcnow()
             ref = CheckpointRef(name=saved.name, size=saved.size, digest=saved.digest,
                                 attempt=state.attempt, reason=reason, taken_at=now)
-            updated = msgspec.structs.replace(state, checkpoint=ref, updated_at=now)
-            rev = await self.ex.store.cas(updated, self.revision)
-            if rev is None:
+            previous = state.checkpoint
+            updated_ = await self._cas(
+                lambda s: msgspec.structs.replace(s, checkpoint=ref, updated_at=now))
+            if updated_ is None:
                 # Fenced: a newer attempt owns the task. Its state must not point here.
                 self.ex.checkpoints.delete_later(saved.name)
                 return False, "this attempt no longer owns the task"
-            previous = state.checkpoint
-            self.state, self.revision = updated, rev
+            updated = updated_
         if previous is not None:
             self.ex.checkpoints.delete_later(previous.name)
         self.sink.emit(Checkpoint(
@@ -529,30 +577,53 @@ class Attempt:
         await self.msg.ack()
         log.warning("task_dead", error=error)
 
+    async def _cancelled_unrun(self, state: TaskState, rev: int) -> None:
+        now = utcnow()
+        error = state.cancel_reason or "cancelled"
+        history = list(state.history)
+        if state.status == "running":
+            history.append(AttemptRecord(
+                attempt=state.attempt, executor=state.executor, started_at=state.started_at,
+                ended_at=now, outcome="lost", error="its executor stopped renewing the lease",
+            ))
+        final = msgspec.structs.replace(state, status="cancelled", error=error, finished_at=now,
+                                        updated_at=now, history=history[-HISTORY_KEPT:])
+        if await self.ex.store.cas(final, rev) is None:
+            raise HandBack("task state changed while recording its cancel", delay_s=1.0)
+        self.ex.metrics.tasks.labels("cancelled").inc()
+        self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
+                                status="cancelled", error=error), once=True)
+        await self.sink.drain()
+        await self.msg.ack()
+        log.info("task_cancelled_unrun")
+
     async def _hand_back(self, exc: HandBack) -> None:
         """Return the task to ``scheduled`` (not spending an attempt) and nak the message."""
         self.ex.metrics.handed_back.labels(exc.reason.split(":")[0][:40]).inc()
         state = self.state
         if state is not None and state.status == "running":
             now = utcnow()
-            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
-                                   started_at=state.started_at, ended_at=now,
-                                   outcome="handed_back", error=exc.reason)
-            back = msgspec.structs.replace(
-                state, status="scheduled", executor=None, updated_at=now,
-                history=[*state.history, record][-HISTORY_KEPT:], tail=self._tail(),
-            )
+            tail = self._tail()
+
+            def back(s: TaskState) -> TaskState:
+                record = AttemptRecord(attempt=s.attempt, executor=s.executor,
+                                       started_at=s.started_at, ended_at=now,
+                                       outcome="handed_back", error=exc.reason)
+                return msgspec.structs.replace(
+                    s, status="scheduled", executor=None, updated_at=now,
+                    history=[*s.history, record][-HISTORY_KEPT:], tail=tail,
+                )
+
             try:
                 async with self._write_lock:
-                    rev = await self.ex.store.cas(back, self.revision)
+                    written = await self._cas(back)
             except NatsUnavailable:
                 return  # the lease will lapse instead; the server redelivers then
-            if rev is None:
+            if written is None:
                 # Someone else holds the task now: a nak from us would redeliver the
                 # message under the new holder's feet. Leave it alone.
                 log.info("hand_back_fenced", reason=exc.reason)
                 return
-            self.state, self.revision = back, rev
             self.sink.emit(Retrying(
                 task_id=state.id, attempt=state.attempt, time=now,
                 reason=exc.reason, delay_s=exc.delay_s,
@@ -626,6 +697,9 @@ class Attempt:
                 raise LeaseLost(
                     f"task is now {current.status if current else 'gone'} with attempt "
                     f"{current.attempt if current else '?'}; this attempt ({attempt}) lost it")
+            if current.cancel_requested_at is not None:
+                # The core-NATS nudge is best effort; the state is the truth.
+                self.cancel()
 
     # agent callbacks ---------------------------------------------------------------------------
     async def _agent_confession(self, confession: Confession) -> None:
@@ -688,3 +762,10 @@ class Attempt:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _same_attempt(current: TaskState, mine: TaskState) -> bool:
+    """Whether ``current`` is still the attempt ``mine`` describes (see Attempt._cas)."""
+    return (current.status == "running" and current.attempt == mine.attempt
+            and current.executor == mine.executor and current.work_seq == mine.work_seq
+            and current.delivery == mine.delivery)

@@ -60,5 +60,7 @@ def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
 
 
 def spent_attempts(state: TaskState) -> int:
-    """Attempts that count against ``max_attempts``: hand-backs (drain) do not."""
-    return sum(1 for h in state.history if h.outcome != "handed_back")
+    """Attempts that count against ``max_attempts``: hand-backs (drain) do not, nor do
+    attempts made before the task's newest operator redrive."""
+    return sum(1 for h in state.history
+               if h.outcome != "handed_back" and h.attempt > state.budget_from)

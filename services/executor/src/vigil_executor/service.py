@@ -124,6 +124,7 @@ class Executor:
                 capacity=s.slots, max_batch=s.slots, heartbeat_s=min(5.0, s.heartbeat_s),
             )
             await self._consumer.start()
+            await self._nc.subscribe(f"{subjects.CANCEL}.*", cb=self._on_cancel_notice)
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
                      runtime=self.runtime.name, http_port=self._ops.port,
                      ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
@@ -135,6 +136,14 @@ class Executor:
 
     async def shutdown(self) -> None:
         self._stop.set()
+
+    async def _on_cancel_notice(self, msg: Msg) -> None:
+        """The scheduler marked a task cancelled: stop it now if it runs here (the
+        heartbeat's state check catches a notice this node missed)."""
+        task_id = subjects.token(msg.subject, 2)
+        for attempt in self._attempts.values():
+            if attempt.work is not None and attempt.work.task_id == task_id:
+                attempt.cancel()
 
     async def _open_runtime(self) -> None:
         delay = 0.2

@@ -21,5 +21,10 @@ class Metrics:
             "vigil_gateway_submissions_total", "Tasks submitted over HTTP, by outcome",
             ["outcome"], registry=r,
         )
-        self.streams = Gauge("vigil_gateway_event_streams", "Open SSE event streams",
-                             registry=r)
+        self.streams = Gauge("vigil_gateway_event_streams",
+                             "Open streaming answers (SSE events, followed logs)", registry=r)
+        self.cancels = Counter("vigil_gateway_cancels_total", "Cancel requests published",
+                               registry=r)
+        self.rate_limited = Counter("vigil_gateway_rate_limited_total",
+                                    "Requests refused with 429 (per-token rate limit)",
+                                    registry=r)

@@ -1,9 +1,17 @@
 """The gateway: Vigil's HTTP API over NATS.
 
 It owns no state: submissions are published to ``vigil.submit.<tenant>`` (the same door a
-raw NATS client uses) and reads come from the ``vigil-tasks`` bucket and the events
-stream. Every request is authenticated by a bearer token mapped to a tenant and a role;
-another tenant's task is indistinguishable from a missing one (404).
+raw NATS client uses), cancels to ``vigil.control.cancel.<tenant>`` (the scheduler acts on
+them), and reads come from the ``vigil-tasks`` bucket (lists from an in-memory index that
+follows it, see index.py) and the events stream.
+
+Every request is authenticated by a bearer token mapped to a tenant and a role
+(viewer < submitter < operator) and rate-limited per token (429 + Retry-After). A token
+sees only its own tenant's tasks, whatever its role: another tenant's task is
+indistinguishable from a missing one (404), never appears in a list or a stream, and a
+``tenant`` filter naming another tenant is refused (403). Cross-tenant work is for
+operators on NATS (``vigil replay``); incidents, which span tenants, are the exception
+(see incidents.py).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import msgspec
 import structlog
@@ -21,17 +30,29 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from vigil import codec, ids, subjects, topology
-from vigil.auth import Principal, Role, TokenBook
+from vigil.api import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    CancelBody,
+    CancelResponse,
+    TaskList,
+    TaskSummary,
+    task_links,
+)
+from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
-from vigil.messages import TaskState
+from vigil.messages import STATUSES, CancelRequest, TaskState
 from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import stream_events, task_confessions
+from vigil_gateway.index import BadCursor, IndexWatcher, Query, decode_cursor, encode_cursor
+from vigil_gateway.logs import stream_logs
 from vigil_gateway.metrics import Metrics
+from vigil_gateway.ratelimit import RateLimiter, retry_after
 from vigil_gateway.settings import GatewaySettings
 
 log = structlog.get_logger("vigil.gateway")
@@ -47,7 +68,9 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.tokens = TokenBook.load(settings.tokens_file) if settings.auth == "tokens" else None
+        self.tokens = _token_book(settings)
+        self.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+        self._index: IndexWatcher | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
@@ -96,11 +119,15 @@ class Gateway:
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
             self._store = await TaskStore.open(self._js)
+            self._index = IndexWatcher(self._js)
+            await self._index.start()
             log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}")
             self.ready.set()
             await self._stop.wait()
         finally:
             await self._ops.stop()
+            if self._index is not None:
+                await self._index.stop()
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
@@ -122,8 +149,11 @@ class Gateway:
         add_ops_routes(app, self.metrics.registry, self._health)
         app.router.add_get("/openapi.json", self.openapi, name="openapi")
         app.router.add_post("/v1/tasks", self.submit, name="submit")
+        app.router.add_get("/v1/tasks", self.list_tasks, name="list_tasks")
         app.router.add_get("/v1/tasks/{id}", self.get_task, name="get_task")
+        app.router.add_post("/v1/tasks/{id}/cancel", self.cancel, name="cancel")
         app.router.add_get("/v1/tasks/{id}/events", self.events, name="events")
+        app.router.add_get("/v1/tasks/{id}/logs", self.logs, name="logs")
         app.router.add_get("/v1/incidents", self.list_incidents, name="incidents")
         app.router.add_get("/v1/incidents/{id}", self.get_incident, name="incident")
         app.router.add_post("/v1/incidents/{id}/ack", self.ack_incident, name="incident_ack")
@@ -165,6 +195,7 @@ class Gateway:
     async def _auth_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC:
             return await handler(request)
+        token = ""
         if self.tokens is None:
             principal = Principal(name="anonymous", tenant=self.settings.default_tenant,
                                   role="operator")
@@ -180,6 +211,14 @@ class Gateway:
                 return error(401, "unauthenticated", "unknown or revoked token",
                              headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
             principal = found
+        caller = digest(token.strip()) if self.tokens is not None else (request.remote or "-")
+        wait = self.limiter.take(caller, time.monotonic())
+        if wait > 0:
+            self.metrics.rate_limited.inc()
+            return error(429, "rate_limited",
+                         f"too many requests for this token (limit {self.limiter.rate:g}/s, "
+                         f"burst {self.limiter.burst}); retry after the Retry-After seconds",
+                         headers={"Retry-After": retry_after(wait)})
         request[PRINCIPAL] = principal
         return await handler(request)
 
@@ -276,16 +315,17 @@ class Gateway:
         return web.json_response(body, status=status,
                                  headers={"Location": f"/v1/tasks/{task_id}"})
 
-    async def _visible(self, request: web.Request) -> tuple[TaskState, int] | web.Response:
+    async def _visible(self, request: web.Request, role: Role = "viewer"
+                       ) -> tuple[TaskState, int] | web.Response:
         try:
-            who = self.principal(request, "viewer")
+            who = self.principal(request, role)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         task_id = request.match_info["id"]
         if not ids.is_valid_id(task_id):
             return error(404, "not_found", f"no task {task_id!r}")
         found = await self.store.get(task_id)
-        if found is None or found[0].tenant != who.tenant:
+        if found is None or not _sees(who, found[0].tenant):
             return error(404, "not_found", f"no task {task_id!r}")
         return found
 
@@ -326,6 +366,89 @@ class Gateway:
             self.metrics.streams.dec()
 
 
+    async def list_tasks(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        query = _list_query(request, who)
+        if isinstance(query, web.Response):
+            return query
+        watcher = self._index
+        if watcher is None:
+            raise NatsUnavailable("not connected to NATS yet")
+        if not watcher.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watcher.ready.wait(), self.settings.submit_wait_s)
+            if not watcher.ready.is_set():
+                return error(503, "warming_up", "the task index is still loading; retry "
+                             "shortly", headers={"Retry-After": "2"})
+        tasks, after = watcher.index.query(query)
+        body = TaskList(tasks=tasks, next_cursor=encode_cursor(after) if after else None)
+        return web.Response(body=codec.encode(body), content_type="application/json")
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        found = await self._visible(request, "submitter")
+        if isinstance(found, web.Response):
+            return found
+        state = found[0]
+        who: Principal = request[PRINCIPAL]
+        raw = await request.read()
+        try:
+            body = (_cancel_body_decoder.decode(raw) if raw.strip() else CancelBody())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            message, field = codec.error_field(exc)
+            malformed = isinstance(exc, msgspec.DecodeError) and not isinstance(
+                exc, msgspec.ValidationError)
+            return error(400 if malformed else 422,
+                         "invalid_json" if malformed else "invalid_field", message,
+                         field=field)
+        if state.status == "cancelled":
+            return _cancel_answer(TaskSummary.of(state), 200, "the task was already cancelled")
+        if state.terminal:
+            return error(409, "finished", f"task {state.id} already finished "
+                         f"({state.status}); there is nothing to cancel")
+        request_ = CancelRequest(task_id=state.id, reason=body.reason,
+                                 requested_by=f"{who.name} ({who.role})")
+        await publish(self.js, subjects.cancel_request(state.tenant), codec.encode(request_),
+                      f"cancel:{state.id}", deadline_s=10.0)
+        self.metrics.cancels.inc()
+        log.info("task_cancel_requested", task_id=state.id, tenant=state.tenant,
+                 by=who.name, status=state.status)
+        assert self._index is not None
+        seen = await self._index.wait_for(
+            state.id, lambda t: t.status in _FINAL or t.cancel_requested_at is not None,
+            self.settings.submit_wait_s)
+        if seen is not None and seen.status in _FINAL and seen.status != "cancelled":
+            return error(409, "finished", f"task {state.id} finished ({seen.status}) before "
+                         "the cancel took effect")
+        summary = seen or TaskSummary.of(state)
+        note = None
+        if summary.status != "cancelled":
+            note = ("the task's executor is stopping it (grace period, then kill); follow "
+                    "the events link for its `finished` event")
+        return _cancel_answer(summary, 202, note)
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        found = await self._visible(request)
+        if isinstance(found, web.Response):
+            return found
+        follow = request.query.get("follow", "0")
+        if follow not in ("0", "1", "true", "false"):
+            return error(400, "invalid_query", "follow must be 1 or 0", field="follow")
+        only = request.query.get("stream")
+        if only is not None and only not in ("stdout", "stderr"):
+            return error(400, "invalid_query", "stream must be stdout or stderr",
+                         field="stream")
+        self.metrics.streams.inc()
+        try:
+            return await stream_logs(request, self.js, self.store, found[0],
+                                     follow=follow in ("1", "true"), only=only,
+                                     tick_s=self.settings.sse_keepalive_s,
+                                     stopping=self._stop)
+        finally:
+            self.metrics.streams.dec()
+
     # incidents -----------------------------------------------------------------------------
     def _incidents_store(self) -> incidents.Incidents:
         if self._incidents is None:
@@ -364,3 +487,82 @@ class Gateway:
 
 class _Forbidden(Exception):
     pass
+
+
+_FINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "dead"})
+_cancel_body_decoder = msgspec.json.Decoder(CancelBody)
+
+
+def _sees(who: Principal, tenant: str) -> bool:
+    return who.tenant == tenant
+
+
+def _token_book(settings: GatewaySettings) -> TokenBook | None:
+    if settings.auth != "tokens":
+        return None
+    book = TokenBook([])
+    if settings.tokens_file:
+        book = book.merged(TokenBook.load(settings.tokens_file))
+    if settings.tokens:
+        book = book.merged(TokenBook.parse(settings.tokens))
+    return book
+
+
+def _cancel_answer(summary: TaskSummary, status: int, note: str | None) -> web.Response:
+    body = CancelResponse(id=summary.id, status=summary.status,
+                          cancel_requested_at=summary.cancel_requested_at,
+                          links=task_links(summary.id), note=note)
+    return web.Response(body=codec.encode(body), status=status,
+                        content_type="application/json")
+
+
+def _list_query(request: web.Request, who: Principal) -> Query | web.Response:
+    """Parse and check ``GET /v1/tasks``'s query; a 400 naming the parameter if wrong."""
+    q = request.query
+    known = {"status", "tenant", "label", "created_after", "created_before", "limit", "cursor"}
+    for name in q:
+        if name not in known:
+            return error(400, "invalid_query", f"unknown query parameter {name!r}; known: "
+                         f"{', '.join(sorted(known))}", field=name)
+    statuses = frozenset(x for v in q.getall("status", []) for x in v.split(",") if x)
+    if bad := sorted(statuses - set(STATUSES)):
+        return error(400, "invalid_query", f"unknown status {bad[0]!r}; one of "
+                     f"{', '.join(STATUSES)}", field="status")
+    tenant = q.get("tenant") or who.tenant
+    if tenant != who.tenant:
+        return error(403, "forbidden", f"your token is for tenant {who.tenant!r}; it cannot "
+                     f"list tenant {tenant!r}", field="tenant")
+    labels: list[tuple[str, str]] = []
+    for item in q.getall("label", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return error(400, "invalid_query", f"label takes key=value, not {item!r}",
+                         field="label")
+        labels.append((key, value))
+    times: dict[str, datetime | None] = {}
+    for name in ("created_after", "created_before"):
+        raw = q.get(name)
+        times[name] = None
+        if raw:
+            try:
+                parsed = datetime.fromisoformat(raw)
+            except ValueError:
+                return error(400, "invalid_query", f"{name} must be an RFC 3339 time such "
+                             f"as 2026-11-26T12:00:00Z, not {raw!r}", field=name)
+            if parsed.tzinfo is None:
+                return error(400, "invalid_query", f"{name} needs a time zone (Z or "
+                             "+hh:mm)", field=name)
+            times[name] = parsed
+    raw_limit = q.get("limit", str(LIST_LIMIT_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        return error(400, "invalid_query", f"limit must be an integer from 1 to "
+                     f"{LIST_LIMIT_MAX}", field="limit")
+    cursor = None
+    if q.get("cursor"):
+        try:
+            cursor = decode_cursor(q["cursor"])
+        except BadCursor as exc:
+            return error(400, "invalid_query", str(exc), field="cursor")
+    return Query(tenant=tenant, statuses=statuses, labels=tuple(labels),
+                 created_after=times["created_after"], created_before=times["created_before"],
+                 limit=int(raw_limit), cursor=cursor)

@@ -18,6 +18,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     (development only) treats every caller as an operator of VIGIL_DEFAULT_TENANT."""
     tokens_file: str = ""
     """JSON file of hashed tokens (see ``vigil token create``)."""
+    tokens: str = ""
+    """The same JSON as a tokens file, inline (for container platforms that inject
+    secrets as env); merged with VIGIL_TOKENS_FILE. Digests only, never tokens."""
+    rate_limit_rps: Annotated[float, Meta(ge=0)] = 50.0
+    """Requests per second per token (a token bucket); 0 turns the limit off."""
+    rate_limit_burst: Annotated[int, Meta(ge=1)] = 100
+    """Requests a token may make at once before VIGIL_RATE_LIMIT_RPS applies; over it: 429
+    with Retry-After."""
     default_tenant: Annotated[str, Meta(pattern=ID_PATTERN)] = "default"
     submit_wait_s: Annotated[float, Meta(ge=0, le=60)] = 5.0
     """How long POST /v1/tasks waits for the scheduler to accept the task."""
@@ -27,8 +35,9 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """Comment lines on idle event streams, so proxies keep them open."""
 
     def __post_init__(self) -> None:
-        if self.auth == "tokens" and not self.tokens_file:
+        if self.auth == "tokens" and not self.tokens_file and not self.tokens:
             raise ValueError(
-                "VIGIL_TOKENS_FILE is required (create one with `vigil token create`), or set "
+                "VIGIL_TOKENS_FILE (or VIGIL_TOKENS) is required (create one with `vigil token "
+                "create`), or set "
                 "VIGIL_AUTH=none for an unauthenticated development gateway"
             )

@@ -20,6 +20,12 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.control = Counter(
+            "vigil_scheduler_control_total",
+            "Cancel and redrive requests handled, by verb and outcome",
+            ["verb", "outcome"],
+            registry=self.registry,
+        )
         self.admission_seconds = Histogram(
             "vigil_scheduler_admission_seconds",
             "Time from receiving a submission to the work item being durable",

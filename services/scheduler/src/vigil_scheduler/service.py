@@ -45,6 +45,7 @@ from vigil.messages import (
 from vigil.ops import OpsServer, ops_app
 from vigil.settings import default_node_id
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
+from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
 from vigil_scheduler.metrics import Metrics
 from vigil_scheduler.settings import SchedulerSettings
@@ -64,6 +65,7 @@ class Scheduler:
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
         self._consumer: PullConsumer | None = None
+        self._control: Control | None = None
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -91,13 +93,19 @@ class Scheduler:
             max_batch=s.batch,
         )
         await self._consumer.start()
+        await topology.ensure_consumer(
+            self._js, subjects.STREAM_CONTROL, topology.control_consumer()
+        )
+        self._control = Control(self._nc, self._js, self._store, self._confess,
+                                self._count_control)
         dead_letters = asyncio.create_task(
             DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
+        control = asyncio.create_task(self._control.run(self._stop))
         log.info("scheduler_started", http_port=self._ops.port, batch=s.batch)
         self.ready.set()
         try:
             await self._loop()
-            await asyncio.wait({dead_letters}, timeout=10)
+            await asyncio.wait({dead_letters, control}, timeout=10)
         finally:
             await self._close()
 
@@ -120,6 +128,12 @@ class Scheduler:
     async def _on_reconnect(self) -> None:
         if self._consumer is not None:
             self._consumer.reset()
+        if self._control is not None:
+            self._control.reset()
+
+    def _count_control(self, what: str) -> None:
+        verb, _, outcome = what.partition(":")
+        self.metrics.control.labels(verb, outcome).inc()
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self._nc is not None and self._nc.is_connected
@@ -286,7 +300,7 @@ class Scheduler:
                 self.metrics.tasks.labels("failed").inc()
                 await self._event(Finished(
                     task_id=state.id, time=state.finished_at or now, status="failed",
-                    error=reject.error,
+                    error=reject.error, tenant=state.tenant, submit_seq=state.submit_seq,
                 ))
         where = f"; recorded as task {recorded_as}" if recorded_as else ""
         log.warning("submission_rejected", error=reject.error, field=reject.field,
