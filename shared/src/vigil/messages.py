@@ -49,6 +49,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How a task whose agent fails (non-zero exit) is retried, up to ``max_attempts``.
+
+    The n-th retry waits ``min(backoff_max_s, backoff_s * 2**(n-1))``, spread by
+    ``±jitter`` (a fraction) so that a burst of failures does not retry in lockstep. An
+    exit code in ``non_retryable_exit_codes`` ends the task ``failed`` at once.
+    Infrastructure failures (a lost node, a missing image, a drain) never count as attempts.
+    """
+
+    backoff_s: Annotated[float, Meta(ge=0, le=3_600)] = 1.0
+    backoff_max_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    non_retryable_exit_codes: Annotated[list[int], Meta(max_length=256)] = []
+
+
+PRIORITY_DEFAULT = 5
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a user submits: run ``command`` in ``image`` until it finishes.
 
@@ -64,6 +82,15 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     max_attempts: Annotated[int, Meta(ge=1, le=100)] | None = None
     labels: dict[LabelKey, LabelValue] = {}
     pool: Name = "default"
+    priority: Annotated[int, Meta(ge=0, le=9)] = PRIORITY_DEFAULT
+    """0-9, higher first, among one tenant's queued tasks (tenants share fairly)."""
+    node_labels: dict[LabelKey, LabelValue] = {}
+    """Labels an executor of ``pool`` must advertise to run this task."""
+    not_before: datetime | None = None
+    """Do not start before this time (delayed start)."""
+    queue_timeout_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] | None = None
+    """Give up (``timed_out``) if not started this long after submission (or not_before)."""
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
         for name in self.env:
@@ -75,6 +102,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
                 )
         if len(self.labels) > 64:
             raise ValueError("at most 64 labels are allowed - at `$.labels`")
+        if self.not_before is not None and self.not_before.tzinfo is None:
+            raise ValueError("not_before needs a time zone (Z or +hh:mm) - at `$.not_before`")
 
 
 class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +167,10 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     # before the newest redrive and no longer count against ``max_attempts``.
     redriven: int = 0
     budget_from: int = 0
+    # Why a queued task is not running yet, when the scheduler knows (no executor serves
+    # its pool or labels, the tenant is at its running limit, not_before is ahead).
+    waiting: str | None = None
+    retry_at: datetime | None = None  # a failed attempt's retry is due then
 
     @property
     def terminal(self) -> bool:
@@ -287,6 +320,13 @@ class Retrying(Event, tag="retrying", frozen=True, kw_only=True):
     delay_s: float = 0.0
 
 
+class Rejected(Event, tag="rejected", frozen=True, kw_only=True):
+    """Admission refused the task (a tenant quota); its ``finished`` (failed) follows."""
+
+    reason: str
+    limit: str | None = None  # which limit, e.g. "max_queued"
+
+
 class Cancelling(Event, tag="cancelling", frozen=True, kw_only=True):
     """A running task was asked to stop; its ``finished`` (``cancelled``) follows."""
 
@@ -306,5 +346,5 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
-    Retrying | Cancelling | Finished
+    Retrying | Cancelling | Rejected | Finished
 )
