@@ -1,8 +1,9 @@
 """The ``vigil`` command line: run a local stack, submit tasks, inspect them.
 
-Run ``vigil --help`` or ``vigil <command> --help``. The client side reads the gateway URL
-and token from flags, then ``VIGIL_GATEWAY_URL``/``VIGIL_TOKEN``, then the ``client.json``
-that ``vigil up`` writes into its data directory (``./.vigil`` by default).
+Run ``vigil --help`` or ``vigil <command> --help``. The task commands live in
+:mod:`vigil.cli_tasks`, configuration (gateway URL and token: flags, env, a config file,
+``vigil up``'s ``client.json``) in :mod:`vigil.cli_config`, output helpers and exit codes
+in :mod:`vigil.cli_output`.
 """
 
 from __future__ import annotations
@@ -11,206 +12,37 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import msgspec
-
-from vigil import __version__, auth, cli_replay, settings
-from vigil.client import Client, StreamEvent
+from vigil import __version__, auth, cli_config, cli_replay, cli_tasks
+from vigil.cli_config import add_client_flags, open_client
+from vigil.cli_output import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Printer,
+)
+from vigil.client import Client, GatewayError, WaitTimeout
 from vigil.errors import ApiError, VigilError
 
-EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-
-
-class ClientSettings(msgspec.Struct, frozen=True, kw_only=True):
-    gateway_url: str = ""
-    token: str = ""
-    data_dir: str = ".vigil"
-
-
-def _client_config(args: argparse.Namespace) -> tuple[str, str | None]:
-    env = settings.load(ClientSettings, {k: v for k, v in _environ().items()
-                                         if k in ("VIGIL_GATEWAY_URL", "VIGIL_TOKEN",
-                                                  "VIGIL_DATA_DIR")})
-    saved: dict[str, Any] = {}
-    data_dir = Path(getattr(args, "data_dir", None) or env.data_dir)
-    client_file = data_dir / "client.json"
-    if client_file.exists():
-        saved = json.loads(client_file.read_text(encoding="utf-8"))
-    url = getattr(args, "gateway", None) or env.gateway_url or saved.get("url")
-    token = getattr(args, "token", None) or env.token or saved.get("token")
-    if not url:
-        raise VigilError(
-            "no gateway to talk to: start one with `vigil up`, or pass --gateway / set "
-            "VIGIL_GATEWAY_URL (and VIGIL_TOKEN)"
-        )
-    return url, token
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
-
-
-# output -------------------------------------------------------------------------------------
-class Printer:
-    """Human-readable task output: log lines, progress, confessions, the outcome."""
-
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
-        self.color = out.isatty()
-
-    def _c(self, code: str, text: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.color else text
-
-    def event(self, ev: StreamEvent) -> None:
-        d = ev.data
-        if ev.kind == "log":
-            mark = self._c("2", "│") if d.get("stream") == "stdout" else self._c("31", "│")
-            for line in d.get("lines", []):
-                print(f"  {mark} {line}", file=self.out)
-        elif ev.kind == "progress":
-            data = d.get("data", {})
-            text = " ".join(f"{k}={v}" for k, v in data.items())
-            print(f"  {self._c('36', '▸ progress')} {text}", file=self.out)
-        elif ev.kind == "started":
-            print(f"  {self._c('2', '… started')} attempt {d.get('attempt')} on "
-                  f"{d.get('executor')} in {d.get('image')}", file=self.out)
-        elif ev.kind == "confession":
-            print(f"  {self._c('33', '⚑ confession')} [{d.get('severity')}] "
-                  f"{d.get('summary')}", file=self.out)
-        elif ev.kind == "retrying":
-            print(f"  {self._c('33', '↻ retrying')} {d.get('reason')}", file=self.out)
-        elif ev.kind == "checkpoint":
-            print(f"  {self._c('36', '⬇ checkpoint')} {d.get('size')} bytes", file=self.out)
-        self.out.flush()
-
-    def outcome(self, state: Any) -> None:
-        ok = state.status == "succeeded"
-        mark = self._c("32", "✔") if ok else self._c("31", "✘")
-        took = ""
-        if state.started_at and state.finished_at:
-            took = f" in {(state.finished_at - state.started_at).total_seconds():.1f}s"
-        code = f" (exit {state.exit_code})" if state.exit_code is not None else ""
-        print(f"{mark} task {state.id} {state.status}{took}{code}", file=self.out)
-        if state.error:
-            print(f"  error: {state.error}", file=self.out)
-        self.out.flush()
-
-
-async def follow(client: Client, task_id: str, printer: Printer) -> Any:
-    async for ev in client.events(task_id):
-        printer.event(ev)
-    return await client.get(task_id)
-
-
-# commands -----------------------------------------------------------------------------------
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise VigilError(f"{flag} takes KEY=VALUE, not {item!r}")
-        out[key] = value
-    return out
-
-
-def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if args.file:
-        path = Path(args.file)
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VigilError(f"cannot read task file {path}: {exc}") from None
-        if not isinstance(spec, dict):
-            raise VigilError(f"task file {path} must hold a JSON object")
-    command = list(args.command or [])
-    if command and command[0] == "--":
-        command = command[1:]
-    if command:
-        spec["command"] = command
-    if "command" not in spec:
-        raise VigilError("no command: give one after `--` (e.g. vigil submit -- python3 -c "
-                         "'print(1)') or in a task file with -f")
-    for key, value in (("image", args.image), ("id", args.id), ("pool", args.pool),
-                       ("timeout_s", args.timeout), ("max_attempts", args.max_attempts)):
-        if value is not None:
-            spec[key] = value
-    if args.env:
-        spec["env"] = {**spec.get("env", {}), **_pairs(args.env, "--env")}
-    if args.label:
-        spec["labels"] = {**spec.get("labels", {}), **_pairs(args.label, "--label")}
-    return spec
-
-
-async def cmd_submit(args: argparse.Namespace) -> int:
-    spec = _spec_from_args(args)
-    url, token = _client_config(args)
-    async with Client(url, token) as client:
-        try:
-            accepted = await client.submit(spec, idempotency_key=args.idempotency_key)
-        except ApiError as exc:
-            field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
-            print(f"vigil: submission refused: {exc}{field}", file=sys.stderr)
-            return EXIT_USAGE
-        task_id = accepted["id"]
-        if args.json and not args.wait:
-            print(json.dumps(accepted))
-            return EXIT_OK
-        if not args.json:
-            print(f"submitted task {task_id} ({accepted.get('status') or 'pending'})")
-        if not args.wait:
-            print(f"  follow it: vigil status {task_id}   (or vigil submit --wait next time)")
-            return EXIT_OK
-        printer = Printer(sys.stderr if args.json else sys.stdout)
-        state = await follow(client, task_id, printer)
-        if args.json:
-            print(msgspec.json.encode(state).decode())
-        else:
-            printer.outcome(state)
-        return EXIT_OK if state.status == "succeeded" else EXIT_TASK_FAILED
-
-
-async def cmd_status(args: argparse.Namespace) -> int:
-    url, token = _client_config(args)
-    async with Client(url, token) as client:
-        try:
-            state = await client.get(args.task_id)
-            confessions = await client.confessions(args.task_id)
-        except ApiError as exc:
-            print(f"vigil: {exc}", file=sys.stderr)
-            return EXIT_TASK_FAILED if exc.status == 404 else EXIT_USAGE
-    if args.json:
-        print(msgspec.json.encode(state).decode())
-        return EXIT_OK
-    rows = [
-        ("id", state.id), ("tenant", state.tenant), ("status", state.status),
-        ("attempt", state.attempt), ("executor", state.executor or "-"),
-        ("exit code", "-" if state.exit_code is None else state.exit_code),
-        ("error", state.error or "-"), ("created", state.created_at),
-        ("started", state.started_at or "-"), ("finished", state.finished_at or "-"),
-    ]
-    if state.spec is not None:
-        rows.insert(3, ("command", " ".join(state.spec.command)))
-        rows.insert(4, ("image", state.spec.image or "-"))
-    for key, value in rows:
-        print(f"{key:>10}  {value}")
-    for c in confessions:
-        print(f"{'confessed':>10}  [{c.get('severity')}] {c.get('source')}: {c.get('summary')}")
-    return EXIT_OK
-
+# Kept importable from here: other tools built on the CLI use them.
+__all__ = ["EXIT_OK", "EXIT_TASK_FAILED", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "EXIT_USAGE",
+           "Printer", "build_parser", "main"]
 
 async def cmd_up(args: argparse.Namespace) -> int:
     from vigil.embedded import Stack, StackConfig, StackError
 
     config = StackConfig(
-        data_dir=Path(args.data_dir), nats_port=args.nats_port, http_port=args.http_port,
+        data_dir=Path(args.data_dir or cli_config.DEFAULT_DATA_DIR),
+        nats_port=args.nats_port, http_port=args.http_port,
         slots=args.slots, runtime=args.runtime, podman_user=args.podman_user,
         log_level=args.log_level,
         extra_env={"VIGIL_UNSAFE_RUNTIME": "1"} if args.runtime != "podman" else {},
@@ -255,7 +87,8 @@ async def _demo(stack: Any, stop: asyncio.Event) -> int:
         accepted = await client.submit({"command": ["python3", "/opt/vigil/demo_agent.py"],
                                         "labels": {"demo": "1"}})
         print(f"  submitted {accepted['id']}")
-        follow_task = asyncio.create_task(follow(client, accepted["id"], printer))
+        follow_task = asyncio.create_task(cli_tasks.follow_events(client, accepted["id"],
+                                                                  printer))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({follow_task, stopper}, timeout=300,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -309,35 +142,30 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 
 async def cmd_incidents(args: argparse.Namespace) -> int:
-    url, token = _client_config(args)
-    async with Client(url, token) as client:
-        try:
-            if args.action == "list":
-                found = await client.incidents(status=args.status or "",
-                                               severity=args.severity or "",
-                                               tenant=args.tenant or "")
-                if args.json:
-                    print(json.dumps(found, default=str))
-                    return EXIT_OK
-                if not found:
-                    print("no incidents")
-                    return EXIT_OK
-                print(f"{'ID':<26} {'SEVERITY':<9} {'STATUS':<13} {'COUNT':>6}  "
-                      f"{'LAST SEEN':<20} TITLE")
-                for i in found:
-                    print(f"{i['id']:<26} {i['severity']:<9} {i['status']:<13} "
-                          f"{i['count']:>6}  {i['last_seen'][:19]:<20} "
-                          f"{i['source']}: {i['title'][:70]}")
+    async with open_client(args) as client:
+        if args.action == "list":
+            found = await client.incidents(status=args.status or "",
+                                           severity=args.severity or "",
+                                           tenant=args.tenant or "")
+            if args.json:
+                print(json.dumps(found, default=str))
                 return EXIT_OK
-            if not args.incident_id:
-                raise VigilError(f"`vigil incidents {args.action}` needs an incident id")
-            if args.action == "show":
-                data = await client.incident(args.incident_id)
-            else:
-                data = await client.incident_action(args.incident_id, args.action)
-        except ApiError as exc:
-            print(f"vigil: {exc}", file=sys.stderr)
-            return EXIT_TASK_FAILED if exc.status == 404 else EXIT_USAGE
+            if not found:
+                print("no incidents")
+                return EXIT_OK
+            print(f"{'ID':<26} {'SEVERITY':<9} {'STATUS':<13} {'COUNT':>6}  "
+                  f"{'LAST SEEN':<20} TITLE")
+            for i in found:
+                print(f"{i['id']:<26} {i['severity']:<9} {i['status']:<13} "
+                      f"{i['count']:>6}  {i['last_seen'][:19]:<20} "
+                      f"{i['source']}: {i['title'][:70]}")
+            return EXIT_OK
+        if not args.incident_id:
+            raise VigilError(f"`vigil incidents {args.action}` needs an incident id")
+        if args.action == "show":
+            data = await client.incident(args.incident_id)
+        else:
+            data = await client.incident_action(args.incident_id, args.action)
     if args.json or args.action != "show":
         print(json.dumps(data, default=str) if args.json else
               f"incident {data['id']} is now {data['status']}")
@@ -361,27 +189,44 @@ async def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 # parser -------------------------------------------------------------------------------------
+EPILOG = f"""\
+Start with `vigil up`, then `vigil submit --wait -- echo hello`.
+
+everyday use:
+  vigil submit -f task.yaml            vigil list --status active --since 1h
+  vigil logs -f TASK_ID                vigil wait TASK_ID --timeout 600
+  vigil status TASK_ID                 vigil cancel TASK_ID --reason "…" --wait
+
+exit status:
+  {EXIT_OK:<4} ok; the task succeeded
+  {EXIT_TASK_FAILED:<4} the task ended otherwise (failed, cancelled, timed_out, dead); no such task
+  {EXIT_USAGE:<4} bad usage, a bad task file, or the gateway refused the request
+  {EXIT_UNREACHABLE:<4} no gateway (or no NATS behind it) reachable, or rate limited
+  {EXIT_TIMEOUT:<4} a --timeout ran out (the task itself goes on)
+  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
+
+{cli_config.HELP}"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vigil",
         description="Vigil runs long-lived AI agents in rootless containers and keeps them "
         "running through node loss.",
-        epilog="Start with `vigil up`, then `vigil submit --wait -- echo hello`.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"vigil {__version__}")
+    add_client_flags(p, top_level=True)
     sub = p.add_subparsers(dest="command_name", metavar="COMMAND")
-
-    def client_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--gateway", metavar="URL", help="gateway URL (env VIGIL_GATEWAY_URL)")
-        sp.add_argument("--token", help="API token (env VIGIL_TOKEN)")
-        sp.add_argument("--data-dir", help="read URL/token from DIR/client.json "
-                        "(default .vigil, env VIGIL_DATA_DIR)")
 
     up = sub.add_parser("up", help="run NATS, Podman and all four services locally",
                         description="Start a complete local Vigil: a nats-server (JetStream, "
                         "fsync on every write), the rootless Podman API service, and the "
-                        "scheduler, executor, auditor and gateway. Runs until Ctrl-C.")
-    up.add_argument("--data-dir", default=".vigil", help="state, logs, secrets (default .vigil)")
+                        "scheduler, executor, auditor and gateway. Runs until Ctrl-C.",
+                        epilog="examples: vigil up --demo; vigil up --http-port 9080 "
+                        "--nats-port 5222 --data-dir /tmp/vigil")
+    up.add_argument("--data-dir", default=argparse.SUPPRESS,
+                    help="state, logs, secrets (default .vigil)")
     up.add_argument("--nats-port", type=int, default=4222, help="NATS client port (4222)")
     up.add_argument("--http-port", type=int, default=8080,
                     help="gateway port; the other services use the next three (8080)")
@@ -394,49 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     up.set_defaults(func=cmd_up)
 
-    sm = sub.add_parser("submit", help="submit a task (optionally wait, printing its output)",
-                        description="Submit a task to the gateway.",
-                        epilog="example: vigil submit --wait --env STEPS=3 -- python3 "
-                        "/opt/vigil/demo_agent.py")
-    sm.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
-    sm.add_argument("-f", "--file", help="JSON task spec file (flags override its fields)")
-    sm.add_argument("--image", help="container image (default: the platform's agent image)")
-    sm.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment (repeat)")
-    sm.add_argument("--label", action="append", metavar="KEY=VALUE", help="label (repeat)")
-    sm.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit")
-    sm.add_argument("--max-attempts", type=int, metavar="N", help="attempts before dead")
-    sm.add_argument("--id", help="task id (default: assigned)")
-    sm.add_argument("--pool", help="executor pool (default: default)")
-    sm.add_argument("--idempotency-key", metavar="KEY",
-                    help="submitting again with the same key returns the same task")
-    sm.add_argument("-w", "--wait", action="store_true",
-                    help="follow the task's output until it ends; exit 0 only on success")
-    sm.add_argument("--json", action="store_true", help="print JSON for scripts")
-    client_flags(sm)
-    sm.set_defaults(func=cmd_submit)
-
-    st = sub.add_parser("status", help="show a task's state", description="Show a task's "
-                        "state from the vigil-tasks bucket.")
-    st.add_argument("task_id")
-    st.add_argument("--json", action="store_true", help="print the raw state as JSON")
-    client_flags(st)
-    st.set_defaults(func=cmd_status)
-
-    nc = sub.add_parser("nats-config", help="print a nats-server config with Vigil's users",
-                        description="Print a production nats-server configuration: JetStream "
-                        "with sync_interval: always and one least-privilege user per service "
-                        "(passwords read from $VIGIL_<SERVICE>_PASSWORD).")
-    nc.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server config's default
-    nc.add_argument("--port", type=int, default=4222)
-    nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
-    nc.add_argument("--pool", default="default", help="executor pool the users may pull")
-    nc.add_argument("--server-name", default="vigil-1", help="unique per cluster node")
-    nc.add_argument("--cluster-name", help="join a JetStream cluster of this name (use 3 "
-                    "nodes, and VIGIL_REPLICAS=3 on the services, for R3 streams)")
-    nc.add_argument("--cluster-port", type=int, default=6222)
-    nc.add_argument("--route", action="append", metavar="URL",
-                    help="another node's route URL, nats://host:6222 (repeat)")
-    nc.set_defaults(func=cmd_nats_config)
+    cli_tasks.register(sub)
 
     inc = sub.add_parser("incidents", help="list, show, acknowledge, resolve incidents",
                          description="Incidents are confessions triaged by the auditor: one "
@@ -450,10 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--severity", choices=("info", "warning", "error", "critical"))
     inc.add_argument("--tenant")
     inc.add_argument("--json", action="store_true", help="print JSON for scripts")
-    client_flags(inc)
+    add_client_flags(inc)
     inc.set_defaults(func=cmd_incidents)
 
-    tk = sub.add_parser("token", help="manage gateway API tokens")
+    cli_replay.register(sub)
+    cli_config.register(sub)
+
+    tk = sub.add_parser("token", help="manage gateway API tokens",
+                        description="Manage the gateway's API tokens (stored as digests).",
+                        epilog="example: vigil token create --tenant acme --role submitter "
+                        "--name ci")
     tks = tk.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     tc = tks.add_parser("create", help="create a token and store its digest",
                         description="Create an API token for the gateway. The token is "
@@ -464,11 +273,50 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--file", default=".vigil/tokens.json", help="tokens file (VIGIL_TOKENS_FILE)")
     tc.set_defaults(func=cmd_token_create)
 
-    cli_replay.register(sub)
+    nc = sub.add_parser("nats-config", help="print a nats-server config with Vigil's users",
+                        description="Print a production nats-server configuration: JetStream "
+                        "with sync_interval: always and one least-privilege user per service "
+                        "(passwords read from $VIGIL_<SERVICE>_PASSWORD).",
+                        epilog="example: vigil nats-config --cluster-name vigil --route "
+                        "nats://n2:6222 --route nats://n3:6222 > nats.conf")
+    nc.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server config's default
+    nc.add_argument("--port", type=int, default=4222)
+    nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
+    nc.add_argument("--pool", default="default", help="executor pool the users may pull")
+    nc.add_argument("--server-name", default="vigil-1", help="unique per cluster node")
+    nc.add_argument("--cluster-name", help="join a JetStream cluster of this name (use 3 "
+                    "nodes, and VIGIL_REPLICAS=3 on the services, for R3 streams)")
+    nc.add_argument("--cluster-port", type=int, default=6222)
+    nc.add_argument("--route", action="append", metavar="URL",
+                    help="another node's route URL, nats://host:6222 (repeat)")
+    nc.set_defaults(func=cmd_nats_config)
     return p
 
 
+def api_error(exc: ApiError) -> tuple[str, int]:
+    """A refused request as a message that says what to do next, and the exit status."""
+    status = exc.status
+    if status == 404:
+        return f"{exc}", EXIT_TASK_FAILED
+    if status == 401:
+        return (f"{exc}; pass --token or set VIGIL_TOKEN (a token comes from `vigil token "
+                "create`); `vigil config show` tells which token is in use"), EXIT_USAGE
+    if status == 403:
+        return f"{exc}; ask an operator for a token with that role", EXIT_USAGE
+    if status == 429:
+        wait = exc.retry_after if isinstance(exc, GatewayError) else None
+        after = f" in {wait:g}s" if wait else " later"
+        return f"{exc}; the gateway is rate limiting this token: retry{after}", \
+            EXIT_UNREACHABLE
+    if status >= 500:
+        return f"{exc}; the gateway or NATS behind it is in trouble: see its log, retry " \
+            "shortly", EXIT_UNREACHABLE
+    field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
+    return f"{exc}{field}", EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vigil`` command; exits with the command's status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -476,9 +324,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE)
     try:
         code = asyncio.run(args.func(args))
+    except WaitTimeout as exc:
+        print(f"vigil: {exc}", file=sys.stderr)
+        code = EXIT_TIMEOUT
+    except ApiError as exc:
+        message, code = api_error(exc)
+        print(f"vigil: {message}", file=sys.stderr)
     except VigilError as exc:
         print(f"vigil: {exc}", file=sys.stderr)
         code = EXIT_UNREACHABLE if exc.retryable else EXIT_USAGE
     except KeyboardInterrupt:
-        code = 130
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `vigil logs … | head`: the reader has gone, which is not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = EXIT_OK
     raise SystemExit(code)

@@ -1,11 +1,418 @@
-"""``GET /openapi.json``: the OpenAPI 3.1 document, generated from the msgspec types."""
+"""``GET /openapi.json``: the OpenAPI 3.1 document, generated from the msgspec types.
+
+Bodies are described by the very types the gateway decodes and encodes (``vigil.api``,
+``vigil.messages``, :mod:`vigil_gateway.openapi_types`), turned into JSON Schema 2020-12
+by msgspec, which OpenAPI 3.1 embeds as is. Only what no type can say is written here:
+routes, parameters, status codes and headers. ``tests/test_openapi.py`` fuzzes a live
+gateway against this document, so a route that answers differently fails a test.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
+
+import msgspec
+
+from vigil import api
+from vigil.messages import (
+    ID_PATTERN,
+    RESERVED_ENV_PREFIX,
+    SEVERITIES,
+    STATUSES,
+    AnyEvent,
+    ConfessionEvent,
+    TaskSpecStrict,
+    TaskState,
+)
+from vigil_gateway import openapi_types
+from vigil_gateway.incidents import STATUSES as INCIDENT_STATUSES
+
+Json = dict[str, Any]
+
+VERSION = "1"
+SCHEMAS = "#/components/schemas/{name}"
+MAX_LABELS = 64  # TaskSpec.__post_init__; not expressible as a msgspec constraint
+
+_TYPES: tuple[Any, ...] = (
+    TaskSpecStrict,
+    api.SubmitResponse,
+    TaskState,
+    api.TaskList,
+    api.CancelBody,
+    api.CancelResponse,
+    api.ErrorBody,
+    ConfessionEvent,
+    AnyEvent,  # named "Event" below (a union has no name of its own)
+    openapi_types.Health,
+    openapi_types.Incident,
+    openapi_types.IncidentList,
+)
+
+
+def _ref(name: str) -> Json:
+    return {"$ref": SCHEMAS.format(name=name)}
+
+
+def _json(schema: Json, description: str, headers: Json | None = None) -> Json:
+    response: Json = {"description": description,
+                      "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _text(media_type: str, description: str) -> Json:
+    return {"description": description,
+            "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _event_kinds() -> list[str]:
+    union = msgspec.inspect.type_info(AnyEvent)
+    assert isinstance(union, msgspec.inspect.UnionType)
+    return [str(t.tag) for t in union.types if isinstance(t, msgspec.inspect.StructType)]
+
+
+def _sse_event() -> Json:
+    """Each SSE event (OpenAPI before 3.2: the schema of an event stream is per event)."""
+    return {
+        "type": "object",
+        "required": ["id", "event", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$",
+                   "description": "The event's sequence in the events stream; send it back "
+                                  "as Last-Event-ID to resume after it."},
+            "event": {"type": "string", "enum": _event_kinds()},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": _ref("Event")},
+        },
+    }
+
+
+def _problem(name: str) -> Json:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def _schemas() -> Json:
+    schemas, components = msgspec.json.schema_components(_TYPES, ref_template=SCHEMAS)
+    components["Event"] = {
+        "description": "One task event, tagged by `kind` (the SSE event name).",
+        **schemas[_TYPES.index(AnyEvent)],
+    }
+    # Rules enforced in TaskSpec.__post_init__ (msgspec reports them as validation errors,
+    # so 422), written into the schema so that a client validating locally agrees.
+    for name in ("TaskSpecStrict", "TaskSpec"):
+        props = components[name]["properties"]
+        props["env"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
+        props["labels"]["maxProperties"] = MAX_LABELS
+    _mark_datetimes(components)
+    return dict(sorted(components.items()))
+
+
+def _mark_datetimes(components: Json) -> None:
+    """msgspec writes a datetime as a bare string; say it is RFC 3339 (it encodes it so)."""
+    seen: set[type] = set()
+    todo = list(msgspec.inspect.multi_type_info(_TYPES))
+    while todo:
+        info = todo.pop()
+        if isinstance(info, msgspec.inspect.UnionType):
+            todo += info.types
+        elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.DictType):
+            todo += [info.value_type] if isinstance(info, msgspec.inspect.DictType) \
+                else [info.item_type]
+        elif isinstance(info, msgspec.inspect.StructType) and info.cls not in seen:
+            seen.add(info.cls)
+            props = components[info.cls.__name__]["properties"]
+            for field in info.fields:
+                todo.append(field.type)
+                kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) \
+                    else (field.type,)
+                if any(isinstance(k, msgspec.inspect.DateTimeType) for k in kinds):
+                    schema = props[field.encode_name]
+                    for branch in schema.get("anyOf", [schema]):
+                        if branch.get("type") == "string":
+                            branch["format"] = "date-time"
+
+
+_RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+_ERROR = _ref("ErrorBody")
+
+_RESPONSES: Json = {
+    "BadRequest": _json(_ERROR, "A malformed request: `error.field` names the parameter, "
+                        "header or JSON path at fault."),
+    "Unauthorized": _json(_ERROR, "No bearer token, or an unknown or revoked one.", {
+        "WWW-Authenticate": {"description": "The `Bearer` challenge.",
+                             "schema": {"type": "string"}},
+    }),
+    "Forbidden": _json(_ERROR, "The token's role may not do this (roles: viewer < "
+                       "submitter < operator)."),
+    "NotFound": _json(_ERROR, "No such resource for this token's tenant (another "
+                      "tenant's resource looks exactly like a missing one)."),
+    "RateLimited": _json(_ERROR, "Too many requests for this token (`rate_limited`).",
+                         {"Retry-After": _RETRY_AFTER}),
+    "Unavailable": _json(_ERROR, "NATS is unreachable (`unavailable`); retry shortly.",
+                         {"Retry-After": _RETRY_AFTER}),
+}
+
+_ID_PARAM: Json = {
+    "name": "id", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": ID_PATTERN},
+}
+
+
+def _op(operation_id: str, summary: str, responses: Json, *, public: bool = False,
+        roles: str = "viewer", parameters: list[Json] | None = None,
+        body: Json | None = None, tags: tuple[str, ...] = (), description: str = "") -> Json:
+    """One operation; the errors every authenticated route can answer are added here."""
+    op: Json = {"operationId": operation_id, "summary": summary}
+    if tags:
+        op["tags"] = list(tags)
+    if public:
+        op["security"] = []
+    else:
+        description = f"Needs a token with the {roles} role or above. {description}"
+    if description:
+        op["description"] = description.strip()
+        responses = {**responses, "401": _problem("Unauthorized"),
+                     "429": _problem("RateLimited"), "503": _problem("Unavailable")}
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = body
+    op["responses"] = dict(sorted(responses.items()))
+    return op
+
+
+def _task_paths() -> Json:
+    task_view = {"allOf": [_ref("TaskState"), {
+        "type": "object",
+        "properties": {"confessions": {
+            "type": "array", "items": _ref("ConfessionEvent"),
+            "description": "Present with `?include=confessions`: the task's confessions, "
+                           "oldest first."}},
+    }]}
+    location = {"Location": {"description": "The task's URL.", "schema": {"type": "string"}}}
+    submit = _op(
+        "submitTask", "Submit a task", tags=("tasks",), roles="submitter",
+        parameters=[{
+            "name": "Idempotency-Key", "in": "header", "required": False,
+            "description": "The same key (per tenant) returns the same task instead of a "
+                           "second one, with status 200.",
+            "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+        }],
+        body={"required": True, "content": {"application/json": {
+            "schema": _ref("TaskSpecStrict")}}},
+        responses={
+            "202": _json(_ref("SubmitResponse"), "Accepted: the submission is durable.",
+                         location),
+            "200": _json(_ref("SubmitResponse"),
+                         "A repeat of an earlier request with the same Idempotency-Key.",
+                         location),
+            "400": _problem("BadRequest"),
+            "403": _problem("Forbidden"),
+            "409": _json(_ERROR, "The task id is taken (`exists`, `id_taken`)."),
+            "413": _json(_ERROR, "The body is too large (`body_too_large`)."),
+            "422": _json(_ERROR, "The spec is invalid (`invalid_field`; `error.field` is its "
+                         "JSON path) or the scheduler refused it (`rejected`)."),
+        },
+    )
+    # An empty value is no filter (as an HTML form sends an empty field), so "" is allowed.
+    statuses = {"type": "string", "enum": [*STATUSES, ""]}
+    empty = {"type": "string", "maxLength": 0}
+    list_tasks = _op(
+        "listTasks", "List the tenant's tasks, newest first", tags=("tasks",),
+        description="Unknown query parameters are refused (400); an empty value is the "
+                    "same as none.",
+        parameters=[
+            {"name": "status", "in": "query", "style": "form", "explode": False,
+             "description": "Comma-separated statuses; a task matching any is listed.",
+             "schema": {"type": "array", "items": statuses}},
+            {"name": "tenant", "in": "query",
+             "description": "The token's own tenant (the default). A token only ever "
+                            "sees its own tenant's tasks, whatever its role: naming "
+                            "another tenant is refused (403).",
+             "schema": {"type": "string"}},
+            {"name": "label", "in": "query", "style": "form", "explode": True,
+             "description": "`key=value`, repeatable; a task must carry all of them.",
+             "schema": {"type": "array",
+                        "items": {"type": "string", "pattern": "^[^=]+=.*$"}}},
+            {"name": "created_after", "in": "query",
+             "description": "RFC 3339 time with a zone; only tasks created at or after it.",
+             "schema": {"anyOf": [{"type": "string", "format": "date-time"}, empty]}},
+            {"name": "created_before", "in": "query",
+             "description": "RFC 3339 time with a zone; only tasks created before it.",
+             "schema": {"anyOf": [{"type": "string", "format": "date-time"}, empty]}},
+            {"name": "limit", "in": "query",
+             "schema": {"type": "integer", "minimum": 1, "maximum": api.LIST_LIMIT_MAX,
+                        "default": api.LIST_LIMIT_DEFAULT}},
+            {"name": "cursor", "in": "query",
+             "description": "`next_cursor` of the previous page.",
+             "schema": {"type": "string"}},
+        ],
+        responses={"200": _json(_ref("TaskList"), "A page of tasks."),
+                   "400": _problem("BadRequest"),
+                   "403": _problem("Forbidden")},
+    )
+    get_task = _op(
+        "getTask", "A task's state", tags=("tasks",),
+        parameters=[_ID_PARAM, {
+            "name": "include", "in": "query",
+            "description": "Comma-separated extras: `confessions`.",
+            "schema": {"type": "string"}}],
+        responses={"200": _json(task_view, "The task. A viewer token sees env values "
+                                "as `<redacted>`."),
+                   "404": _problem("NotFound")},
+    )
+    cancel = _op(
+        "cancelTask", "Cancel a task", tags=("tasks",), roles="submitter",
+        parameters=[_ID_PARAM],
+        body={"required": False, "content": {"application/json": {
+            "schema": _ref("CancelBody")}}},
+        responses={
+            "202": _json(_ref("CancelResponse"), "Cancellation requested; the task ends "
+                         "`cancelled` once its executor has stopped it."),
+            "200": _json(_ref("CancelResponse"), "The task was already cancelled."),
+            "400": _problem("BadRequest"),
+            "403": _problem("Forbidden"),
+            "404": _problem("NotFound"),
+            "409": _json(_ERROR, "The task has already finished (`finished`)."),
+            "413": _json(_ERROR, "The body is too large (`body_too_large`)."),
+            "422": _json(_ERROR, "The body is not a valid CancelBody (`invalid_field`)."),
+        },
+    )
+    events = _op(
+        "taskEvents", "Follow a task's events (Server-Sent Events)", tags=("tasks",),
+        parameters=[
+            _ID_PARAM,
+            {"name": "Last-Event-ID", "in": "header",
+             "description": "Resume after this event (its `id`, a stream sequence).",
+             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+            {"name": "last_event_id", "in": "query",
+             "description": "The same as the header, for clients that cannot set it.",
+             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+        ],
+        responses={
+            "200": {"description": "One SSE event per task event, oldest first; comment "
+                                   "lines keep an idle stream open. The stream ends after "
+                                   "the final `finished` event.",
+                    "content": {"text/event-stream": {"schema": _sse_event()}}},
+            "400": _problem("BadRequest"),
+            "404": _problem("NotFound"),
+        },
+    )
+    logs = _op(
+        "taskLogs", "A task's output", tags=("tasks",),
+        parameters=[
+            _ID_PARAM,
+            {"name": "follow", "in": "query",
+             "description": "`1` (or `true`): keep the response open and stream new lines "
+                            "until the task finishes.",
+             "schema": {"type": "string", "enum": ["0", "1", "false", "true"]}},
+            {"name": "stream", "in": "query", "description": "Only this stream's lines.",
+             "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+        ],
+        responses={"200": _text("text/plain", "The output lines, one per line."),
+                   "400": _problem("BadRequest"),
+                   "404": _problem("NotFound")},
+    )
+    return {
+        "/v1/tasks": {"get": list_tasks, "post": submit},
+        "/v1/tasks/{id}": {"get": get_task},
+        "/v1/tasks/{id}/cancel": {"post": cancel},
+        "/v1/tasks/{id}/events": {"get": events},
+        "/v1/tasks/{id}/logs": {"get": logs},
+    }
+
+
+def _incident_paths() -> Json:
+    incident = _ref("Incident")
+    listing = _op(
+        "listIncidents", "Incidents, most recently seen first", tags=("incidents",),
+        parameters=[
+            {"name": "status", "in": "query",
+             "schema": {"type": "string", "enum": list(INCIDENT_STATUSES)}},
+            {"name": "severity", "in": "query",
+             "schema": {"type": "string", "enum": list(SEVERITIES)}},
+            {"name": "tenant", "in": "query", "description": "Only incidents that touched "
+             "this tenant.", "schema": {"type": "string"}},
+        ],
+        responses={"200": _json(_ref("IncidentList"), "The incidents this token may see."),
+                   "400": _problem("BadRequest")},
+    )
+    one = _op("getIncident", "One incident", tags=("incidents",), parameters=[_ID_PARAM],
+              responses={"200": _json(incident, "The incident."),
+                         "404": _problem("NotFound")})
+
+    def action(verb: str, target: str, conflict: bool) -> Json:
+        responses = {
+            "200": _json(incident, f"The incident, now {target}."),
+            "202": _json(incident, "Recorded, but the auditor has not applied it yet "
+                         "(see `note`)."),
+            "403": _problem("Forbidden"),
+            "404": _problem("NotFound"),
+        }
+        if conflict:
+            responses["409"] = _json(_ERROR, "A resolved incident cannot be acknowledged "
+                                     "(`conflict`).")
+        return _op(f"{verb}Incident", f"Mark an incident {target}", tags=("incidents",),
+                   roles="operator", parameters=[_ID_PARAM], responses=responses)
+
+    return {
+        "/v1/incidents": {"get": listing},
+        "/v1/incidents/{id}": {"get": one},
+        "/v1/incidents/{id}/ack": {"post": action("ack", "acknowledged", True)},
+        "/v1/incidents/{id}/resolve": {"post": action("resolve", "resolved", False)},
+    }
+
+
+def _ops_paths() -> Json:
+    health = _ref("Health")
+    return {
+        "/healthz": {"get": _op(
+            "health", "Readiness", public=True, tags=("ops",),
+            responses={"200": _json(health, "Ready."),
+                       "503": _json(health, "Not ready (NATS unreachable or starting).")})},
+        "/metrics": {"get": _op(
+            "metrics", "Prometheus metrics", public=True, tags=("ops",),
+            responses={"200": _text("text/plain", "Prometheus text exposition format.")})},
+        "/openapi.json": {"get": _op(
+            "openapi", "This document", public=True, tags=("ops",),
+            responses={"200": {"description": "OpenAPI 3.1.",
+                               "content": {"application/json": {"schema": {
+                                   "type": "object"}}}}})},
+    }
+
+
+@functools.cache
+def _document() -> Json:
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {
+            "title": "Vigil gateway",
+            "version": VERSION,
+            "description": "Run long-lived AI agents: submit tasks, follow them, cancel "
+                           "them, and see the incidents their confessions raised. Errors "
+                           "are always `{\"error\": {\"code\", \"message\", \"field\"}}`.",
+        },
+        "tags": [{"name": "tasks"}, {"name": "incidents"}, {"name": "ops"}],
+        "security": [{"bearer": []}],
+        "paths": {**_ops_paths(), **_task_paths(), **_incident_paths()},
+        "components": {
+            "schemas": _schemas(),
+            "responses": _RESPONSES,
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "A token from `vigil token create`, mapped to a tenant and "
+                               "a role (viewer, submitter, operator)."}},
+        },
+    }
 
 
 def document() -> dict[str, Any]:
-    """The API description (placeholder until generated from vigil.api types)."""
-    return {"openapi": "3.1.0", "info": {"title": "Vigil gateway", "version": "1"},
-            "paths": {}}
+    """The API description (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_document())
