@@ -35,6 +35,7 @@ from vigil.api import (
     LIST_LIMIT_MAX,
     CancelBody,
     CancelResponse,
+    SubmitResponse,
     TaskList,
     TaskSummary,
     task_links,
@@ -176,8 +177,9 @@ class Gateway:
                 return error(413, "body_too_large",
                              f"request body exceeds {self.settings.max_body_bytes} bytes")
             if exc.status in (404, 405):
+                allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
                 return error(exc.status, "not_found" if exc.status == 404 else "method_not_allowed",
-                             exc.reason)
+                             exc.reason, headers=allow)
             raise
         except NatsUnavailable as exc:
             status = 503
@@ -303,17 +305,15 @@ class Gateway:
 
     def _accepted(self, task_id: str, who: Principal, state: TaskState | None,
                   status: int) -> web.Response:
-        body: dict[str, object] = {
-            "id": task_id,
-            "tenant": who.tenant,
-            "status": state.status if state else None,
-            "links": {"self": f"/v1/tasks/{task_id}", "events": f"/v1/tasks/{task_id}/events"},
-        }
-        if state is None:
-            body["note"] = ("the submission is durable but the scheduler has not accepted it "
-                            "yet; poll the self link")
-        return web.json_response(body, status=status,
-                                 headers={"Location": f"/v1/tasks/{task_id}"})
+        body = SubmitResponse(
+            id=task_id, tenant=who.tenant, status=state.status if state else None,
+            links=task_links(task_id),
+            note=None if state else ("the submission is durable but the scheduler has not "
+                                     "accepted it yet; poll the self link"),
+        )
+        return web.Response(body=codec.encode(body), status=status,
+                            content_type="application/json",
+                            headers={"Location": f"/v1/tasks/{task_id}"})
 
     async def _visible(self, request: web.Request, role: Role = "viewer"
                        ) -> tuple[TaskState, int] | web.Response:
@@ -354,7 +354,7 @@ class Gateway:
         last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         after = 0
         if last:
-            if not last.isdigit():
+            if not (last.isascii() and last.isdigit()):
                 return error(400, "invalid_header", "Last-Event-ID must be a stream sequence",
                              field="Last-Event-ID")
             after = int(last)
@@ -545,8 +545,8 @@ def _list_query(request: web.Request, who: Principal) -> Query | web.Response:
         times[name] = None
         if raw:
             try:
-                parsed = datetime.fromisoformat(raw)
-            except ValueError:
+                parsed = msgspec.convert(raw, datetime)
+            except msgspec.ValidationError:
                 return error(400, "invalid_query", f"{name} must be an RFC 3339 time such "
                              f"as 2026-11-26T12:00:00Z, not {raw!r}", field=name)
             if parsed.tzinfo is None:
@@ -554,7 +554,8 @@ def _list_query(request: web.Request, who: Principal) -> Query | web.Response:
                              "+hh:mm)", field=name)
             times[name] = parsed
     raw_limit = q.get("limit", str(LIST_LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+            1 <= int(raw_limit) <= LIST_LIMIT_MAX):
         return error(400, "invalid_query", f"limit must be an integer from 1 to "
                      f"{LIST_LIMIT_MAX}", field="limit")
     cursor = None
