@@ -190,9 +190,11 @@ async def test_a_task_that_keeps_killing_its_executor_goes_dead_with_evidence(
     issues: list[dict],
 ) -> None:
     await platform.scheduler()
-    spec = counter_task("doomed", steps=1000, step_s=0.2, max_attempts=2)
+    # Lost attempts do not spend max_attempts (the node failed, not the agent): even with
+    # one attempt allowed the task runs again after a kill; max_lost_attempts ends the loop.
+    spec = counter_task("doomed", steps=1000, step_s=0.2, max_attempts=1)
     nodes = ["doom-a", "doom-b", "doom-c"]
-    procs = [executor(tmp_path, platform, podman, n) for n in nodes]
+    procs = [executor(tmp_path, platform, podman, n, max_lost_attempts=2) for n in nodes]
     try:
         await procs[0].start().ready()
         await platform.publish_spec(spec)
@@ -206,7 +208,8 @@ async def test_a_task_that_keeps_killing_its_executor_goes_dead_with_evidence(
         assert state.status == "dead"
         assert [(h.attempt, h.outcome) for h in state.history] == [(1, "lost"), (2, "lost")]
         assert state.checkpoint is not None  # the last checkpoint is kept as evidence
-        assert "no attempts left" in (state.error or "")
+        assert "crash loop: 2 attempts lost their executor" in (state.error or "")
+        assert "max_lost_attempts is 2" in (state.error or "")
         assert any(i.get("category") == "task_dead" and i.get("task_id") == "doomed"
                    for i in issues)
         finished, _ = await outcome_of(platform, "doomed")

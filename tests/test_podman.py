@@ -108,12 +108,19 @@ async def test_time_limit_in_container(
     assert state.status == "timed_out"
 
 
-async def test_missing_image_fails_clearly(
+async def test_missing_image_is_handed_back_not_failed(
     platform: Platform, podman: PodmanService
 ) -> None:
+    """A missing image is the node's problem, not the agent's: the task goes back to the
+    queue with a delay (another node may have the image), spending no attempt."""
     await podman_platform(platform, podman)
     await platform.publish_spec({"id": "noimg", "command": ["true"],
-                                 "image": "localhost/does-not-exist:1"})
-    state = await platform.final_state("noimg", timeout=60)
-    assert state.status == "failed"
-    assert "localhost/does-not-exist:1 not found" in (state.error or "")
+                                 "image": "localhost/does-not-exist:1", "queue_timeout_s": 60})
+    retrying = await platform.events.wait_for("noimg", "retrying", timeout=60)
+    assert "localhost/does-not-exist:1 not found on node" in retrying[0]["reason"]
+    assert retrying[0]["delay_s"] == 5.0
+    state = await platform.state("noimg")
+    assert state is not None and state.status == "scheduled"
+    assert [h.outcome for h in state.history] == ["handed_back"]
+    confessions = await platform.confessions(category="image_missing")
+    assert any(c.get("task_id") == "noimg" for c in confessions)

@@ -2,8 +2,9 @@
 
 - **Claim**: compare-and-set the task to ``running`` as attempt n+1. A task whose previous
   attempt is still ``running`` lost its executor (the server redelivered it after the
-  ack wait): that attempt is recorded as ``lost``; after ``max_attempts`` lost attempts the
-  task is ``dead``.
+  ack wait): that attempt is recorded as ``lost``. Lost attempts do not spend
+  ``max_attempts`` (the node failed, not the agent); after ``max_lost_attempts`` of them
+  (an executor setting) the task is ``dead``: a crash loop, or a task that kills nodes.
 - **Run**: create the container; if an earlier attempt left a checkpoint, restore the
   workspace into it first (``VIGIL_RESUMED=1``); start it; keep the lease.
 - **Checkpoint** on the agent's request, periodically if configured, and on drain: the
@@ -11,8 +12,18 @@
 - **Record** the outcome with compare-and-set on the revision this attempt last wrote, so a
   stale attempt (a frozen or partitioned executor) can never overwrite a newer one; ack
   the work message only after the outcome and every event are durable.
-- **Hand back** (drain, Podman trouble): snapshot the stopped agent's workspace, return the
-  task to ``scheduled`` without spending an attempt, and nak the message without delay.
+- **Retry** an agent failure (non-zero exit, OOM kill) while ``max_attempts`` allows and
+  the exit code is retryable (see :mod:`vigil_executor.retry`): the task goes back to
+  ``scheduled`` (CAS) with the failed attempt in its history, its exit code and error
+  still shown and ``retry_at`` set; a ``retrying`` event names the reason; the work
+  message is naked with the backoff as its delay. JetStream's redelivery is the timer,
+  durable and on any node; the redelivery claims attempt n+1 like any other.
+  ``timed_out`` and ``cancelled`` are final, never retried.
+- **Hand back** (drain, Podman trouble, image missing on this node): snapshot the stopped
+  agent's workspace, return the task to ``scheduled`` without spending an attempt, and nak
+  the message (drain: without delay; a missing image: 5 s growing to 60 s, by delivery).
+
+docs/decisions/0009-retries.md has the rule table: which outcomes count, which retry.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -55,7 +67,15 @@ from vigil_executor.claim import (
     Outcome,
     first_running_state,
     judge_delivery,
+    lost_attempts,
     spent_attempts,
+)
+from vigil_executor.retry import (
+    DEFAULT_POLICY,
+    IMAGE_MISSING_MAX_DELAY_S,
+    Verdict,
+    after_failure,
+    image_missing_delay,
 )
 from vigil_executor.runtime import Container, ExitInfo
 from vigil_executor.sandbox import container_spec, workspace_volume
@@ -70,6 +90,9 @@ OUTPUT_GRACE_S = 10.0
 TAIL_LINE_CHARS = 1_000
 HISTORY_KEPT = 50
 RUNTIME_RETRY_DELAY_S = 5.0
+LABELS_RETRY_DELAY_S = 0.5
+# A redelivery this close to its retry_at runs now: server timers and clocks are not exact.
+EARLY_TOLERANCE_S = 0.25
 
 
 class Attempt:
@@ -102,6 +125,15 @@ class Attempt:
             await self._poison(f"undecodable work item: {exc}")
             return
         with bound_contextvars(task_id=self.work.task_id, executor=self.ex.settings.node_id):
+            missing = _missing_labels(self.work.spec.node_labels, self.ex.settings.label_map)
+            if missing:
+                # Not for this node: back to the pool at once (no attempt, no state
+                # change); a node with the labels takes it. The scheduler only queues
+                # tasks some live node can run.
+                log.info("labels_mismatch", missing=missing)
+                with contextlib.suppress(Exception):
+                    await self.msg.nak(delay=LABELS_RETRY_DELAY_S)
+                return
             try:
                 await self._run()
             except LeaseLost as exc:
@@ -171,11 +203,12 @@ class Attempt:
         attempt = self.state.attempt
         with bound_contextvars(attempt=attempt):
             self._lease = asyncio.create_task(self._heartbeat())
+            retry_in: float | None = None
             try:
                 outcome = await self._execute(attempt)
                 # The lease is kept until the ack: recording can take a while if NATS is
                 # slow, and a lapse now would hand a finished task to someone else.
-                await self._record(outcome)
+                retry_in = await self._record(outcome)
             finally:
                 self._lease_done.set()
                 self._lease.cancel()
@@ -183,6 +216,12 @@ class Attempt:
                 if self._lease.done() and not self._lease.cancelled():
                     with contextlib.suppress(LeaseLost, Exception):
                         self._lease.result()
+            if retry_in is not None:
+                # Only now that the heartbeat has stopped: an in-progress ack sent after
+                # the nak would reset the message's timer to the ack wait.
+                with contextlib.suppress(Exception):
+                    await self.msg.nak(delay=retry_in)
+                log.info("task_retrying", delay_s=round(retry_in, 3))
 
     async def _claim(self) -> bool:
         """Move the task to ``running`` as attempt n+1; False when there is nothing to run."""
@@ -211,12 +250,17 @@ class Attempt:
                 log.warning("stale_delivery", delivery=meta.num_delivered, held=state.delivery,
                             holder=state.executor)
                 return False
-            max_attempts = (state.spec.max_attempts if state.spec else None) or 1
             now = utcnow()
             history = list(state.history)
             if state.cancel_requested_at is not None:
                 # Cancelled while its executor was gone: finish the cancel, run nothing.
                 await self._cancelled_unrun(state, rev)
+                return False
+            if early := _retry_not_due(state, now):
+                # Redelivered before its backoff was over (the executor that set it died
+                # before its nak arrived, and the ack wait was shorter): wait out the rest.
+                log.info("retry_not_due", retry_at=str(state.retry_at), wait_s=round(early, 3))
+                await self.msg.nak(delay=early)
                 return False
             if state.status == "running":
                 # The previous attempt's executor stopped renewing its lease: it is gone.
@@ -226,8 +270,9 @@ class Attempt:
                     error="its executor stopped renewing the lease",
                 ))
                 lost = msgspec.structs.replace(state, history=history)
-                if spent_attempts(lost) >= max_attempts:
-                    await self._dead(lost, rev, max_attempts)
+                limit = self.ex.settings.max_lost_attempts
+                if lost_attempts(lost) >= limit:
+                    await self._dead(lost, rev, limit)
                     return False
                 await self._confess(
                     "warning", "lost_heartbeat",
@@ -239,8 +284,8 @@ class Attempt:
             running = msgspec.structs.replace(
                 state, status="running", attempt=state.attempt + 1,
                 executor=self.ex.settings.node_id, started_at=now, updated_at=now,
-                exit_code=None, error=None, finished_at=None, history=history,
-                work_seq=meta.sequence.stream, delivery=meta.num_delivered,
+                exit_code=None, error=None, finished_at=None, history=history[-HISTORY_KEPT:],
+                work_seq=meta.sequence.stream, delivery=meta.num_delivered, retry_at=None,
             )
             new_rev = await store.cas(running, rev)
             if new_rev is not None:
@@ -292,12 +337,20 @@ class Attempt:
                     self.container = await ex.runtime.create(spec)
             await self.container.start()
         except ImageNotFound as exc:
+            # The node's problem, not the task's: another node may have the image (or this
+            # one, once it is pulled). Hand back with a growing delay; no attempt is spent.
+            # The consumer's max deliveries and the queue timeout bound the wait.
             error = f"image {spec.image} not found on node {ex.settings.node_id}"
-            await self._confess("error", "image_missing", error, hint=str(exc))
-            return Outcome("failed", None, error)
+            delay = image_missing_delay(self.msg.metadata.num_delivered)
+            await self._confess("error", "image_missing", error,
+                                hint=f"{exc}; pull it on this node (podman pull {spec.image}) "
+                                "or let a node that has it take the task")
+            raise HandBack(f"{error}; handing the task back", delay,
+                           kind="image missing") from exc
         except RuntimeUnavailable as exc:
             await self._confess("error", "runtime_unavailable", str(exc))
-            raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S) from exc
+            raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S,
+                           kind="container runtime unavailable") from exc
         except VigilError as exc:
             # The runtime refused this container (a bad mount, an invalid setting): a
             # clear failure of this task, not a crash that would loop through redelivery.
@@ -420,8 +473,9 @@ class Attempt:
         if exit_info.oom_killed:
             error = f"killed by the kernel: out of memory (limit {self.ex.settings.memory_mb} MiB)"
             await self._confess("error", "oom", error)
-            return Outcome("failed", code, error)
-        error = f"agent exited with code {code}"
+            return Outcome("failed", code, error,
+                           retryable_cause=f"agent ran out of memory (exit code {code})")
+        cause = error = f"agent exited with code {code}"
         if output.total_lines == 0:
             await self._confess(
                 "warning", "silent_failure", f"agent exited with code {code} without any output",
@@ -430,21 +484,32 @@ class Attempt:
             error += " (no output)"
         elif output.tail:
             error += f"; last output: {output.tail[-1][:300]}"
-        return Outcome("failed", code, error)
+        return Outcome("failed", code, error, retryable_cause=cause)
 
-    async def _record(self, outcome: Outcome) -> None:
+    async def _record(self, outcome: Outcome) -> float | None:
+        """Write the outcome (or the retry) by CAS; the retry's delay, or None when acked."""
         assert self.state is not None and self.work is not None
         await self.sink.drain()  # the timeline is durable before the outcome
         now = utcnow()
         tail = self._tail()
+        if outcome.retryable_cause is not None:
+            verdict = self._verdict(outcome)
+            if verdict.retry:
+                await self._schedule_retry(outcome, verdict, now, tail)
+                return verdict.delay_s
+            outcome = Outcome(outcome.status, outcome.exit_code,
+                              f"{outcome.error}; {verdict.why}")
 
         def finish(state: TaskState) -> TaskState:
+            # A cancel's reason is in the state the scheduler marked (who, and why).
+            error = (state.cancel_reason or outcome.error if outcome.status == "cancelled"
+                     else outcome.error)
             record = AttemptRecord(attempt=state.attempt, executor=state.executor,
                                    started_at=state.started_at, ended_at=now,
-                                   outcome=outcome.status, error=outcome.error)
+                                   outcome=outcome.status, error=error)
             return msgspec.structs.replace(
                 state, status=outcome.status, exit_code=outcome.exit_code,
-                error=outcome.error, finished_at=now, updated_at=now,
+                error=error, finished_at=now, updated_at=now,
                 history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
                 # A failed task keeps its last checkpoint as evidence; a finished one
                 # needs it no more.
@@ -469,6 +534,49 @@ class Attempt:
         log.info("task_finished", status=final.status, exit_code=final.exit_code,
                  container=self.container.id[:12] if self.container else None,
                  image=self.work.spec.image)
+        return None
+
+    def _verdict(self, outcome: Outcome) -> Verdict:
+        assert self.state is not None and self.work is not None
+        if self.state.cancel_requested_at is not None:
+            return Verdict(False, "not retried: the task was cancelled")
+        spec = self.state.spec or self.work.spec
+        return after_failure(
+            spec.retry, exit_code=outcome.exit_code,
+            failures=spent_attempts(self.state) + 1,  # this attempt is not in history yet
+            max_attempts=spec.max_attempts or 1,
+        )
+
+    async def _schedule_retry(self, outcome: Outcome, verdict: Verdict,
+                              now: datetime, tail: list[str]) -> None:
+        """Back to ``scheduled`` with the failure on record; the caller naks the message
+        with the delay once the lease has stopped (see _run)."""
+        assert self.state is not None
+        retry_at = now + timedelta(seconds=verdict.delay_s)
+
+        def again(state: TaskState) -> TaskState:
+            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
+                                   started_at=state.started_at, ended_at=now,
+                                   outcome="failed", error=outcome.error)
+            # exit_code and error stay visible until the next attempt starts; the
+            # checkpoint stays too: the next attempt resumes from it, like any other.
+            return msgspec.structs.replace(
+                state, status="scheduled", executor=None, exit_code=outcome.exit_code,
+                error=outcome.error, updated_at=now, retry_at=retry_at,
+                history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
+            )
+
+        async with self._write_lock:
+            written = await self._cas(again)
+            if written is None:
+                raise LeaseLost("a newer attempt owns the task; not scheduling a retry")
+        self.ex.metrics.retries.inc()
+        self.sink.emit(Retrying(
+            task_id=written.id, attempt=written.attempt, time=now,
+            reason=f"{outcome.retryable_cause} {verdict.why}",
+            delay_s=round(verdict.delay_s, 3),
+        ), once=True)  # once: one per attempt, so the id <task>:<attempt>:retrying is unique
+        await self.sink.drain()
 
     async def _finished_again(self, state: TaskState) -> None:
         """Re-publish a finished task's ``finished`` event (same id: a no-op if it is
@@ -557,14 +665,15 @@ class Attempt:
         tmp.replace(self.control / name)  # atomic: the agent never reads half a file
 
     # failure paths -------------------------------------------------------------------------
-    async def _dead(self, state: TaskState, rev: int, max_attempts: int) -> None:
+    async def _dead(self, state: TaskState, rev: int, limit: int) -> None:
         now = utcnow()
         error = (
-            f"{spent_attempts(state)} of {max_attempts} attempts ended without an outcome "
-            f"(the last on {state.executor}); no attempts left"
+            f"crash loop: {lost_attempts(state)} attempts lost their executor (the last on "
+            f"{state.executor}; max_lost_attempts is {limit}); the task may be killing the "
+            "nodes it runs on"
         )
         dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
-                                       updated_at=now)
+                                       updated_at=now, history=state.history[-HISTORY_KEPT:])
         if await self.ex.store.cas(dead, rev) is None:
             raise HandBack("task state changed while marking it dead", delay_s=1.0)
         self.ex.metrics.tasks.labels("dead").inc()
@@ -599,7 +708,7 @@ class Attempt:
 
     async def _hand_back(self, exc: HandBack) -> None:
         """Return the task to ``scheduled`` (not spending an attempt) and nak the message."""
-        self.ex.metrics.handed_back.labels(exc.reason.split(":")[0][:40]).inc()
+        self.ex.metrics.handed_back.labels(exc.kind or exc.reason.split(":")[0][:40]).inc()
         state = self.state
         if state is not None and state.status == "running":
             now = utcnow()
@@ -612,6 +721,7 @@ class Attempt:
                 return msgspec.structs.replace(
                     s, status="scheduled", executor=None, updated_at=now,
                     history=[*s.history, record][-HISTORY_KEPT:], tail=tail,
+                    retry_at=now + timedelta(seconds=exc.delay_s) if exc.delay_s else None,
                 )
 
             try:
@@ -764,8 +874,25 @@ class Attempt:
         return task
 
 
+def _retry_not_due(state: TaskState, now: datetime) -> float:
+    """Seconds until a ``scheduled`` task's ``retry_at`` (0 when due or unset). Capped by
+    the longest delay the policy can ask for, so a node whose clock runs behind the one
+    that set it cannot hold the task back for long."""
+    if state.status != "scheduled" or state.retry_at is None:
+        return 0.0
+    left = (state.retry_at - now).total_seconds()
+    if left <= EARLY_TOLERANCE_S:
+        return 0.0
+    policy = (state.spec.retry if state.spec else None) or DEFAULT_POLICY
+    return min(left, max(policy.backoff_max_s, IMAGE_MISSING_MAX_DELAY_S))
+
+
 def _same_attempt(current: TaskState, mine: TaskState) -> bool:
     """Whether ``current`` is still the attempt ``mine`` describes (see Attempt._cas)."""
     return (current.status == "running" and current.attempt == mine.attempt
             and current.executor == mine.executor and current.work_seq == mine.work_seq
             and current.delivery == mine.delivery)
+
+
+def _missing_labels(needed: dict[str, str], have: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in needed.items() if have.get(k) != v}

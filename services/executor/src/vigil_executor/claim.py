@@ -15,10 +15,11 @@ from vigil.messages import TaskState, WorkItem
 class HandBack(Exception):
     """Give the task back to the queue without spending an attempt."""
 
-    def __init__(self, reason: str, delay_s: float = 0.0) -> None:
+    def __init__(self, reason: str, delay_s: float = 0.0, *, kind: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
+        self.kind = kind  # a short, bounded label for metrics (the reason may name an image)
 
 
 class LeaseLost(Exception):
@@ -30,6 +31,9 @@ class Outcome:
     status: str
     exit_code: int | None
     error: str | None
+    # Set for the agent's own failures (non-zero exit, OOM kill), which may be retried:
+    # the short cause the ``retrying`` event names, e.g. "agent exited with code 3".
+    retryable_cause: str | None = None
 
 
 def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
@@ -60,7 +64,17 @@ def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
 
 
 def spent_attempts(state: TaskState) -> int:
-    """Attempts that count against ``max_attempts``: hand-backs (drain) do not, nor do
-    attempts made before the task's newest operator redrive."""
+    """Attempts that count against ``max_attempts``: the agent's own failures (``failed``)
+    since the task's newest operator redrive. Lost attempts (the node died), hand-backs
+    (drain, a missing image, Podman trouble) are the platform's problem, not the agent's."""
     return sum(1 for h in state.history
-               if h.outcome != "handed_back" and h.attempt > state.budget_from)
+               if h.outcome == "failed" and h.attempt > state.budget_from)
+
+
+def lost_attempts(state: TaskState) -> int:
+    """Attempts whose executor vanished (``lost``) since the newest operator redrive, in
+    total, not only consecutive ones: a task that kills every node it lands on is a crash
+    loop even if a drain or a failure comes in between. Bounded by the executor's
+    ``max_lost_attempts``."""
+    return sum(1 for h in state.history
+               if h.outcome == "lost" and h.attempt > state.budget_from)

@@ -33,6 +33,10 @@ class Metrics:
         self.leases_lost = Counter(
             "vigil_leases_lost_total", "Tasks whose lease this executor lost", registry=r,
         )
+        self.retries = Counter(
+            "vigil_task_retries_total", "Agent failures sent back for another attempt",
+            registry=r,
+        )
         self.handed_back = Counter(
             "vigil_tasks_handed_back_total", "Tasks naked back (drain, runtime trouble)",
             ["reason"], registry=r,

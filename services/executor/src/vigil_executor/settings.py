@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -16,6 +17,16 @@ def default_podman_url() -> str:
     return f"unix:///run/user/{os.getuid()}/podman/podman.sock"
 
 
+def parse_labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", key):
+            raise ValueError(f"VIGIL_LABELS: {item!r} is not key=value")
+        out[key] = value
+    return out
+
+
 class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     node_id: Annotated[str, Meta(pattern=ID_PATTERN)] = msgspec.field(
         default_factory=default_node_id
@@ -25,6 +36,11 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     """The pool whose work this executor takes (``vigil.work.<pool>``)."""
     slots: Annotated[int, Meta(ge=1, le=512)] = 4
     """Agents run at once on this node."""
+    labels: str = ""
+    """Labels this node advertises, ``key=value`` pairs separated by commas (e.g.
+    ``gpu=a100,zone=eu``); tasks with ``node_labels`` run only where all of them match."""
+    advertise_s: Annotated[float, Meta(gt=0, le=5)] = 2.0
+    """How often the node refreshes its entry in vigil-executors (TTL 15 s)."""
     ack_wait_s: Annotated[float, Meta(ge=2, le=86_400)] = 30.0
     """Lease length: a task whose executor stops renewing is redelivered after this."""
     heartbeat_s: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
@@ -55,11 +71,20 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     (replies to checkpoint requests). Default: /tmp/vigil-executor-<node id>."""
     checkpoint_max_mb: Annotated[int, Meta(ge=1)] = 1024
     """Largest workspace archive a checkpoint may hold; larger fails with a confession."""
+    max_lost_attempts: Annotated[int, Meta(ge=1, le=1_000)] = 5
+    """A task whose attempts lost their executor (node died, lease lapsed) this many times
+    in total since its last redrive is ``dead`` (a crash loop: it may be killing its
+    nodes). Lost attempts do not spend the task's ``max_attempts``; this bounds them."""
     checkpoint_interval_s: Annotated[float, Meta(ge=0)] = 0.0
     """Also checkpoint every this many seconds while an agent runs (0 = only on request
     and on drain). Such snapshots are taken while the agent writes: best effort."""
 
+    @property
+    def label_map(self) -> dict[str, str]:
+        return parse_labels(self.labels)
+
     def __post_init__(self) -> None:
+        parse_labels(self.labels)  # a malformed value fails at start, naming the setting
         if self.heartbeat_s * 2 > self.ack_wait_s:
             raise ValueError(
                 f"heartbeat_s ({self.heartbeat_s}) must be at most half of ack_wait_s "
