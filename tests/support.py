@@ -139,6 +139,15 @@ class Platform:
 
         return await eventually(probe, timeout=timeout, what=f"task {task_id} to finish")
 
+    async def confessions(self, category: str | None = None) -> list[dict[str, Any]]:
+        """Every confession stored on vigil.issues.> (optionally of one category)."""
+        from vigil.jetstream import read_stored
+
+        stored = await read_stored(self.js, subjects.STREAM_ISSUES, f"{subjects.ISSUES}.>",
+                                   idle_s=0.5)
+        found = [json.loads(data) for data in stored]
+        return [c for c in found if category is None or c.get("category") == category]
+
     async def stop(self) -> None:
         for service in reversed(self.services):
             await service.shutdown()
@@ -170,20 +179,23 @@ async def stored_events(js: Any, task_id: str) -> list[dict[str, Any]]:
     return [json.loads(data) for data in stored]
 
 
-class ExecutorProcess:
-    """A real ``vigil-executor`` process, to kill -9, SIGTERM, SIGSTOP for real."""
+class ServiceProcess:
+    """A real Vigil service process, to kill -9, SIGTERM, SIGSTOP for real."""
+
+    service = "executor"
+    ready_line = "executor_started"
 
     def __init__(self, workdir: Any, nats_url: str, node_id: str, **settings: Any) -> None:
         import os
         import sys
 
         self.node_id = node_id
-        self.log_path = workdir / f"executor-{node_id}.log"
+        self.log_path = workdir / f"{self.service}-{node_id}.log"
         self.env = {**os.environ, "VIGIL_NATS_URL": nats_url, "VIGIL_NODE_ID": node_id,
                     "VIGIL_LOG_FORMAT": "json", "VIGIL_HTTP_PORT": "0"}
         for key, value in settings.items():
             self.env[f"VIGIL_{key.upper()}"] = str(value)
-        self.argv = [sys.executable, "-m", "vigil_executor"]
+        self.argv = [sys.executable, "-m", f"vigil_{self.service}"]
         self.process: Any = None
 
     def start(self) -> ExecutorProcess:
@@ -202,10 +214,12 @@ class ExecutorProcess:
     async def ready(self, timeout: float = 30.0) -> ExecutorProcess:
         async def started() -> bool:
             if self.process.poll() is not None:
-                raise AssertionError(f"executor {self.node_id} exited:\n{self.log_text()}")
-            return "executor_started" in self.log_text()
+                raise AssertionError(
+                    f"{self.service} {self.node_id} exited:\n{self.log_text()}")
+            return self.ready_line in self.log_text()
 
-        await eventually(started, timeout=timeout, what=f"executor {self.node_id} to start")
+        await eventually(started, timeout=timeout,
+                         what=f"{self.service} {self.node_id} to start")
         return self
 
     def signal(self, sig: int) -> None:
@@ -227,3 +241,27 @@ class ExecutorProcess:
             self.signal(signal.SIGCONT)
             self.signal(signal.SIGKILL)
             self.process.wait()
+
+
+async def advertise(js: Any, node: str, pool: str = "default", slots: int = 4,
+                    labels: dict[str, str] | None = None) -> None:
+    """Put an executor entry in vigil-executors, as a test's stand-in executor would."""
+    from vigil import codec
+    from vigil.messages import ExecutorInfo, utcnow
+
+    kv = await js.key_value(subjects.KV_EXECUTORS)
+    now = utcnow()
+    await kv.put(node, codec.encode(ExecutorInfo(node=node, pool=pool, slots=slots,
+                                                 labels=labels or {}, started_at=now,
+                                                 seen_at=now)))
+
+
+class ExecutorProcess(ServiceProcess):
+    """A real ``vigil-executor`` process."""
+
+
+class SchedulerProcess(ServiceProcess):
+    """A real ``vigil-scheduler`` process."""
+
+    service = "scheduler"
+    ready_line = "scheduler_started"

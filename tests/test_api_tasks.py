@@ -117,7 +117,8 @@ async def test_cancel_a_queued_task_never_starts_it(api, platform: Platform) -> 
     # No executor serves this pool, so the task waits in the queue.
     task_id = await submit(http, keys["acme"], {"id": "cq", "command": ["true"],
                                                 "pool": "nowhere"})
-    await platform.events.wait_for(task_id, "scheduled")
+    await platform.events.wait_for(task_id, "accepted")
+    assert (await platform.state(task_id)).status == "queued"  # type: ignore[union-attr]
     async with http.post(f"/v1/tasks/{task_id}/cancel", json={"reason": "changed my mind"},
                          headers=bearer(keys["acme"])) as r:
         assert r.status == 202, await r.text()

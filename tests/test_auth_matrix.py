@@ -199,6 +199,7 @@ ROUTES = [
     Route("POST", "/v1/tasks/{A-queued}/cancel", "submitter", "task", b'{"reason": "matrix"}'),
     Route("GET", "/v1/tasks/{A-done}/events", "viewer", "task"),
     Route("GET", "/v1/tasks/{A-done}/logs", "viewer", "task"),
+    Route("GET", "/v1/executors", "viewer", None),
     Route("GET", "/v1/incidents", "viewer", None),
     Route("GET", "/v1/incidents/{inc-A}", "viewer", "incident"),
     Route("POST", "/v1/incidents/{inc-A}/ack", "operator", "incident"),

@@ -12,7 +12,7 @@ import json
 import nats
 import pytest
 
-from support import Platform, eventually, stored_events
+from support import Platform, advertise, eventually, stored_events
 from vigil import subjects
 
 pytestmark = pytest.mark.integration
@@ -231,6 +231,7 @@ async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
                                    topology.executor_consumer("default", ack_wait_s=30))
     naker = PullConsumer(platform.nc, subjects.STREAM_WORK, "executor-default", capacity=4)
     await naker.start()
+    await advertise(platform.js, "naker")  # capacity, so the scheduler releases the task
 
     async def nak_forever() -> None:
         while True:

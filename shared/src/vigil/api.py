@@ -14,7 +14,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from vigil.messages import Status, TaskState
+from vigil.messages import ExecutorInfo, Status, TaskState
 
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
@@ -110,3 +110,34 @@ class CancelResponse(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested_at: datetime | None = None
     links: TaskLinks
     note: str | None = None
+
+
+class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
+    """One live executor, as ``GET /v1/executors`` shows it."""
+
+    node: str
+    pool: str
+    labels: dict[str, str] = {}
+    slots: int
+    running: int
+    free: int
+    draining: bool = False
+    runtime: str
+    version: str = ""
+    started_at: datetime
+    seen_at: datetime
+    tenants: dict[str, int] = {}
+    """Running tasks by tenant; a token sees only its own tenant's count."""
+
+    @classmethod
+    def of(cls, info: ExecutorInfo, tenant: str) -> ExecutorView:
+        mine = {tenant: info.tenants[tenant]} if tenant in info.tenants else {}
+        return cls(node=info.node, pool=info.pool, labels=dict(info.labels), slots=info.slots,
+                   running=info.running, free=info.free, draining=info.draining,
+                   runtime=info.runtime, version=info.version, started_at=info.started_at,
+                   seen_at=info.seen_at, tenants=mine)
+
+
+class ExecutorList(msgspec.Struct, frozen=True, kw_only=True):
+    executors: list[ExecutorView]
+    """Live executors (an entry not refreshed for 15 s has expired), by pool then node."""

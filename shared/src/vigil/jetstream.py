@@ -195,11 +195,13 @@ async def publish_confession(
 
 
 async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit: int = 10_000,
-                      idle_s: float = 1.0) -> list[bytes]:
+                      idle_s: float = 1.0, last_per_subject: bool = False) -> list[bytes]:
     """The payloads a stream holds on ``subject``, oldest first (an ordered consumer read
-    until nothing is pending). Creating the consumer is retried: right after a cluster
-    node dies it can time out while the stream's leadership moves."""
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=10.0)
+    until nothing is pending); with ``last_per_subject`` only the newest of each subject
+    (a KV bucket's current values). Creating the consumer is retried: right after a
+    cluster node dies it can time out while the stream's leadership moves."""
+    policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
+    config = ConsumerConfig(deliver_policy=policy, inactive_threshold=10.0)
     sub = await retrying(f"read {subject}", lambda: js.subscribe(
         subject, stream=stream, ordered_consumer=True, config=config))
     found: list[bytes] = []

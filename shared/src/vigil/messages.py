@@ -79,7 +79,9 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     image: ImageRef | None = None
     env: dict[EnvName, EnvValue] = {}
     timeout_s: Annotated[float, Meta(gt=0, le=14 * 86_400)] | None = None
-    max_attempts: Annotated[int, Meta(ge=1, le=100)] | None = None
+    # At most 40: every attempt, retry and hand-back is one delivery of the work message,
+    # and the server gives up on a message after 50 (topology.MAX_DELIVERIES).
+    max_attempts: Annotated[int, Meta(ge=1, le=40)] | None = None
     labels: dict[LabelKey, LabelValue] = {}
     pool: Name = "default"
     priority: Annotated[int, Meta(ge=0, le=9)] = PRIORITY_DEFAULT
@@ -171,10 +173,32 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     # its pool or labels, the tenant is at its running limit, not_before is ahead).
     waiting: str | None = None
     retry_at: datetime | None = None  # a failed attempt's retry is due then
+    rejected_by: str | None = None  # the tenant limit that refused it (e.g. max_queued)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An executor's advertisement in ``vigil-executors`` (key = node id), refreshed on a
+    heartbeat; the bucket's TTL removes a node that stopped refreshing."""
+
+    node: str
+    pool: str
+    labels: dict[str, str] = {}
+    slots: int
+    running: int = 0
+    tenants: dict[str, int] = {}  # running attempts by tenant (operators only)
+    draining: bool = False
+    runtime: str = "podman"
+    version: str = ""
+    started_at: datetime
+    seen_at: datetime
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else max(0, self.slots - self.running)
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True):

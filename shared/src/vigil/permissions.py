@@ -79,6 +79,15 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_pull(subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER),
                 *_pull(subjects.STREAM_ADVISORIES, subjects.CONSUMER_DEAD_LETTERS),
                 *_pull(subjects.STREAM_CONTROL, subjects.CONSUMER_CONTROL),
+                *_pull(subjects.STREAM_TIMERS, subjects.CONSUMER_TIMERS),
+                f"{subjects.TIMERS}.>",
+                f"{subjects.QUEUE}.>",
+                f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_QUEUE}",
+                f"$JS.API.STREAM.MSG.DELETE.{subjects.STREAM_QUEUE}",
+                f"$JS.API.CONSUMER.INFO.{subjects.STREAM_WORK}.>",  # pool capacity
+                *_ordered(f"KV_{subjects.KV_EXECUTORS}"),
+                *_kv(subjects.KV_EXECUTORS, write=False),
+                *_kv(subjects.KV_LEASES, write=True),
                 *_read(subjects.STREAM_SUBMIT),  # a redriven task's original spec
                 f"{subjects.CANCEL}.*",
                 f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_WORK}",
@@ -95,6 +104,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *common,
                 *_pull(subjects.STREAM_WORK, subjects.consumer_executor(pool)),
                 *_kv(subjects.KV_TASKS, write=True),
+                *_kv(subjects.KV_EXECUTORS, write=True),
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
                 *_read(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_CHECKPOINTS}",
@@ -125,6 +135,8 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *common,
                 *_kv(subjects.KV_TASKS, write=False),
                 *_ordered(f"KV_{subjects.KV_TASKS}"),  # the task index for lists
+                *_kv(subjects.KV_EXECUTORS, write=False),
+                *_ordered(f"KV_{subjects.KV_EXECUTORS}"),  # GET /v1/executors
                 *_kv(subjects.KV_CONFESSIONS, write=False),
                 *_kv(subjects.KV_INCIDENTS, write=False),
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch

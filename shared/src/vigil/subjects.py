@@ -14,6 +14,8 @@ ISSUES = "vigil.issues"  # vigil.issues.<source>.<severity>   confessions
 ALERTS = "vigil.alerts"  # vigil.alerts.<severity>            escalations (auditor)
 CONTROL = "vigil.control"  # vigil.control.<verb>.<tenant>   cancel / redrive requests
 CANCEL = "vigil.cancel"  # vigil.cancel.<task_id>  core NATS: "stop it now" to executors
+QUEUE = "vigil.queue"  # vigil.queue.<pool>.<tenant>.<priority>  admitted, not yet dispatched
+TIMERS = "vigil.timer"  # vigil.timer.<kind>.<task_id>   not_before, queue timeouts
 
 # Streams, buckets, object stores ------------------------------------------------------------
 STREAM_SUBMIT = "VIGIL_SUBMIT"
@@ -23,7 +25,11 @@ STREAM_ISSUES = "VIGIL_ISSUES"
 STREAM_ADVISORIES = "VIGIL_ADVISORIES"
 STREAM_ALERTS = "VIGIL_ALERTS"
 STREAM_CONTROL = "VIGIL_CONTROL"
+STREAM_QUEUE = "VIGIL_QUEUE"
+STREAM_TIMERS = "VIGIL_TIMERS"
 KV_REPLAYS = "vigil-replays"
+KV_EXECUTORS = "vigil-executors"
+KV_LEASES = "vigil-leases"
 KV_INCIDENTS = "vigil-incidents"
 KV_DELIVERIES = "vigil-deliveries"
 KV_TASKS = "vigil-tasks"
@@ -36,6 +42,7 @@ CONSUMER_AUDITOR = "auditor"
 CONSUMER_DEAD_LETTERS = "scheduler-max-deliveries"
 CONSUMER_NOTIFIER = "auditor-notifier"
 CONSUMER_CONTROL = "scheduler-control"
+CONSUMER_TIMERS = "scheduler-timers"
 
 # The server's advisory when a work message reached the consumer's max deliveries.
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_WORK}"
@@ -72,6 +79,14 @@ def redrive_request(tenant: str) -> str:
 def cancel_notice(task_id: str) -> str:
     """Core NATS nudge to the executor running ``task_id`` (the KV state is the truth)."""
     return f"{CANCEL}.{task_id}"
+
+
+def queue(pool: str, tenant: str, priority: int) -> str:
+    return f"{QUEUE}.{pool}.{tenant}.{priority}"
+
+
+def timer(kind: str, task_id: str) -> str:
+    return f"{TIMERS}.{kind}.{task_id}"
 
 
 def work(pool: str) -> str:

@@ -166,7 +166,33 @@ CONTROL = Stream(
     max_msg_size=16 * 1024,
     description="Cancel and redrive requests for the scheduler",
 )
-STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS, CONTROL)
+# The backlog: admitted tasks waiting for capacity, one subject per pool, tenant and
+# priority, so the dispatcher sees per-tenant depths in one stream-info call and takes
+# the head of whichever tenant's turn it is. Entries are deleted once dispatched.
+# Discard-new: when full, admission says so instead of dropping work.
+QUEUE = Stream(
+    name=subjects.STREAM_QUEUE,
+    subjects=(f"{subjects.QUEUE}.>",),
+    retention=RetentionPolicy.LIMITS,
+    discard=DiscardPolicy.NEW,
+    max_msgs=5_000_000,
+    max_age_s=30 * DAY,
+    duplicate_window_s=600.0,
+    max_msg_size=256 * 1024 + 4096,
+    description="Admitted tasks waiting for executor capacity (fair dispatch)",
+)
+# Durable timers (not_before, queue timeouts): the scheduler naks each until it is due.
+TIMERS = Stream(
+    name=subjects.STREAM_TIMERS,
+    subjects=(f"{subjects.TIMERS}.>",),
+    retention=RetentionPolicy.WORK_QUEUE,
+    max_age_s=31 * DAY,
+    duplicate_window_s=600.0,
+    max_msg_size=4096,
+    description="Scheduler timers: delayed starts and queue timeouts",
+)
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS, CONTROL,
+                               QUEUE, TIMERS)
 
 # Deliveries of one work message before the server gives up on it (every lost lease,
 # hand-back and over-capacity nak counts). The scheduler then marks the task dead.
@@ -205,7 +231,24 @@ REPLAYS = Bucket(
     ttl_s=90 * DAY,
     description="Operator replays: last source sequence re-published, by replay id",
 )
-BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES, REPLAYS)
+# Executors advertise pool, labels and free slots here; an entry not refreshed within the
+# TTL is a node gone. Read by the scheduler (capacity, placement) and GET /v1/executors.
+EXECUTORS = Bucket(
+    name=subjects.KV_EXECUTORS,
+    history=1,
+    ttl_s=15.0,
+    description="Live executors by node id (heartbeat with TTL)",
+)
+# Leases for singleton roles (the scheduler's dispatcher): whoever holds the key runs it;
+# a holder that stops renewing loses it when the TTL expires.
+LEASES = Bucket(
+    name=subjects.KV_LEASES,
+    history=1,
+    ttl_s=5.0,
+    description="Leader leases for singleton roles",
+)
+BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES, REPLAYS, EXECUTORS,
+                               LEASES)
 
 CHECKPOINTS = ObjectStore(
     name=subjects.OBJ_CHECKPOINTS,
@@ -238,6 +281,21 @@ def control_consumer() -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_ack_pending=1_000,
+        max_waiting=512,
+    )
+
+
+def timers_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.CONSUMER_TIMERS,
+        description="Scheduler: delayed starts and queue timeouts",
+        filter_subject=f"{subjects.TIMERS}.>",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        # Every timer not yet due is pending on the server (naked with its delay): the
+        # count is bounded by the stream, not by this client's memory.
+        max_ack_pending=-1,
         max_waiting=512,
     )
 

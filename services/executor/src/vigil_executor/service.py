@@ -32,6 +32,7 @@ from vigil_executor.checkpoint import CheckpointStore
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
 from vigil_executor.process import NullRuntime, ProcessRuntime
+from vigil_executor.registry import Advertiser
 from vigil_executor.runtime import Runtime
 from vigil_executor.sandbox import workspace_volume
 from vigil_executor.settings import ExecutorSettings
@@ -67,6 +68,7 @@ class Executor:
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
+        self._advertiser: Advertiser | None = None
         self._naks: set[asyncio.Task[None]] = set()
         self.checkpoints: CheckpointStore
         self.ready = asyncio.Event()
@@ -125,17 +127,28 @@ class Executor:
             )
             await self._consumer.start()
             await self._nc.subscribe(f"{subjects.CANCEL}.*", cb=self._on_cancel_notice)
+            self._advertiser = Advertiser(
+                self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
+                runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants)
+            await self._advertiser.publish()
+            advertising = asyncio.create_task(self._advertiser.run(self._stop))
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
                      runtime=self.runtime.name, http_port=self._ops.port,
                      ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
             self.ready.set()
             await self._loop()
+            await self._advertiser.withdraw()
             await self._drain()
+            await asyncio.wait({advertising}, timeout=5)
+            await self._advertiser.remove()
         finally:
             await self._close()
 
     async def shutdown(self) -> None:
         self._stop.set()
+
+    def _tenants(self) -> list[str]:
+        return [a.work.tenant for a in self._attempts.values() if a.work is not None]
 
     async def _on_cancel_notice(self, msg: Msg) -> None:
         """The scheduler marked a task cancelled: stop it now if it runs here (the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import msgspec
 import nats.errors
 from aiohttp import web
 from nats.js import JetStreamContext
@@ -19,7 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from vigil import codec, subjects
 from vigil.jetstream import TaskStore, read_stored
-from vigil.messages import TaskState
+from vigil.messages import ExecutorInfo, TaskState
 
 
 async def stream_events(
@@ -93,3 +94,24 @@ async def task_confessions(js: JetStreamContext, task_id: str) -> list[dict[str,
                                limit=200, idle_s=0.5)
     events = [codec.any_decoder.decode(data) for data in stored]
     return [e for e in events if isinstance(e, dict)]
+
+
+async def read_executors(js: JetStreamContext) -> list[ExecutorInfo]:
+    """Every live executor's entry in ``vigil-executors``, by pool then node."""
+    bucket = await js.stream_info(f"KV_{subjects.KV_EXECUTORS}")
+    if bucket.state.messages == 0:
+        return []
+    stored = await read_stored(js, f"KV_{subjects.KV_EXECUTORS}",
+                               f"$KV.{subjects.KV_EXECUTORS}.>", limit=10_000, idle_s=0.5,
+                               last_per_subject=True)
+    infos: dict[str, ExecutorInfo] = {}
+    for data in stored:
+        if not data:
+            continue  # a deleted entry (the executor stopped)
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            info = _executor_decoder.decode(data)
+            infos[info.node] = info
+    return sorted(infos.values(), key=lambda i: (i.pool, i.node))
+
+
+_executor_decoder = msgspec.json.Decoder(ExecutorInfo)

@@ -43,6 +43,7 @@ _TYPES: tuple[Any, ...] = (
     api.CancelBody,
     api.CancelResponse,
     api.ErrorBody,
+    api.ExecutorList,
     ConfessionEvent,
     AnyEvent,  # named "Event" below (a union has no name of its own)
     openapi_types.Health,
@@ -369,6 +370,16 @@ def _incident_paths() -> Json:
     }
 
 
+def _executor_paths() -> Json:
+    listing = _op(
+        "listExecutors", "Live executors: pool, labels, slots, what runs", tags=("executors",),
+        description="Each executor refreshes its entry every few seconds; one not seen for "
+                    "15 s is gone. `tenants` shows only the caller's own tenant.",
+        responses={"200": _json(_ref("ExecutorList"), "Live executors by pool, then node.")},
+    )
+    return {"/v1/executors": {"get": listing}}
+
+
 def _ops_paths() -> Json:
     health = _ref("Health")
     return {
@@ -399,9 +410,11 @@ def _document() -> Json:
                            "them, and see the incidents their confessions raised. Errors "
                            "are always `{\"error\": {\"code\", \"message\", \"field\"}}`.",
         },
-        "tags": [{"name": "tasks"}, {"name": "incidents"}, {"name": "ops"}],
+        "tags": [{"name": "tasks"}, {"name": "incidents"}, {"name": "executors"},
+                 {"name": "ops"}],
         "security": [{"bearer": []}],
-        "paths": {**_ops_paths(), **_task_paths(), **_incident_paths()},
+        "paths": {**_ops_paths(), **_task_paths(), **_incident_paths(),
+                  **_executor_paths()},
         "components": {
             "schemas": _schemas(),
             "responses": _RESPONSES,

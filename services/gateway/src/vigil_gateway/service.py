@@ -35,6 +35,8 @@ from vigil.api import (
     LIST_LIMIT_MAX,
     CancelBody,
     CancelResponse,
+    ExecutorList,
+    ExecutorView,
     SubmitResponse,
     TaskList,
     TaskSummary,
@@ -49,7 +51,7 @@ from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
-from vigil_gateway.events import stream_events, task_confessions
+from vigil_gateway.events import read_executors, stream_events, task_confessions
 from vigil_gateway.index import BadCursor, IndexWatcher, Query, decode_cursor, encode_cursor
 from vigil_gateway.logs import stream_logs
 from vigil_gateway.metrics import Metrics
@@ -155,6 +157,7 @@ class Gateway:
         app.router.add_post("/v1/tasks/{id}/cancel", self.cancel, name="cancel")
         app.router.add_get("/v1/tasks/{id}/events", self.events, name="events")
         app.router.add_get("/v1/tasks/{id}/logs", self.logs, name="logs")
+        app.router.add_get("/v1/executors", self.list_executors, name="executors")
         app.router.add_get("/v1/incidents", self.list_incidents, name="incidents")
         app.router.add_get("/v1/incidents/{id}", self.get_incident, name="incident")
         app.router.add_post("/v1/incidents/{id}/ack", self.ack_incident, name="incident_ack")
@@ -263,7 +266,9 @@ class Gateway:
         else:
             task_id = ids.new_task_id()
         existing = await self.store.get(task_id)
-        if existing is not None:
+        if existing is not None and not (existing[0].rejected_by is not None
+                                         and existing[0].tenant == who.tenant):
+            # (A task refused for a tenant limit may be submitted again: a retry.)
             return self._existing(existing[0], who, key)
         spec = msgspec.structs.replace(spec, id=task_id)
         async with Verdict(self.nc, task_id) as verdict:
@@ -279,6 +284,10 @@ class Gateway:
         self.metrics.submissions.labels(kind or "pending").inc()
         state = await self.store.get(task_id) if kind is not None else None
         log.info("task_submitted", task_id=task_id, tenant=who.tenant, verdict=kind)
+        if state is not None and state[0].rejected_by is not None:
+            # Over a tenant limit: try again later, unlike an invalid spec.
+            return error(429, "quota_exceeded", state[0].error or "over a tenant limit",
+                         headers={"Retry-After": "5"})
         if state is not None and state[0].status == "failed" and state[0].attempt == 0:
             # Failed before any attempt: the scheduler refused the spec itself.
             return error(422, "rejected", state[0].error or "the scheduler rejected the task")
@@ -448,6 +457,15 @@ class Gateway:
                                      stopping=self._stop)
         finally:
             self.metrics.streams.dec()
+
+    async def list_executors(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        infos = await read_executors(self.js)
+        body = ExecutorList(executors=[ExecutorView.of(i, who.tenant) for i in infos])
+        return web.Response(body=codec.encode(body), content_type="application/json")
 
     # incidents -----------------------------------------------------------------------------
     def _incidents_store(self) -> incidents.Incidents:

@@ -26,6 +26,11 @@ class Metrics:
             ["verb", "outcome"],
             registry=self.registry,
         )
+        self.dispatched = Counter(
+            "vigil_scheduler_dispatched_total",
+            "Queued tasks released to executors by the dispatcher (fair order)",
+            registry=self.registry,
+        )
         self.admission_seconds = Histogram(
             "vigil_scheduler_admission_seconds",
             "Time from receiving a submission to the work item being durable",

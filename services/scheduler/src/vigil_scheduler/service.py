@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
+from datetime import timedelta
 
 import msgspec
 import structlog
@@ -38,8 +39,9 @@ from vigil.messages import (
     Confession,
     Event,
     Finished,
-    Scheduled,
+    Rejected,
     TaskState,
+    WorkItem,
     utcnow,
 )
 from vigil.ops import OpsServer, ops_app
@@ -47,8 +49,12 @@ from vigil.settings import default_node_id
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
+from vigil_scheduler.dispatch import Dispatcher
+from vigil_scheduler.fleet import Fleet
+from vigil_scheduler.lease import Lease
 from vigil_scheduler.metrics import Metrics
 from vigil_scheduler.settings import SchedulerSettings
+from vigil_scheduler.timers import Timer, Timers, set_timer
 
 log = structlog.get_logger("vigil.scheduler")
 
@@ -66,6 +72,9 @@ class Scheduler:
         self._store: TaskStore | None = None
         self._consumer: PullConsumer | None = None
         self._control: Control | None = None
+        self._timers: Timers | None = None
+        self._fleet: Fleet | None = None
+        self._dispatcher: Dispatcher | None = None
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -96,16 +105,31 @@ class Scheduler:
         await topology.ensure_consumer(
             self._js, subjects.STREAM_CONTROL, topology.control_consumer()
         )
+        await topology.ensure_consumer(
+            self._js, subjects.STREAM_TIMERS, topology.timers_consumer()
+        )
         self._control = Control(self._nc, self._js, self._store, self._confess,
                                 self._count_control)
+        self._fleet = Fleet(self._js, settle_s=s.unservable_after_s)
+        await self._fleet.start()
+        self._dispatcher = Dispatcher(
+            self._js, self._store, self._fleet, Lease(self._js, "dispatcher", self.node),
+            max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
+            count=self.metrics.dispatched.inc, interval_s=s.dispatch_interval_s)
+        await self._dispatcher.refresh()
+        self._timers = Timers(self._nc, self._on_timer)
         dead_letters = asyncio.create_task(
             DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
         control = asyncio.create_task(self._control.run(self._stop))
+        timers = asyncio.create_task(self._timers.run(self._stop))
+        dispatching = asyncio.create_task(self._dispatcher.run(self._stop))
         log.info("scheduler_started", http_port=self._ops.port, batch=s.batch)
         self.ready.set()
         try:
             await self._loop()
-            await asyncio.wait({dead_letters, control}, timeout=10)
+            await asyncio.wait({dead_letters, control, timers, dispatching}, timeout=10)
+            if self._fleet is not None:
+                await self._fleet.stop()
         finally:
             await self._close()
 
@@ -130,6 +154,8 @@ class Scheduler:
             self._consumer.reset()
         if self._control is not None:
             self._control.reset()
+        if self._timers is not None:
+            self._timers.reset()
 
     def _count_control(self, what: str) -> None:
         verb, _, outcome = what.partition(":")
@@ -216,6 +242,12 @@ class Scheduler:
     async def _schedule(self, admit_: Admit) -> str:
         assert self._store is not None and self._js is not None
         state, work = admit_.state, admit_.work
+        over = await self._over_quota(state.tenant)
+        if over is not None:
+            now = utcnow()
+            state = msgspec.structs.replace(state, status="failed", error=over[1],
+                                            finished_at=now, updated_at=now,
+                                            rejected_by=over[0])
         rev = await self._store.create(state)
         if rev is None:
             existing = await self._store.get(state.id)
@@ -223,12 +255,23 @@ class Scheduler:
                 # Deleted between our create and get (TTL expiry): treat as new next time.
                 raise NatsUnavailable(f"task {state.id} vanished while admitting; retrying")
             current, rev = existing
+            if (current.rejected_by is not None and current.tenant == state.tenant
+                    and current.submit_seq < state.submit_seq):
+                # Refused earlier for a tenant limit: a later submission of the same id
+                # is a retry, not a duplicate. Take the id over.
+                new_rev = await self._store.cas(state, rev)
+                if new_rev is None:
+                    raise NatsUnavailable(f"task {state.id} changed while re-admitting it")
+                current, rev = state, new_rev
             if current.submit_seq != state.submit_seq or current.tenant != state.tenant:
                 await self._on_duplicate(state, current)
                 return "duplicate"
             # Our own earlier attempt at this submission got partway: carry on from there.
             state = current
             log.info("submission_resumed", status=state.status)
+        if state.rejected_by is not None:
+            await self._rejected(state)
+            return "rejected"
         # Events are sent before the work item on this one connection, so the server
         # stores them first: no executor's `started` can precede them in the timeline. A
         # resumed submission sends them again; their ids make that a no-op if stored.
@@ -237,31 +280,135 @@ class Scheduler:
             submit_seq=state.submit_seq,
         )))]
         await asyncio.sleep(0)  # the accepted event is sent before anything below
-        if state.status == "queued":
-            self.metrics.tasks.labels("queued").inc()
+        try:
+            if state.status == "queued":
+                self.metrics.tasks.labels("queued").inc()
+                return await self._enqueue(state, rev, work, admitting=True)
+            if state.status == "scheduled" and state.attempt == 0:
+                assert self._dispatcher is not None
+                await self._dispatcher.schedule(work)
+            return "scheduled"
+        finally:
+            await asyncio.gather(*pending)
+
+    async def _enqueue(self, state: TaskState, rev: int, work: WorkItem, *,
+                       admitting: bool) -> str:
+        """A ``queued`` task: wait for its time, or take a free slot, or join the queue."""
+        assert self._js is not None and self._dispatcher is not None
+        assert self._fleet is not None and self._store is not None
+        spec = work.spec
+        now = utcnow()
+        if admitting and spec.queue_timeout_s:
+            start = max(state.created_at, spec.not_before or state.created_at)
+            await set_timer(self._js, "queue_timeout", state.id,
+                            start + timedelta(seconds=spec.queue_timeout_s))
+        if spec.not_before is not None and spec.not_before > now:
+            waiting = f"not before {spec.not_before.isoformat()}"
+            if state.waiting != waiting:
+                await self._store.cas(msgspec.structs.replace(state, waiting=waiting), rev)
+            await set_timer(self._js, "start", state.id, spec.not_before)
+            log.info("task_delayed", not_before=spec.not_before.isoformat())
+            return "delayed"
+        servable = self._fleet.serves(spec.pool, spec.node_labels)
+        if not servable and self._fleet.settled:
+            await self._unservable(state, rev, work)
+        if (servable and not spec.node_labels and await self._dispatcher.fast_slot(spec.pool)
+                and await self._dispatcher.schedule(work)):
+            log.info("task_scheduled", pool=spec.pool, path="direct")
+            return "scheduled"
+        await publish(self._js, subjects.queue(spec.pool, state.tenant, spec.priority),
+                      codec.encode(work), f"{state.id}:queue:{state.submit_seq}")
+        self._dispatcher.wake.set()
+        log.info("task_queued", pool=spec.pool, priority=spec.priority)
+        return "queued"
+
+    async def _unservable(self, state: TaskState, rev: int, work: WorkItem) -> None:
+        assert self._store is not None
+        spec = work.spec
+        need = f" with labels {spec.node_labels}" if spec.node_labels else ""
+        why = f"no live executor serves pool {spec.pool!r}{need}"
+        if state.waiting != why:
+            await self._store.cas(msgspec.structs.replace(state, waiting=why), rev)
+        await self._confess(Confession(
+            id=f"scheduler-unservable-{state.id}", summary=f"task cannot run: {why}",
+            severity="warning", category="unservable", task_id=state.id, tenant=state.tenant,
+            hint="start an executor for that pool/labels, or cancel the task; it waits "
+            "queued (a queue_timeout_s would end it)",
+            data={"pool": spec.pool, "node_labels": dict(spec.node_labels)},
+        ))
+
+    async def _over_quota(self, tenant: str) -> tuple[str, str] | None:
+        assert self._dispatcher is not None
+        limits = self.settings.limits_for(tenant)
+        backlog = self._dispatcher.backlog
+        if time.monotonic() - backlog.read_at > 0.5:
+            backlog = await self._dispatcher.refresh()
+        queued = backlog.tenant_depth(tenant)
+        if queued >= limits.max_queued:
+            return "max_queued", (f"rejected: tenant {tenant!r} has {queued} queued tasks "
+                                  f"(limit {limits.max_queued}); retry when some have started")
+        return None
+
+    async def _rejected(self, state: TaskState) -> None:
+        assert state.error is not None
+        self.metrics.tasks.labels("failed").inc()
+        # Numbered by submission: a retried id may be refused again, and that is news.
+        n = f"s{state.submit_seq}"
+        await self._event(Rejected(task_id=state.id, time=state.updated_at,
+                                   reason=state.error, limit=state.rejected_by), n)
+        await self._event(Finished(task_id=state.id, time=state.finished_at or state.updated_at,
+                                   status="failed", error=state.error, tenant=state.tenant,
+                                   submit_seq=state.submit_seq), n)
+        await self._confess(Confession(
+            id=f"scheduler-quota-{state.id}-{state.submit_seq}",
+            summary=f"submission rejected: tenant {state.tenant!r} is over its "
+            f"{state.rejected_by} limit", severity="warning", category="quota_rejected",
+            detail=state.error, task_id=state.id, tenant=state.tenant,
+            hint="wait for queued tasks to start, or raise VIGIL_TENANT_LIMITS",
+        ))
+        log.warning("submission_over_quota", limit=state.rejected_by)
+
+    async def _on_timer(self, timer: Timer) -> None:
+        assert self._store is not None
+        got = await self._store.get(timer.task_id)
+        if got is None:
+            return
+        state, rev = got
+        if timer.kind == "start":
+            spec = state.spec
+            if state.status != "queued" or spec is None:
+                return
+            if state.waiting is not None:
+                cleared = msgspec.structs.replace(state, waiting=None)
+                new_rev = await self._store.cas(cleared, rev)
+                if new_rev is None:
+                    raise NatsUnavailable("task changed while starting it; retrying")
+                state, rev = cleared, new_rev
+            work = WorkItem(task_id=state.id, tenant=state.tenant, spec=spec,
+                            submitted_at=state.created_at, submit_seq=state.submit_seq)
+            await self._enqueue(state, rev, work, admitting=False)
+        elif timer.kind == "queue_timeout":
+            if state.status not in ("queued", "scheduled") or state.attempt > 0:
+                return
             now = utcnow()
-            scheduled = msgspec.structs.replace(state, status="scheduled", updated_at=now)
-            new_rev = await self._store.cas(scheduled, rev)
-            if new_rev is None:
-                # Someone else moved it on (cancel, or a concurrent scheduler): not ours.
-                await asyncio.gather(*pending)
-                return "duplicate"
-            state, rev = scheduled, new_rev
-            self.metrics.tasks.labels("scheduled").inc()
-        if state.status == "scheduled":
-            pending.append(asyncio.ensure_future(self._event(Scheduled(
-                task_id=state.id, time=state.updated_at, pool=work.spec.pool,
-            ))))
-            await asyncio.sleep(0)  # let the event's publish go out first
-            await publish(
-                self._js,
-                subjects.work(work.spec.pool),
-                codec.encode(msgspec.structs.replace(work, revision=rev)),
-                f"{state.id}:work:{state.submit_seq}",
-            )
-        await asyncio.gather(*pending)
-        log.info("task_scheduled", pool=work.spec.pool)
-        return "scheduled"
+            limit = state.spec.queue_timeout_s if state.spec else None
+            error = (f"not started within its queue timeout of {limit:g}s"
+                     + (f" ({state.waiting})" if state.waiting else ""))
+            final = msgspec.structs.replace(state, status="timed_out", error=error,
+                                            finished_at=now, updated_at=now)
+            if await self._store.cas(final, rev) is None:
+                raise NatsUnavailable("task changed while timing it out; retrying")
+            self.metrics.tasks.labels("timed_out").inc()
+            await self._event(Finished(task_id=state.id, time=now, status="timed_out",
+                                       error=error))
+            await self._confess(Confession(
+                id=f"scheduler-queue-timeout-{state.id}", summary=f"task {state.id} timed out "
+                "in the queue", severity="warning", category="queue_timeout", detail=error,
+                task_id=state.id, tenant=state.tenant,
+                hint="add executors to its pool, lower its priority's competition, or raise "
+                "queue_timeout_s",
+            ))
+            log.warning("task_queue_timeout", error=error)
 
     async def _on_duplicate(self, state: TaskState, current: TaskState) -> None:
         if current.tenant != state.tenant:
@@ -319,9 +466,9 @@ class Scheduler:
             )
         )
 
-    async def _event(self, event: Event) -> None:
+    async def _event(self, event: Event, n: int | str | None = None) -> None:
         assert self._js is not None
-        await publish_event(self._js, event)
+        await publish_event(self._js, event, n)
 
     async def _confess(self, confession: Confession) -> None:
         assert self._js is not None

@@ -1,0 +1,264 @@
+"""Dispatch: release queued tasks to executors as capacity frees up, fairly.
+
+Admitted tasks wait in ``VIGIL_QUEUE`` on ``vigil.queue.<pool>.<tenant>.<priority>``. The
+dispatcher — one scheduler at a time, holding the ``dispatcher`` lease — repeatedly:
+
+1. reads the queue's per-subject depths (one stream-info call: the backlog never has to
+   fit in memory; 100,000 queued tasks cost the scheduler a few counters);
+2. per pool, computes the free capacity: the slots of live executors (``vigil-executors``)
+   minus the work items already released and not finished (the pool consumer's pending
+   and unacknowledged counts);
+3. plans that many picks with :func:`vigil_scheduler.fairness.plan` (round-robin across
+   tenants, priority within a tenant, per-tenant running limits);
+4. for each pick takes the head entry of that subject (a direct get), moves the task
+   ``queued`` -> ``scheduled`` by compare-and-set, publishes the ``scheduled`` event and
+   the work item, and deletes the entry.
+
+Every step is idempotent: a dispatcher killed between any two of them leaves an entry
+that the next one finishes (the work item's message id deduplicates a re-publish; a task
+no longer ``queued`` just has its stale entry deleted). Two dispatchers at once (a paused
+leader) can only over-fill capacity briefly, never schedule a task twice.
+
+When a pool has no backlog, admissions skip the queue while the pool has free capacity
+(:meth:`Dispatcher.fast_slot`): an idle platform pays no extra hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from vigil import codec, subjects
+from vigil.errors import NatsUnavailable
+from vigil.jetstream import TaskStore, publish, publish_event
+from vigil.messages import Confession, Scheduled, TaskState, WorkItem, utcnow
+from vigil_scheduler.fairness import plan
+from vigil_scheduler.fleet import Fleet
+from vigil_scheduler.lease import Lease
+
+log = structlog.get_logger("vigil.scheduler")
+
+UNSERVABLE_CONFESS_EVERY_S = 600.0
+
+
+@dataclass
+class Backlog:
+    """Queue depths: pool -> tenant -> priority -> entries."""
+
+    depths: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
+    read_at: float = 0.0
+
+    @classmethod
+    def parse(cls, counts: dict[str, int]) -> Backlog:
+        depths: dict[str, dict[str, dict[int, int]]] = defaultdict(lambda: defaultdict(dict))
+        for subject, n in counts.items():
+            parts = subject.split(".")
+            if len(parts) != 5 or not parts[4].isdigit() or n <= 0:
+                continue
+            depths[parts[2]][parts[3]][int(parts[4])] = n
+        return cls(depths={p: {t: dict(v) for t, v in ts.items()} for p, ts in depths.items()},
+                   read_at=time.monotonic())
+
+    def pool_depth(self, pool: str) -> int:
+        return sum(n for by_prio in self.depths.get(pool, {}).values()
+                   for n in by_prio.values())
+
+    def tenant_depth(self, tenant: str) -> int:
+        return sum(n for tenants in self.depths.values()
+                   for n in tenants.get(tenant, {}).values())
+
+
+class Dispatcher:
+    def __init__(self, js: JetStreamContext, store: TaskStore, fleet: Fleet, lease: Lease, *,
+                 max_running: Callable[[str], int], confess: Callable[[Confession],
+                                                                      Awaitable[None]],
+                 count: Callable[[int], None], interval_s: float = 0.05) -> None:
+        self.js, self.store, self.fleet, self.lease = js, store, fleet, lease
+        self.max_running = max_running
+        self._confess = confess
+        self._count = count
+        self.interval_s = interval_s
+        self.backlog = Backlog()
+        self.wake = asyncio.Event()
+        self._rotation: dict[str, str | None] = {}
+        self._fast: dict[str, int] = {}  # pool -> slots the fast path may still take
+        self._fast_at = 0.0
+        self._unservable_said: dict[str, float] = {}
+
+    # the backlog and capacity --------------------------------------------------------------
+    async def refresh(self) -> Backlog:
+        try:
+            info = await self.js.stream_info(subjects.STREAM_QUEUE,
+                                             subjects_filter=f"{subjects.QUEUE}.>")
+        except Exception as exc:
+            raise NatsUnavailable(f"cannot read the queue's depths: {exc}") from exc
+        self.backlog = Backlog.parse(dict(info.state.subjects or {}))
+        return self.backlog
+
+    async def capacity(self, pool: str) -> int:
+        slots = self.fleet.slots(pool)
+        if slots == 0:
+            return 0
+        try:
+            info = await self.js.consumer_info(subjects.STREAM_WORK,
+                                               subjects.consumer_executor(pool))
+        except NotFoundError:
+            return slots
+        return slots - int(info.num_pending or 0) - int(info.num_ack_pending or 0)
+
+    async def fast_slot(self, pool: str) -> bool:
+        """May an admission skip the queue? Only with no backlog and a free slot."""
+        now = time.monotonic()
+        if now - self._fast_at > 0.25 or now - self.backlog.read_at > 0.25:
+            await self.refresh()
+            self._fast = {}
+            self._fast_at = now
+        if self.backlog.pool_depth(pool) > 0:
+            return False
+        if pool not in self._fast:
+            self._fast[pool] = await self.capacity(pool)
+        if self._fast[pool] <= 0:
+            return False
+        self._fast[pool] -= 1
+        return True
+
+    # the loop ----------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            dispatched = 0
+            try:
+                if await self.lease.hold():
+                    dispatched = await self.tick()
+            except NatsUnavailable as exc:
+                log.warning("dispatch_retry", error=str(exc))
+            except Exception:
+                log.exception("dispatch_failed")
+            if dispatched:
+                continue  # more may be ready; capacity is re-read each round
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_any(stop), self.interval_s * 5)
+        await self.lease.release()
+
+    async def _wait_any(self, stop: asyncio.Event) -> None:
+        waits = {asyncio.ensure_future(e.wait()) for e in (self.wake, stop, self.fleet.changed)}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            self.fleet.changed.clear()
+
+    async def tick(self) -> int:
+        backlog = await self.refresh()
+        running = self.fleet.running_by_tenant()
+        total = 0
+        for pool, depths in backlog.depths.items():
+            if not self.fleet.serves(pool, {}):
+                await self._unservable(pool, backlog.pool_depth(pool))
+                continue
+            cap = await self.capacity(pool)
+            if cap <= 0:
+                continue
+            limits = {t: self.max_running(t) for t in depths}
+            picks, self._rotation[pool] = plan(depths, cap, running, limits,
+                                               self._rotation.get(pool))
+            results = await asyncio.gather(*(
+                self._take(subjects.queue(pool, p.tenant, p.priority), p.count)
+                for p in picks))
+            total += sum(results)
+        if total:
+            self._count(total)
+        return total
+
+    async def _take(self, subject: str, count: int) -> int:
+        """Dispatch the first ``count`` entries of ``subject``, in order."""
+        done, seq = 0, 1
+        for _ in range(count):
+            try:
+                entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq, subject=subject,
+                                              next=True)
+            except NotFoundError:
+                break
+            assert entry.seq is not None
+            seq = entry.seq + 1
+            if await self.dispatch_entry(entry.data or b"", entry.seq):
+                done += 1
+        return done
+
+    async def dispatch_entry(self, data: bytes, seq: int) -> bool:
+        try:
+            work = codec.work_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("bad_queue_entry", seq=seq, error=str(exc))
+            await self._delete(seq)
+            return False
+        sent = await self.schedule(work)
+        await self._delete(seq)
+        return sent
+
+    async def schedule(self, work: WorkItem) -> bool:
+        """``queued`` -> ``scheduled``, then the event and the work item. Idempotent."""
+        for _ in range(10):
+            got = await self.store.get(work.task_id)
+            if got is None:
+                return False
+            state, rev = got
+            if state.status == "queued":
+                now = utcnow()
+                scheduled = msgspec.structs.replace(state, status="scheduled", updated_at=now,
+                                                    waiting=None)
+                new_rev = await self.store.cas(scheduled, rev)
+                if new_rev is None:
+                    continue  # cancelled or timed out meanwhile: look again
+                await self._release(scheduled, work, new_rev)
+                return True
+            if _scheduled_unreleased(state):
+                # A dispatcher died between the state write and the work item.
+                await self._release(state, work, rev)
+                return True
+            return False  # cancelled, timed out, or long since running
+        raise NatsUnavailable(f"task {work.task_id} kept changing while dispatching it")
+
+    async def _release(self, state: TaskState, work: WorkItem, rev: int) -> None:
+        await publish_event(self.js, Scheduled(task_id=state.id, time=state.updated_at,
+                                               pool=work.spec.pool))
+        await publish(self.js, subjects.work(work.spec.pool),
+                      codec.encode(msgspec.structs.replace(work, revision=rev)),
+                      f"{state.id}:work:{state.submit_seq}")
+
+    async def _delete(self, seq: int) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_msg(subjects.STREAM_QUEUE, seq)
+
+    async def _unservable(self, pool: str, depth: int) -> None:
+        if not self.fleet.settled:
+            return
+        now = time.monotonic()
+        if now - self._unservable_said.get(pool, -1e9) < UNSERVABLE_CONFESS_EVERY_S:
+            return
+        self._unservable_said[pool] = now
+        log.warning("pool_unservable", pool=pool, queued=depth)
+        with contextlib.suppress(Exception):
+            await self._confess(Confession(
+                summary=f"pool {pool!r} has queued tasks and no live executor",
+                severity="error", category="unservable",
+                detail=f"{depth} tasks wait in pool {pool!r}; no executor of that pool has "
+                "advertised itself in vigil-executors",
+                hint=f"start an executor with VIGIL_POOL={pool}, or cancel the tasks",
+                data={"pool": pool, "queued": depth},
+            ))
+
+
+def _scheduled_unreleased(state: TaskState) -> bool:
+    return (state.status == "scheduled" and state.attempt == 0 and state.work_seq == 0
+            and state.redriven == 0)
