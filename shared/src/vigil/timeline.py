@@ -1,0 +1,178 @@
+"""A task's full timeline across streams, for ``vigil replay timeline``.
+
+Merged by time: the submission (``VIGIL_SUBMIT`` at the task's ``submit_seq``), every event
+(``vigil.events.<id>.>``, including the confessions about it), the cancel and redrive
+requests naming it (``VIGIL_CONTROL``), optionally the raw confessions in ``VIGIL_ISSUES``
+(a scan of the whole stream, so only on request), and the current state in ``vigil-tasks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from vigil import codec, subjects
+from vigil.jetstream import retrying
+from vigil.messages import TaskState
+from vigil.replay import RangeReader, StoredMsg, Window
+
+SUMMARY_CHARS = 160
+_ORDER = {subjects.STREAM_SUBMIT: 0, subjects.STREAM_CONTROL: 1, subjects.STREAM_EVENTS: 2,
+          subjects.STREAM_ISSUES: 3}
+
+
+@dataclass(frozen=True)
+class Entry:
+    time: datetime
+    stream: str
+    seq: int
+    subject: str
+    kind: str
+    summary: str
+    data: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "stream": self.stream, "seq": self.seq,
+                "subject": self.subject, "kind": self.kind, "summary": self.summary,
+                "data": self.data}
+
+
+@dataclass
+class Timeline:
+    task_id: str
+    entries: list[Entry]
+    state: TaskState | None
+    revision: int
+
+    @property
+    def found(self) -> bool:
+        return self.state is not None or bool(self.entries)
+
+
+def decode(data: bytes) -> Any:
+    """JSON when it is JSON, else the text (forward compatible: nothing is dropped)."""
+    try:
+        return codec.any_decoder.decode(data)
+    except msgspec.DecodeError:
+        return data.decode("utf-8", errors="replace")
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= SUMMARY_CHARS else text[:SUMMARY_CHARS - 1] + "…"
+
+
+def summarize(kind: str, d: Any) -> str:
+    """One readable line per entry; unknown kinds show their JSON, shortened."""
+    if not isinstance(d, dict):
+        return _short(str(d))
+    g = d.get
+    if kind == "submission":
+        command = " ".join(str(a) for a in g("command") or [])
+        return _short(f"{command}" + (f"  (image {g('image')})" if g("image") else ""))
+    if kind == "accepted":
+        return f"tenant {g('tenant')}, submission seq {g('submit_seq')}"
+    if kind == "scheduled":
+        return f"pool {g('pool')}"
+    if kind == "started":
+        resumed = ", resumed from checkpoint" if g("resumed") else ""
+        return f"attempt {g('attempt')} on {g('executor')} ({g('image')}{resumed})"
+    if kind == "log":
+        lines = g("lines") or []
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        return _short(f"{g('stream')}: {lines[0] if lines else ''}{more}")
+    if kind == "progress":
+        return _short(" ".join(f"{k}={v}" for k, v in (g("data") or {}).items()))
+    if kind == "checkpoint":
+        if g("ok") is False:
+            return _short(f"{g('reason')} checkpoint failed: {g('error')}")
+        return f"{g('reason')} checkpoint {g('name')} ({g('size')} bytes)"
+    if kind in ("confession", "issue"):
+        return _short(f"[{g('severity')}] {g('source') or ''}: {g('summary')}")
+    if kind == "retrying":
+        reason = str(g("reason"))
+        delay = f" (in {g('delay_s')}s)" if g("delay_s") and " in " not in reason else ""
+        return _short(f"{reason}{delay}")
+    if kind == "cancelling":
+        return _short(f"stop requested: {g('reason') or 'no reason given'}")
+    if kind == "finished":
+        code = f", exit {g('exit_code')}" if g("exit_code") is not None else ""
+        error = f": {g('error')}" if g("error") else ""
+        return _short(f"{g('status')} (attempt {g('attempt', 0)}{code}){error}")
+    if kind in ("cancel", "redrive"):
+        by = f" by {g('requested_by')}" if g("requested_by") else ""
+        rev = f", at revision {g('expect_revision')}" if g("expect_revision") else ""
+        return _short(f"{kind} requested{by}: {g('reason') or 'no reason given'}{rev}")
+    return _short(codec.encode(d).decode())
+
+
+def _entry(m: StoredMsg, kind: str) -> Entry:
+    data = decode(m.data)
+    return Entry(m.time, m.stream, m.seq, m.subject, kind, summarize(kind, data), data)
+
+
+async def build(js: JetStreamContext, task_id: str, *, logs: bool = True,
+                issues: bool = False) -> Timeline:
+    state, revision = await _state(js, task_id)
+    entries: list[Entry] = []
+    submit_seq = state.submit_seq if state is not None else 0
+    tenant = state.tenant if state is not None else None
+    for m in await _read(js, subjects.STREAM_EVENTS, subjects.task_events(task_id)):
+        kind = subjects.token(m.subject, 3) or "?"
+        if kind == "log" and not logs:
+            continue
+        entry = _entry(m, kind)
+        entries.append(entry)
+        if kind in ("accepted", "finished") and isinstance(entry.data, dict):
+            submit_seq = submit_seq or int(entry.data.get("submit_seq") or 0)
+            tenant = tenant or entry.data.get("tenant")
+    if submit_seq:
+        entries += await _submission(js, submit_seq)
+    # Control requests are per tenant; without one (a task never admitted), all of them.
+    control = f"{subjects.CONTROL}.*.{tenant}" if tenant else f"{subjects.CONTROL}.>"
+    for m in await _read(js, subjects.STREAM_CONTROL, control):
+        entry = _entry(m, subjects.token(m.subject, 2) or "control")
+        if isinstance(entry.data, dict) and entry.data.get("task_id") == task_id:
+            entries.append(entry)
+    if issues:
+        for m in await _read(js, subjects.STREAM_ISSUES, f"{subjects.ISSUES}.>"):
+            entry = _entry(m, "issue")
+            if isinstance(entry.data, dict) and entry.data.get("task_id") == task_id:
+                entries.append(entry)
+    entries.sort(key=lambda e: (e.time, _ORDER.get(e.stream, 9), e.seq))
+    return Timeline(task_id, entries, state, revision)
+
+
+async def _read(js: JetStreamContext, stream: str, subject: str) -> list[StoredMsg]:
+    reader = RangeReader(js, stream, Window(subject=subject))
+    await reader.open()
+    return [m async for m in reader]
+
+
+async def _state(js: JetStreamContext, task_id: str) -> tuple[TaskState | None, int]:
+    kv = await js.key_value(subjects.KV_TASKS)
+    try:
+        entry = await retrying(f"get task {task_id}", lambda: kv.get(task_id))
+    except KeyNotFoundError:
+        return None, 0
+    if not entry.value:
+        return None, 0
+    return codec.state_decoder.decode(entry.value), int(entry.revision or 0)
+
+
+async def _submission(js: JetStreamContext, seq: int) -> list[Entry]:
+    try:
+        raw = await retrying("read submission",
+                             lambda: js.get_msg(subjects.STREAM_SUBMIT, seq))
+    except NotFoundError:
+        return []  # aged out of VIGIL_SUBMIT
+    if raw.time is None or raw.subject is None:
+        return []
+    m = StoredMsg(subjects.STREAM_SUBMIT, seq, raw.subject, raw.time,
+                  dict(raw.headers or {}), raw.data or b"")
+    return [_entry(m, "submission")]
