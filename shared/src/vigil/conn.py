@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -51,7 +52,10 @@ async def connect(
     while True:
         attempt += 1
         try:
-            await nc.connect(
+            # nats-py keeps retrying an unreachable server inside connect() when
+            # reconnects are unlimited: bound it by our own deadline.
+            left = None if deadline is None else max(0.1, deadline - loop.time())
+            await asyncio.wait_for(nc.connect(
                 servers=servers,
                 name=name,
                 connect_timeout=2,
@@ -68,12 +72,16 @@ async def connect(
                 error_cb=error_cb,
                 disconnected_cb=disconnected_cb,
                 reconnected_cb=reconnected_cb,
-            )
+            ), left)
             return nc
         except Exception as exc:  # nats-py raises several unrelated types here
+            if isinstance(exc, TimeoutError):
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                nc = NATS()
             if deadline is not None and loop.time() + delay > deadline:
                 raise NatsUnavailable(
-                    f"cannot reach NATS at {shown} ({exc or type(exc).__name__}); is "
+                    f"cannot reach NATS at {shown} ({str(exc) or type(exc).__name__}); is "
                     "nats-server running, and is VIGIL_NATS_URL right?"
                 ) from exc
             if attempt in (1, 5) or attempt % 20 == 0:

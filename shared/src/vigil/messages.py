@@ -340,8 +340,14 @@ class ConfessionEvent(Event, tag="confession", frozen=True, kw_only=True):
 
 
 class Retrying(Event, tag="retrying", frozen=True, kw_only=True):
+    """The task goes back to ``scheduled`` (a failed attempt's retry, a hand-back, a
+    redrive). ``exit_code``/``error`` are the failed attempt's, which its state keeps
+    until the next attempt starts (None for hand-backs and redrives)."""
+
     reason: str
     delay_s: float = 0.0
+    exit_code: int | None = None
+    error: str | None = None
 
 
 class Rejected(Event, tag="rejected", frozen=True, kw_only=True):
@@ -367,6 +373,7 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
     # the event log alone says whose task it was.
     tenant: str | None = None
     submit_seq: int = 0
+    executor: str | None = None  # the state's executor when it ended (the last one to run it)
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (

@@ -526,7 +526,7 @@ class Attempt:
         self.ex.metrics.tasks.labels(outcome.status).inc()
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
-            exit_code=final.exit_code, error=final.error,
+            exit_code=final.exit_code, error=final.error, executor=final.executor,
             duration_s=(now - (final.started_at or now)).total_seconds(),
         ), once=True)
         await self.sink.drain()
@@ -574,7 +574,7 @@ class Attempt:
         self.sink.emit(Retrying(
             task_id=written.id, attempt=written.attempt, time=now,
             reason=f"{outcome.retryable_cause} {verdict.why}",
-            delay_s=round(verdict.delay_s, 3),
+            delay_s=round(verdict.delay_s, 3), exit_code=outcome.exit_code, error=outcome.error,
         ), once=True)  # once: one per attempt, so the id <task>:<attempt>:retrying is unique
         await self.sink.drain()
 
@@ -585,6 +585,7 @@ class Attempt:
         self.sink.emit(Finished(
             task_id=state.id, attempt=state.attempt, time=state.finished_at or utcnow(),
             status=state.status, exit_code=state.exit_code, error=state.error,
+            executor=state.executor,
             duration_s=((state.finished_at - state.started_at).total_seconds()
                         if state.finished_at and state.started_at else None),
         ), once=True)
@@ -681,6 +682,7 @@ class Attempt:
         await self._confess("error", "task_dead", f"task {state.id} is dead: {error}{where}",
                             task_id=state.id, tenant=state.tenant, attempt=state.attempt)
         self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
+                                executor=state.executor,
                                 status="dead", error=error), once=True)
         await self.sink.drain()
         await self.msg.ack()
@@ -701,6 +703,7 @@ class Attempt:
             raise HandBack("task state changed while recording its cancel", delay_s=1.0)
         self.ex.metrics.tasks.labels("cancelled").inc()
         self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
+                                executor=state.executor,
                                 status="cancelled", error=error), once=True)
         await self.sink.drain()
         await self.msg.ack()

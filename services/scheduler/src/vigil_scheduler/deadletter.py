@@ -107,6 +107,7 @@ class DeadLetters:
             ))
             await publish_event(self._js, Finished(
                 task_id=task_id, attempt=state.attempt, time=now, status="dead", error=error,
+                executor=state.executor,
             ))
             log.warning("task_dead_max_deliveries", deliveries=deliveries)
             return

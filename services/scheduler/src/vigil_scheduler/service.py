@@ -244,9 +244,9 @@ class Scheduler:
         state, work = admit_.state, admit_.work
         over = await self._over_quota(state.tenant)
         if over is not None:
-            now = utcnow()
+            # Refused at the moment of admission: one time for created and finished.
             state = msgspec.structs.replace(state, status="failed", error=over[1],
-                                            finished_at=now, updated_at=now,
+                                            finished_at=state.created_at,
                                             rejected_by=over[0])
         rev = await self._store.create(state)
         if rev is None:
