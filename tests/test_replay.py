@@ -285,3 +285,27 @@ def _kill_parked(marker: Path) -> None:
     if marker.exists():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(marker.read_text().strip()), signal.SIGKILL)
+
+
+async def test_a_replay_into_its_own_stream_does_not_chase_its_copies(
+    operator_nats: NatsServer,
+) -> None:
+    """With an open window whose filter also matches the target, the second run must not
+    re-publish the first run's copies: the range's end is pinned by the first run."""
+    admin = await nats.connect(operator_nats.url_for("admin"))
+    try:
+        js = admin.jetstream()
+        await topology.ensure_topology(js)
+        for i in range(5):
+            c = Confession(summary=f"complaint {i}", severity="info", source="agent")
+            await js.publish(SOURCE, codec.encode(c))
+        args = ("stream", "VIGIL_ISSUES", "--subject", "vigil.issues.>", "--since", "1h",
+                "--to", TARGET, "--nats-url", operator_nats.url_for("operator"), "--yes")
+        code, out, err = await vigil_replay(*args)
+        assert code == 0 and "published 5 messages" in out, (out, err)
+        for _ in range(2):
+            code, out, err = await vigil_replay(*args)
+            assert code == 0 and "published 0 messages" in out, (out, err)
+        assert len(await target_copies(js)) == 5
+    finally:
+        await admin.close()

@@ -312,6 +312,10 @@ class ReplayProgress(msgspec.Struct, frozen=True, kw_only=True):
     last_seq: int = 0
     published: int = 0
     updated_at: datetime | None = None
+    # The source range's last sequence, fixed by the first run: a rerun never reaches
+    # past it, so an open-ended window (``--since 1h``) cannot pick up what arrived since,
+    # such as this replay's own copies when the target is in the source stream.
+    end_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -377,7 +381,15 @@ async def plan_replay(js: JetStreamContext, stream: str, window: Window, target:
                 f"replay id {replay_id} was used for {progress.stream} "
                 f"{progress.filter or '(all)'} -> {progress.target}; pick another --replay-id")
         done_until = progress.last_seq
-    rest = Window(window.subject, max(window.from_seq, done_until + 1), window.to_seq,
+    to_seq = window.to_seq
+    if progress is not None and progress.end_seq:
+        to_seq = min(to_seq, progress.end_seq) if to_seq else progress.end_seq
+    else:
+        # First run: pin the end of the range now, before anything is re-published.
+        info = await retrying("stream info", lambda: js.stream_info(stream))
+        last_now = int(info.state.last_seq or 0)
+        to_seq = min(to_seq, last_now) if to_seq else last_now
+    rest = Window(window.subject, max(window.from_seq, done_until + 1), to_seq,
                   window.since, window.until)
     reader = RangeReader(js, stream, rest, headers_only=True)
     await reader.open()
@@ -407,7 +419,7 @@ async def run_replay(js: JetStreamContext, plan: ReplayPlan, *, rate: float, err
     kv = await open_progress(js)
     stored, revision = await load_progress(kv, plan.replay_id)
     progress = stored or ReplayProgress(stream=plan.stream, filter=plan.window.subject,
-                                        target=plan.target)
+                                        target=plan.target, end_seq=plan.window.to_seq)
     result = ReplayResult(last_seq=progress.last_seq)
     if plan.count == 0:
         return result
