@@ -265,3 +265,30 @@ class SchedulerProcess(ServiceProcess):
 
     service = "scheduler"
     ready_line = "scheduler_started"
+
+
+class AuditorProcess(ServiceProcess):
+    """A real ``vigil-auditor`` process."""
+
+    service = "auditor"
+    ready_line = "auditor_started"
+
+
+class GatewayProcess(ServiceProcess):
+    """A real ``vigil-gateway`` process on a port of its own choosing (``url`` once ready)."""
+
+    service = "gateway"
+    ready_line = "gateway_started"
+
+    def __init__(self, workdir: Any, nats_url: str, node_id: str, **settings: Any) -> None:
+        super().__init__(workdir, nats_url, node_id, **{"auth": "none", **settings})
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL, from its start-up log line."""
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("event") == self.ready_line:
+                    return str(entry["url"])
+        raise AssertionError(f"gateway {self.node_id} has not logged its URL yet")

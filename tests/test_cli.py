@@ -221,3 +221,42 @@ async def test_config_file_supplies_gateway_and_token(cli: Cli) -> None:
     shown = await cli("config", "show", "--json", VIGIL_GATEWAY_URL="", VIGIL_TOKEN="")
     assert shown.json()["gateway_url_from"] == str(config)
     assert cli.token not in shown.out
+
+
+async def test_executors_lists_the_fleet_by_pool(cli: Cli, platform: Platform) -> None:
+    await platform.executor(node_id="cli-gpu-1", pool="gpu", labels="gpu=a100,zone=eu",
+                            slots=2, advertise_s=0.2)
+    seen = await cli("executors")
+    assert seen.code == 0, seen.err
+    lines = seen.out.splitlines()
+    assert lines[0].split() == ["NODE", "POOL", "SLOTS", "RUNNING", "FREE", "STATE",
+                                "RUNTIME", "SEEN", "LABELS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert len(rows) == 2  # the fixture's executor and this one, by pool then node
+    assert rows["cli-gpu-1"][1:6] == ["gpu", "2", "0", "2", "ready"]
+    assert rows["cli-gpu-1"][-1] == "gpu=a100,zone=eu"
+    assert lines[-1].split()[0] == "cli-gpu-1"  # "default" < "gpu"
+    assert "2 executors in 2 pools" in seen.err
+
+    async with Client(cli.url, cli.token) as client:
+        task = (await client.submit({"command": SLEEPER, "pool": "gpu"}))["id"]
+        await platform.events.wait_for(task, "log")
+
+        async def busy() -> dict[str, Any] | None:
+            got = await cli("executors", "--pool", "gpu", "--json")
+            assert got.code == 0, got.err
+            found = got.json()["executors"]
+            return found[0] if len(found) == 1 and found[0]["running"] == 1 else None
+
+        gpu = await eventually(busy, what="the gpu executor to advertise its running task")
+        assert (gpu["node"], gpu["slots"], gpu["free"], gpu["draining"]) == (
+            "cli-gpu-1", 2, 1, False)
+        assert gpu["labels"] == {"gpu": "a100", "zone": "eu"}
+        assert gpu["tenants"] == {"acme": 1}  # the token's own tenant only
+        await client.cancel(task)
+        await client.wait(task, timeout_s=30)
+
+    none = await cli("executors", "--pool", "nowhere")
+    assert (none.code, none.out) == (0, "") and "no executors in pool nowhere" in none.err
+    unauthorised = await cli("executors", VIGIL_TOKEN="vgl_wrong")
+    assert unauthorised.code == 2 and "VIGIL_TOKEN" in unauthorised.err

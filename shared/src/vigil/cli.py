@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vigil import __version__, auth, cli_config, cli_replay, cli_tasks
+from vigil import __version__, auth, cli_config, cli_fleet, cli_replay, cli_tasks
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_INTERRUPTED,
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     cli_tasks.register(sub)
+    cli_fleet.register(sub)
 
     inc = sub.add_parser("incidents", help="list, show, acknowledge, resolve incidents",
                          description="Incidents are confessions triaged by the auditor: one "

@@ -34,7 +34,7 @@ import aiohttp
 import msgspec
 
 from vigil import codec
-from vigil.api import CancelResponse, TaskList, TaskSummary
+from vigil.api import CancelResponse, ExecutorList, TaskList, TaskSummary
 from vigil.errors import ApiError, VigilError
 from vigil.messages import TaskSpec, TaskState
 
@@ -382,6 +382,14 @@ class Client:
         if last is not None and last.terminal:
             return last  # it ended just as time ran out
         raise WaitTimeout(task_id, timeout_s, last)
+
+    # fleet ------------------------------------------------------------------------------------
+    async def executors(self) -> ExecutorList:
+        """The live executors (those that advertised within the registry's 15 s TTL), by
+        pool then node: slots, running, free, labels, draining. ``tenants`` counts only the
+        caller's own tenant's running tasks. Needs the viewer role."""
+        _, data = await self._request("GET", "/v1/executors")
+        return msgspec.convert(data, ExecutorList)
 
     # incidents --------------------------------------------------------------------------------
     async def incidents(self, **filters: str) -> list[dict[str, Any]]:

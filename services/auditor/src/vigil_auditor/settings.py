@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta
 
+from vigil.messages import ID_PATTERN
 from vigil.settings import CommonSettings, default_node_id
 
 
 class AuditorSettings(CommonSettings, frozen=True, kw_only=True):
+    node_id: Annotated[str, Meta(pattern=ID_PATTERN)] = msgspec.field(
+        default_factory=default_node_id
+    )
+    """This instance's name in its confessions and logs. Default: the hostname."""
     webhook_urls: str = ""
     """Comma-separated URLs that receive every alert as a signed JSON POST."""
     webhook_secret: str = ""
@@ -30,4 +36,4 @@ class AuditorSettings(CommonSettings, frozen=True, kw_only=True):
 
     @property
     def node(self) -> str:
-        return default_node_id()
+        return self.node_id

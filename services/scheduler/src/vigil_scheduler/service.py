@@ -45,7 +45,6 @@ from vigil.messages import (
     utcnow,
 )
 from vigil.ops import OpsServer, ops_app
-from vigil.settings import default_node_id
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
@@ -66,7 +65,7 @@ class Scheduler:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.node = default_node_id()
+        self.node = settings.node_id
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None

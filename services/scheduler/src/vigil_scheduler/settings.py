@@ -9,10 +9,16 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from vigil.settings import CommonSettings
+from vigil.messages import ID_PATTERN
+from vigil.settings import CommonSettings, default_node_id
 
 
 class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
+    node_id: Annotated[str, Meta(pattern=ID_PATTERN)] = msgspec.field(
+        default_factory=default_node_id
+    )
+    """This instance's name: in its confessions, and as the dispatcher lease's holder.
+    Default: the hostname."""
     default_image: str = "localhost/vigil-agent:latest"
     """Image for tasks that name none."""
     default_timeout_s: Annotated[float, Meta(gt=0)] = 3600.0
