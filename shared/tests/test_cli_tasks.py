@@ -229,3 +229,19 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main([])
     assert exit_.value.code == 2
     assert "usage: vigil" in capsys.readouterr().out
+
+
+def test_scheduling_flags_make_the_spec() -> None:
+    args = cli.build_parser().parse_args([
+        "submit", "--priority", "9", "--not-before", "10m", "--queue-timeout", "60",
+        "--node-label", "gpu=a100", "--no-retry-on", "2", "--no-retry-on", "3", "--", "true"])
+    before = datetime.now(UTC)
+    spec = cli_tasks.spec_from_args(args)
+    assert spec["priority"] == 9 and spec["queue_timeout_s"] == 60.0
+    assert spec["node_labels"] == {"gpu": "a100"}
+    assert spec["retry"] == {"non_retryable_exit_codes": [2, 3]}
+    start = datetime.fromisoformat(spec["not_before"])
+    assert timedelta(minutes=9) < start - before < timedelta(minutes=11)  # from now, not ago
+    args = cli.build_parser().parse_args(
+        ["submit", "--not-before", "2030-01-01T00:00:00Z", "--", "true"])
+    assert cli_tasks.spec_from_args(args)["not_before"] == "2030-01-01T00:00:00+00:00"

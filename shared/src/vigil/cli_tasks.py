@@ -157,7 +157,30 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         spec["env"] = {**spec.get("env", {}), **pairs(args.env, "--env")}
     if args.label:
         spec["labels"] = {**spec.get("labels", {}), **pairs(args.label, "--label")}
+    if args.node_label:
+        spec["node_labels"] = {**spec.get("node_labels", {}),
+                               **pairs(args.node_label, "--node-label")}
+    if args.priority is not None:
+        spec["priority"] = args.priority
+    if args.queue_timeout is not None:
+        spec["queue_timeout_s"] = args.queue_timeout
+    if args.not_before:
+        spec["not_before"] = _not_before(args.not_before).isoformat()
+    if args.no_retry_on:
+        retry = dict(spec.get("retry") or {})
+        retry["non_retryable_exit_codes"] = sorted(
+            {*retry.get("non_retryable_exit_codes", []), *args.no_retry_on})
+        spec["retry"] = retry
     return spec
+
+
+def _not_before(value: str) -> datetime:
+    """An absolute time, or a delay from now (``10m`` = ten minutes from now)."""
+    now = datetime.now(UTC)
+    when = parse_time(value, "--not-before", now)
+    if value.strip() and _DURATION.sub("", value.strip()) == "":
+        return now + (now - when)  # parse_time reads durations as "ago"
+    return when
 
 
 # following a task ---------------------------------------------------------------------------
@@ -451,9 +474,20 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
     sm.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment (repeat)")
     sm.add_argument("--label", action="append", metavar="KEY=VALUE", help="label (repeat)")
     sm.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit")
-    sm.add_argument("--max-attempts", type=int, metavar="N", help="attempts before dead")
+    sm.add_argument("--max-attempts", type=int, metavar="N",
+                    help="attempts the agent gets; failures retry with backoff (default 3)")
+    sm.add_argument("--no-retry-on", type=int, action="append", metavar="CODE",
+                    help="an exit code that ends the task without retrying (repeat)")
     sm.add_argument("--id", help="task id (default: assigned)")
     sm.add_argument("--pool", help="executor pool (default: default)")
+    sm.add_argument("--node-label", action="append", metavar="KEY=VALUE",
+                    help="a label the executor must advertise (repeat)")
+    sm.add_argument("--priority", type=int, metavar="0-9",
+                    help="higher starts first among your queued tasks (default 5)")
+    sm.add_argument("--not-before", metavar="TIME",
+                    help="do not start before: RFC 3339, or a delay such as 10m or 2h")
+    sm.add_argument("--queue-timeout", type=float, metavar="SECONDS",
+                    help="give up (timed_out) if not started within this long")
     sm.add_argument("--idempotency-key", metavar="KEY",
                     help="submitting again with the same key returns the same task")
     sm.add_argument("-w", "--wait", action="store_true",
