@@ -108,6 +108,10 @@ async def test_queue_timeout_ends_a_task_nobody_runs(platform: Platform) -> None
     assert platform.events.of("stuck", "started") == []
     confessions = await platform.confessions(category="unservable")
     assert any(c.get("task_id") == "stuck" for c in confessions)
+    # ... and once for the pool, by the dispatcher, and on the task's own timeline.
+    assert any(c.get("task_id") is None and c["data"]["pool"] == "gpu" for c in confessions)
+    on_timeline = platform.events.of("stuck", "confession")
+    assert {e["source"] for e in on_timeline} == {"scheduler"}
 
 
 async def test_time_limit_ends_timed_out(platform: Platform) -> None:

@@ -279,6 +279,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
         rows.insert(4, ("image", state.spec.image or "-"))
         if state.spec.labels:
             rows.insert(5, ("labels", _labels(state.spec.labels)))
+    if state.spec is not None and state.spec.pool != "default":
+        rows.insert(4, ("pool", state.spec.pool))
+    if state.waiting:
+        rows.append(("waiting", state.waiting))
+    if state.retry_at and state.status == "scheduled":
+        rows.append(("retry at", _when(state.retry_at)))
+    if state.rejected_by:
+        rows.append(("rejected", f"over the tenant's {state.rejected_by} limit"))
     if state.cancel_requested_at:
         reason = f" ({state.cancel_reason})" if state.cancel_reason else ""
         rows.append(("cancel", f"requested {_when(state.cancel_requested_at)}{reason}"))

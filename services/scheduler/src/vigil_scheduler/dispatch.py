@@ -248,8 +248,9 @@ class Dispatcher:
             return
         self._unservable_said[pool] = now
         log.warning("pool_unservable", pool=pool, queued=depth)
-        with contextlib.suppress(Exception):
+        try:
             await self._confess(Confession(
+                id=f"scheduler-unservable-pool-{pool}-{int(time.time() // 600)}",
                 summary=f"pool {pool!r} has queued tasks and no live executor",
                 severity="error", category="unservable",
                 detail=f"{depth} tasks wait in pool {pool!r}; no executor of that pool has "
@@ -257,6 +258,9 @@ class Dispatcher:
                 hint=f"start an executor with VIGIL_POOL={pool}, or cancel the tasks",
                 data={"pool": pool, "queued": depth},
             ))
+        except Exception as exc:  # said again in ten minutes; the log has it meanwhile
+            log.warning("confession_failed", error=str(exc))
+            self._unservable_said.pop(pool, None)
 
 
 def _scheduled_unreleased(state: TaskState) -> bool:

@@ -37,6 +37,7 @@ from vigil.jetstream import TaskStore, publish, publish_confession, publish_even
 from vigil.messages import (
     Accepted,
     Confession,
+    ConfessionEvent,
     Event,
     Finished,
     Rejected,
@@ -476,3 +477,9 @@ class Scheduler:
             time=confession.time or utcnow(),
         )
         await publish_confession(self._js, full)
+        if full.task_id is not None and full.id is not None:
+            # On the task's own timeline too, so its view shows why it waits or failed.
+            await publish_event(self._js, ConfessionEvent(
+                task_id=full.task_id, attempt=full.attempt or 0, time=full.time or utcnow(),
+                confession_id=full.id, summary=full.summary, severity=full.severity,
+                source="scheduler"), full.id)
