@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import nats.errors
 import structlog
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import (
@@ -218,3 +219,22 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     return found
+
+
+async def delete_msg(nc: NATS, stream: str, seq: int, *, timeout_s: float = 5.0) -> bool:
+    """Delete one message without the secure erase nats-py always asks for (an erase
+    overwrites and fsyncs each deletion; nothing here is secret, and a copy lives in the
+    submissions stream anyway). True if deleted, False if it was already gone."""
+    body = b'{"seq":%d,"no_erase":true}' % seq
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.MSG.DELETE.{stream}", body,
+                                 timeout=timeout_s)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise NatsUnavailable(f"cannot delete {stream} #{seq}: {exc}") from exc
+    answer = codec.any_decoder.decode(reply.data)
+    if isinstance(answer, dict) and answer.get("success"):
+        return True
+    error = answer.get("error", {}) if isinstance(answer, dict) else {}
+    if error.get("err_code") == 10037:  # no message found
+        return False
+    raise NatsUnavailable(f"cannot delete {stream} #{seq}: {error.get('description', answer)}")

@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 import structlog
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from vigil import codec, subjects
 from vigil.errors import NatsUnavailable
-from vigil.jetstream import TaskStore, publish, publish_event
+from vigil.jetstream import TaskStore, delete_msg, publish, publish_event
 from vigil.messages import Confession, Scheduled, TaskState, WorkItem, utcnow
 from vigil_scheduler.fairness import plan
 from vigil_scheduler.fleet import Fleet
@@ -78,11 +79,12 @@ class Backlog:
 
 
 class Dispatcher:
-    def __init__(self, js: JetStreamContext, store: TaskStore, fleet: Fleet, lease: Lease, *,
+    def __init__(self, nc: NATS, js: JetStreamContext, store: TaskStore, fleet: Fleet,
+                 lease: Lease, *,
                  max_running: Callable[[str], int], confess: Callable[[Confession],
                                                                       Awaitable[None]],
                  count: Callable[[int], None], interval_s: float = 0.05) -> None:
-        self.js, self.store, self.fleet, self.lease = js, store, fleet, lease
+        self.nc, self.js, self.store, self.fleet, self.lease = nc, js, store, fleet, lease
         self.max_running = max_running
         self._confess = confess
         self._count = count
@@ -181,30 +183,36 @@ class Dispatcher:
         return total
 
     async def _take(self, subject: str, count: int) -> int:
-        """Dispatch the first ``count`` entries of ``subject``, in order."""
+        """Dispatch the first ``count`` entries of ``subject``, in order. The entries'
+        deletions overlap with the next dispatches (an entry whose task is already
+        ``scheduled`` is harmless if a crash leaves it: the next take just deletes it)."""
         done, seq = 0, 1
-        for _ in range(count):
-            try:
-                entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq, subject=subject,
-                                              next=True)
-            except NotFoundError:
-                break
-            assert entry.seq is not None
-            seq = entry.seq + 1
-            if await self.dispatch_entry(entry.data or b"", entry.seq):
-                done += 1
+        deletions: list[asyncio.Task[bool]] = []
+        try:
+            for _ in range(count):
+                try:
+                    entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq,
+                                                  subject=subject, next=True)
+                except NotFoundError:
+                    break
+                assert entry.seq is not None
+                seq = entry.seq + 1
+                if await self.dispatch_entry(entry.data or b""):
+                    done += 1
+                deletions.append(asyncio.create_task(
+                    delete_msg(self.nc, subjects.STREAM_QUEUE, entry.seq)))
+        finally:
+            if deletions:
+                await asyncio.gather(*deletions, return_exceptions=True)
         return done
 
-    async def dispatch_entry(self, data: bytes, seq: int) -> bool:
+    async def dispatch_entry(self, data: bytes) -> bool:
         try:
             work = codec.work_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("bad_queue_entry", seq=seq, error=str(exc))
-            await self._delete(seq)
+            log.error("bad_queue_entry", error=str(exc))
             return False
-        sent = await self.schedule(work)
-        await self._delete(seq)
-        return sent
+        return await self.schedule(work)
 
     async def schedule(self, work: WorkItem) -> bool:
         """``queued`` -> ``scheduled``, then the event and the work item. Idempotent."""
@@ -235,10 +243,6 @@ class Dispatcher:
         await publish(self.js, subjects.work(work.spec.pool),
                       codec.encode(msgspec.structs.replace(work, revision=rev)),
                       f"{state.id}:work:{state.submit_seq}")
-
-    async def _delete(self, seq: int) -> None:
-        with contextlib.suppress(NotFoundError):
-            await self.js.delete_msg(subjects.STREAM_QUEUE, seq)
 
     async def _unservable(self, pool: str, depth: int) -> None:
         if not self.fleet.settled:

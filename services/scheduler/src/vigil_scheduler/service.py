@@ -60,6 +60,8 @@ log = structlog.get_logger("vigil.scheduler")
 
 RETRY_DELAY_S = 2.0
 REFUSED_DELAY_S = 30.0
+UNSERVABLE_CONFESSIONS = 5  # per pool and window; the rest only set their state
+UNSERVABLE_WINDOW_S = 600.0
 
 
 class Scheduler:
@@ -75,6 +77,7 @@ class Scheduler:
         self._timers: Timers | None = None
         self._fleet: Fleet | None = None
         self._dispatcher: Dispatcher | None = None
+        self._unservable_told: dict[str, tuple[float, int]] = {}
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -113,7 +116,7 @@ class Scheduler:
         self._fleet = Fleet(self._js, settle_s=s.unservable_after_s)
         await self._fleet.start()
         self._dispatcher = Dispatcher(
-            self._js, self._store, self._fleet, Lease(self._js, "dispatcher", self.node),
+            self._nc, self._js, self._store, self._fleet, Lease(self._js, "dispatcher", self.node),
             max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
             count=self.metrics.dispatched.inc, interval_s=s.dispatch_interval_s)
         await self._dispatcher.refresh()
@@ -329,6 +332,16 @@ class Scheduler:
         why = f"no live executor serves pool {spec.pool!r}{need}"
         if state.waiting != why:
             await self._store.cas(msgspec.structs.replace(state, waiting=why), rev)
+        # Every such task says so in its state; only the first few per pool and ten
+        # minutes also confess (they make one incident anyway): a backlog of 100,000
+        # must not become 100,000 confessions. The dispatcher confesses per pool too.
+        now = time.monotonic()
+        since, told = self._unservable_told.get(spec.pool, (now, 0))
+        if now - since > UNSERVABLE_WINDOW_S:
+            since, told = now, 0
+        self._unservable_told[spec.pool] = (since, told + 1)
+        if told >= UNSERVABLE_CONFESSIONS:
+            return
         await self._confess(Confession(
             id=f"scheduler-unservable-{state.id}", summary=f"task cannot run: {why}",
             severity="warning", category="unservable", task_id=state.id, tenant=state.tenant,
