@@ -97,7 +97,8 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.EVENTS}.>",
                 f"{subjects.ISSUES}.scheduler.>",
             ],
-            [f"{subjects.inbox('scheduler')}.>"],
+            [f"{subjects.inbox('scheduler')}.>", f"{subjects.EVENTS}.*.finished",
+             f"{subjects.EVENTS}.*.retrying"],  # wake the dispatcher when slots free up
         ),
         "executor": (
             [

@@ -151,6 +151,11 @@ class Dispatcher:
                 await asyncio.wait_for(self._wait_any(stop), self.interval_s * 5)
         await self.lease.release()
 
+    def on_slot_freed(self) -> None:
+        """A task finished somewhere: capacity may have freed up; look now."""
+        if self.backlog.depths:
+            self.wake.set()
+
     async def _wait_any(self, stop: asyncio.Event) -> None:
         waits = {asyncio.ensure_future(e.wait()) for e in (self.wake, stop, self.fleet.changed)}
         try:
@@ -183,28 +188,31 @@ class Dispatcher:
         return total
 
     async def _take(self, subject: str, count: int) -> int:
-        """Dispatch the first ``count`` entries of ``subject``, in order. The entries'
-        deletions overlap with the next dispatches (an entry whose task is already
-        ``scheduled`` is harmless if a crash leaves it: the next take just deletes it)."""
-        done, seq = 0, 1
-        deletions: list[asyncio.Task[bool]] = []
-        try:
-            for _ in range(count):
-                try:
-                    entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq,
-                                                  subject=subject, next=True)
-                except NotFoundError:
-                    break
-                assert entry.seq is not None
-                seq = entry.seq + 1
-                if await self.dispatch_entry(entry.data or b""):
-                    done += 1
-                deletions.append(asyncio.create_task(
-                    delete_msg(self.nc, subjects.STREAM_QUEUE, entry.seq)))
-        finally:
-            if deletions:
-                await asyncio.gather(*deletions, return_exceptions=True)
-        return done
+        """Dispatch the first ``count`` entries of ``subject``: read them in order, then
+        release them together (one round's picks start together anyway). Deletions
+        overlap too: an entry left by a crash after its task was released is harmless,
+        the next take finds the task ``scheduled`` and just deletes it."""
+        entries: list[tuple[int, bytes]] = []
+        seq = 1
+        for _ in range(count):
+            try:
+                entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq, subject=subject,
+                                              next=True)
+            except NotFoundError:
+                break
+            assert entry.seq is not None
+            seq = entry.seq + 1
+            entries.append((entry.seq, entry.data or b""))
+        results = await asyncio.gather(*(self.dispatch_entry(data) for _, data in entries),
+                                       return_exceptions=True)
+        await asyncio.gather(*(delete_msg(self.nc, subjects.STREAM_QUEUE, n)
+                               for (n, _), r in zip(entries, results, strict=True)
+                               if not isinstance(r, BaseException)),
+                             return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r  # the entry stays; the next round tries it again
+        return sum(1 for r in results if r is True)
 
     async def dispatch_entry(self, data: bytes) -> bool:
         try:
@@ -216,6 +224,16 @@ class Dispatcher:
 
     async def schedule(self, work: WorkItem) -> bool:
         """``queued`` -> ``scheduled``, then the event and the work item. Idempotent."""
+        if work.revision > 0:
+            # The entry names the revision of the untouched queued state it was queued
+            # with: one compare-and-set, no read. Anything since (a cancel, a timeout, a
+            # redelivered admission) moved the revision, and the read path below decides.
+            scheduled = msgspec.structs.replace(queued_state_of(work), status="scheduled",
+                                                updated_at=utcnow())
+            new_rev = await self.store.cas(scheduled, work.revision)
+            if new_rev is not None:
+                await self._release(scheduled, work, new_rev)
+                return True
         for _ in range(10):
             got = await self.store.get(work.task_id)
             if got is None:
@@ -238,11 +256,15 @@ class Dispatcher:
         raise NatsUnavailable(f"task {work.task_id} kept changing while dispatching it")
 
     async def _release(self, state: TaskState, work: WorkItem, rev: int) -> None:
-        await publish_event(self.js, Scheduled(task_id=state.id, time=state.updated_at,
-                                               pool=work.spec.pool))
+        # The event goes out first on this connection, so the server stores it before the
+        # work item: no `started` can precede `scheduled` in the timeline.
+        event = asyncio.ensure_future(publish_event(
+            self.js, Scheduled(task_id=state.id, time=state.updated_at, pool=work.spec.pool)))
+        await asyncio.sleep(0)
         await publish(self.js, subjects.work(work.spec.pool),
                       codec.encode(msgspec.structs.replace(work, revision=rev)),
                       f"{state.id}:work:{state.submit_seq}")
+        await event
 
     async def _unservable(self, pool: str, depth: int) -> None:
         if not self.fleet.settled:
@@ -270,3 +292,10 @@ class Dispatcher:
 def _scheduled_unreleased(state: TaskState) -> bool:
     return (state.status == "scheduled" and state.attempt == 0 and state.work_seq == 0
             and state.redriven == 0)
+
+
+def queued_state_of(work: WorkItem) -> TaskState:
+    """The ``queued`` state admission writes for ``work``, field for field."""
+    return TaskState(id=work.task_id, tenant=work.tenant, status="queued",
+                     created_at=work.submitted_at, updated_at=work.submitted_at,
+                     spec=work.spec, submit_seq=work.submit_seq)

@@ -49,7 +49,7 @@ from vigil.ops import OpsServer, ops_app
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
-from vigil_scheduler.dispatch import Dispatcher
+from vigil_scheduler.dispatch import Dispatcher, queued_state_of
 from vigil_scheduler.fleet import Fleet
 from vigil_scheduler.lease import Lease
 from vigil_scheduler.metrics import Metrics
@@ -120,6 +120,14 @@ class Scheduler:
             max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
             count=self.metrics.dispatched.inc, interval_s=s.dispatch_interval_s)
         await self._dispatcher.refresh()
+        # Finished tasks free slots: wake the dispatcher instead of waiting for its poll.
+        dispatcher = self._dispatcher
+
+        async def slot_freed(_: Msg) -> None:
+            dispatcher.on_slot_freed()
+
+        await self._nc.subscribe(f"{subjects.EVENTS}.*.finished", cb=slot_freed)
+        await self._nc.subscribe(f"{subjects.EVENTS}.*.retrying", cb=slot_freed)
         self._timers = Timers(self._nc, self._on_timer)
         dead_letters = asyncio.create_task(
             DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
@@ -315,12 +323,16 @@ class Scheduler:
         servable = self._fleet.serves(spec.pool, spec.node_labels)
         if not servable and self._fleet.settled:
             await self._unservable(state, rev, work)
+        # With the revision of an untouched queued state, scheduling is one compare-and-set
+        # (see Dispatcher.schedule).
+        pristine = state == queued_state_of(work)
+        entry = msgspec.structs.replace(work, revision=rev if pristine else 0)
         if (servable and not spec.node_labels and await self._dispatcher.fast_slot(spec.pool)
-                and await self._dispatcher.schedule(work)):
+                and await self._dispatcher.schedule(entry)):
             log.info("task_scheduled", pool=spec.pool, path="direct")
             return "scheduled"
         await publish(self._js, subjects.queue(spec.pool, state.tenant, spec.priority),
-                      codec.encode(work), f"{state.id}:queue:{state.submit_seq}")
+                      codec.encode(entry), f"{state.id}:queue:{state.submit_seq}")
         self._dispatcher.wake.set()
         log.info("task_queued", pool=spec.pool, priority=spec.priority)
         return "queued"
