@@ -145,21 +145,29 @@ async def test_two_auditors_count_every_confession_once_though_one_is_killed(
         await survivor.start().ready()
         await wire.follow("survivor")
         started = time.monotonic()
-        # 300 confessions, 100 of each problem, interleaved, published in pipelined batches.
+        # 300 confessions, 100 of each problem, interleaved, published in pipelined batches:
+        # the first 90 before the victim is frozen, the rest after.
         total = 3 * 100
-        for first in range(0, total, 50):
-            await asyncio.gather(*[confession(n, PROBLEMS[n % 3])
-                                   for n in range(first, min(first + 50, total))])
+
+        async def publish(start: int, end: int) -> None:
+            for first in range(start, end, 50):
+                await asyncio.gather(*[confession(n, PROBLEMS[n % 3])
+                                       for n in range(first, min(first + 50, end))])
+
+        await publish(0, 90)
 
         async def shared() -> bool:
             both = {d.auditor for d in wire.delivered} == {"victim", "survivor"}
             return both and bool(await counted(60))
 
         await eventually(shared, timeout=60, what="both auditors to have counted 60")
-        # Freeze the victim, and kill it once it holds a confession it has not acked (with
-        # one confession in flight across all auditors, it gets one as soon as the
-        # survivor acks the one it has, if it did not have one already).
+        # Freeze the victim, then send the rest, and kill it once it holds a confession it
+        # has not acked: with one confession in flight across all auditors, the frozen
+        # victim's waiting pull request is served as soon as the survivor acks its own
+        # (if the victim was not holding one already). Publishing the rest only now makes
+        # sure there is something left for it to be handed, however fast the first went.
         victim.signal(signal.SIGSTOP)
+        await publish(90, total)
         held = await eventually(lambda: wire.held_by(platform.js, "victim"), timeout=30,
                                 what="the frozen victim to hold a confession")
         victim.signal(signal.SIGKILL)
