@@ -6,6 +6,7 @@ executors (the process runtime: real processes, no sandbox needed for what is me
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -234,3 +235,41 @@ async def test_two_schedulers_schedule_each_task_exactly_once(platform: Platform
     finally:
         first.kill()
         second.kill()
+
+
+async def test_node_labels_place_a_task_on_a_matching_executor(platform: Platform) -> None:
+    await platform.scheduler(unservable_after_s=0)
+    await platform.executor(node_id="plain", slots=4)
+    await platform.executor(node_id="gpu-node", slots=1, labels="gpu=a100")
+    for i in range(3):
+        await platform.publish_spec({"id": f"gpu{i}", "command": ["true"],
+                                     "node_labels": {"gpu": "a100"}})
+    for i in range(3):
+        state = await platform.final_state(f"gpu{i}")
+        assert state.status == "succeeded" and state.executor == "gpu-node", state
+        assert state.attempt == 1  # a node without the label hands it back, spending nothing
+    # Labels nobody advertises: the task says so and waits (here until its queue timeout).
+    await platform.publish_spec({"id": "tpu", "command": ["true"],
+                                 "node_labels": {"tpu": "v5"}, "queue_timeout_s": 2})
+
+    async def says_why() -> Any:
+        state = await platform.state("tpu")
+        return state if state and state.waiting else None
+    waiting = await eventually(says_why, what="the task to say nobody can run it")
+    assert "labels {'tpu': 'v5'}" in (waiting.waiting or "")
+    assert (await platform.final_state("tpu")).status == "timed_out"
+
+
+async def test_running_limit_holds_a_tenant_back(platform: Platform) -> None:
+    await platform.scheduler(tenant_limits=json.dumps({"acme": {"max_running": 1}}))
+    await platform.executor(slots=4)
+    hold = ["python3", "-c", "import time; time.sleep(0.5)"]
+    await publish_many(platform, "acme", [{"id": f"one{i}", "command": hold}
+                                          for i in range(3)])
+    states = [await platform.final_state(f"one{i}") for i in range(3)]
+    assert all(s.status == "succeeded" for s in states)
+    spans = sorted((s.started_at, s.finished_at) for s in states)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end is not None and start is not None
+        # (a slot's advert lags by up to its 2 s interval, so allow a brief overlap)
+        assert start >= end - timedelta(milliseconds=200), spans

@@ -527,6 +527,7 @@ class Attempt:
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error, executor=final.executor,
+            tenant=final.tenant,
             duration_s=(now - (final.started_at or now)).total_seconds(),
         ), once=True)
         await self.sink.drain()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +49,11 @@ from vigil_scheduler.lease import Lease
 log = structlog.get_logger("vigil.scheduler")
 
 UNSERVABLE_CONFESS_EVERY_S = 600.0
+# Executors advertise every 2 s: a task released less than this ago may not be in any
+# advert yet, so it is counted from the dispatcher's own memory.
+ADVERT_LAG_S = 3.0
+# Entries waiting for labels nobody has, skipped over per take before giving up.
+MAX_SKIPPED = 1_000
 
 
 @dataclass
@@ -95,6 +100,7 @@ class Dispatcher:
         self._fast: dict[str, int] = {}  # pool -> slots the fast path may still take
         self._fast_at = 0.0
         self._unservable_said: dict[str, float] = {}
+        self._released: deque[tuple[float, str]] = deque()
 
     # the backlog and capacity --------------------------------------------------------------
     async def refresh(self) -> Backlog:
@@ -117,8 +123,23 @@ class Dispatcher:
             return slots
         return slots - int(info.num_pending or 0) - int(info.num_ack_pending or 0)
 
-    async def fast_slot(self, pool: str) -> bool:
-        """May an admission skip the queue? Only with no backlog and a free slot."""
+    def running(self) -> Counter[str]:
+        """Tasks per tenant released and not finished, as far as this scheduler knows: what
+        the executors advertise running, plus what it released since their adverts (which
+        are up to ADVERT_LAG_S old). Counting a task twice for a moment errs on the side
+        of the limit."""
+        now = time.monotonic()
+        while self._released and now - self._released[0][0] > ADVERT_LAG_S:
+            self._released.popleft()
+        counts = self.fleet.running_by_tenant()
+        counts.update(tenant for _, tenant in self._released)
+        return counts
+
+    async def fast_slot(self, pool: str, tenant: str) -> bool:
+        """May an admission skip the queue? Only with no backlog, a free slot, and the
+        tenant under its running limit."""
+        if self.running()[tenant] >= self.max_running(tenant):
+            return False
         now = time.monotonic()
         if now - self._fast_at > 0.25 or now - self.backlog.read_at > 0.25:
             await self.refresh()
@@ -128,9 +149,11 @@ class Dispatcher:
             return False
         if pool not in self._fast:
             self._fast[pool] = await self.capacity(pool)
-        if self._fast[pool] <= 0:
+        if self._fast[pool] <= 0 or self.running()[tenant] >= self.max_running(tenant):
             return False
         self._fast[pool] -= 1
+        # Reserved now, before any await: concurrent admissions see it at once.
+        self._released.append((time.monotonic(), tenant))
         return True
 
     # the loop ----------------------------------------------------------------------------------
@@ -151,8 +174,15 @@ class Dispatcher:
                 await asyncio.wait_for(self._wait_any(stop), self.interval_s * 5)
         await self.lease.release()
 
-    def on_slot_freed(self) -> None:
-        """A task finished somewhere: capacity may have freed up; look now."""
+    def on_slot_freed(self, tenant: str | None = None) -> None:
+        """A task finished somewhere: capacity may have freed up; look now. Its tenant's
+        oldest reservation goes too (the task it stood for is likely this one, and at
+        worst another of the tenant's that the adverts will count)."""
+        if tenant is not None:
+            for i, (_, t) in enumerate(self._released):
+                if t == tenant:
+                    del self._released[i]
+                    break
         if self.backlog.depths:
             self.wake.set()
 
@@ -167,7 +197,7 @@ class Dispatcher:
 
     async def tick(self) -> int:
         backlog = await self.refresh()
-        running = self.fleet.running_by_tenant()
+        running = self.running()
         total = 0
         for pool, depths in backlog.depths.items():
             if not self.fleet.serves(pool, {}):
@@ -179,6 +209,10 @@ class Dispatcher:
             limits = {t: self.max_running(t) for t in depths}
             picks, self._rotation[pool] = plan(depths, cap, running, limits,
                                                self._rotation.get(pool))
+            now = time.monotonic()
+            for p in picks:  # reserved before any await, like the fast path's
+                self._released.extend([(now, p.tenant)] * p.count)
+                running[p.tenant] += p.count
             results = await asyncio.gather(*(
                 self._take(subjects.queue(pool, p.tenant, p.priority), p.count)
                 for p in picks))
@@ -193,8 +227,8 @@ class Dispatcher:
         overlap too: an entry left by a crash after its task was released is harmless,
         the next take finds the task ``scheduled`` and just deletes it."""
         entries: list[tuple[int, bytes]] = []
-        seq = 1
-        for _ in range(count):
+        seq, skipped = 1, 0
+        while len(entries) < count and skipped < MAX_SKIPPED:
             try:
                 entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq, subject=subject,
                                               next=True)
@@ -202,6 +236,9 @@ class Dispatcher:
                 break
             assert entry.seq is not None
             seq = entry.seq + 1
+            if self._waits_for_labels(entry.data or b""):
+                skipped += 1  # stays queued; the tasks behind it go on
+                continue
             entries.append((entry.seq, entry.data or b""))
         results = await asyncio.gather(*(self.dispatch_entry(data) for _, data in entries),
                                        return_exceptions=True)
@@ -213,6 +250,15 @@ class Dispatcher:
             if isinstance(r, BaseException):
                 raise r  # the entry stays; the next round tries it again
         return sum(1 for r in results if r is True)
+
+    def _waits_for_labels(self, data: bytes) -> bool:
+        """An entry needing executor labels that no live executor of its pool has."""
+        try:
+            work = codec.work_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False  # dispatch_entry says so and drops it
+        labels = work.spec.node_labels
+        return bool(labels) and not self.fleet.serves(work.spec.pool, labels)
 
     async def dispatch_entry(self, data: bytes) -> bool:
         try:

@@ -123,8 +123,12 @@ class Scheduler:
         # Finished tasks free slots: wake the dispatcher instead of waiting for its poll.
         dispatcher = self._dispatcher
 
-        async def slot_freed(_: Msg) -> None:
-            dispatcher.on_slot_freed()
+        async def slot_freed(msg: Msg) -> None:
+            tenant = None
+            if msg.subject.endswith(".finished"):
+                with contextlib.suppress(Exception):
+                    tenant = codec.any_decoder.decode(msg.data).get("tenant")
+            dispatcher.on_slot_freed(tenant if isinstance(tenant, str) else None)
 
         await self._nc.subscribe(f"{subjects.EVENTS}.*.finished", cb=slot_freed)
         await self._nc.subscribe(f"{subjects.EVENTS}.*.retrying", cb=slot_freed)
@@ -327,7 +331,8 @@ class Scheduler:
         # (see Dispatcher.schedule).
         pristine = state == queued_state_of(work)
         entry = msgspec.structs.replace(work, revision=rev if pristine else 0)
-        if (servable and not spec.node_labels and await self._dispatcher.fast_slot(spec.pool)
+        if (servable and not spec.node_labels
+                and await self._dispatcher.fast_slot(spec.pool, state.tenant)
                 and await self._dispatcher.schedule(entry)):
             log.info("task_scheduled", pool=spec.pool, path="direct")
             return "scheduled"
