@@ -273,3 +273,18 @@ async def test_running_limit_holds_a_tenant_back(platform: Platform) -> None:
         assert end is not None and start is not None
         # (a slot's advert lags by up to its 2 s interval, so allow a brief overlap)
         assert start >= end - timedelta(milliseconds=200), spans
+
+
+async def test_a_task_in_retry_backoff_does_not_hold_its_slot(platform: Platform) -> None:
+    """A failed attempt waiting out a long backoff is a work message naked with a delay:
+    it holds no slot, so the one-slot pool runs the next task meanwhile."""
+    await platform.scheduler()
+    await platform.executor(slots=1)
+    await platform.publish_spec({"id": "flaky", "command": ["false"], "max_attempts": 2,
+                                 "retry": {"backoff_s": 60, "jitter": 0}})
+    await platform.events.wait_for("flaky", "retrying")
+    await platform.publish_spec({"id": "next", "command": ["true"]})
+    state = await platform.final_state("next", timeout=20)
+    assert state.status == "succeeded"
+    flaky = await platform.state("flaky")
+    assert flaky is not None and flaky.status == "scheduled" and flaky.retry_at is not None

@@ -88,3 +88,11 @@ def test_a_foreign_cursor_is_refused() -> None:
     for bad in ("%%%", "bm90LWEtY3Vyc29y", ""):
         with pytest.raises(BadCursor):
             decode_cursor(bad)
+
+
+def test_prune_drops_what_the_bucket_expired() -> None:
+    index = TaskIndex()
+    for i in range(4):
+        index.put(state(i))
+    assert index.prune(T0 + timedelta(seconds=2)) == 2  # t000, t001 not updated since
+    assert [t.id for t in index.query(Query(tenant="acme"))[0]] == ["t003", "t002"]

@@ -176,7 +176,8 @@ QUEUE = Stream(
     retention=RetentionPolicy.LIMITS,
     discard=DiscardPolicy.NEW,
     max_msgs=5_000_000,
-    max_age_s=30 * DAY,
+    # No age limit: an entry leaves when it is dispatched (or found stale), never by
+    # expiring under a task that still waits.
     duplicate_window_s=600.0,
     max_msg_size=256 * 1024 + 4096,
     description="Admitted tasks waiting for executor capacity (fair dispatch)",
@@ -186,7 +187,8 @@ TIMERS = Stream(
     name=subjects.STREAM_TIMERS,
     subjects=(f"{subjects.TIMERS}.>",),
     retention=RetentionPolicy.WORK_QUEUE,
-    max_age_s=31 * DAY,
+    # No age limit: a timer leaves when it fires (a nak does not reset a message's age,
+    # so any limit would silently drop timers set further ahead than it).
     duplicate_window_s=600.0,
     max_msg_size=4096,
     description="Scheduler timers: delayed starts and queue timeouts",

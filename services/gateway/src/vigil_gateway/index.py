@@ -8,7 +8,8 @@ gateway builds its own index, so gateways stay stateless and interchangeable; th
 trails the bucket by the time one update takes to arrive (milliseconds), which is why a
 task just submitted may appear in a list a moment after ``POST`` returns.
 
-Memory is one small summary per task the bucket holds (it expires tasks after its TTL).
+Memory is one small summary per task the bucket holds: it expires tasks after its TTL,
+and the index drops those (checked hourly).
 
 Cursors are opaque to clients: ``base64url("<created_at ns>:<task id>")`` of the last
 task on the page; the next page starts strictly after it, so pages neither skip nor
@@ -21,9 +22,10 @@ import asyncio
 import base64
 import bisect
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import structlog
@@ -31,13 +33,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from vigil import codec, subjects
+from vigil import codec, subjects, topology
 from vigil.api import TaskSummary
 from vigil.messages import TaskState
 
 log = structlog.get_logger("vigil.gateway")
 
 Key = tuple[int, str]  # (created_at in ns since the epoch, task id)
+PRUNE_EVERY_S = 3600.0
 
 
 class BadCursor(ValueError):
@@ -115,6 +118,14 @@ class TaskIndex:
         if i < len(keys) and keys[i] == key:
             del keys[i]
 
+    def prune(self, older_than: datetime) -> int:
+        """Drop tasks not updated since ``older_than``: the bucket's TTL has expired them,
+        and an expiry sends watchers no delete marker."""
+        gone = [i for i, t in self.by_id.items() if t.updated_at < older_than]
+        for task_id in gone:
+            self.remove(task_id)
+        return len(gone)
+
     def query(self, q: Query) -> tuple[list[TaskSummary], Key | None]:
         """Up to ``q.limit`` matches, newest first, and the cursor of the next page."""
         keys = self.by_tenant.get(q.tenant, [])
@@ -151,6 +162,7 @@ class IndexWatcher:
         self.ready = asyncio.Event()
         self._waiters: dict[str, list[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pruned_at = time.monotonic()
 
     async def start(self) -> None:
         stream = f"KV_{subjects.KV_TASKS}"
@@ -178,6 +190,12 @@ class IndexWatcher:
                 self.index.put(codec.state_decoder.decode(msg.data))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("index_undecodable_state", task_id=task_id, error=str(exc))
+        now = time.monotonic()
+        if now - self._pruned_at > PRUNE_EVERY_S:
+            self._pruned_at = now
+            cutoff = datetime.now(UTC) - timedelta(seconds=topology.TASKS.ttl_s)
+            if dropped := self.index.prune(cutoff):
+                log.info("task_index_pruned", expired=dropped)
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
             log.info("task_index_ready", tasks=len(self.index))
             self.ready.set()

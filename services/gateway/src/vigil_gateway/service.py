@@ -419,8 +419,9 @@ class Gateway:
                          f"({state.status}); there is nothing to cancel")
         request_ = CancelRequest(task_id=state.id, reason=body.reason,
                                  requested_by=f"{who.name} ({who.role})")
+        # One cancel per state revision: a second cancel after a redrive is a new request.
         await publish(self.js, subjects.cancel_request(state.tenant), codec.encode(request_),
-                      f"cancel:{state.id}", deadline_s=10.0)
+                      f"cancel:{state.id}:{found[1]}", deadline_s=10.0)
         self.metrics.cancels.inc()
         log.info("task_cancel_requested", task_id=state.id, tenant=state.tenant,
                  by=who.name, status=state.status)

@@ -189,11 +189,15 @@ class Control:
                 if isinstance(found, str):
                     return found
                 state, rev = found
+                if _redriven_unclaimed(state):
+                    # Redriven already (by this request's earlier delivery, which may have
+                    # died before the work item, or by another): send the work item again;
+                    # its message id makes that a no-op if it went out.
+                    await self._publish_redrive(state, req)
+                    await msg.ack()
+                    log.info("redrive_resumed", revision=rev)
+                    return "resumed"
                 if req.expect_revision and rev != req.expect_revision:
-                    if _redriven_unclaimed(state):
-                        # Our own earlier handling wrote the state but may have died
-                        # before the work item: send it again (deduplicated if it went).
-                        await self._publish_redrive(state, req)
                     await msg.ack()
                     log.info("redrive_stale", revision=rev, expected=req.expect_revision)
                     return "stale"
@@ -210,7 +214,7 @@ class Control:
                     state, status="scheduled", executor=None, exit_code=None, error=None,
                     finished_at=None, updated_at=now, work_seq=0, delivery=0,
                     redriven=state.redriven + 1, budget_from=state.attempt,
-                    cancel_requested_at=None, cancel_reason=None)
+                    cancel_requested_at=None, cancel_reason=None, retry_at=None)
                 if await self.store.cas(again, rev) is None:
                     continue
                 await self._publish_redrive(again, req)

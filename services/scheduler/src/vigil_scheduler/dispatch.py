@@ -40,7 +40,7 @@ from nats.js.errors import NotFoundError
 
 from vigil import codec, subjects
 from vigil.errors import NatsUnavailable
-from vigil.jetstream import TaskStore, delete_msg, publish, publish_event
+from vigil.jetstream import TaskStore, delete_msg, publish, publish_event, retrying
 from vigil.messages import Confession, Scheduled, TaskState, WorkItem, utcnow
 from vigil_scheduler.fairness import plan
 from vigil_scheduler.fleet import Fleet
@@ -100,7 +100,8 @@ class Dispatcher:
         self._fast: dict[str, int] = {}  # pool -> slots the fast path may still take
         self._fast_at = 0.0
         self._unservable_said: dict[str, float] = {}
-        self._released: deque[tuple[float, str]] = deque()
+        # Releases (time, tenant, pool) not yet visible in the executors' adverts.
+        self._released: deque[tuple[float, str, str]] = deque()
 
     # the backlog and capacity --------------------------------------------------------------
     async def refresh(self) -> Backlog:
@@ -113,27 +114,46 @@ class Dispatcher:
         return self.backlog
 
     async def capacity(self, pool: str) -> int:
+        """Free slots in ``pool``: advertised slots minus work items nobody has pulled yet
+        minus what holds a slot. Two upper bounds of the latter, the lower one wins: the
+        consumer's unacknowledged messages (exact at once, but it also counts tasks
+        waiting out a retry backoff, which hold no slot and must not stall the queue), and
+        the executors' adverts plus this dispatcher's releases since (no backoffs, but
+        adverts are up to two seconds old)."""
         slots = self.fleet.slots(pool)
         if slots == 0:
             return 0
+
+        async def info() -> tuple[int, int]:
+            try:
+                got = await self.js.consumer_info(subjects.STREAM_WORK,
+                                                  subjects.consumer_executor(pool))
+            except NotFoundError:
+                return 0, 0
+            return int(got.num_pending or 0), int(got.num_ack_pending or 0)
+
         try:
-            info = await self.js.consumer_info(subjects.STREAM_WORK,
-                                               subjects.consumer_executor(pool))
-        except NotFoundError:
-            return slots
-        return slots - int(info.num_pending or 0) - int(info.num_ack_pending or 0)
+            unpulled, unacked = await retrying(f"capacity of pool {pool}", info)
+        except Exception as exc:
+            raise NatsUnavailable(f"cannot read pool {pool}'s work queue: {exc}") from exc
+        self._expire_released()
+        recent = sum(1 for _, _, p in self._released if p == pool)
+        return slots - unpulled - min(unacked, self.fleet.running(pool) + recent)
 
     def running(self) -> Counter[str]:
         """Tasks per tenant released and not finished, as far as this scheduler knows: what
         the executors advertise running, plus what it released since their adverts (which
         are up to ADVERT_LAG_S old). Counting a task twice for a moment errs on the side
         of the limit."""
+        self._expire_released()
+        counts = self.fleet.running_by_tenant()
+        counts.update(tenant for _, tenant, _ in self._released)
+        return counts
+
+    def _expire_released(self) -> None:
         now = time.monotonic()
         while self._released and now - self._released[0][0] > ADVERT_LAG_S:
             self._released.popleft()
-        counts = self.fleet.running_by_tenant()
-        counts.update(tenant for _, tenant in self._released)
-        return counts
 
     async def fast_slot(self, pool: str, tenant: str) -> bool:
         """May an admission skip the queue? Only with no backlog, a free slot, and the
@@ -153,7 +173,7 @@ class Dispatcher:
             return False
         self._fast[pool] -= 1
         # Reserved now, before any await: concurrent admissions see it at once.
-        self._released.append((time.monotonic(), tenant))
+        self._released.append((time.monotonic(), tenant, pool))
         return True
 
     # the loop ----------------------------------------------------------------------------------
@@ -179,7 +199,7 @@ class Dispatcher:
         oldest reservation goes too (the task it stood for is likely this one, and at
         worst another of the tenant's that the adverts will count)."""
         if tenant is not None:
-            for i, (_, t) in enumerate(self._released):
+            for i, (_, t, _) in enumerate(self._released):
                 if t == tenant:
                     del self._released[i]
                     break
@@ -211,7 +231,7 @@ class Dispatcher:
                                                self._rotation.get(pool))
             now = time.monotonic()
             for p in picks:  # reserved before any await, like the fast path's
-                self._released.extend([(now, p.tenant)] * p.count)
+                self._released.extend([(now, p.tenant, pool)] * p.count)
                 running[p.tenant] += p.count
             results = await asyncio.gather(*(
                 self._take(subjects.queue(pool, p.tenant, p.priority), p.count)
@@ -258,7 +278,10 @@ class Dispatcher:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return False  # dispatch_entry says so and drops it
         labels = work.spec.node_labels
-        return bool(labels) and not self.fleet.serves(work.spec.pool, labels)
+        # Released only while a matching executor has a free slot: otherwise executors
+        # without the labels would hand it back and forth, each time a delivery, until
+        # the server's max deliveries buried a task that never ran.
+        return bool(labels) and not self.fleet.serves(work.spec.pool, labels, free=True)
 
     async def dispatch_entry(self, data: bytes) -> bool:
         try:
@@ -294,7 +317,7 @@ class Dispatcher:
                     continue  # cancelled or timed out meanwhile: look again
                 await self._release(scheduled, work, new_rev)
                 return True
-            if _scheduled_unreleased(state):
+            if scheduled_unreleased(state):
                 # A dispatcher died between the state write and the work item.
                 await self._release(state, work, rev)
                 return True
@@ -335,7 +358,7 @@ class Dispatcher:
             self._unservable_said.pop(pool, None)
 
 
-def _scheduled_unreleased(state: TaskState) -> bool:
+def scheduled_unreleased(state: TaskState) -> bool:
     return (state.status == "scheduled" and state.attempt == 0 and state.work_seq == 0
             and state.redriven == 0)
 

@@ -76,10 +76,15 @@ class Fleet:
             total.update(e.tenants)
         return total
 
-    def serves(self, pool: str, labels: Mapping[str, str]) -> bool:
-        """Whether any live executor could run a task of ``pool`` needing ``labels``."""
+    def running(self, pool: str) -> int:
+        return sum(e.running for e in self.live() if e.pool == pool)
+
+    def serves(self, pool: str, labels: Mapping[str, str], *, free: bool = False) -> bool:
+        """Whether any live executor could run a task of ``pool`` needing ``labels``
+        (with ``free``: could run it now, by its last advert)."""
         return any(e.pool == pool and not e.draining
                    and all(e.labels.get(k) == v for k, v in labels.items())
+                   and (not free or e.free > 0)
                    for e in self.live())
 
     @property

@@ -13,11 +13,14 @@ import contextlib
 import time
 import uuid
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from vigil import subjects, topology
+
+log = structlog.get_logger("vigil.scheduler")
 
 
 class Lease:
@@ -29,6 +32,7 @@ class Lease:
         self._kv: KeyValue | None = None
         self._revision = 0
         self._renewed = 0.0
+        self._complained = -1e9
 
     @property
     def held(self) -> bool:
@@ -52,9 +56,13 @@ class Lease:
         except (KeyWrongLastSequenceError, NotFoundError):
             self._revision = 0
             return False
-        except Exception:
-            # NATS away: treat as lost (the TTL will hand it over anyway).
+        except Exception as exc:
+            # NATS away, or worse (rights, a broken bucket): treat as lost (the TTL hands
+            # it over anyway), and say so, at most every half minute.
             self._revision = 0
+            if now - self._complained > 30:
+                self._complained = now
+                log.warning("lease_error", lease=self.name, error=str(exc) or repr(exc))
             return False
 
     async def release(self) -> None:

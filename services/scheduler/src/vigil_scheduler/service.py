@@ -49,7 +49,7 @@ from vigil.ops import OpsServer, ops_app
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
-from vigil_scheduler.dispatch import Dispatcher, queued_state_of
+from vigil_scheduler.dispatch import Dispatcher, queued_state_of, scheduled_unreleased
 from vigil_scheduler.fleet import Fleet
 from vigil_scheduler.lease import Lease
 from vigil_scheduler.metrics import Metrics
@@ -60,6 +60,7 @@ log = structlog.get_logger("vigil.scheduler")
 
 RETRY_DELAY_S = 2.0
 REFUSED_DELAY_S = 30.0
+POISON_AFTER = 5  # deliveries of a submission that keeps crashing the scheduler
 UNSERVABLE_CONFESSIONS = 5  # per pool and window; the rest only set their state
 UNSERVABLE_WINDOW_S = 600.0
 
@@ -234,10 +235,16 @@ class Scheduler:
                 # full stream drains); say so, and retry slowly.
                 await self._refused(msg, seq, f"JetStream refused a write: {exc.description}")
             except Exception as exc:
-                # A bug of ours, or input we did not foresee: never redeliver it forever.
-                log.exception("submission_crashed")
-                await self._refused(msg, seq, f"scheduler failed on this submission: {exc!r}",
-                                    poison=True)
+                # A bug of ours, a NATS error type we did not map, or input we did not
+                # foresee: try again a few times (a passing error heals), then give up on
+                # it for good, recording the failure on the task if one was created.
+                log.exception("submission_crashed", delivered=meta.num_delivered)
+                why = f"scheduler failed on this submission: {exc!r}"
+                poison = meta.num_delivered >= POISON_AFTER
+                if poison:
+                    with contextlib.suppress(Exception):
+                        await self._fail_created(seq, why)
+                await self._refused(msg, seq, why, poison=poison)
 
     async def _refused(self, msg: Msg, seq: int, why: str, *, poison: bool = False) -> None:
         self.metrics.submissions.labels("poison" if poison else "refused").inc()
@@ -253,6 +260,27 @@ class Scheduler:
                 await msg.term()
             else:
                 await msg.nak(delay=REFUSED_DELAY_S)
+
+    async def _fail_created(self, seq: int, why: str) -> None:
+        """A submission given up on: if it got as far as creating its task, the task must
+        not sit ``queued`` forever. Find it by the id rule and fail it, with the reason."""
+        assert self._js is not None and self._store is not None
+        stored = await self._js.get_msg(subjects.STREAM_SUBMIT, seq)
+        msg_id = (stored.headers or {}).get(subjects.MSG_ID)
+        decision = admit(stored.data or b"", stored.subject or "", msg_id, seq, utcnow(),
+                         self.settings)
+        if isinstance(decision, Reject):
+            return
+        got = await self._store.get(decision.state.id)
+        if got is None or got[0].submit_seq != seq or got[0].terminal:
+            return
+        now = utcnow()
+        failed = msgspec.structs.replace(got[0], status="failed", error=why, finished_at=now,
+                                         updated_at=now)
+        if await self._store.cas(failed, got[1]) is not None:
+            await self._event(Finished(task_id=failed.id, time=now, status="failed",
+                                       error=why))
+            log.error("task_failed_by_scheduler", task_id=failed.id, error=why)
 
     async def _schedule(self, admit_: Admit) -> str:
         assert self._store is not None and self._js is not None
@@ -281,8 +309,10 @@ class Scheduler:
             if current.submit_seq != state.submit_seq or current.tenant != state.tenant:
                 await self._on_duplicate(state, current)
                 return "duplicate"
-            # Our own earlier attempt at this submission got partway: carry on from there.
+            # Our own earlier attempt at this submission got partway: carry on from there
+            # (with its times: this delivery's admission stamped new ones).
             state = current
+            work = msgspec.structs.replace(work, submitted_at=current.created_at)
             log.info("submission_resumed", status=state.status)
         if state.rejected_by is not None:
             await self._rejected(state)
@@ -307,7 +337,7 @@ class Scheduler:
             await asyncio.gather(*pending)
 
     async def _enqueue(self, state: TaskState, rev: int, work: WorkItem, *,
-                       admitting: bool) -> str:
+                       admitting: bool, due: bool = False) -> str:
         """A ``queued`` task: wait for its time, or take a free slot, or join the queue."""
         assert self._js is not None and self._dispatcher is not None
         assert self._fleet is not None and self._store is not None
@@ -317,7 +347,9 @@ class Scheduler:
             start = max(state.created_at, spec.not_before or state.created_at)
             await set_timer(self._js, "queue_timeout", state.id,
                             start + timedelta(seconds=spec.queue_timeout_s))
-        if spec.not_before is not None and spec.not_before > now:
+        # (A fired start timer is due whatever this node's clock says about not_before:
+        # setting the same timer again would be dropped as a duplicate.)
+        if spec.not_before is not None and spec.not_before > now and not due:
             waiting = f"not before {spec.not_before.isoformat()}"
             if state.waiting != waiting:
                 await self._store.cas(msgspec.structs.replace(state, waiting=waiting), rev)
@@ -406,7 +438,16 @@ class Scheduler:
         state, rev = got
         if timer.kind == "start":
             spec = state.spec
-            if state.status != "queued" or spec is None:
+            if spec is None:
+                return
+            work = WorkItem(task_id=state.id, tenant=state.tenant, spec=spec,
+                            submitted_at=state.created_at, submit_seq=state.submit_seq)
+            if scheduled_unreleased(state):
+                # Fired before, and died between scheduling and the work item.
+                assert self._dispatcher is not None
+                await self._dispatcher.schedule(work)
+                return
+            if state.status != "queued":
                 return
             if state.waiting is not None:
                 cleared = msgspec.structs.replace(state, waiting=None)
@@ -414,9 +455,7 @@ class Scheduler:
                 if new_rev is None:
                     raise NatsUnavailable("task changed while starting it; retrying")
                 state, rev = cleared, new_rev
-            work = WorkItem(task_id=state.id, tenant=state.tenant, spec=spec,
-                            submitted_at=state.created_at, submit_seq=state.submit_seq)
-            await self._enqueue(state, rev, work, admitting=False)
+            await self._enqueue(state, rev, work, admitting=False, due=True)
         elif timer.kind == "queue_timeout":
             if state.status not in ("queued", "scheduled") or state.attempt > 0:
                 return
