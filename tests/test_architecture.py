@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,22 @@ def test_settings_doc_is_current() -> None:
     spec.loader.exec_module(gen)
     assert (ROOT / "docs" / "settings.md").read_text() == gen.render(), (
         "docs/settings.md is stale: run .venv/bin/python scripts/gen_settings_doc.py")
+
+
+def test_compose_nats_config_is_current() -> None:
+    """deploy/compose/nats.conf is `vigil nats-config` output: a new permission (or user)
+    must reach it, or services deployed with compose hit permissions violations."""
+    import contextlib
+    import io
+
+    from vigil.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(["nats-config"])
+    assert (ROOT / "deploy" / "compose" / "nats.conf").read_text() == out.getvalue(), (
+        "deploy/compose/nats.conf is stale: .venv/bin/vigil nats-config > "
+        "deploy/compose/nats.conf")
+    env = (ROOT / "deploy" / "compose" / "env.example").read_text()
+    for user in re.findall(r"\$(VIGIL_[A-Z_]+_PASSWORD)", out.getvalue()):
+        assert f"{user}=" in env, f"{user} missing from deploy/compose/env.example"
