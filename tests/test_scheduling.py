@@ -288,3 +288,29 @@ async def test_a_task_in_retry_backoff_does_not_hold_its_slot(platform: Platform
     assert state.status == "succeeded"
     flaky = await platform.state("flaky")
     assert flaky is not None and flaky.status == "scheduled" and flaky.retry_at is not None
+
+
+async def test_cancelled_queued_tasks_stop_counting_against_the_queued_limit(
+        platform: Platform) -> None:
+    scheduler = await platform.scheduler(
+        tenant_limits=json.dumps({"acme": {"max_queued": 2}}))
+    for i in range(2):  # nobody serves this pool: both stay queued
+        await platform.publish_spec({"id": f"held{i}", "command": ["true"], "pool": "idle"})
+        await platform.events.wait_for(f"held{i}", "accepted")
+    for i in range(2):
+        await platform.js.publish("vigil.control.cancel.acme",
+                                  json.dumps({"task_id": f"held{i}"}).encode())
+        assert (await platform.final_state(f"held{i}")).status == "cancelled"
+
+    async def counted_as_queued() -> bool:  # the scheduler sees both entries
+        dispatcher = scheduler._dispatcher
+        return dispatcher is not None and dispatcher.backlog.tenant_depth("acme") == 2
+    await eventually(counted_as_queued, what="the scheduler to count two queued entries")
+    # Their entries still count, but a new submission is not refused for them: the
+    # scheduler sweeps the stale ones out first.
+    await platform.publish_spec({"id": "fresh", "command": ["true"], "pool": "idle"})
+    await platform.events.wait_for("fresh", "accepted")
+    state = await platform.state("fresh")
+    assert state is not None and state.status == "queued" and state.rejected_by is None
+    info = await platform.js.stream_info(subjects.STREAM_QUEUE)
+    assert info.state.messages == 1  # only fresh's entry is left

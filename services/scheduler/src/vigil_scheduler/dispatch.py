@@ -54,6 +54,9 @@ UNSERVABLE_CONFESS_EVERY_S = 600.0
 ADVERT_LAG_S = 3.0
 # Entries waiting for labels nobody has, skipped over per take before giving up.
 MAX_SKIPPED = 1_000
+# Entries looked at when a tenant at its queued limit might be held there by stale ones.
+SWEEP_BUDGET = 500
+SWEEP_EVERY_S = 10.0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Dispatcher:
         self._unservable_said: dict[str, float] = {}
         # Releases (time, tenant, pool) not yet visible in the executors' adverts.
         self._released: deque[tuple[float, str, str]] = deque()
+        self._swept: dict[str, float] = {}
 
     # the backlog and capacity --------------------------------------------------------------
     async def refresh(self) -> Backlog:
@@ -270,6 +274,41 @@ class Dispatcher:
             if isinstance(r, BaseException):
                 raise r  # the entry stays; the next round tries it again
         return sum(1 for r in results if r is True)
+
+    async def sweep(self, tenant: str, budget: int = SWEEP_BUDGET) -> int:
+        """Delete up to ``budget`` entries of ``tenant``'s backlog whose task no longer
+        waits (cancelled or timed out while queued): they would count against its
+        ``max_queued`` until the dispatcher reached them. Returns how many went. At most
+        once per tenant every SWEEP_EVERY_S: a tenant hammering its limit must not make
+        every refusal a scan."""
+        now = time.monotonic()
+        if now - self._swept.get(tenant, -1e9) < SWEEP_EVERY_S:
+            return 0
+        self._swept[tenant] = now
+        removed = 0
+        for pool, tenants in self.backlog.depths.items():
+            for prio in tenants.get(tenant, {}):
+                subject, seq = subjects.queue(pool, tenant, prio), 1
+                while budget > 0:
+                    try:
+                        entry = await self.js.get_msg(subjects.STREAM_QUEUE, seq=seq,
+                                                      subject=subject, next=True)
+                    except NotFoundError:
+                        break
+                    assert entry.seq is not None
+                    seq, budget = entry.seq + 1, budget - 1
+                    try:
+                        task_id = codec.work_decoder.decode(entry.data or b"").task_id
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    got = await self.store.get(task_id)
+                    if got is None or got[0].status != "queued":
+                        await delete_msg(self.nc, subjects.STREAM_QUEUE, entry.seq)
+                        removed += 1
+        if removed:
+            log.info("backlog_swept", tenant=tenant, removed=removed)
+            await self.refresh()
+        return removed
 
     def _waits_for_labels(self, data: bytes) -> bool:
         """An entry needing executor labels that no live executor of its pool has."""

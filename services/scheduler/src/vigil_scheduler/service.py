@@ -406,6 +406,9 @@ class Scheduler:
         if time.monotonic() - backlog.read_at > 0.5:
             backlog = await self._dispatcher.refresh()
         queued = backlog.tenant_depth(tenant)
+        if queued >= limits.max_queued and await self._dispatcher.sweep(tenant):
+            # Some of those were cancelled or timed out while queued: count again.
+            queued = self._dispatcher.backlog.tenant_depth(tenant)
         if queued >= limits.max_queued:
             return "max_queued", (f"rejected: tenant {tenant!r} has {queued} queued tasks "
                                   f"(limit {limits.max_queued}); retry when some have started")
