@@ -41,11 +41,37 @@ async def podman(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Podm
     """A rootless Podman API service for the whole session (as user vigil when root)."""
     logs = tmp_path_factory.mktemp("podman")
     service = PodmanService(logs / "podman.log", tag=f"pytest-{os.getpid()}")
+    before = set(_managed_containers())
     await service.start()
     try:
         yield service
     finally:
+        # Fault tests kill executors for real: their agents' containers outlive them (as
+        # on a real dead node, until an executor of that name restarts). Remove the ones
+        # this session made, so nothing keeps running after the tests.
+        leftovers = [c for c in _managed_containers() if c not in before]
+        if leftovers:
+            _podman_cli(["rm", "-f", "-t", "0", *leftovers])
         await service.stop()
+
+
+def _podman_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    cmd = ["podman", *args]
+    if os.geteuid() == 0:
+        user = "vigil"
+        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
+                                 check=True).stdout)
+        runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
+            f"/tmp/vigil-runtime-{uid}"
+        cmd = ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}",
+               f"XDG_RUNTIME_DIR={runtime}", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+
+
+def _managed_containers() -> list[str]:
+    done = _podman_cli(["ps", "-a", "-q", "--no-trunc", "--filter",
+                        "label=dev.vigil.managed=1"])
+    return done.stdout.split() if done.returncode == 0 else []
 
 
 @pytest.fixture(scope="session")
