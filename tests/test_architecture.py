@@ -34,7 +34,10 @@ def imported_packages(path: Path) -> set[str]:
 def test_imports_stay_inside_their_layer(package: str) -> None:
     allowed = {package, "vigil"}
     offenders = []
-    for path in PACKAGES[package].rglob("*.py"):
+    # A member's own unit tests (services/<name>/tests, shared/tests) obey the rule too.
+    tests = PACKAGES[package].parent.parent / "tests"
+    paths = [*PACKAGES[package].rglob("*.py"), *tests.rglob("*.py")]
+    for path in paths:
         bad = {p for p in imported_packages(path) if p in PACKAGES and p not in allowed}
         offenders += [f"{path.relative_to(ROOT)} imports {p}" for p in sorted(bad)]
     assert not offenders, offenders

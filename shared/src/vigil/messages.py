@@ -284,6 +284,53 @@ class ConfessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     raw: str | None = None
 
 
+IncidentStatus = Literal["open", "acknowledged", "resolved"]
+
+
+class IncidentSample(msgspec.Struct, frozen=True, kw_only=True):
+    """One confession kept as an example of an incident."""
+
+    confession_id: str
+    summary: str
+    task_id: str | None = None
+    tenant: str | None = None
+    time: datetime
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
+    """One problem, however many confessions reported it: the value of its key in
+    ``vigil-incidents``, written by the auditor and served by the gateway.
+
+    A token that is not an operator's sees only incidents that touched its tenant, with
+    ``tenants``, ``tasks`` and the samples narrowed to that tenant and no ``tasks_total``.
+    """
+
+    id: str
+    fingerprint: str
+    source: str
+    category: str | None = None
+    image: str | None = None
+    title: str
+    severity: Severity
+    status: IncidentStatus = "open"
+    count: int = 0
+    first_seen: datetime
+    last_seen: datetime
+    window_start: datetime
+    window_count: int = 0
+    tasks: list[str] = []
+    tasks_total: int = 0
+    """All tasks ever hit (``tasks`` keeps the first 100); operators only."""
+    tenants: list[str] = []
+    first_samples: list[IncidentSample] = []
+    last_samples: list[IncidentSample] = []
+    alerted: list[str] = []  # severities (and reopenings) already announced
+    reopened: int = 0
+    acknowledged_by: str | None = None
+    resolved_by: str | None = None
+    last_seq: int = 0  # the newest confession (stream sequence) applied
+
+
 # Events ---------------------------------------------------------------------------------
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
     """Base of every event on ``vigil.events.<task_id>.<kind>``."""

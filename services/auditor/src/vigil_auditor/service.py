@@ -33,7 +33,7 @@ from vigil.conn import connect
 from vigil.consume import PullConsumer
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import publish, retrying
-from vigil.messages import ConfessionRecord, utcnow
+from vigil.messages import ConfessionRecord, Incident, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_auditor import triage
 from vigil_auditor.metrics import Metrics
@@ -42,7 +42,7 @@ from vigil_auditor.record import to_record
 from vigil_auditor.settings import AuditorSettings
 
 log = structlog.get_logger("vigil.auditor")
-_incident = msgspec.json.Decoder(triage.Incident)
+_incident = msgspec.json.Decoder(Incident)
 
 
 class Auditor:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import cast
 
 import msgspec
 
-from vigil.messages import SEVERITIES, ConfessionRecord
+from vigil.messages import SEVERITIES, ConfessionRecord, Incident, IncidentSample, Severity
 
-IncidentStatus = Literal["open", "acknowledged", "resolved"]
 ESCALATE_COUNT = 10
 ESCALATE_WINDOW_S = 600.0
 MAX_TASKS = 100
@@ -50,40 +49,6 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
 ]
 _SPACE = re.compile(r"\s+")
-
-
-class Sample(msgspec.Struct, frozen=True, kw_only=True):
-    confession_id: str
-    summary: str
-    task_id: str | None = None
-    tenant: str | None = None
-    time: datetime
-
-
-class Incident(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    fingerprint: str
-    source: str
-    category: str | None = None
-    image: str | None = None
-    title: str
-    severity: str
-    status: IncidentStatus = "open"
-    count: int = 0
-    first_seen: datetime
-    last_seen: datetime
-    window_start: datetime
-    window_count: int = 0
-    tasks: list[str] = []
-    tasks_total: int = 0
-    tenants: list[str] = []
-    first_samples: list[Sample] = []
-    last_samples: list[Sample] = []
-    alerted: list[str] = []  # severities (and reopenings) already announced
-    reopened: int = 0
-    acknowledged_by: str | None = None
-    resolved_by: str | None = None
-    last_seq: int = 0  # the newest confession (stream sequence) applied
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,8 +88,8 @@ def _level(severity: str) -> int:
     return SEVERITIES.index(severity) if severity in SEVERITIES else 1
 
 
-def _raise(severity: str) -> str:
-    return SEVERITIES[min(_level(severity) + 1, len(SEVERITIES) - 1)]
+def _raise(severity: Severity) -> Severity:
+    return cast(Severity, SEVERITIES[min(_level(severity) + 1, len(SEVERITIES) - 1)])
 
 
 def operator_action(record: ConfessionRecord) -> tuple[str, str, str] | None:
@@ -167,7 +132,7 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
     title = normalize(c.summary, c.task_id)
     fp = fingerprint(record.source, c.category, image, title)
-    sample = Sample(confession_id=record.id, summary=c.summary[:500], task_id=c.task_id,
+    sample = IncidentSample(confession_id=record.id, summary=c.summary[:500], task_id=c.task_id,
                     tenant=c.tenant, time=at)
     if current is None:
         current = Incident(

@@ -47,7 +47,7 @@ _TYPES: tuple[Any, ...] = (
     ConfessionEvent,
     AnyEvent,  # named "Event" below (a union has no name of its own)
     openapi_types.Health,
-    openapi_types.Incident,
+    openapi_types.IncidentAnswer,
     openapi_types.IncidentList,
 )
 
@@ -330,7 +330,7 @@ def _task_paths() -> Json:
 
 
 def _incident_paths() -> Json:
-    incident = _ref("Incident")
+    incident = _ref("IncidentAnswer")
     listing = _op(
         "listIncidents", "Incidents, most recently seen first", tags=("incidents",),
         parameters=[
