@@ -45,6 +45,18 @@ async def eventually(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def eventually_sync(probe: Callable[[], T | None], *, timeout: float = 15.0,
+                    what: str = "condition") -> T:
+    """:func:`eventually` for code outside an event loop (a CLI run as a subprocess)."""
+    return asyncio.run(eventually(_awaitable(probe), timeout=timeout, what=what))
+
+
+def _awaitable(probe: Callable[[], T | None]) -> Callable[[], Awaitable[T | None]]:
+    async def run() -> T | None:
+        return probe()
+    return run
+
+
 class EventLog:
     """Every event on ``vigil.events.>`` seen by a core subscription, in arrival order."""
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from support import eventually, eventually_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman, pytest.mark.slow]
 
@@ -63,7 +66,7 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         line = proc.stdout.readline()
         if line:
             seen.append(line.rstrip("\n"))
@@ -72,7 +75,7 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
             continue
         if proc.poll() is not None:
             break
-        time.sleep(0.05)
+        select.select([proc.stdout], [], [], left)  # wakes on the next output
     raise AssertionError(f"{needle!r} not printed within {timeout}s; output:\n" + "\n".join(seen))
 
 
@@ -90,20 +93,21 @@ async def raw_submit(url: str) -> str:
         await js.publish("vigil.submit.default", b'{"command": ["true"]}',
                          headers={"Nats-Msg-Id": "raw-submit-1"})
         kv = await js.key_value("vigil-tasks")
-        status = ""
-        for _ in range(200):
+
+        async def finished() -> str | None:
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
                 status = json.loads((await kv.get("raw-submit-1")).value)["status"]
-                if status in ("succeeded", "failed"):
-                    break
-            await asyncio.sleep(0.05)
+                return str(status) if status in ("succeeded", "failed") else None
+            return None
+
+        status = await eventually(finished, timeout=10, what="the raw submission to finish")
         await nc.publish("vigil.work.default", b"{}")  # not allowed: work is the scheduler's
         await nc.flush()
-        for _ in range(100):
-            if violations:
-                break
-            await asyncio.sleep(0.02)
-        assert any("permissions violation" in v.lower() for v in violations), violations
+
+        async def refused() -> bool:
+            return any("permissions violation" in v.lower() for v in violations)
+
+        await eventually(refused, timeout=2, what="a permissions violation")
         return status
     finally:
         await nc.close()
@@ -140,12 +144,12 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         assert failed.returncode == 1
         assert "failed" in failed.stdout
         # The platform confessed the silent failure; the auditor made it an incident.
-        for _ in range(100):
-            listed = run_cli("incidents", data_dir=data)
-            if "without any output" in listed.stdout:
-                break
-            time.sleep(0.1)
-        assert "executor: agent exited with code <n> without any output" in listed.stdout
+        def incidents() -> str | None:
+            out = run_cli("incidents", data_dir=data).stdout
+            return out if "without any output" in out else None
+
+        listed = eventually_sync(incidents, timeout=10, what="the silent failure's incident")
+        assert "executor: agent exited with code <n> without any output" in listed
 
         sub = run_cli("submit", "--json", "--", "true", data_dir=data)
         task_id = json.loads(sub.stdout)["id"]
@@ -163,11 +167,9 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         # A task still running when the stack stops: its container must not outlive it.
         long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=data)
         long_id = json.loads(long.stdout)["id"]
-        for _ in range(200):
-            if json.loads(run_cli("status", long_id, "--json", data_dir=data).stdout)[
-                    "status"] == "running":
-                break
-            time.sleep(0.05)
+        eventually_sync(lambda: json.loads(run_cli("status", long_id, "--json",
+                                                   data_dir=data).stdout)["status"]
+                        == "running", timeout=10, what="the long task to run")
         assert leftover_containers(data), "the long task's container should be running"
 
         kids = children_of(proc.pid)
@@ -184,10 +186,8 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
     # Least privilege held: no service reached for a subject its NATS user may not use.
     for log in (data / "logs").glob("*.log"):
         assert "permissions violation" not in log.read_text().lower(), log.name
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(k) for k in kids):
-        time.sleep(0.1)
-    assert not [k for k in kids if alive(k)], "children survived vigil up"
+    eventually_sync(lambda: not any(alive(k) for k in kids), timeout=10,
+                    what="vigil up's children to exit (children survived vigil up)")
     assert leftover_containers(data) == [], "containers survived vigil up"
 
 
