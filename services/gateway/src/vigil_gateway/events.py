@@ -11,16 +11,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import msgspec
 import nats.errors
 from aiohttp import web
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from vigil import codec, subjects
 from vigil.jetstream import TaskStore, read_stored
 from vigil.messages import ExecutorInfo, TaskState
+
+QUIET_TICKS = 2
+
+
+async def follow_task(
+    js: JetStreamContext,
+    store: TaskStore,
+    task_id: str,
+    *,
+    tick_s: float,
+    stopping: asyncio.Event,
+    after: int = 0,
+    follow: bool = True,
+) -> AsyncIterator[Msg | None]:
+    """A task's events in stream order, from sequence ``after`` + 1; ``None`` on each idle
+    tick (an SSE answer writes a keep-alive then). It ends after the final ``finished``;
+    when the task is terminal and quiet for QUIET_TICKS ticks (its recorder died before
+    publishing ``finished``: no client may wait forever); and without ``follow`` once
+    caught up with what is stored."""
+    config = ConsumerConfig(inactive_threshold=60.0)
+    if after > 0:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = after + 1
+    sub = await js.subscribe(subjects.task_events(task_id), stream=subjects.STREAM_EVENTS,
+                             ordered_consumer=True, config=config)
+    quiet = 0
+    try:
+        while not stopping.is_set():
+            try:
+                msg = await sub.next_msg(timeout=tick_s)
+            except nats.errors.TimeoutError:
+                if not follow:
+                    return
+                yield None
+                current = await store.get(task_id)
+                if current is None or current[0].terminal:
+                    quiet += 1
+                    if quiet >= QUIET_TICKS:
+                        return
+                continue
+            yield msg
+            if msg.subject.endswith(".finished") and _is_final(msg.data):
+                return
+            if not follow and msg.metadata.num_pending == 0:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 async def stream_events(
@@ -32,49 +82,23 @@ async def stream_events(
     keepalive_s: float,
     stopping: asyncio.Event,
 ) -> web.StreamResponse:
-    config = ConsumerConfig(inactive_threshold=60.0)
-    if after > 0:
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = after + 1
-    sub = await js.subscribe(
-        subjects.task_events(state.id), stream=subjects.STREAM_EVENTS,
-        ordered_consumer=True, config=config,
-    )
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
-    quiet_terminal = 0
-    try:
+    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
-        while not stopping.is_set():
-            try:
-                msg = await sub.next_msg(timeout=keepalive_s)
-            except nats.errors.TimeoutError:
+        async for msg in follow_task(js, store, state.id, tick_s=keepalive_s,
+                                     stopping=stopping, after=after):
+            if msg is None:
                 await response.write(b": keep-alive\n\n")
-                # A task that ended without a stored `finished` event (its recorder died
-                # in between) must not keep a client waiting forever.
-                current = await store.get(state.id)
-                if current is None or current[0].terminal:
-                    quiet_terminal += 1
-                    if quiet_terminal >= 2:
-                        break
                 continue
-            seq = msg.metadata.sequence.stream
             kind = msg.subject.rsplit(".", 1)[-1]
             data = msg.data.replace(b"\n", b" ")
-            await response.write(
-                b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), data)
-            )
-            if kind == "finished" and _is_final(msg.data):
-                break
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+            await response.write(b"id: %d\nevent: %s\ndata: %s\n\n"
+                                 % (msg.metadata.sequence.stream, kind.encode(), data))
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response

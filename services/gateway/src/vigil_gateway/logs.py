@@ -12,16 +12,13 @@ import asyncio
 import contextlib
 
 import msgspec
-import nats.errors
 from aiohttp import web
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
 
-from vigil import codec, subjects
+from vigil import subjects
 from vigil.jetstream import TaskStore
-from vigil.messages import Finished, Log, TaskState
-
-QUIET_TICKS = 2
+from vigil.messages import Log, TaskState
+from vigil_gateway.events import follow_task
 
 
 async def stream_logs(
@@ -48,39 +45,20 @@ async def stream_logs(
         if not info.state.subjects:
             await response.write_eof()
             return response
-    sub = await js.subscribe(
-        subjects.task_events(state.id), stream=subjects.STREAM_EVENTS,
-        ordered_consumer=True, config=ConsumerConfig(inactive_threshold=60.0),
-    )
-    quiet = 0
-    try:
-        while not stopping.is_set():
-            try:
-                msg = await sub.next_msg(timeout=tick_s if follow else min(tick_s, 2.0))
-            except nats.errors.TimeoutError:
-                if not follow:
-                    break
-                current = await store.get(state.id)
-                if current is None or current[0].terminal:
-                    quiet += 1
-                    if quiet >= QUIET_TICKS:
-                        break
+    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+        async for msg in follow_task(js, store, state.id, stopping=stopping, follow=follow,
+                                     tick_s=tick_s if follow else min(tick_s, 2.0)):
+            if msg is None or not msg.subject.endswith(".log"):
                 continue
             try:
-                event = codec.event_decoder.decode(msg.data)
+                event = _log_decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            if isinstance(event, Log) and (only is None or event.stream == only):
+            if only is None or event.stream == only:
                 await response.write("".join(f"{line}\n" for line in event.lines).encode())
-            elif follow and isinstance(event, Finished) and event.final:
-                break
-            if not follow and msg.metadata.num_pending == 0:
-                break
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
+
+
+_log_decoder = msgspec.json.Decoder(Log)
