@@ -77,16 +77,7 @@ def _managed_containers() -> list[str]:
 @pytest.fixture(scope="session")
 def agent_image() -> str:
     """The default agent image must have been built by setup (./dev test does it)."""
-    user = "vigil" if os.geteuid() == 0 else None
-    cmd = ["podman", "image", "exists", AGENT_IMAGE]
-    if user:
-        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
-                                 check=True).stdout)
-        runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
-            f"/tmp/vigil-runtime-{uid}"
-        cmd = ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}",
-               f"XDG_RUNTIME_DIR={runtime}", *cmd]
-    if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+    if _podman_cli(["image", "exists", AGENT_IMAGE]).returncode != 0:
         pytest.fail(f"{AGENT_IMAGE} is missing: run ./dev setup (scripts/build-agent-image.sh)")
     return AGENT_IMAGE
 
