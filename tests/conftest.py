@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Platform, start_platform
+from support import USED_NODES, Platform, start_platform
 from vigil.embedded import PodmanService
 from vigil.natsserver import NatsServer
 
@@ -41,15 +41,17 @@ async def podman(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Podm
     """A rootless Podman API service for the whole session (as user vigil when root)."""
     logs = tmp_path_factory.mktemp("podman")
     service = PodmanService(logs / "podman.log", tag=f"pytest-{os.getpid()}")
-    before = set(_managed_containers())
+    before = {c for c, _ in _managed_containers()}
     await service.start()
     try:
         yield service
     finally:
         # Fault tests kill executors for real: their agents' containers outlive them (as
         # on a real dead node, until an executor of that name restarts). Remove the ones
-        # this session made, so nothing keeps running after the tests.
-        leftovers = [c for c in _managed_containers() if c not in before]
+        # this session's executors made, so nothing keeps running after the tests (and
+        # nothing of another test run on this host is touched).
+        leftovers = [c for c, node in _managed_containers()
+                     if c not in before and node in USED_NODES]
         if leftovers:
             _podman_cli(["rm", "-f", "-t", "0", *leftovers])
         await service.stop()
@@ -68,10 +70,14 @@ def _podman_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
 
 
-def _managed_containers() -> list[str]:
-    done = _podman_cli(["ps", "-a", "-q", "--no-trunc", "--filter",
-                        "label=dev.vigil.managed=1"])
-    return done.stdout.split() if done.returncode == 0 else []
+def _managed_containers() -> list[tuple[str, str]]:
+    """(container id, executor node id) of every Vigil-managed container."""
+    done = _podman_cli(["ps", "-a", "--no-trunc", "--filter", "label=dev.vigil.managed=1",
+                        "--format", '{{.ID}} {{index .Labels "dev.vigil.executor"}}'])
+    if done.returncode != 0:
+        return []
+    return [(line.split()[0], " ".join(line.split()[1:]))
+            for line in done.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

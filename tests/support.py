@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,6 +92,19 @@ class EventLog:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
 
+# Node ids the executors of this pytest session ran as. An executor removes the containers
+# its node id left behind, and so does the podman fixture at the end of the session: an
+# executor whose node id is unique to this session can never touch another run's
+# containers (tests run side by side on one host while we work).
+USED_NODES: set[str] = set()
+_node_seq = itertools.count(1)
+
+
+def session_node_id() -> str:
+    """A node id no other test session on this host uses: ``vm-<pid>-<n>``."""
+    return f"vm-{os.getpid()}-{next(_node_seq)}"
+
+
 @dataclass
 class Platform:
     """The four services running in this test's event loop against one nats-server."""
@@ -125,6 +140,8 @@ class Platform:
     async def executor(self, runtime_impl: Any = None, **overrides: Any) -> Executor:
         conf = {"nats_url": self.url, "runtime": "process", "unsafe_runtime": True,
                 "heartbeat_s": 1.0, "ack_wait_s": 5.0, **overrides}
+        conf.setdefault("node_id", session_node_id())
+        USED_NODES.add(conf["node_id"])
         return await self.add(Executor(ExecutorSettings(**conf), runtime=runtime_impl))
 
     async def auditor(self, **overrides: Any) -> Auditor:
@@ -202,6 +219,7 @@ class ServiceProcess:
         import sys
 
         self.node_id = node_id
+        USED_NODES.add(node_id)
         self.log_path = workdir / f"{self.service}-{node_id}.log"
         self.env = {**os.environ, "VIGIL_NATS_URL": nats_url, "VIGIL_NODE_ID": node_id,
                     "VIGIL_LOG_FORMAT": "json", "VIGIL_HTTP_PORT": "0"}
