@@ -3,13 +3,16 @@ and taken on drain, so a task moves to another executor and carries on where it 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from nats.js.object_store import OBJ_DEFAULT_CHUNK_SIZE
 
-from support import Platform, eventually
+from support import Platform, eventually, session_node_id
+from vigil import subjects
 from vigil.embedded import PodmanService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,16 +98,210 @@ async def test_container_workspace_survives_migration(
               "stop_grace_s": 1}
     # state_dir stays at its default under /tmp: the rootless user must reach the control
     # directories it mounts (pytest's tmp_path is private to root).
-    a = await platform.executor(node_id="pod-a", **common)
+    a = await platform.executor(**common)
     await platform.publish_spec({"id": "pod-mover", "command": ["python3", "-c", AGENT],
                                  "env": {"STEPS": "25", "STEP_S": "0.1"}})
     await platform.events.wait_for("pod-mover", "checkpoint", count=3, timeout=60)
     await a.shutdown()
-    await platform.executor(node_id="pod-b", **common)
+    b = await platform.executor(**common)
     state = await platform.final_state("pod-mover", timeout=90)
-    assert state.status == "succeeded" and state.executor == "pod-b"
+    assert state.status == "succeeded" and state.executor == b.settings.node_id
     lines = lines_of(platform, "pod-mover")
     resumed_line = next(ln for ln in lines if ln.endswith("attempt=2"))
     assert resumed_line.startswith("start at ") and int(resumed_line.split()[2]) >= 3
     assert "resumed=1" in resumed_line
     assert lines[-1] == "done at 25"
+
+
+def podman_settings(podman: PodmanService, **overrides: object) -> dict[str, object]:
+    # state_dir stays at its default under /tmp (see above); node ids are unique to this
+    # test session, so a run beside ours never shares a state directory with us.
+    return {"runtime": "podman", "unsafe_runtime": False, "podman_url": podman.url,
+            "stop_grace_s": 1, "node_id": session_node_id(), **overrides}
+
+
+BLOB_AGENT = """
+import hashlib, os, sys, time
+import vigil_agent as vigil
+path = os.path.join(vigil.workspace(), "blob")
+if vigil.resumed():
+    data = open(path, "rb").read()
+    print(f"restored {len(data)} {hashlib.sha256(data).hexdigest()}", flush=True)
+    sys.exit(0)
+size = int(os.environ["BLOB_BYTES"])
+data = os.urandom(size)
+with open(path, "wb") as fh:
+    fh.write(data)
+print(f"wrote {size} {hashlib.sha256(data).hexdigest()}", flush=True)
+print(f"checkpoint={'ok' if vigil.checkpoint({'bytes': size}) else 'failed'}", flush=True)
+for _ in range(1200):  # until the executor drains (bounded: 60 s)
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+@pytest.mark.podman
+async def test_a_multi_chunk_checkpoint_restores_byte_identical_elsewhere(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """A workspace of several object-store chunks (nats-py writes 128 KiB chunks) survives a
+    move to another executor bit for bit."""
+    size = 10 * OBJ_DEFAULT_CHUNK_SIZE + 12_345  # incompressible, not a chunk multiple
+    await platform.scheduler()
+    a = await platform.executor(**podman_settings(podman))
+    await platform.publish_spec({"id": "blob", "command": ["python3", "-c", BLOB_AGENT],
+                                 "env": {"BLOB_BYTES": str(size)}})
+    (taken,) = await platform.events.wait_for("blob", "checkpoint", timeout=60)
+    assert taken["ok"] and taken["size"] > size
+    store = await platform.js.object_store(subjects.OBJ_CHECKPOINTS)
+    info = await store.get_info(taken["name"])
+    assert info.size == taken["size"] and info.chunks > 10  # really several chunks
+    stored = await store.get(taken["name"])
+    assert f"sha256:{hashlib.sha256(stored.data).hexdigest()}" == taken["digest"]
+    await a.shutdown()  # drain: hand back; another executor restores the checkpoint
+    b = await platform.executor(**podman_settings(podman))
+    state = await platform.final_state("blob", timeout=90)
+    assert state.status == "succeeded", state.error
+    assert state.executor == b.settings.node_id and state.attempt == 2
+    lines = lines_of(platform, "blob")
+    wrote = next(ln for ln in lines if ln.startswith("wrote "))
+    restored = next(ln for ln in lines if ln.startswith("restored "))
+    assert wrote.split()[1:] == restored.split()[1:]  # same size, same SHA-256
+    assert platform.events.of("blob", "started")[1]["resumed"] is True
+
+
+@pytest.mark.podman
+async def test_checkpoint_size_limit_bites_while_downloading(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """VIGIL_CHECKPOINT_MAX_MB (fractions allowed) stops the archive download at the limit:
+    the agent is told, an event and a confession say why, and the task goes on."""
+    agent = """
+import os
+import vigil_agent as vigil
+big = os.path.join(vigil.workspace(), "big")
+with open(big, "wb") as fh:
+    fh.write(os.urandom(8 * 1024 * 1024))
+print("big", "ok" if vigil.checkpoint({"try": "big"}) else "failed", flush=True)
+os.remove(big)
+print("small", "ok" if vigil.checkpoint({"try": "small"}) else "failed", flush=True)
+"""
+    await platform.scheduler()
+    await platform.executor(**podman_settings(podman, checkpoint_max_mb=0.25))
+    await platform.publish_spec({"id": "hoarder", "command": ["python3", "-c", agent]})
+    state = await platform.final_state("hoarder", timeout=60)
+    assert state.status == "succeeded", state.error  # the task went on
+    assert lines_of(platform, "hoarder") == ["big failed", "small ok"]
+    big, small = platform.events.of("hoarder", "checkpoint")
+    assert big["ok"] is False and small["ok"] is True and small["size"] < 256 * 1024
+    error = big["error"]
+    assert error.startswith("workspace archive exceeds the checkpoint limit of 0.25 MiB "
+                            "(VIGIL_CHECKPOINT_MAX_MB); stopped reading it after ")
+    read = int(error.split("stopped reading it after ")[1].split()[0])
+    # Stopped within a chunk or two of the limit, far from the 8 MiB archive.
+    assert 256 * 1024 < read < 1024 * 1024
+    (confession,) = await platform.confessions(category="checkpoint_failed")
+    assert confession["task_id"] == "hoarder" and confession["severity"] == "error"
+    assert confession["summary"] == f"checkpoint (agent) failed: {error}"
+
+
+PERIODIC_AGENT = """
+import os, sys, time
+stop = os.environ["STOP_FILE"]
+n = 0
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    n += 1
+    with open("count", "w") as fh:
+        fh.write(str(n))
+    time.sleep(0.05)
+print(f"stopped at {n}", flush=True)
+sys.exit(0 if os.path.exists(stop) else 1)
+"""
+
+
+async def test_periodic_checkpoints_happen(platform: Platform, tmp_path: Path) -> None:
+    """VIGIL_CHECKPOINT_INTERVAL_S: snapshots while the agent runs, without its asking."""
+    stop = tmp_path / "stop"
+    await platform.scheduler()
+    await platform.executor(workspace_root=str(tmp_path / "ws"),
+                            state_dir=str(tmp_path / "state"), checkpoint_interval_s=0.3)
+    await platform.publish_spec({"id": "ticker",
+                                 "command": [sys.executable, "-c", PERIODIC_AGENT],
+                                 "env": {"STOP_FILE": str(stop)}})
+    taken = await platform.events.wait_for("ticker", "checkpoint", count=2, timeout=30)
+    assert all(c["reason"] == "periodic" and c["ok"] and c["size"] > 0 for c in taken)
+    running = await platform.state("ticker")
+    assert running is not None and running.checkpoint is not None
+    assert running.checkpoint.reason == "periodic"  # the state points at the newest
+    stop.touch()
+    state = await platform.final_state("ticker", timeout=30)
+    assert state.status == "succeeded", state.error
+
+
+async def test_undecodable_work_is_terminated_and_confessed(platform: Platform) -> None:
+    """Garbage on the work subject is terminated (never redelivered) and confessed."""
+    ex = await platform.executor()
+    ack = await platform.js.publish(subjects.work("default"), b"\x00 this is not a work item")
+    (confession,) = await eventually(
+        lambda: platform.confessions(category="poison_work_item"), what="poison confession")
+    assert confession["summary"].startswith("undecodable work item")
+    assert confession["source"] == "executor" and confession["severity"] == "error"
+    assert confession["node"] == ex.settings.node_id
+    assert confession["id"] == f"executor-poison-{ack.seq}"
+
+    async def settled() -> object:
+        info = await platform.js.consumer_info(subjects.STREAM_WORK,
+                                               subjects.consumer_executor("default"))
+        done = (info.delivered.stream_seq >= ack.seq and info.num_ack_pending == 0
+                and info.num_pending == 0)
+        return info if done else None
+
+    info = await eventually(settled, what="the work message to be settled")
+    assert info.num_redelivered == 0  # terminated, not naked back into the queue
+    assert info.delivered.consumer_seq == 1  # delivered once, to one executor
+
+
+@pytest.mark.podman
+async def test_a_restore_that_keeps_failing_hands_the_task_back(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """Podman refusing the checkpoint archive must not start the agent from an empty
+    workspace: tries on fresh containers, then the task goes back to the queue (no attempt
+    spent) with a confession, and resumes from the checkpoint once it can be restored."""
+    await platform.scheduler()
+    a = await platform.executor(**podman_settings(podman))
+    await platform.publish_spec({"id": "fragile", "command": ["python3", "-c", AGENT],
+                                 "env": {"STEPS": "12", "STEP_S": "0.3"}})
+    await platform.events.wait_for("fragile", "checkpoint", count=2, timeout=60)
+    await a.shutdown()
+    await eventually(lambda: _state_is(platform, "fragile", "scheduled"), what="hand-back")
+    held = await platform.state("fragile")
+    assert held is not None and held.checkpoint is not None
+    store = await platform.js.object_store(subjects.OBJ_CHECKPOINTS)
+    good = (await store.get(held.checkpoint.name)).data
+    await store.put(held.checkpoint.name, b"this is not a tar archive\n" * 100)
+
+    b = await platform.executor(**podman_settings(podman))
+    retrying = await platform.events.wait_for("fragile", "retrying", count=2, timeout=60)
+    reason = retrying[1]["reason"]
+    assert reason.startswith(f"could not restore checkpoint {held.checkpoint.name} on "
+                             f"{b.settings.node_id} (3 tries; last error: ")
+    assert reason.endswith("; handing the task back") and retrying[1]["delay_s"] == 5.0
+    (confession,) = await platform.confessions(category="restore_failed")
+    assert confession["task_id"] == "fragile" and confession["attempt"] == 2
+    assert confession["data"] == {"image": agent_image}
+    assert "instead of starting it from an empty workspace" in confession["summary"]
+    assert len(platform.events.of("fragile", "started")) == 1  # the agent never ran on b
+    back = await platform.state("fragile")
+    assert back is not None and back.status == "scheduled"
+    assert back.checkpoint == held.checkpoint  # still the one to resume from
+
+    await store.put(held.checkpoint.name, good)  # restorable again before the retry
+    state = await platform.final_state("fragile", timeout=90)
+    assert state.status == "succeeded", state.error
+    assert [h.outcome for h in state.history] == ["handed_back", "handed_back", "succeeded"]
+    lines = lines_of(platform, "fragile")
+    resumed_line = next(ln for ln in lines if ln.endswith("attempt=3"))
+    assert "resumed=1" in resumed_line and int(resumed_line.split()[2]) >= 2, resumed_line
+    assert lines[-1] == "done at 12"

@@ -10,6 +10,8 @@ import pytest
 
 from support import Platform
 from vigil.embedded import PodmanService
+from vigil.errors import SettingsError
+from vigil_executor.service import Executor
 
 pytestmark = [pytest.mark.integration, pytest.mark.podman]
 
@@ -37,11 +39,10 @@ print("FACTS " + json.dumps(facts))
 """
 
 
-async def podman_platform(platform: Platform, podman: PodmanService, **overrides):
+async def podman_platform(platform: Platform, podman: PodmanService, **overrides) -> Executor:
     await platform.scheduler()
-    await platform.executor(**{"runtime": "podman", "unsafe_runtime": False,
-                                             "podman_url": podman.url, **overrides})
-    return platform
+    return await platform.executor(**{"runtime": "podman", "unsafe_runtime": False,
+                                      "podman_url": podman.url, **overrides})
 
 
 async def test_container_is_rootless_offline_readonly(
@@ -90,22 +91,142 @@ async def test_nonzero_exit_and_silent_failure(
 ) -> None:
     await podman_platform(platform, podman)
     await platform.auditor()
-    await platform.publish_spec({"id": "exit3", "command": ["sh", "-c", "exit 3"]})
+    # One attempt: its failure is the task's (a budget of several, spent, is `dead`).
+    await platform.publish_spec({"id": "exit3", "command": ["sh", "-c", "exit 3"],
+                                 "max_attempts": 1})
     state = await platform.final_state("exit3", timeout=60)
     assert state.status == "failed" and state.exit_code == 3
     assert "no output" in (state.error or "")
     confessions = platform.events.of("exit3", "confession")
     assert any(c["source"] == "executor" and "without any output" in c["summary"]
                for c in confessions)
+    # Platform confessions name the image: the auditor's fingerprint groups by it.
+    stored = await platform.confessions(category="silent_failure")
+    assert stored and all(c["data"]["image"] == agent_image for c in stored)
 
 
 async def test_time_limit_in_container(
     platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
-    await podman_platform(platform, podman, stop_grace_s=1)
+    ex = await podman_platform(platform, podman, stop_grace_s=1)
     await platform.publish_spec({"id": "sleeper", "command": ["sleep", "60"], "timeout_s": 1})
     state = await platform.final_state("sleeper", timeout=60)
-    assert state.status == "timed_out"
+    assert state.status == "timed_out", state.error
+    assert state.error == "killed after exceeding its time limit of 1s"
+    # The platform confessed it for the agent, which said nothing.
+    (confession,) = await platform.confessions(category="time_limit")
+    assert confession["summary"] == state.error and confession["severity"] == "warning"
+    assert (confession["source"], confession["component"]) == ("executor", "executor")
+    assert confession["task_id"] == "sleeper" and confession["tenant"] == "acme"
+    assert confession["node"] == ex.settings.node_id and confession["attempt"] == 1
+    assert confession["data"] == {"image": agent_image}
+    (event,) = platform.events.of("sleeper", "confession")
+    assert event["confession_id"] == confession["id"]
+
+
+async def test_a_second_executor_with_the_same_node_id_refuses_to_start(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """Two live executors with one node id share its state directory: the second used to
+    clear the first one's live control directories ("could not start the container ...
+    error mounting .../control/<task>-a<n> to rootfs at /run/vigil: no such file", the
+    flaky time-limit test of side-by-side runs) and remove its running containers as
+    orphans. Now it refuses to start, and the running agent is untouched."""
+    ex = await podman_platform(platform, podman, stop_grace_s=1)
+    await platform.publish_spec({"id": "held", "command": ["sleep", "60"], "timeout_s": 8})
+    await platform.events.wait_for("held", "started", timeout=60)
+    with pytest.raises(SettingsError, match="another executor is running"):
+        await platform.executor(runtime="podman", unsafe_runtime=False,
+                                podman_url=podman.url, node_id=ex.settings.node_id)
+    state = await platform.final_state("held", timeout=60)
+    assert state.status == "timed_out", state.error  # ran to its limit, not removed
+
+
+async def test_unenforceable_limits_are_confessed_with_component_and_node(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    ex = await podman_platform(platform, podman)
+    node = ex.settings.node_id
+    host = ex.runtime.info["host"]  # type: ignore[attr-defined]
+    # This host: cgroup v1 (hybrid), rootless: memory/CPU/pids limits are not enforceable.
+    assert host["cgroupVersion"] == "v1" and ex.runtime.limits_enforced is False
+    found = [c for c in await platform.confessions(category="limits_unenforced")
+             if c.get("node") == node]
+    (confession,) = found  # said at start, before taking any work
+    assert (confession["source"], confession["component"]) == ("executor", "executor")
+    assert confession["severity"] == "warning"
+    assert confession["summary"] == f"resource limits are not enforceable on node {node}"
+    assert confession["detail"].startswith("cgroup v1 rootless: memory/CPU/pids limits "
+                                           "cannot be enforced")
+    assert "cgroup v2" in confession["hint"]
+
+
+async def test_helper_confess_reaches_the_issues_stream(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """images/agent/vigil_agent.py's confess(), run in the agent image, end to end."""
+    ex = await podman_platform(platform, podman)
+    agent = (
+        "import vigil_agent\n"
+        "vigil_agent.confess(summary='the frobnicator is missing', severity='error',\n"
+        "                    category='tooling', detail='looked in /usr/bin and /opt',\n"
+        "                    hint='install frobnicator in the image')\n"
+        "print('confessed', flush=True)\n"
+    )
+    await platform.publish_spec({"id": "confessor", "command": ["python3", "-c", agent]})
+    state = await platform.final_state("confessor", timeout=60)
+    assert state.status == "succeeded", state.error
+    agent_says = [c for c in await platform.confessions() if c.get("source") == "agent"]
+    (c,) = agent_says
+    assert (c["summary"], c["severity"], c["category"]) == (
+        "the frobnicator is missing", "error", "tooling")
+    assert c["detail"] == "looked in /usr/bin and /opt"
+    assert c["hint"] == "install frobnicator in the image"
+    assert c["task_id"] == "confessor" and c["tenant"] == "acme" and c["attempt"] == 1
+    assert c["component"] == "agent" and c["node"] == ex.settings.node_id
+    assert c["id"] == "confessor-a1-c1"
+    (event,) = platform.events.of("confessor", "confession")
+    assert event["source"] == "agent" and event["confession_id"] == c["id"]
+    lines = [line for e in platform.events.of("confessor", "log") for line in e["lines"]]
+    assert lines == ["confessed"]  # the control line is not a log line
+
+
+async def test_confession_rate_and_size_limits_in_a_container(
+    platform: Platform, podman: PodmanService, agent_image: str
+) -> None:
+    """One oversize confession and six small ones against a bucket of three that does not
+    refill: the oversize one is refused by name and size, two small ones get through, and
+    the four dropped are reported once."""
+    await podman_platform(platform, podman, max_confessions=3, confessions_per_min=0)
+    agent = (
+        "import json, vigil_agent\n"
+        "big = {'summary': 'huge evidence', 'severity': 'warning', 'detail': 'x' * 20000}\n"
+        "line = '::vigil::confess ' + json.dumps(big, separators=(',', ':'))\n"
+        "print('SIZE', len(line.encode()), flush=True)\n"
+        "vigil_agent.confess(**big)\n"
+        "for i in range(6):\n"
+        "    vigil_agent.confess(f'looping {i}', severity='info', category='loop')\n"
+    )
+    await platform.publish_spec({"id": "chatty", "command": ["python3", "-c", agent]})
+    state = await platform.final_state("chatty", timeout=60)
+    assert state.status == "succeeded", state.error
+    lines = [line for e in platform.events.of("chatty", "log") for line in e["lines"]]
+    size = int(lines[0].split()[1])
+    assert size > 20_000
+    # The refused line is kept as log, cut, with its real size.
+    assert lines[1].endswith(f" [truncated: {size} bytes]")
+    stored = await platform.confessions()
+    assert [c["summary"] for c in stored if c.get("source") == "agent"] == [
+        "looping 0", "looping 1"]
+    (too_large,) = [c for c in stored if c.get("category") == "confession_too_large"]
+    assert too_large["summary"].startswith(
+        f"agent confession too large ({size} bytes > 16384 byte limit)")
+    assert too_large["source"] == "executor" and too_large["task_id"] == "chatty"
+    (dropped,) = [c for c in stored if c.get("category") == "confession_rate_limit"]
+    assert dropped["summary"] == ("4 confessions dropped by the rate limit (burst 3, "
+                                  "0 a minute)")
+    assert dropped["task_id"] == "chatty" and dropped["data"] == {"image": agent_image}
+    assert not [c for c in stored if c.get("category") == "malformed_control_line"]
 
 
 async def test_missing_image_is_handed_back_not_failed(

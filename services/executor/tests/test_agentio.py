@@ -9,9 +9,17 @@ from typing import Any
 import pytest
 
 from vigil.messages import Log, Progress, TaskSpec, WorkItem
-from vigil_executor.agentio import AgentOutput, ControlError, parse_control
+from vigil_executor.agentio import (
+    MAX_CONTROL_BYTES,
+    AgentOutput,
+    ConfessionLimiter,
+    ConfessionTooLarge,
+    ControlError,
+    agent_confession,
+    parse_control,
+)
 from vigil_executor.podman import PodmanRuntime
-from vigil_executor.runtime import LineSplitter
+from vigil_executor.runtime import LineSplitter, TruncatedLine
 from vigil_executor.sandbox import container_spec
 from vigil_executor.settings import ExecutorSettings
 
@@ -22,11 +30,25 @@ def test_line_splitter_joins_chunks_and_truncates() -> None:
     s = LineSplitter(max_len=8)
     assert s.feed(b"ab") == []
     assert s.feed(b"c\nde\n") == [b"abc", b"de"]
-    assert s.feed(b"0123456789") == [b"01234567 [truncated]"]
-    assert s.feed(b"abc\nok\n") == [b"ok"]  # the rest of the long line is dropped
+    assert s.feed(b"0123456789") == []  # too long: kept short, out with its newline
+    (cut, ok) = s.feed(b"abc\nok\n")  # the rest of the long line is dropped, but counted
+    assert cut == b"01234567 [truncated: 13 bytes]" and ok == b"ok"
+    assert isinstance(cut, TruncatedLine) and cut.size == 13 and cut.limit == 8
     assert s.feed(b"tail") == []
     assert s.flush() == [b"tail"]
     assert s.flush() == []
+
+
+def test_line_splitter_counts_a_long_line_across_chunks_and_at_flush() -> None:
+    s = LineSplitter(max_len=4)
+    assert s.feed(b"abcdefgh\nxyz") == [b"abcd [truncated: 8 bytes]"]
+    assert s.feed(b"0123") == []
+    assert s.feed(b"4567") == []
+    (cut,) = s.feed(b"89\n")
+    assert isinstance(cut, TruncatedLine) and cut.size == 13  # xyz + 0..9
+    assert s.feed(b"ABCDEFG") == []
+    (cut,) = s.flush()  # the output ended inside a long line
+    assert isinstance(cut, TruncatedLine) and cut.size == 7 and cut.startswith(b"ABCD ")
 
 
 def test_parse_control() -> None:
@@ -90,6 +112,108 @@ async def test_output_flushes_on_a_timer() -> None:
     assert emitted == []  # a lone line waits for company ...
     await asyncio.wait_for(flushed.wait(), 2.0)
     assert len(emitted) == 1  # ... but not for long: the batch timer flushes it
+
+
+def test_confession_limiter_is_a_token_bucket() -> None:
+    now = [0.0]
+    bucket = ConfessionLimiter(burst=3, per_min=6, clock=lambda: now[0])  # one per 10 s
+    assert [bucket.allow() for _ in range(5)] == [True, True, True, False, False]
+    now[0] = 9.0
+    assert bucket.allow() is False  # 0.9 of a token is not one
+    now[0] = 10.0
+    assert bucket.allow() is True and bucket.allow() is False
+    now[0] = 1_000.0  # a long quiet spell refills to the burst, not beyond
+    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
+    assert bucket.accepted == 7 and bucket.dropped == 5
+    assert bucket.report() == 5  # once ...
+    assert bucket.report() == 0  # ... and only once
+    assert bucket.allow() is False and bucket.report() == 0
+
+
+def test_confession_limiter_without_refill_is_a_cap_and_reports_nothing_when_clean() -> None:
+    bucket = ConfessionLimiter(burst=2, per_min=0, clock=lambda: 0.0)
+    assert bucket.report() == 0
+    assert [bucket.allow() for _ in range(3)] == [True, True, False]
+    assert ConfessionLimiter(burst=0, per_min=0).allow() is False
+
+
+def test_oversize_confession_is_refused_with_its_size() -> None:
+    body = '{"summary": "s", "detail": "' + "x" * MAX_CONTROL_BYTES + '"}'
+    line = "::vigil::confess " + body
+    with pytest.raises(ConfessionTooLarge) as caught:
+        parse_control(line)
+    assert caught.value.size == len(line.encode()) and caught.value.limit == MAX_CONTROL_BYTES
+    assert str(caught.value) == (f"confession too large ({len(line.encode())} bytes > "
+                                 f"{MAX_CONTROL_BYTES} byte limit)")
+    # Another command over the limit stays an ordinary malformed line.
+    with pytest.raises(ControlError) as other:
+        parse_control("::vigil::progress " + body)
+    assert not isinstance(other.value, ConfessionTooLarge)
+    # Sizes count bytes, not characters.
+    wide = '::vigil::confess {"summary": "' + "é" * 9_000 + '"}'
+    with pytest.raises(ConfessionTooLarge):
+        parse_control(wide)
+
+
+def test_long_fields_are_cut_with_a_visible_marker() -> None:
+    c = agent_confession({"summary": "s" * 2_500, "detail": "d" * 9_000, "hint": "h",
+                          "category": "c" * 10})
+    assert c.summary.endswith(" [truncated 2500 chars to 2000]") and len(c.summary) == 2_000
+    assert c.detail is not None and len(c.detail) == 8_000
+    assert c.detail.startswith("d" * 7_000) and c.detail.endswith("[truncated 9000 chars to 8000]")
+    assert c.hint == "h" and c.category == "c" * 10  # short ones untouched
+
+
+async def test_output_refuses_each_oversize_confession_and_keeps_it_as_log() -> None:
+    emitted: list[Any] = []
+    confessed: list[Any] = []
+    malformed: list[ControlError] = []
+
+    async def on_confess(c: Any) -> None:
+        confessed.append(c)
+
+    async def on_checkpoint(p: Any) -> None:
+        pass
+
+    async def on_malformed(error: ControlError) -> None:
+        malformed.append(error)
+
+    out = AgentOutput("t", 1, emitted.append, on_confess, on_checkpoint, on_malformed)
+    splitter = LineSplitter(max_len=MAX_CONTROL_BYTES)
+    big = b'::vigil::confess {"summary": "s", "detail": "' + b"x" * 40_000 + b'"}'
+    lines = splitter.feed(big + b"\n" + big + b"\n" + b"::vigil::bogus {}\n" * 2)
+    for line in lines:
+        await out.feed("stdout", line)
+    out.flush()
+    assert confessed == []
+    # Each oversize confession is reported with its real size (the executor rate-limits
+    # them like any confession); other malformed lines once per attempt.
+    assert [type(e) for e in malformed] == [ConfessionTooLarge, ConfessionTooLarge,
+                                            ControlError]
+    too_large = malformed[0]
+    assert isinstance(too_large, ConfessionTooLarge)
+    assert too_large.size == len(big) and too_large.limit == MAX_CONTROL_BYTES
+    logged = [line for e in emitted if isinstance(e, Log) for line in e.lines]
+    assert len(logged) == 4 and logged[0].endswith(f"[truncated: {len(big)} bytes]")
+
+
+async def test_a_confession_cut_by_a_short_line_limit_is_too_large_not_malformed() -> None:
+    malformed: list[ControlError] = []
+
+    async def on_malformed(error: ControlError) -> None:
+        malformed.append(error)
+
+    async def noop(*_: Any) -> None:
+        pass
+
+    out = AgentOutput("t", 1, lambda e: None, noop, noop, on_malformed)
+    line = b'::vigil::confess {"summary": "' + b"y" * 600 + b'"}'
+    (cut,) = LineSplitter(max_len=256).feed(line + b"\n")
+    await out.feed("stdout", cut)
+    out.flush()
+    (error,) = malformed
+    assert isinstance(error, ConfessionTooLarge)
+    assert (error.size, error.limit) == (len(line), 256)
 
 
 def test_podman_create_body_is_hardened() -> None:

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from vigil_executor.podman import relative_tar
+from vigil_executor.podman import END_OF_ARCHIVE, relative_tar, tar_end
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +41,24 @@ def test_relative_tar(names: list[str]) -> None:
         assert tar.getnames() == ["count", "workspace/inner"]
         member = tar.extractfile("count")
         assert member is not None and member.read().endswith(b"count")
+
+
+def test_tar_end_finds_the_end_of_archive_marker() -> None:
+    """A restore sends the archive up to its end marker, without the record padding: Podman
+    stops reading at the marker and fails the request ("broken pipe") on padding it did
+    not read (containers/buildah#6573)."""
+    src = make_tar(["a", "b/", "b/c"])
+    raw = src.getvalue()
+    assert len(raw) == tarfile.RECORDSIZE  # padded to a 10 KiB record
+    end = tar_end(src)
+    assert end is not None and end % tarfile.BLOCKSIZE == 0 and end < len(raw) - 1024
+    assert raw[end:] == bytes(len(raw) - end)  # only zeros are left out
+    trimmed = io.BytesIO(raw[:end] + END_OF_ARCHIVE)
+    with tarfile.open(fileobj=trimmed) as tar:
+        assert tar.getnames() == ["a", "b", "b/c"]
+    # Relative to where the archive starts in the file, as the restore reads it.
+    shifted = io.BytesIO(b"x" * 100 + raw)
+    shifted.seek(100)
+    assert tar_end(shifted) == end + 100
+    assert tar_end(make_tar([])) == 0  # an empty workspace: only the marker is sent
+    assert tar_end(io.BytesIO(b"not a tar archive" * 64)) is None  # Podman says why

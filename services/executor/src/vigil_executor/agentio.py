@@ -10,12 +10,18 @@ rather than one per line. A stdout line ``::vigil::<command> <json>`` is a contr
 
 A malformed control line is kept as an ordinary log line, and the platform confesses it
 once per task attempt. Nothing an agent prints can crash the executor.
+
+Limits on confessions: a ``confess`` line longer than ``MAX_CONTROL_BYTES`` is refused
+explicitly (a platform confession "confession too large (N bytes > limit)"), not cut into
+a malformed one; fields past their lengths are cut with a visible marker; and a token
+bucket per task attempt (:class:`ConfessionLimiter`) bounds how many get through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +30,13 @@ import msgspec
 import structlog
 
 from vigil.messages import SEVERITIES, Confession, Event, Log, Progress, utcnow
-from vigil_executor.runtime import Stream
+from vigil_executor.runtime import Stream, TruncatedLine
 
 log = structlog.get_logger("vigil.executor.agentio")
 
 PREFIX = "::vigil::"
 MAX_CONTROL_BYTES = 16_384
+SUMMARY_CHARS = 2_000  # the contract's limit (vigil.messages.Confession)
 BATCH_LINES = 100
 BATCH_BYTES = 64 * 1024
 BATCH_DELAY_S = 0.05
@@ -48,16 +55,33 @@ class ControlError(ValueError):
     pass
 
 
-def parse_control(line: str) -> Control | None:
-    """``::vigil::cmd {json}`` -> Control; None for an ordinary line; ControlError if bad."""
+class ConfessionTooLarge(ControlError):
+    """A ``confess`` line over the size limit: refused, and said so with its size."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"confession too large ({size} bytes > {limit} byte limit)")
+        self.size = size
+        self.limit = limit
+
+
+def parse_control(line: str, size: int | None = None, limit: int = MAX_CONTROL_BYTES,
+                  ) -> Control | None:
+    """``::vigil::cmd {json}`` -> Control; None for an ordinary line; ControlError if bad.
+
+    ``size`` is the line's real length in bytes (more than ``line`` holds when the output
+    reader cut it at ``limit``)."""
     if not line.startswith(PREFIX):
         return None
     rest = line[len(PREFIX):]
     command, _, arg = rest.partition(" ")
     if command not in ("confess", "progress", "checkpoint"):
         raise ControlError(f"unknown control command {command!r}")
-    if len(line) > MAX_CONTROL_BYTES:
-        raise ControlError(f"control line longer than {MAX_CONTROL_BYTES} bytes")
+    size = len(line.encode()) if size is None else size
+    if size > limit:
+        if command == "confess":
+            raise ConfessionTooLarge(size, limit)
+        raise ControlError(f"{command}: control line of {size} bytes is longer than the "
+                           f"{limit} byte limit")
     payload: Any = {}
     if arg.strip():
         try:
@@ -76,16 +100,25 @@ def parse_control(line: str) -> Control | None:
     return Control(command, payload)
 
 
+def clip(value: str, limit: int) -> str:
+    """``value`` if it fits in ``limit`` characters, else its start and a marker saying
+    how much was cut (the result still fits)."""
+    if len(value) <= limit:
+        return value
+    marker = f" [truncated {len(value)} chars to {limit}]"
+    return value[: max(0, limit - len(marker))] + marker
+
+
 def agent_confession(payload: dict[str, Any]) -> Confession:
     known = {"summary", "severity", "category", "detail", "hint"}
     extra = {k: v for k, v in payload.items() if k not in known}
 
     def text(key: str, limit: int) -> str | None:
         value = payload.get(key)
-        return None if value is None else str(value)[:limit]
+        return None if value is None else clip(str(value), limit)
 
     return Confession(
-        summary=str(payload["summary"])[:2_000],
+        summary=clip(str(payload["summary"]), SUMMARY_CHARS),
         severity=payload.get("severity", "warning"),
         category=text("category", 128),
         detail=text("detail", 8_000),
@@ -94,10 +127,47 @@ def agent_confession(payload: dict[str, Any]) -> Confession:
     )
 
 
+class ConfessionLimiter:
+    """A token bucket: ``burst`` confessions at once, refilled at ``per_min`` a minute.
+
+    What it refuses is counted; :meth:`report` hands that count over once, for the one
+    platform confession about it."""
+
+    def __init__(self, burst: int, per_min: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_min = per_min
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self.accepted = 0
+        self.dropped = 0
+        self._reported = False
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(float(self.burst),
+                           self._tokens + (now - self._at) * self.per_min / 60.0)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self.accepted += 1
+            return True
+        self.dropped += 1
+        return False
+
+    def report(self) -> int:
+        """The number dropped, the first time it is asked after any were; then 0."""
+        if self._reported or not self.dropped:
+            return 0
+        self._reported = True
+        return self.dropped
+
+
 Publish = Callable[[Event], None]
 OnConfess = Callable[[Confession], Awaitable[None]]
 OnCheckpoint = Callable[[dict[str, Any]], Awaitable[None]]
-OnMalformed = Callable[[str], Awaitable[None]]
+OnMalformed = Callable[[ControlError], Awaitable[None]]
 
 
 class AgentOutput:
@@ -131,12 +201,19 @@ class AgentOutput:
     async def feed(self, stream: Stream, raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
         if stream == "stdout" and line.startswith(PREFIX):
+            if isinstance(raw, TruncatedLine):
+                size, limit = raw.size, min(raw.limit, MAX_CONTROL_BYTES)
+            else:
+                size, limit = len(raw), MAX_CONTROL_BYTES
             try:
-                control = parse_control(line)
+                control = parse_control(line, size, limit)
+            except ConfessionTooLarge as exc:
+                # Each one: the executor's rate limit bounds what they cost.
+                await self._on_malformed(exc)
             except ControlError as exc:
                 self.malformed += 1
                 if self.malformed == 1:
-                    await self._on_malformed(str(exc))
+                    await self._on_malformed(exc)
             else:
                 if control is not None:
                     self.flush()  # keep the log and control events in output order

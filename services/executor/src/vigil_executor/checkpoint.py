@@ -26,10 +26,16 @@ from nats.js.object_store import ObjectStore
 from vigil import subjects
 from vigil.errors import VigilError
 from vigil.jetstream import retrying
+from vigil_executor.runtime import ArchiveTooLarge
 
 log = structlog.get_logger("vigil.executor.checkpoint")
 
 SPOOL_IN_MEMORY = 8 * 1024 * 1024  # smaller archives never touch the disk
+# Restoring into a new attempt's container: tries, the first backoff (doubling), and the
+# hand-back delay when every try failed (the task is not started from an empty workspace).
+RESTORE_TRIES = 3
+RESTORE_BACKOFF_S = 0.5
+RESTORE_HAND_BACK_S = 5.0
 
 
 class CheckpointError(VigilError):
@@ -45,6 +51,10 @@ class Saved:
     name: str
     size: int
     digest: str
+
+
+def mib(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB"
 
 
 def object_name(task_id: str, attempt: int, n: int) -> str:
@@ -67,19 +77,22 @@ class CheckpointStore:
         return self._store
 
     async def save(self, name: str, archive: AsyncIterator[bytes], description: str) -> Saved:
-        """Spool ``archive``, enforce the size limit, upload; return what was stored."""
+        """Spool ``archive``, enforce the size limit, upload; return what was stored.
+
+        The limit bites as bytes arrive: the first chunk past it ends the checkpoint (the
+        Podman runtime, given the same limit, stops its own download there too)."""
         digest = hashlib.sha256()
         size = 0
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
-            async for chunk in archive:
-                size += len(chunk)
-                if size > self._max:
-                    raise CheckpointTooLarge(
-                        f"workspace archive exceeds the checkpoint limit of "
-                        f"{self._max // (1024 * 1024)} MiB (VIGIL_CHECKPOINT_MAX_MB)"
-                    )
-                digest.update(chunk)
-                await asyncio.to_thread(spool.write, chunk)
+            try:
+                async for chunk in archive:
+                    size += len(chunk)
+                    if size > self._max:
+                        raise CheckpointTooLarge(self._too_large(size))
+                    digest.update(chunk)
+                    await asyncio.to_thread(spool.write, chunk)
+            except ArchiveTooLarge as exc:
+                raise CheckpointTooLarge(self._too_large(exc.read)) from None
             spool.seek(0)
             meta = ObjectMeta(name=name, description=description)
             store = self.store
@@ -90,6 +103,11 @@ class CheckpointStore:
 
             await retrying(f"upload checkpoint {name}", upload, deadline_s=60)
         return Saved(name=name, size=size, digest=f"sha256:{digest.hexdigest()}")
+
+    def _too_large(self, read: int) -> str:
+        return (f"workspace archive exceeds the checkpoint limit of {mib(self._max)} "
+                f"(VIGIL_CHECKPOINT_MAX_MB); stopped reading it after {read} bytes. Keep "
+                "large or rebuildable files out of the workspace, or raise the limit")
 
     async def load(self, name: str, into: IO[bytes]) -> int:
         """Download ``name`` into ``into`` (verified against the store's digest)."""

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal, Protocol
 
+from vigil.errors import VigilError
+
 Stream = Literal["stdout", "stderr"]
 
 # Labels every Vigil container carries: how a restarted executor finds its orphans.
@@ -44,6 +46,16 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
     stop_grace_s: float = 10.0
+
+
+class ArchiveTooLarge(VigilError):
+    """An exported workspace passed the size limit the runtime was given; the export
+    stopped there rather than copying the rest (``read`` bytes were read)."""
+
+    def __init__(self, read: int, limit: int) -> None:
+        super().__init__(f"workspace archive passed {limit} bytes (read {read} bytes, stopped)")
+        self.read = read
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -121,13 +133,31 @@ class Runtime(Protocol):
     async def remove_container(self, cid: str) -> None: ...
 
 
+class TruncatedLine(bytes):
+    """A line cut at the length limit; ``size`` is how long it really was (in bytes)."""
+
+    size: int
+    limit: int  # the length it was cut at
+
+    def __new__(cls, head: bytes, size: int) -> TruncatedLine:
+        line = super().__new__(cls, head + b" [truncated: %d bytes]" % size)
+        line.size = size
+        line.limit = len(head)
+        return line
+
+
 class LineSplitter:
-    """Turn a stream of chunks into lines, truncating any line longer than ``max_len``."""
+    """Turn a stream of chunks into lines, truncating any line longer than ``max_len``.
+
+    A longer line keeps its first ``max_len`` bytes and comes out when its newline does
+    (or at ``flush``) as a :class:`TruncatedLine` that knows its full size; its rest is
+    counted and dropped, so memory stays bounded however long the line."""
 
     def __init__(self, max_len: int) -> None:
         self._buf = bytearray()
         self._max = max_len
-        self._dropping = False  # inside the tail of a line already emitted as truncated
+        self._head: bytes | None = None  # the kept start of an over-long line in progress
+        self._seen = 0  # bytes of that line already dropped from the buffer
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self._buf += chunk
@@ -139,23 +169,25 @@ class LineSplitter:
                 break
             line = bytes(self._buf[start:nl])
             start = nl + 1
-            if self._dropping:
-                self._dropping = False
-                continue
-            out.append(line if len(line) <= self._max else line[: self._max] + TRUNCATED)
+            if self._head is not None:
+                out.append(TruncatedLine(self._head, self._seen + len(line)))
+                self._head, self._seen = None, 0
+            elif len(line) > self._max:
+                out.append(TruncatedLine(line[: self._max], len(line)))
+            else:
+                out.append(line)
         del self._buf[:start]
-        if len(self._buf) > self._max:
-            if not self._dropping:
-                out.append(bytes(self._buf[: self._max]) + TRUNCATED)
-                self._dropping = True
+        if len(self._buf) > self._max or (self._head is not None and self._buf):
+            if self._head is None:
+                self._head = bytes(self._buf[: self._max])
+            self._seen += len(self._buf)
             self._buf.clear()
         return out
 
     def flush(self) -> list[bytes]:
-        line, dropping = bytes(self._buf), self._dropping
+        line, head, seen = bytes(self._buf), self._head, self._seen
         self._buf.clear()
-        self._dropping = False
-        return [line] if line and not dropping else []
-
-
-TRUNCATED = b" [truncated]"
+        self._head, self._seen = None, 0
+        if head is not None:
+            return [TruncatedLine(head, seen + len(line))]
+        return [line] if line else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -42,7 +43,8 @@ log = structlog.get_logger("vigil.executor")
 
 def make_runtime(conf: ExecutorSettings) -> Runtime:
     if conf.runtime == "podman":
-        return PodmanRuntime(conf.podman_url, max_line=conf.max_line_bytes)
+        return PodmanRuntime(conf.podman_url, max_line=conf.max_line_bytes,
+                             max_archive_bytes=conf.checkpoint_max_bytes)
     if not conf.unsafe_runtime:
         raise SettingsError(
             f"VIGIL_RUNTIME={conf.runtime} runs agents without any sandbox; it exists for "
@@ -70,6 +72,7 @@ class Executor:
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
         self._advertiser: Advertiser | None = None
         self._naks: set[asyncio.Task[None]] = set()
+        self._state_lock: int | None = None  # fd holding the state directory's flock
         self.checkpoints: CheckpointStore
         self.ready = asyncio.Event()
 
@@ -112,7 +115,7 @@ class Executor:
                 topology.executor_consumer(s.pool, s.ack_wait_s),
             )
             self._store = await TaskStore.open(self._js)
-            self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_mb * 1024 * 1024)
+            self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
             self._prepare_state_dir()
             await self._remove_orphans()
@@ -196,8 +199,32 @@ class Executor:
                     raise SettingsError(
                         f"{d} exists but is not a directory owned by this executor's user and "
                         "writable only by it; remove it, or set VIGIL_STATE_DIR") from None
+        self._lock_state_dir()
         for leftover in control.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def _lock_state_dir(self) -> None:
+        """One live executor per state directory (and so, by default, per node id).
+
+        At start an executor clears the control directories an earlier life left and
+        removes that life's containers. A second live executor with the same node id would
+        clear the first one's *live* control directories, and its agents then fail to start
+        ("error mounting /tmp/vigil-executor-<node>/control/<task>-a<n> to rootfs at
+        /run/vigil: no such file or directory" - the flaky "could not start the container"
+        of side-by-side test runs), and would remove its running containers as orphans.
+        The flock dies with the process, so a restart after kill -9 takes it over."""
+        path = self.state_dir / "executor.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SettingsError(
+                f"another executor is running with the state directory {self.state_dir} "
+                f"(node id {self.settings.node_id}); give each executor on a host its own "
+                "VIGIL_NODE_ID (or VIGIL_STATE_DIR): two with one node id remove each "
+                "other's agents") from None
+        self._state_lock = fd
 
     def control_dir(self, task_id: str, attempt: int) -> Path:
         d = self.state_dir / "control" / f"{task_id}-a{attempt}"
@@ -304,6 +331,9 @@ class Executor:
             await self.runtime.close()
         if self._ops is not None:
             await self._ops.stop()
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # releases the flock: a successor may start now
+            self._state_lock = None
         log.info("executor_stopped")
 
     async def _on_reconnect(self) -> None:

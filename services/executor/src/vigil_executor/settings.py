@@ -56,21 +56,34 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     max_line_bytes: Annotated[int, Meta(ge=256, le=65_536)] = 16_384
     """Longer output lines are truncated."""
     pids_limit: Annotated[int, Meta(ge=16)] = 512
+    """Processes (and threads) per agent container. Enforced by cgroups only where cgroup
+    v2 is delegated; the executor says so at start where it is not."""
     memory_mb: Annotated[int, Meta(ge=128)] = 2048
+    """Memory per agent, in MiB; over it the kernel kills the agent (recorded as out of
+    memory). Without delegated cgroups it caps the data segment (RLIMIT_DATA) instead."""
     cpus: Annotated[float, Meta(ge=0)] = 0.0
     """CPU quota per agent (0 = none). Enforced only where cgroup v2 is delegated."""
     nofile: Annotated[int, Meta(ge=64)] = 1024
+    """Open files per agent process (RLIMIT_NOFILE, soft and hard); applies everywhere."""
     nproc: Annotated[int, Meta(ge=64)] = 4096
     """RLIMIT_NPROC; note it counts every process of the rootless user, not per agent."""
     max_confessions: Annotated[int, Meta(ge=0)] = 100
-    """Confessions accepted per task attempt; the rest are counted and dropped."""
+    """Confession burst per task attempt: the size of its token bucket (full at start).
+    Past it, confessions get through at ``VIGIL_CONFESSIONS_PER_MIN``; the rest are
+    dropped, counted, and reported once in a platform confession when the agent ends."""
+    confessions_per_min: Annotated[float, Meta(ge=0)] = 10.0
+    """Refill rate of the confession bucket (see ``VIGIL_MAX_CONFESSIONS``), per minute;
+    0 makes the burst a hard cap per attempt."""
     workspace_root: str = ""
     """Host directory for the unsafe process runtime's workspaces (default: a temp dir)."""
     state_dir: str = ""
     """Host directory for per-attempt control directories, mounted read-only into agents
     (replies to checkpoint requests). Default: /tmp/vigil-executor-<node id>."""
-    checkpoint_max_mb: Annotated[int, Meta(ge=1)] = 1024
-    """Largest workspace archive a checkpoint may hold; larger fails with a confession."""
+    checkpoint_max_mb: Annotated[float, Meta(gt=0)] = 1024
+    """Largest workspace archive a checkpoint may hold, in MiB (fractions allowed, e.g.
+    ``0.5``). Counted while the archive downloads: the first byte past the limit stops it,
+    the checkpoint fails with a clear error to the agent, an event and a confession, and
+    the agent carries on."""
     max_lost_attempts: Annotated[int, Meta(ge=1, le=1_000)] = 5
     """A task whose attempts lost their executor (node died, lease lapsed) this many times
     in total since its last redrive is ``dead`` (a crash loop: it may be killing its
@@ -78,6 +91,10 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     checkpoint_interval_s: Annotated[float, Meta(ge=0)] = 0.0
     """Also checkpoint every this many seconds while an agent runs (0 = only on request
     and on drain). Such snapshots are taken while the agent writes: best effort."""
+
+    @property
+    def checkpoint_max_bytes(self) -> int:
+        return max(1, int(self.checkpoint_max_mb * 1024 * 1024))
 
     @property
     def label_map(self) -> dict[str, str]:
