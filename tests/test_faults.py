@@ -177,6 +177,56 @@ async def test_frozen_executor_cannot_overwrite_the_newer_attempt(
         b.kill()
 
 
+async def test_a_late_result_from_a_frozen_executor_is_fenced_off(
+    platform: Platform, podman: PodmanService, agent_image: str, tmp_path: Path,
+    issues: list[dict],
+) -> None:
+    """The agent (no checkpoints) finishes while its executor is frozen past the ack wait,
+    and a newer attempt runs to success elsewhere. The frozen executor wakes with a result
+    in hand: it records nothing, touches nothing, and removes its container."""
+    await platform.scheduler()
+    a = executor(tmp_path, platform, podman, "late-a").start()
+    b = executor(tmp_path, platform, podman, "late-b")
+    script = 'echo "attempt $VIGIL_ATTEMPT"; sleep 4; echo "done $VIGIL_ATTEMPT"'
+    try:
+        await a.ready()
+        await platform.publish_spec({"id": "late", "command": ["sh", "-c", script]})
+        await platform.events.wait_for("late", "started")
+        a.signal(signal.SIGSTOP)  # frozen before its agent ends, and past the ack wait
+        await b.start().ready()
+        state = await platform.final_state("late", timeout=90)
+        assert state.status == "succeeded" and state.executor == "late-b", state
+        # The frozen node's agent ran to its end meanwhile; its result is unrecorded.
+        await eventually(lambda: _all_exited(podman, "late-a"), timeout=30,
+                         what="the frozen executor's agent to exit")
+        before = await platform.store.get("late")
+        a.signal(signal.SIGCONT)  # wakes up with attempt 1's exit code in hand
+        await eventually(lambda: _logged(a, "lease_lost"), timeout=30, what="a to notice")
+        await eventually(lambda: _none_left(podman, "late-a"), timeout=30,
+                         what="a to remove its container")
+        await eventually(lambda: _found(issues, "lease_lost", "late"), timeout=30,
+                         what="a to confess its lost lease")
+        assert await platform.store.get("late") == before  # not one write: same revision
+        assert [(h.attempt, h.executor, h.outcome) for h in state.history] == [
+            (1, "late-a", "lost"), (2, "late-b", "succeeded")]
+        finished, lines = await outcome_of(platform, "late")
+        assert [(f["attempt"], f["executor"], f["status"]) for f in finished] == [
+            (2, "late-b", "succeeded")]
+        assert "done 2" in lines
+        assert "task_finished" not in a.log_text()
+        lost = next(i for i in issues
+                    if i.get("category") == "lease_lost" and i.get("task_id") == "late")
+        assert (lost["component"], lost["node"], lost["attempt"]) == ("executor", "late-a", 1)
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def _all_exited(podman: PodmanService, node: str) -> bool:
+    found = await containers_of(podman, node)
+    return bool(found) and all(c.get("State") == "exited" for c in found)
+
+
 async def _logged(proc: ExecutorProcess, event: str) -> bool:
     return f'"event":"{event}"' in proc.log_text()
 
@@ -206,13 +256,23 @@ async def test_a_task_that_keeps_killing_its_executor_goes_dead_with_evidence(
             await procs[i].exited()
         state = await platform.final_state("doomed", timeout=60)
         assert state.status == "dead"
-        assert [(h.attempt, h.outcome) for h in state.history] == [(1, "lost"), (2, "lost")]
+        assert [(h.attempt, h.executor, h.outcome) for h in state.history] == [
+            (1, "doom-a", "lost"), (2, "doom-b", "lost")]
         assert state.checkpoint is not None  # the last checkpoint is kept as evidence
         assert "crash loop: 2 attempts lost their executor" in (state.error or "")
         assert "max_lost_attempts is 2" in (state.error or "")
-        assert any(i.get("category") == "task_dead" and i.get("task_id") == "doomed"
-                   for i in issues)
-        finished, _ = await outcome_of(platform, "doomed")
+        # ... and the last attempt's last output lines, read back from its log events
+        # (the executor that printed them is dead).
+        events = await stored_events(platform.js, "doomed")
+        last_lines = [ln for e in events if e["kind"] == "log" and e["attempt"] == 2
+                      for ln in e["lines"]]
+        assert state.tail and state.tail == last_lines[-20:], (state.tail, last_lines)
+        assert any(ln.startswith("start at ") and ln.endswith("attempt=2")
+                   for ln in last_lines)
+        dead = next(i for i in issues
+                    if i.get("category") == "task_dead" and i.get("task_id") == "doomed")
+        assert (dead["component"], dead["node"]) == ("executor", "doom-c")
+        finished = [e for e in events if e["kind"] == "finished"]
         assert [f["status"] for f in finished] == ["dead"]
     finally:
         for p in procs:
@@ -259,7 +319,12 @@ async def test_losing_one_node_of_a_three_node_cluster_loses_nothing(
         for i in ids:
             await platform.publish_spec({"id": i, "command": ["sh", "-c", "sleep 0.3; echo ok"]})
         await platform.events.wait_for(ids[3], "finished", timeout=60)
-        nats_cluster[0].kill()  # SIGKILL one of three nodes mid-batch
+        # SIGKILL one of three nodes mid-batch: the one that leads the work stream, so
+        # the work queue itself fails over, not just a follower.
+        info = await platform.js.stream_info(subjects.STREAM_WORK)
+        assert info.cluster is not None and info.cluster.leader, info.cluster
+        (leader,) = [s for s in nats_cluster if s.name == info.cluster.leader]
+        leader.kill()
         for i in ids:
             state = await platform.final_state(i, timeout=120)
             assert state.status == "succeeded", (i, state.error)

@@ -1,23 +1,32 @@
 """Retries through a real executor and a real nats-server: agent failures spend
 ``max_attempts`` and come back after an exponential backoff (JetStream's nak delay is the
-timer); a non-retryable exit code ends the task at once; a lost node and a missing image
-spend nothing. docs/decisions/0009-retries.md has the rules.
+timer); a non-retryable exit code ends the task at once; a task that spends its budget is
+``dead``, with its evidence; a lost node and a missing image spend nothing; the consumer's
+max deliveries bury what is left. docs/decisions/0009-retries.md has the rules.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import io
 import os
 import signal
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from support import ExecutorProcess, Platform, eventually, stored_events
+from support import ExecutorProcess, Platform, advertise, eventually, stored_events
+from vigil import subjects, topology
+from vigil.cli import build_parser
+from vigil.consume import PullConsumer
 from vigil.embedded import PodmanService
-from vigil.messages import TaskState
+from vigil.jetstream import publish_event
+from vigil.messages import Log, TaskState, utcnow
 from vigil_executor.process import ProcessRuntime
 
 pytestmark = pytest.mark.integration
@@ -103,26 +112,66 @@ async def test_non_retryable_exit_code_fails_after_one_attempt(
     assert len(platform.events.of("usage", "started")) == 1
 
 
-async def test_exhausting_max_attempts_fails_with_every_attempt_on_record(
+async def test_exhausting_max_attempts_ends_dead_with_every_attempt_on_record(
     platform: Platform, tmp_path: Path
 ) -> None:
+    """A task that keeps failing goes ``dead`` (DESIGN.md), its evidence kept; an operator
+    redrive gives it a fresh budget, and the fixed agent then succeeds."""
     await platform.scheduler()
-    await platform.executor(**dirs(tmp_path, "x"))
+    ex = await platform.executor(**dirs(tmp_path, "x"))
+    # Fails until an operator redrives it (attempt 4 is the redrive's first).
+    script = '[ "$VIGIL_ATTEMPT" -ge 4 ] && { echo fixed; exit 0; }; echo nope; exit 5'
     await platform.publish_spec({
-        "id": "hopeless", "command": ["sh", "-c", "echo nope; exit 5"], "max_attempts": 3,
+        "id": "hopeless", "command": ["sh", "-c", script], "max_attempts": 3,
         "retry": {"backoff_s": 0.2, "jitter": 0},
     })
     state = await platform.final_state("hopeless", timeout=30)
-    assert state.status == "failed" and state.attempt == 3 and state.exit_code == 5
+    assert state.status == "dead" and state.attempt == 3 and state.exit_code == 5
     assert (state.error or "").endswith("; 3 of 3 attempts failed"), state.error
     assert [(h.attempt, h.outcome) for h in state.history] == [
         (1, "failed"), (2, "failed"), (3, "failed")]
     assert all("agent exited with code 5; last output: nope" in (h.error or "")
                for h in state.history)
+    assert state.tail == ["nope"]  # the last attempt's output, kept as evidence
     assert state.retry_at is None and state.finished_at is not None
     retrying = platform.events.of("hopeless", "retrying")
     assert [(r["attempt"], r["delay_s"]) for r in retrying] == [(1, 0.2), (2, 0.4)]
-    assert [f["status"] for f in await finished_events(platform, "hopeless")] == ["failed"]
+    assert [f["status"] for f in await finished_events(platform, "hopeless")] == ["dead"]
+    (dead,) = [c for c in await platform.confessions("task_dead")
+               if c.get("task_id") == "hopeless"]
+    assert "3 of 3 attempts failed" in dead["summary"]
+    assert (dead["component"], dead["node"], dead["attempt"]) == (
+        "executor", ex.settings.node_id, 3)
+
+    code, out, err = await vigil_replay("redrive", "hopeless", "--yes", "--wait",
+                                        "--timeout", "30", "--nats-url", platform.url)
+    assert code == 0, out + err
+    assert "hopeless: succeeded (attempt 4)" in out
+    again = await platform.final_state("hopeless")
+    assert (again.status, again.tail) == ("succeeded", ["fixed"])
+    assert [h.outcome for h in again.history] == ["failed"] * 3 + ["succeeded"]
+
+
+async def vigil_replay(*argv: str) -> tuple[int, str, str]:
+    """Run `vigil replay <argv>` in this event loop: (exit code, stdout, stderr)."""
+    args: argparse.Namespace = build_parser().parse_args(["replay", *argv])
+    out, err = io.StringIO(), io.StringIO()
+    code = await args.impl(args, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_a_single_failed_attempt_ends_failed_not_dead(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """max_attempts=1: the task failed once, as it was allowed to; it did not keep failing."""
+    await platform.scheduler()
+    await platform.executor(**dirs(tmp_path, "x"))
+    await platform.publish_spec({"id": "once", "command": ["sh", "-c", "echo no; exit 4"],
+                                 "max_attempts": 1})
+    state = await platform.final_state("once")
+    assert state.status == "failed" and state.attempt == 1, state
+    assert (state.error or "").endswith("; 1 of 1 attempts failed") and state.tail == ["no"]
+    assert [f["status"] for f in await finished_events(platform, "once")] == ["failed"]
 
 
 async def test_a_lost_attempt_does_not_spend_the_budget(
@@ -211,3 +260,46 @@ async def test_retry_in_a_real_container(
     (retrying,) = platform.events.of("pod-flaky", "retrying")
     assert retrying["reason"] == ("agent exited with code 3 (attempt 1 of 2); "
                                   "retrying in 0.5s")
+
+
+async def test_max_deliveries_buries_a_running_attempt_with_its_evidence(
+    platform: Platform,
+) -> None:
+    """The last resort (ADR 9): a work message that reached the max deliveries while its
+    attempt ran. The scheduler records that attempt as lost and keeps its last output
+    lines, read back from its log events past other tasks' events, as the tail."""
+    await platform.scheduler()
+    await topology.ensure_consumer(platform.js, subjects.STREAM_WORK, topology.executor_consumer(
+        "default", ack_wait_s=30, max_deliver=3))
+    naker = PullConsumer(platform.nc, subjects.STREAM_WORK, "executor-default", capacity=4)
+    await naker.start()
+    await advertise(platform.js, "ghost")  # capacity, so the scheduler releases the task
+    try:
+        await platform.publish_spec({"id": "ghosted", "command": ["true"]})
+        first = await naker.next()
+        # Stand in for an executor that claims attempt 1, prints, and never reports.
+        state, rev = await eventually(lambda: platform.store.get("ghosted"))
+        now = utcnow()
+        running = msgspec.structs.replace(
+            state, status="running", attempt=1, executor="ghost", started_at=now,
+            work_seq=first.metadata.sequence.stream, delivery=1)
+        assert await platform.store.cas(running, rev) is not None
+        for n in range(25):
+            if n == 20:  # other tasks' events between: the tail is read back in windows
+                for _ in range(1_500):
+                    await platform.nc.publish(subjects.event("noise", "log"), b"{}")
+                await platform.nc.flush()
+            await publish_event(platform.js, Log(task_id="ghosted", attempt=1, time=utcnow(),
+                                                 stream="stdout", lines=[f"line {n}"], first=n), n)
+        await first.nak()
+        naker.release(1)
+        for _ in range(2):  # the remaining deliveries, handed back at once
+            msg = await asyncio.wait_for(naker.next(), 30)
+            await msg.nak()
+            naker.release(1)
+        dead = await platform.final_state("ghosted", timeout=60)
+    finally:
+        await naker.stop()
+    assert dead.status == "dead" and "delivered 3 times" in (dead.error or "")
+    assert [(h.attempt, h.executor, h.outcome) for h in dead.history] == [(1, "ghost", "lost")]
+    assert dead.tail == [f"line {n}" for n in range(5, 25)]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from vigil.messages import AttemptRecord, RetryPolicy, TaskState
-from vigil_executor.claim import lost_attempts, spent_attempts
+from vigil_executor.claim import lost_attempts, may_hand_back, spent_attempts
 from vigil_executor.retry import after_failure, backoff_delay, image_missing_delay
 
 pytestmark = pytest.mark.unit
@@ -79,13 +79,22 @@ def test_verdict_retries_while_attempts_are_left() -> None:
     assert second.retry and second.delay_s == 4.0
     last = after_failure(policy, exit_code=3, failures=3, max_attempts=3)
     assert not last.retry and last.why == "3 of 3 attempts failed"
-    assert not after_failure(policy, exit_code=1, failures=1, max_attempts=1).retry
+    assert last.dead  # it kept failing: dead, with its evidence
+
+
+def test_a_single_attempt_or_a_non_retryable_exit_fails_rather_than_dies() -> None:
+    policy = RetryPolicy(non_retryable_exit_codes=[2])
+    only = after_failure(policy, exit_code=1, failures=1, max_attempts=1)
+    assert not only.retry and not only.dead and only.why == "1 of 1 attempts failed"
+    usage = after_failure(policy, exit_code=2, failures=3, max_attempts=3)
+    assert not usage.retry and not usage.dead
 
 
 def test_non_retryable_exit_code_ends_at_once() -> None:
     policy = RetryPolicy(non_retryable_exit_codes=[2, 64])
     verdict = after_failure(policy, exit_code=2, failures=1, max_attempts=5)
-    assert not verdict.retry and verdict.why == "exit code 2 is not retryable"
+    assert not verdict.retry and not verdict.dead
+    assert verdict.why == "exit code 2 is not retryable"
     assert after_failure(policy, exit_code=3, failures=1, max_attempts=5, uniform=mid).retry
 
 
@@ -116,3 +125,13 @@ def test_a_redrive_resets_both_counts() -> None:
     state = state_with(["failed", "lost", "failed", "dead", "lost", "failed"], budget_from=4)
     assert spent_attempts(state) == 1
     assert lost_attempts(state) == 1
+
+
+def test_only_the_newest_delivery_may_hand_the_message_back() -> None:
+    held = TaskState(id="t", tenant="acme", status="running", created_at=NOW, updated_at=NOW,
+                     work_seq=5, delivery=2)
+    assert may_hand_back(held, 5, 2)  # the holder itself
+    assert may_hand_back(held, 5, 3)  # newer than the state knows (it never claimed)
+    assert not may_hand_back(held, 5, 1)  # a newer delivery holds it: a nak would steal it
+    assert may_hand_back(held, 9, 1)  # another message for the task: a duplicate
+    assert may_hand_back(None, 5, 1)

@@ -8,10 +8,12 @@ retry never duplicates; then :class:`~vigil.errors.NatsUnavailable` is raised.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
@@ -28,7 +30,7 @@ from nats.js.kv import KeyValue
 
 from vigil import codec, subjects
 from vigil.errors import NatsUnavailable
-from vigil.messages import Confession, Event, TaskState
+from vigil.messages import Confession, Event, Log, TaskState
 
 log = structlog.get_logger("vigil.jetstream")
 
@@ -213,6 +215,66 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
             except nats.errors.TimeoutError:
                 break
             found.append(msg.data)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return found
+
+
+async def log_tail(js: JetStreamContext, task_id: str, attempt: int, *, lines: int = 20,
+                   line_chars: int = 1_000, idle_s: float = 1.0) -> list[str]:
+    """The last ``lines`` output lines attempt ``attempt`` of ``task_id`` published, oldest
+    first, read from its ``log`` events: the evidence a task that dies keeps (its
+    ``tail``) when the executor that ran the attempt is gone and cannot say.
+
+    Reads back from the newest log event in growing windows of stream sequence, so a
+    long-running task's whole log is not read for its last lines. [] when there are none.
+    """
+    subject = subjects.event(task_id, "log")
+    newest = await _events_from(js, subject, DeliverPolicy.LAST, idle_s=idle_s)
+    if not newest:
+        return []
+    last_seq = newest[0][0]
+    window = 1_024
+    while True:
+        start = max(1, last_seq - window)
+        found: collections.deque[str] = collections.deque(maxlen=lines)
+        older = False  # an earlier attempt's lines: nothing before them is ours
+        for _, data in await _events_from(js, subject, DeliverPolicy.BY_START_SEQUENCE,
+                                          start_seq=start, idle_s=idle_s):
+            try:
+                event = codec.event_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue  # not ours to judge here: anyone may publish on vigil.events
+            if not isinstance(event, Log) or event.attempt > attempt:
+                continue
+            if event.attempt < attempt:
+                older = True
+                continue
+            found.extend(line[:line_chars] for line in event.lines)
+        if len(found) >= lines or older or start == 1:
+            return list(found)
+        window *= 16
+
+
+async def _events_from(js: JetStreamContext, subject: str, policy: DeliverPolicy, *,
+                       start_seq: int | None = None, idle_s: float
+                       ) -> list[tuple[int, bytes]]:
+    """(stream sequence, payload) of the events on ``subject`` from ``policy`` on."""
+    config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq,
+                            inactive_threshold=10.0)
+    sub = await retrying(f"read {subject}", lambda: js.subscribe(
+        subject, stream=subjects.STREAM_EVENTS, ordered_consumer=True, config=config))
+    found: list[tuple[int, bytes]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_s)
+            except nats.errors.TimeoutError:
+                break
+            found.append((msg.metadata.sequence.stream, msg.data))
             if msg.metadata.num_pending == 0:
                 break
     finally:

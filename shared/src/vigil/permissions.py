@@ -95,6 +95,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_kv(subjects.KV_TASKS, write=True),
                 f"{subjects.WORK}.>",
                 f"{subjects.EVENTS}.>",
+                *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
                 f"{subjects.ISSUES}.scheduler.>",
             ],
             [f"{subjects.inbox('scheduler')}.>", f"{subjects.EVENTS}.*.finished",
@@ -111,6 +112,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_CHECKPOINTS}",
                 *_ordered(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"{subjects.EVENTS}.>",
+                *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
                 f"{subjects.ISSUES}.executor.>",
                 f"{subjects.ISSUES}.agent.>",
             ],

@@ -46,6 +46,7 @@ from structlog.contextvars import bound_contextvars
 
 from vigil import codec
 from vigil.errors import ImageNotFound, NatsUnavailable, RuntimeUnavailable, VigilError
+from vigil.jetstream import log_tail
 from vigil.messages import (
     AttemptRecord,
     Checkpoint,
@@ -59,8 +60,22 @@ from vigil.messages import (
     WorkItem,
     utcnow,
 )
-from vigil_executor.agentio import AgentOutput
-from vigil_executor.checkpoint import CheckpointError, object_name
+from vigil_executor.agentio import (
+    SUMMARY_CHARS,
+    TAIL_LINES,
+    AgentOutput,
+    ConfessionLimiter,
+    ConfessionTooLarge,
+    ControlError,
+    clip,
+)
+from vigil_executor.checkpoint import (
+    RESTORE_BACKOFF_S,
+    RESTORE_HAND_BACK_S,
+    RESTORE_TRIES,
+    CheckpointError,
+    object_name,
+)
 from vigil_executor.claim import (
     HandBack,
     LeaseLost,
@@ -68,6 +83,7 @@ from vigil_executor.claim import (
     first_running_state,
     judge_delivery,
     lost_attempts,
+    may_hand_back,
     spent_attempts,
 )
 from vigil_executor.retry import (
@@ -77,7 +93,7 @@ from vigil_executor.retry import (
     after_failure,
     image_missing_delay,
 )
-from vigil_executor.runtime import Container, ExitInfo
+from vigil_executor.runtime import Container, ContainerSpec, ExitInfo
 from vigil_executor.sandbox import container_spec, workspace_volume
 from vigil_executor.sink import EventSink
 
@@ -105,7 +121,8 @@ class Attempt:
         self.container: Container | None = None
         self.sink = EventSink(ex.js)
         self.output: AgentOutput | None = None
-        self.confessions = 0
+        self.confessions = ConfessionLimiter(ex.settings.max_confessions,
+                                             ex.settings.confessions_per_min)
         self.control: Path | None = None
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
@@ -139,6 +156,7 @@ class Attempt:
             except LeaseLost as exc:
                 self.ex.metrics.leases_lost.inc()
                 log.warning("lease_lost", reason=str(exc))
+                await self._confess_lease_lost(str(exc))
             except HandBack as exc:
                 await self._hand_back(exc)
             except NatsUnavailable as exc:
@@ -152,8 +170,13 @@ class Attempt:
                 with contextlib.suppress(Exception):
                     await self._confess("critical", "executor_bug",
                                         f"executor failed handling the task: {exc!r}")
-                with contextlib.suppress(Exception):
-                    await self.msg.nak(delay=RUNTIME_RETRY_DELAY_S)
+                if await self._may_hand_back():
+                    with contextlib.suppress(Exception):
+                        await self.msg.nak(delay=RUNTIME_RETRY_DELAY_S)
+                else:
+                    # A newer delivery holds the task: our nak would redeliver the message
+                    # under its feet (ADR 7). Its lease is not ours to touch; do nothing.
+                    log.warning("not_handing_back", reason="a newer attempt holds the task")
             finally:
                 for task in self._background:
                     task.cancel()
@@ -326,15 +349,8 @@ class Attempt:
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
                                       resumed=resumed)
                 self.container = await ex.runtime.create(spec)
-                if resumed and not await self._unpack(self.container, archive):
-                    # VIGIL_RESUMED is fixed at create: make the container again, honestly,
-                    # on a fresh volume (a failed unpack may have left part of the files).
-                    resumed = False
-                    await self.container.remove()
-                    await ex.runtime.remove_volume(spec.workspace_volume)
-                    spec = container_spec(work, attempt, ex.settings,
-                                          control_dir=str(self.control))
-                    self.container = await ex.runtime.create(spec)
+                if resumed:
+                    await self._unpack(spec, archive)
             await self.container.start()
         except ImageNotFound as exc:
             # The node's problem, not the task's: another node may have the image (or this
@@ -440,20 +456,57 @@ class Attempt:
             return False
         try:
             size = await self.ex.checkpoints.load(ref.name, into)
-        except (CheckpointError, NatsUnavailable) as exc:
+        except NatsUnavailable as exc:
+            # Passing trouble: starting from an empty workspace would lose the progress.
+            raise HandBack(f"could not download checkpoint {ref.name}: {exc}",
+                           RESTORE_HAND_BACK_S, kind="restore failed") from exc
+        except CheckpointError as exc:
+            # The object is gone (expired, deleted by hand): nothing to wait for.
             await self._restore_failed(str(exc))
             return False
         into.seek(0)
         log.info("checkpoint_fetched", checkpoint=ref.name, size=size)
         return True
 
-    async def _unpack(self, container: Container, archive: IO[bytes]) -> bool:
-        try:
-            await container.import_workspace(archive)  # type: ignore[arg-type]
-        except (RuntimeUnavailable, VigilError) as exc:
-            await self._restore_failed(str(exc))
-            return False
-        return True
+    async def _unpack(self, spec: ContainerSpec, archive: IO[bytes]) -> None:
+        """Unpack the checkpoint into the created container, or hand the task back.
+
+        An import that fails is tried again (after a short backoff) on a fresh container
+        and volume, since a failed unpack may have left part of the files. If it keeps
+        failing, the agent must not start from an empty workspace and lose its progress:
+        the task goes back to the queue (no attempt spent) with a confession, and its next
+        try, here or on another node, restores the same checkpoint.
+        """
+        assert self.state is not None and self.state.checkpoint is not None
+        name = self.state.checkpoint.name
+        errors: list[str] = []
+        for n in range(1, RESTORE_TRIES + 1):
+            if n > 1:
+                await asyncio.sleep(RESTORE_BACKOFF_S * 2 ** (n - 2))
+                self.container = await self.ex.runtime.create(spec)
+            assert self.container is not None
+            archive.seek(0)
+            try:
+                await self.container.import_workspace(archive)  # type: ignore[arg-type]
+            except Exception as exc:  # whatever the runtime raised, this try failed
+                errors.append(str(exc) or type(exc).__name__)
+                log.warning("restore_try_failed", checkpoint=name, try_no=n, error=errors[-1])
+                container, self.container = self.container, None
+                await container.remove()
+                await self.ex.runtime.remove_volume(spec.workspace_volume)
+                continue
+            if errors:
+                log.info("restore_retry_succeeded", checkpoint=name, tries=n, errors=errors)
+            return
+        error = (f"could not restore checkpoint {name} on {self.ex.settings.node_id} "
+                 f"({RESTORE_TRIES} tries; last error: {clip(errors[-1], 600)})")
+        await self._confess(
+            "error", "restore_failed",
+            f"{error}; handed the task back instead of starting it from an empty workspace",
+            hint="the next try (after a short delay, on any node) restores the same "
+            "checkpoint; if this repeats, check the node's Podman service log")
+        raise HandBack(f"{error}; handing the task back", RESTORE_HAND_BACK_S,
+                       kind="restore failed")
 
     async def _restore_failed(self, why: str) -> None:
         ref = self.state.checkpoint if self.state else None
@@ -492,6 +545,7 @@ class Attempt:
         await self.sink.drain()  # the timeline is durable before the outcome
         now = utcnow()
         tail = self._tail()
+        status = outcome.status  # the task's; the attempt's stays outcome.status
         if outcome.retryable_cause is not None:
             verdict = self._verdict(outcome)
             if verdict.retry:
@@ -499,6 +553,8 @@ class Attempt:
                 return verdict.delay_s
             outcome = Outcome(outcome.status, outcome.exit_code,
                               f"{outcome.error}; {verdict.why}")
+            if verdict.dead:
+                status = "dead"  # it kept failing: this attempt failed, the task is dead
 
         def finish(state: TaskState) -> TaskState:
             # A cancel's reason is in the state the scheduler marked (who, and why).
@@ -508,7 +564,7 @@ class Attempt:
                                    started_at=state.started_at, ended_at=now,
                                    outcome=outcome.status, error=error)
             return msgspec.structs.replace(
-                state, status=outcome.status, exit_code=outcome.exit_code,
+                state, status=status, exit_code=outcome.exit_code,
                 error=error, finished_at=now, updated_at=now,
                 history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
                 # A failed task keeps its last checkpoint as evidence; a finished one
@@ -523,7 +579,13 @@ class Attempt:
                 raise LeaseLost("a newer attempt owns the task; not recording this outcome")
         if outcome.status == "succeeded" and checkpoint is not None:
             self.ex.checkpoints.delete_later(checkpoint.name)
-        self.ex.metrics.tasks.labels(outcome.status).inc()
+        self.ex.metrics.tasks.labels(final.status).inc()
+        if final.status == "dead":
+            where = f"; last checkpoint {checkpoint.name}" if checkpoint else ""
+            await self._confess("error", "task_dead",
+                                f"task {final.id} is dead: {final.error}{where}",
+                                hint="see its history and tail; `vigil replay redrive` "
+                                "runs it again with a fresh budget once the cause is fixed")
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error, executor=final.executor,
@@ -629,7 +691,7 @@ class Attempt:
                     description=f"workspace of task {work.task_id}, attempt {state.attempt} "
                     f"({reason})",
                 )
-            except (CheckpointError, RuntimeUnavailable, NatsUnavailable) as exc:
+            except VigilError as exc:  # too large, Podman refused, NATS down: all say why
                 error = str(exc)
                 self.sink.emit(Checkpoint(
                     task_id=work.task_id, attempt=state.attempt, time=utcnow(), name=name,
@@ -675,7 +737,8 @@ class Attempt:
             "nodes it runs on"
         )
         dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
-                                       updated_at=now, history=state.history[-HISTORY_KEPT:])
+                                       updated_at=now, history=state.history[-HISTORY_KEPT:],
+                                       tail=await self._lost_tail(state))
         if await self.ex.store.cas(dead, rev) is None:
             raise HandBack("task state changed while marking it dead", delay_s=1.0)
         self.ex.metrics.tasks.labels("dead").inc()
@@ -688,6 +751,19 @@ class Attempt:
         await self.sink.drain()
         await self.msg.ack()
         log.warning("task_dead", error=error)
+
+    async def _lost_tail(self, state: TaskState) -> list[str]:
+        """The lost attempt's last output lines, from its ``log`` events: the executor that
+        knew them is gone. Bounded well inside this delivery's lease; the state's older
+        tail if they cannot be read in time."""
+        try:
+            return await asyncio.wait_for(
+                log_tail(self.ex.js, state.id, state.attempt, lines=TAIL_LINES,
+                         line_chars=TAIL_LINE_CHARS),
+                self.ex.settings.ack_wait_s / 2)
+        except Exception as exc:
+            log.warning("tail_unread", error=str(exc) or type(exc).__name__)
+            return state.tail
 
     async def _cancelled_unrun(self, state: TaskState, rev: int) -> None:
         now = utcnow()
@@ -748,6 +824,34 @@ class Attempt:
             await self.msg.nak(delay=exc.delay_s or None)
         log.info("task_handed_back", reason=exc.reason, delay_s=exc.delay_s)
 
+    async def _may_hand_back(self) -> bool:
+        """Whether this delivery may still nak its message (see claim.may_hand_back).
+        False when the state cannot be read either: the ack wait redelivers then."""
+        assert self.work is not None
+        meta = self.msg.metadata
+        try:
+            got = await asyncio.wait_for(self.ex.store.get(self.work.task_id),
+                                         self.ex.settings.heartbeat_s)
+        except Exception:
+            return False
+        return may_hand_back(got[0] if got else None, meta.sequence.stream, meta.num_delivered)
+
+    async def _confess_lease_lost(self, reason: str) -> None:
+        """The platform says what the agent cannot: its node lost the task under it.
+        Bounded, since NATS itself may be what cut us off, and the container must go."""
+        state = self.state
+        if state is None:
+            return
+        node = self.ex.settings.node_id
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._confess(
+                "warning", "lease_lost",
+                f"executor {node} lost its lease on task {state.id} (attempt "
+                f"{state.attempt}): {reason}; it stopped the agent and recorded nothing",
+                hint="the node was frozen, overloaded or cut off from NATS for about the ack "
+                "wait; the task runs again (or already runs) on another attempt",
+            ), self.ex.settings.heartbeat_s)
+
     async def _poison(self, why: str) -> None:
         """A work message that can never run: terminate it (no redelivery) and confess."""
         log.error("poison_work_item", error=why)
@@ -777,11 +881,18 @@ class Attempt:
         publishes while disconnected, so only the flush proves the server got the renewal.
         The same tick reads the task's state: if it moved to another attempt, a newer
         attempt owns the task (this executor was frozen or partitioned past the ack wait).
-        Past the ack wait without a confirmed renewal the server will redeliver anyway.
+
+        The lease is given up at ``ack_wait - heartbeat`` without a confirmed renewal, not
+        at the ack wait: the server's clock started at its last renewal, before ours did,
+        and the agent must be stopped before the server hands the task to another node,
+        not after. A tick that comes late (the process was frozen by SIGSTOP, the host
+        stalled) reads the state before renewing: a late in-progress ack must not renew
+        a lease that another attempt holds now.
         """
         conf = self.ex.settings
         assert self.state is not None
         task_id, attempt = self.state.id, self.state.attempt
+        give_up_s = conf.ack_wait_s - conf.heartbeat_s  # > 0: heartbeat <= ack wait / 2
         while not self._lease_done.is_set():
             # Not asyncio.sleep + cancel: on Python 3.11 a cancel that lands while a
             # wait_for (inside flush, or ours) completes is swallowed, and a cancelled
@@ -791,6 +902,14 @@ class Attempt:
                 await asyncio.wait_for(self._lease_done.wait(), conf.heartbeat_s)
             if self._lease_done.is_set():
                 return
+            lapsed = time.monotonic() - self._lease_ok
+            if lapsed > 2 * conf.heartbeat_s:
+                # A tick was missed: we were asleep. Who holds the task now?
+                log.warning("lease_late", lapsed_s=round(lapsed, 1))
+                await self._still_holder(task_id, attempt)
+                if lapsed > give_up_s:
+                    raise LeaseLost(f"no renewal for {lapsed:.1f}s (the process was frozen "
+                                    f"or stalled; ack wait {conf.ack_wait_s:g}s)")
             try:
                 await self.msg.in_progress()
                 await self.ex.nc.flush(timeout=max(1, int(conf.heartbeat_s)))
@@ -799,33 +918,41 @@ class Attempt:
                 lapsed = time.monotonic() - self._lease_ok
                 log.warning("lease_renewal_failed", error=str(exc) or type(exc).__name__,
                             lapsed_s=round(lapsed, 1))
-                if lapsed > conf.ack_wait_s:
-                    raise LeaseLost("could not renew the lease within the ack wait") from exc
+                if lapsed > give_up_s:
+                    raise LeaseLost(f"could not renew the lease for {lapsed:.1f}s (ack wait "
+                                    f"{conf.ack_wait_s:g}s)") from exc
                 continue
-            try:
-                got = await asyncio.wait_for(self.ex.store.get(task_id), conf.heartbeat_s)
-            except (TimeoutError, NatsUnavailable):
-                continue
-            current = got[0] if got else None
-            if current is None or current.attempt != attempt:
-                raise LeaseLost(
-                    f"task is now {current.status if current else 'gone'} with attempt "
-                    f"{current.attempt if current else '?'}; this attempt ({attempt}) lost it")
-            if current.cancel_requested_at is not None:
+            current = await self._still_holder(task_id, attempt)
+            if current is not None and current.cancel_requested_at is not None:
                 # The core-NATS nudge is best effort; the state is the truth.
                 self.cancel()
+
+    async def _still_holder(self, task_id: str, attempt: int) -> TaskState | None:
+        """The task's state, raising LeaseLost if another attempt holds it now; None when
+        it cannot be read within a heartbeat (the lease timing decides then)."""
+        try:
+            got = await asyncio.wait_for(self.ex.store.get(task_id),
+                                         self.ex.settings.heartbeat_s)
+        except (TimeoutError, NatsUnavailable):
+            return None
+        current = got[0] if got else None
+        if current is None or current.attempt != attempt:
+            raise LeaseLost(
+                f"task is now {current.status if current else 'gone'} with attempt "
+                f"{current.attempt if current else '?'}"
+                f"{f' on {current.executor}' if current and current.executor else ''}; "
+                f"this attempt ({attempt}) lost it")
+        return current
 
     # agent callbacks ---------------------------------------------------------------------------
     async def _agent_confession(self, confession: Confession) -> None:
         assert self.state is not None
-        self.confessions += 1
-        limit = self.ex.settings.max_confessions
-        if self.confessions > limit:
-            if self.confessions == limit + 1:
-                await self._confess("warning", "confession_rate_limit",
-                                    f"agent sent more than {limit} confessions; dropping the rest")
-            return
-        n = self.confessions
+        if not self.confessions.allow():
+            if self.confessions.dropped == 1:
+                log.warning("confessions_rate_limited", burst=self.confessions.burst,
+                            per_min=self.confessions.per_min)
+            return  # counted; reported once when the agent's output ends (_pump)
+        n = self.confessions.accepted
         cid = f"{self.state.id}-a{self.state.attempt}-c{n}"
         full = msgspec.structs.replace(
             confession, id=cid, source="agent", task_id=self.state.id, tenant=self.state.tenant,
@@ -838,10 +965,38 @@ class Attempt:
             confession_id=cid, summary=full.summary, severity=full.severity, source="agent",
         ))
 
-    async def _malformed(self, why: str) -> None:
+    async def _malformed(self, error: ControlError) -> None:
+        if isinstance(error, ConfessionTooLarge):
+            # The agent's confession, refused: it spends a token like one that got through.
+            if not self.confessions.allow():
+                return
+            assert self.state is not None
+            await self._confess(
+                "warning", "confession_too_large",
+                f"agent {error}; it was refused (the line is kept as log)",
+                hint="keep the summary short and the evidence in `detail` (cut at 8,000 "
+                "characters with a marker); the whole line must fit the limit",
+                confession_id=f"executor-{self.state.id}-a{self.state.attempt}-"
+                f"c{self.confessions.accepted}-too-large")
+            return
         await self._confess("warning", "malformed_control_line",
-                            f"agent printed a malformed ::vigil:: control line: {why}",
+                            f"agent printed a malformed ::vigil:: control line: {error}",
                             hint="see the agent contract in the README; the line was kept as log")
+
+    async def _report_dropped(self) -> None:
+        """Once per attempt, when its output ends: how many confessions the limit dropped."""
+        dropped = self.confessions.report()
+        if not dropped:
+            return
+        try:
+            await self._confess(
+                "warning", "confession_rate_limit",
+                f"{dropped} confessions dropped by the rate limit (burst "
+                f"{self.confessions.burst}, {self.confessions.per_min:g} a minute)",
+                hint="an agent that confesses this often is likely looping; the first ones "
+                "got through (VIGIL_MAX_CONFESSIONS, VIGIL_CONFESSIONS_PER_MIN)")
+        except Exception as exc:  # the count is lost, the task's outcome must not be
+            log.warning("dropped_confessions_report_failed", dropped=dropped, error=str(exc))
 
     async def _confess(self, severity: str, category: str, summary: str, *,
                        hint: str | None = None, task_id: str | None = None,
@@ -851,11 +1006,14 @@ class Attempt:
         task_id = task_id or (state.id if state else work.task_id if work else None)
         attempt = attempt if attempt is not None else (state.attempt if state else None)
         cid = confession_id or f"executor-{task_id}-a{attempt}-{category}"
+        # The image is part of the auditor's fingerprint (one incident per image's problem).
+        image = work.spec.image if work is not None else None
+        summary = clip(summary, SUMMARY_CHARS)  # a runtime's error can be long
         confession = Confession(
             id=cid, summary=summary, severity=severity, category=category,  # type: ignore[arg-type]
             hint=hint, task_id=task_id, tenant=tenant or (work.tenant if work else None),
             attempt=attempt, source="executor", node=self.ex.settings.node_id,
-            component="executor", time=utcnow(),
+            component="executor", time=utcnow(), data={"image": image} if image else {},
         )
         await self.ex.publish_confession(confession)
         if task_id is not None and state is not None:
@@ -870,6 +1028,7 @@ class Attempt:
             await self.sink.room()
             await output.feed(stream, line)
             lines.labels(stream).inc()
+        await self._report_dropped()
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -63,6 +63,20 @@ def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
     return "claim"
 
 
+def may_hand_back(state: TaskState | None, work_seq: int, delivery: int) -> bool:
+    """Whether delivery ``delivery`` of work message ``work_seq`` may still nak it.
+
+    JetStream takes a nak from any delivery, even one whose lease lapsed long ago (ADR 7):
+    a nak from an attempt that lost the task redelivers the message under its new holder's
+    feet. So only the newest delivery the task's state knows of may nak: False once a
+    newer delivery of the same message claimed the task. A state that is gone, or held by
+    another message (this one is a duplicate), leaves the nak harmless.
+    """
+    if state is None or state.work_seq != work_seq:
+        return True
+    return delivery >= state.delivery
+
+
 def spent_attempts(state: TaskState) -> int:
     """Attempts that count against ``max_attempts``: the agent's own failures (``failed``)
     since the task's newest operator redrive. Lost attempts (the node died), hand-backs

@@ -1,7 +1,9 @@
 """When a failed attempt is tried again, and after how long: pure functions.
 
 Only the agent's own failures (a non-zero exit, an out-of-memory kill) spend the task's
-``max_attempts``; see docs/decisions/0009-retries.md for the whole rule table. The timer
+``max_attempts``; a task that spends a budget of more than one attempt is ``dead`` (it
+kept failing), one that fails its only attempt or a non-retryable exit is ``failed``.
+See docs/decisions/0009-retries.md for the whole rule table. The timer
 is not here: the executor naks the work message with the delay and JetStream redelivers
 it (durably, on any node) when the delay is over.
 """
@@ -41,16 +43,19 @@ def backoff_delay(policy: RetryPolicy, n: int, uniform: Uniform = random.uniform
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do after an agent failure: retry after ``delay_s``, or record ``failed``.
+    """What to do after an agent failure: retry after ``delay_s``, or end the task.
 
     ``why`` completes a sentence that starts with the failure ("agent exited with code
     3"): for a retry "(attempt 1 of 3); retrying in 2.1s", the ``retrying`` event's
-    reason; otherwise why the task ends failed, appended to its error.
+    reason; otherwise why the task ends, appended to its error. ``dead`` when the
+    failures spent a budget of several attempts: the task kept failing, and DESIGN.md
+    calls such a task ``dead`` (evidence kept, a confession, redrivable), not ``failed``.
     """
 
     retry: bool
     why: str
     delay_s: float = 0.0
+    dead: bool = False
 
 
 def after_failure(policy: RetryPolicy | None, *, exit_code: int | None, failures: int,
@@ -61,7 +66,10 @@ def after_failure(policy: RetryPolicy | None, *, exit_code: int | None, failures
     if exit_code is not None and exit_code in policy.non_retryable_exit_codes:
         return Verdict(False, f"exit code {exit_code} is not retryable")
     if failures >= max_attempts:
-        return Verdict(False, f"{failures} of {max_attempts} attempts failed")
+        # One attempt allowed and failed is a plain failure: the task did not "keep
+        # failing", it failed once, as it was told it may.
+        return Verdict(False, f"{failures} of {max_attempts} attempts failed",
+                       dead=max_attempts > 1)
     delay = backoff_delay(policy, failures, uniform)
     return Verdict(True, f"(attempt {failures} of {max_attempts}); retrying in {delay:.1f}s",
                    delay)

@@ -5,6 +5,11 @@ The server stops delivering such a message and publishes an advisory, which the
 sequence, mark its task ``dead`` (compare-and-set, with the reason and evidence kept),
 confess it, publish ``finished``, then delete the message from the work queue, where it
 would otherwise sit forever. Every step is idempotent, so a redelivered advisory is safe.
+
+The evidence: an attempt still ``running`` went without an outcome (its executors kept
+losing it), so it joins the history as ``lost`` and its last output lines, read back from
+its ``log`` events, become the task's ``tail``; the last checkpoint stays referenced. A
+task that was waiting (a retry, a hand-back) already has its last attempt on record.
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ from nats.js.errors import NotFoundError
 from vigil import codec, subjects, topology
 from vigil.consume import PullConsumer
 from vigil.errors import NatsUnavailable
-from vigil.jetstream import TaskStore, publish_confession, publish_event, retrying
-from vigil.messages import Confession, Finished, utcnow
+from vigil.jetstream import TaskStore, log_tail, publish_confession, publish_event, retrying
+from vigil.messages import AttemptRecord, Confession, Finished, TaskState, utcnow
 
 log = structlog.get_logger("vigil.scheduler.deadletter")
 
 _advisory = msgspec.json.Decoder(dict[str, Any])
+
+# As the executors keep them: the history's last 50 attempts, the tail's last 20 lines.
+HISTORY_KEPT = 50
+TAIL_LINES = 20
+TAIL_LINE_CHARS = 1_000
+TAIL_READ_S = 10.0
 
 
 class DeadLetters:
@@ -92,8 +103,16 @@ class DeadLetters:
             now = utcnow()
             error = (f"its work was delivered {deliveries} times without an outcome (the "
                      "executors' max deliveries); it was not retried further")
+            history, tail = state.history, state.tail
+            if state.status == "running":
+                history = [*history, AttemptRecord(
+                    attempt=state.attempt, executor=state.executor,
+                    started_at=state.started_at, ended_at=now, outcome="lost",
+                    error="no outcome: its work reached the max deliveries")]
+                tail = await self._tail(state)
             dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
-                                           updated_at=now)
+                                           updated_at=now, history=history[-HISTORY_KEPT:],
+                                           tail=tail)
             if await self._store.cas(dead, rev) is None:
                 continue
             where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
@@ -111,6 +130,17 @@ class DeadLetters:
             ))
             log.warning("task_dead_max_deliveries", deliveries=deliveries)
             return
+
+    async def _tail(self, state: TaskState) -> list[str]:
+        """The running attempt's last output lines (its executor, which knew them, is not
+        answering); the state's older tail if the events cannot be read in time."""
+        try:
+            return await asyncio.wait_for(
+                log_tail(self._js, state.id, state.attempt, lines=TAIL_LINES,
+                         line_chars=TAIL_LINE_CHARS), TAIL_READ_S)
+        except Exception as exc:
+            log.warning("tail_unread", error=str(exc) or type(exc).__name__)
+            return state.tail
 
     async def _delete(self, seq: int) -> None:
         with contextlib.suppress(NotFoundError):
