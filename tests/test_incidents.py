@@ -3,31 +3,85 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError
 
-from support import Platform, eventually
-from vigil import subjects
+from support import AuditorProcess, Platform, eventually
+from vigil import codec, subjects
+from vigil.jetstream import retrying
 from vigil_auditor.notify import verify
+from vigil_auditor.record import to_record
+from vigil_auditor.triage import ESCALATE_COUNT, key_of
 
 pytestmark = pytest.mark.integration
 SECRET = "test-secret"
 
 
-async def incidents(platform: Platform) -> dict[str, dict[str, Any]]:
+async def incidents(platform: Platform, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     kv = await platform.js.key_value(subjects.KV_INCIDENTS)
     try:
-        keys = await kv.keys()
-    except Exception:  # nats-py raises NoKeysError on an empty bucket
+        # Retried: on this busy 2-core machine a listing can time out, and an empty
+        # answer would read as "nothing counted".
+        keys = await retrying("list incidents", kv.keys)
+    except NoKeysError:  # an empty bucket
         return {}
     out = {}
     for key in keys:
-        out[key] = json.loads((await kv.get(key)).value)
+        if key not in skip:
+            entry = await retrying("read incident", functools.partial(kv.get, key))
+            out[key] = json.loads(entry.value)
     return out
+
+
+async def drained(platform: Platform, stream: str = subjects.STREAM_ISSUES,
+                  consumer: str = subjects.CONSUMER_AUDITOR) -> bool:
+    """Everything the consumer was given is acked: nothing more will be redelivered."""
+    info = await platform.js.consumer_info(stream, consumer)
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """``{sample: value}`` from a service's /metrics, e.g. ``'vigil_incidents_open'``."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def confessed(metrics: dict[str, float], source: str, severity: str) -> float:
+    return metrics.get(f'vigil_confessions_total{{severity="{severity}",source="{source}"}}',
+                       0.0)
+
+
+def incident_key(source: str, body: dict[str, Any]) -> str:
+    """The incident a confession lands in, as the auditor computes it."""
+    record = to_record(subjects.issue(source, body["severity"]), json.dumps(body).encode(),
+                       None, 1, datetime.now(UTC))
+    key = key_of(record)
+    assert key is not None
+    return key
+
+
+async def publish_issue(platform: Platform, source: str, body: dict[str, Any]) -> int:
+    """Publish a confession with no ``Nats-Msg-Id``: the stream keeps every copy."""
+    ack = await platform.js.publish(subjects.issue(source, body["severity"]),
+                                    json.dumps(body).encode())
+    return int(ack.seq)
 
 
 def confessing(task_id: str, problem: str) -> dict:
@@ -119,65 +173,310 @@ async def _some(items: list) -> bool:
     return bool(items)
 
 
-async def test_auditor_killed_and_stream_replayed_rebuild_identical_incidents(
+async def test_the_same_confession_id_counts_once_and_an_unfinished_one_is_finished(
     platform: Platform,
 ) -> None:
-    for n in range(40):
-        problem = ["tool missing", "token expired", "loop detected"][n % 3]
-        body = {"summary": f"{problem} in job {n}", "severity": "warning", "id": f"r{n}",
-                "task_id": f"job{n}", "tenant": "acme"}
-        await platform.js.publish("vigil.issues.agent.warning", json.dumps(body).encode())
+    body = {"id": "h1", "summary": "disk full on /data", "severity": "error",
+            "category": "disk"}
+    # The same confession twice, as two stream messages (no Nats-Msg-Id, so the stream's
+    # duplicate window does not catch it; the same happens after the window).
+    first = await publish_issue(platform, "human", body)
+    second = await publish_issue(platform, "human", body)
+    assert second != first
+    # A crash between recording a confession and triaging it: the record is there (written
+    # by a previous auditor from this very message), the incident is not. It must still be
+    # counted, once.
+    orphan = {"id": "h2", "summary": "disk full on /scratch", "severity": "error",
+              "category": "disk"}
+    seq = await publish_issue(platform, "human", orphan)
+    record = to_record(subjects.issue("human", "error"), json.dumps(orphan).encode(), None,
+                       seq, datetime.now(UTC))
+    confessions = await platform.js.key_value(subjects.KV_CONFESSIONS)
+    await confessions.create(record.id, codec.encode(record))
     auditor = await platform.auditor()
-    # Kill it mid-stream (cancel the service task: no graceful shutdown), start another.
-    await eventually(lambda: _any_incident(platform), timeout=30, what="some progress")
-    platform.tasks[-1].cancel()
-    await asyncio.gather(platform.tasks[-1], return_exceptions=True)
-    del auditor
-    await platform.auditor()
 
-    async def all_counted() -> dict | None:
+    async def both() -> dict | None:
         found = await incidents(platform)
-        return found if sum(i["count"] for i in found.values()) == 40 else None
+        total = sum(i["count"] for i in found.values())
+        return found if total >= 2 and await drained(platform) else None
 
-    before = await eventually(all_counted, timeout=60, what="all 40 counted once")
-    assert sorted(i["count"] for i in before.values()) == [13, 13, 14]
+    found = await eventually(both, timeout=30, what="the confessions to be triaged")
+    (incident,) = found.values()  # "disk full on <path>"
+    assert incident["count"] == 2, incident  # h1 once, h2 once
+    samples = [s["confession_id"] for s in incident["first_samples"]]
+    assert samples == ["human.h1", "human.h2"]
+    metrics = await scrape(auditor.http_port)
+    # Recorded first by this auditor: h1 (once); h2 was recorded before it started.
+    assert confessed(metrics, "human", "error") == 1
+
+
+async def test_an_escalation_reaches_the_webhook_once_signed_and_the_alert_subjects(
+    platform: Platform, unused_tcp_port_factory: Any
+) -> None:
+    received: list[tuple[str, dict, bool]] = []
+    on_subjects: list[tuple[str, dict]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        signed = verify(SECRET, request.headers.get("X-Vigil-Signature", ""), body)
+        received.append((request.headers["X-Vigil-Alert-Id"], json.loads(body), signed))
+        return web.Response(status=204)
+
+    async def on_alert(msg: Msg) -> None:
+        on_subjects.append((msg.subject, json.loads(msg.data)))
+
+    await platform.nc.subscribe(f"{subjects.ALERTS}.>", cb=on_alert)
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await platform.auditor(webhook_urls=f"http://127.0.0.1:{port}/hook",
+                               webhook_secret=SECRET)
+        for n in range(ESCALATE_COUNT):  # warnings, enough within the window to escalate
+            await publish_issue(platform, "agent", {
+                "id": f"esc-{n}", "summary": f"build cache corrupted on runner {n}",
+                "severity": "warning", "category": "cache", "task_id": f"esc-task-{n}",
+                "tenant": "acme"})
+
+        async def escalated() -> bool:
+            return any(body["reason"] == "escalated" for _, body, _ in received)
+
+        await eventually(escalated, timeout=30, what="the escalated alert at the webhook")
+        # Every confession triaged and every alert acked by the notifier (after recording
+        # its delivery): nothing is left that could be delivered again.
+        await eventually(lambda: drained(platform), timeout=30, what="triage to finish")
+        await eventually(lambda: drained(platform, subjects.STREAM_ALERTS,
+                                         subjects.CONSUMER_NOTIFIER),
+                         timeout=30, what="the notifier to ack every alert")
+    finally:
+        await runner.cleanup()
+    assert all(signed for _, _, signed in received)  # a valid HMAC on every delivery
+    got = [(body["reason"], body["severity"]) for _, body, _ in received]
+    assert got == [("opened", "warning"), ("escalated", "error")]  # each exactly once
+    escalation = received[1][1]
+    assert escalation["count"] == ESCALATE_COUNT and escalation["source"] == "agent"
+    assert escalation["title"] == "build cache corrupted on runner <n>"
+    assert received[1][0] == escalation["id"]
+    # The same two alerts on vigil.alerts.<severity>, once each.
+    assert [(subject, body["id"]) for subject, body in on_subjects] == [
+        (subjects.alert("warning"), received[0][0]), (subjects.alert("error"), received[1][0])]
+
+
+async def test_a_confession_that_cannot_be_triaged_is_confessed_and_acked_quickly(
+    platform: Platform,
+) -> None:
+    poison = {"id": "p1", "summary": "scratch volume is read-only", "severity": "error",
+              "category": "disk", "task_id": "poisoned-1", "tenant": "acme"}
+    # An incident record nobody can read (written by a newer, incompatible auditor, or
+    # corrupted): triage of any confession of that problem fails, every time.
+    kv = await platform.js.key_value(subjects.KV_INCIDENTS)
+    unreadable = incident_key("agent", poison)
+    await kv.put(unreadable, b"{not json")
+    auditor = await platform.auditor()
+    started = asyncio.get_running_loop().time()
+    await publish_issue(platform, "agent", poison)
+    healthy = {"id": "ok1", "summary": "registry mirror slow", "severity": "warning"}
+    await publish_issue(platform, "agent", healthy)
+
+    async def given_up() -> dict | None:
+        found = await incidents(platform, skip=(unreadable,))
+        confessed_ = [i for i in found.values() if i.get("category") == "triage_failed"]
+        healthy_ = [i for i in found.values() if i.get("title") == "registry mirror slow"]
+        return confessed_[0] if confessed_ and healthy_ and await drained(platform) else None
+
+    # A few quick tries (0.5 s, 1 s apart), not 20 tries 30 s apart.
+    failure = await eventually(given_up, timeout=20, what="the poison confession given up")
+    assert asyncio.get_running_loop().time() - started < 15
+    assert failure["source"] == "auditor" and failure["severity"] == "error"
+    assert failure["count"] == 1 and failure["tasks"] == ["poisoned-1"]
+    assert failure["title"] == "a confession from agent could not be triaged"
+    confessions = await platform.js.key_value(subjects.KV_CONFESSIONS)
+    record = json.loads((await confessions.get("agent.p1")).value)
+    assert record["confession"]["summary"] == poison["summary"]  # the evidence is kept
+    assert "triage failed after 3 deliveries" in record["error"]
+    stored = [c for c in await platform.confessions("triage_failed")]
+    assert len(stored) == 1 and stored[0]["data"]["confession_id"] == "agent.p1"
+    metrics = await scrape(auditor.http_port)
+    assert metrics["vigil_confessions_triage_failed_total"] == 1
+
+
+async def test_incident_metrics_agree_across_auditors_and_follow_the_gateway(
+    platform: Platform,
+) -> None:
+    first = await platform.auditor(node_id="aud-m1")
+    second = await platform.auditor(node_id="aud-m2")
+    gw = await platform.gateway()  # VIGIL_AUTH=none: an operator
+    problems = {"a": "cannot resolve registry.internal", "b": "token expired for s3"}
+    for n in range(6):
+        which = "a" if n % 2 == 0 else "b"
+        await publish_issue(platform, "human", {"id": f"m{n}", "summary": problems[which],
+                                                "severity": "error", "category": "net"})
+    for _ in range(2):  # repeats of m0: two more stream messages, no new confession
+        await publish_issue(platform, "human", {"id": "m0", "summary": problems["a"],
+                                                "severity": "error", "category": "net"})
+    ports = (first.http_port, second.http_port)
+
+    async def agreed(open_now: int, by: dict[str, float]) -> list[dict] | None:
+        if not await drained(platform):
+            return None
+        scraped = [await scrape(p) for p in ports]
+        ok = all(m.get("vigil_incidents_open") == open_now for m in scraped) and all(
+            m.get(sample) == value for m in scraped for sample, value in by.items())
+        return scraped if ok else None
+
+    scraped = await eventually(
+        lambda: agreed(2, {'vigil_incidents{severity="error",status="open"}': 2}),
+        timeout=30, what="both auditors to count two open incidents")
+    # Each confession counted once, by whichever auditor recorded it first.
+    assert sum(confessed(m, "human", "error") for m in scraped) == 6
+    target = incident_key("human", {"summary": problems["a"], "severity": "error",
+                                    "category": "net"})
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"http://127.0.0.1:{gw.http_port}/v1/incidents/{target}/ack") as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "acknowledged"
+    await eventually(
+        lambda: agreed(1, {'vigil_incidents{severity="error",status="acknowledged"}': 1}),
+        timeout=30, what="both auditors to see the acknowledgement")
+
+
+PROBLEMS = ("tool missing", "token expired", "loop detected")
+
+
+def replay_body(n: int) -> dict[str, Any]:
+    return {"summary": f"{PROBLEMS[n % 3]} in job {n}", "severity": "warning",
+            "id": f"r{n}", "task_id": f"job{n}", "tenant": ("acme", "globex")[n % 2]}
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_incidents(
+    platform: Platform, tmp_path: Path,
+) -> None:
+    total = 240
+
+    async def publish(start: int, end: int) -> None:
+        for first in range(start, end, 30):
+            await asyncio.gather(*[publish_issue(platform, "agent", replay_body(n))
+                                   for n in range(first, min(first + 30, end))])
+
+    async def counted() -> int:
+        return sum(i["count"] for i in (await incidents(platform)).values())
+
+    await publish(0, total // 2)
+    victim = AuditorProcess(tmp_path, platform.url, "aud-victim")
+    survivor = AuditorProcess(tmp_path, platform.url, "aud-survivor")
+    try:
+        await victim.start().ready()
+
+        async def the_rest() -> None:
+            # Still flowing while the victim dies: an operator's ack of the first problem,
+            # repeats of earlier confessions (same id, another stream message) and the
+            # second half.
+            acked = incident_key("agent", replay_body(0))
+            await publish_issue(platform, "operator", {
+                "id": "ack-1", "summary": "ana acknowledged it", "severity": "info",
+                "category": "incident_ack", "data": {"incident_id": acked, "by": "ana"}})
+            for n in range(0, 40, 8):
+                await publish_issue(platform, "agent", replay_body(n))
+            await publish(total // 2, total)
+            for n in range(total // 2, total, 16):
+                await publish_issue(platform, "agent", replay_body(n))
+
+        flowing = asyncio.create_task(the_rest())
+        await eventually(lambda: _at_least(counted, 20), timeout=60, what="some progress")
+        victim.signal(signal.SIGSTOP)  # freeze, read how far it got, then kill -9
+        at_kill = await counted()
+        victim.signal(signal.SIGKILL)
+        await victim.exited(timeout=10)
+        assert 20 <= at_kill < total, at_kill  # killed mid-stream
+        await flowing
+
+        # Another auditor takes over: the confession the victim held comes back after the
+        # consumer's ack wait; nothing is lost, and no repeat and no redelivery counts twice.
+        await survivor.start().ready()
+
+        async def all_counted() -> dict | None:
+            if await counted() != total or not await drained(platform):
+                return None
+            return await incidents(platform)
+
+        before = await eventually(all_counted, timeout=90, what=f"all {total} counted once")
+        assert sorted(i["count"] for i in before.values()) == [total // 3] * 3
+        statuses = {i["title"]: i["status"] for i in before.values()}
+        assert statuses == {"tool missing in job <n>": "acknowledged",
+                            "token expired in job <n>": "open",
+                            "loop detected in job <n>": "open"}
+        survivor.signal(signal.SIGTERM)
+        await survivor.exited(timeout=30)
+    finally:
+        victim.kill()
+        survivor.kill()
 
     # Replay: forget every incident and the auditor's position, consume from the start.
-    await platform.services[-1].shutdown()
-    await asyncio.gather(platform.tasks[-1], return_exceptions=True)
+    # Nothing may be alerted again (a core subscriber sees even what the alerts stream
+    # would deduplicate), and nothing counted again.
+    realerted: list[str] = []
+
+    async def on_alert(msg: Msg) -> None:
+        realerted.append(msg.subject)
+
+    await platform.nc.subscribe(f"{subjects.ALERTS}.>", cb=on_alert)
+    alerts_before = (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages
+    assert alerts_before == 9  # per incident: opened, escalated to error, to critical
     await platform.js.delete_key_value(subjects.KV_INCIDENTS)
     await platform.js.delete_consumer(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR)
-    await platform.auditor()
-    after = await eventually(all_counted, timeout=60, what="the replay")
-    assert after == before
+    replayer = await platform.auditor()
+
+    async def rebuilt() -> dict | None:
+        found = await incidents(platform)
+        done = sum(i["count"] for i in found.values()) == total and await drained(platform)
+        return found if done else None
+
+    after = await eventually(rebuilt, timeout=90, what="the replay")
+    assert after == before  # every field, samples and stream times included
+    await platform.nc.flush()
+    assert realerted == []
+    assert (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages == 9
+    metrics = await scrape(replayer.http_port)
+    assert confessed(metrics, "agent", "warning") == 0  # all recorded before the replay
+    assert not any(k.startswith("vigil_alerts_total{") for k in metrics)
+    assert metrics["vigil_incidents_open"] == 2
 
 
-async def _any_incident(platform: Platform) -> bool:
-    return bool(await incidents(platform))
+async def _at_least(probe: Any, n: int) -> bool:
+    return bool(await probe() >= n)
 
 
-async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
+async def test_incident_api_isolates_tenants_filters_and_drives_the_lifecycle(
     platform: Platform, tmp_path: Any
 ) -> None:
-    import aiohttp
-
     from vigil import auth
 
     tokens = tmp_path / "tokens.json"
     viewer_a = auth.add_token(tokens, "va", "acme", "viewer")
     viewer_b = auth.add_token(tokens, "vb", "globex", "viewer")
     operator = auth.add_token(tokens, "op", "acme", "operator")
-    await platform.auditor()
+    auditor = await platform.auditor()
     gw = await platform.gateway(auth="tokens", tokens_file=str(tokens))
     url = f"http://127.0.0.1:{gw.http_port}/v1/incidents"
 
-    async def confess(n: int, tenant: str) -> None:
-        body = {"summary": f"cannot reach registry mirror {n}", "severity": "error",
-                "category": "network", "tenant": tenant, "task_id": f"{tenant}-{n}"}
-        await platform.js.publish("vigil.issues.agent.error", json.dumps(body).encode())
+    async def confess(n: int, tenant: str, problem: str = "registry") -> None:
+        summary, severity = {"registry": (f"cannot reach registry mirror {n}", "error"),
+                             "quota": (f"quota exceeded for bucket {n}", "warning")}[problem]
+        body = {"summary": summary, "severity": severity, "category": "network",
+                "tenant": tenant, "task_id": f"{tenant}-{n}"}
+        await platform.js.publish(subjects.issue("agent", severity), json.dumps(body).encode())
 
-    await confess(1, "acme")
-    await confess(2, "acme")
+    # One problem hits six acme tasks (more than the five samples an incident keeps) and
+    # two globex tasks; another problem only globex.
+    for n in range(1, 7):
+        await confess(n, "acme")
+    await confess(1, "globex")
+    await confess(2, "globex")
+    await confess(3, "globex", "quota")
     async with aiohttp.ClientSession() as http:
         async def listed(token: str, **params: str) -> list[dict]:
             async with http.get(url, params=params,
@@ -185,14 +484,38 @@ async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
                 assert r.status == 200
                 return list((await r.json())["incidents"])
 
-        async def both_counted() -> list[dict] | None:
-            found = await listed(viewer_a)
-            return found if found and found[0]["count"] == 2 else None
+        def titles(found: list[dict]) -> list[str]:
+            return sorted(i["title"] for i in found)
 
-        found = await eventually(both_counted, timeout=30, what="an incident counting 2")
-        (incident,) = found
-        assert incident["count"] == 2 and incident["status"] == "open"
-        assert await listed(viewer_b) == []  # globex never sees acme's incident
+        registry, quota = "cannot reach registry mirror <n>", "quota exceeded for bucket <n>"
+
+        async def all_counted() -> list[dict] | None:
+            found = await listed(operator)
+            return found if sorted(i["count"] for i in found) == [1, 8] else None
+
+        await eventually(all_counted, timeout=30, what="two incidents counting 8 and 1")
+        (incident,) = await listed(viewer_a)
+        assert incident["title"] == registry and incident["status"] == "open"
+        # A tenant sees every one of its own tasks, and nothing of the other tenant's.
+        assert incident["tasks"] == [f"acme-{n}" for n in range(1, 7)]
+        assert incident["tenants"] == ["acme"]
+        assert "tasks_total" not in incident and "tenant_tasks" not in incident
+        assert "globex" not in json.dumps(incident)
+        b_view = {i["title"]: i for i in await listed(viewer_b)}
+        assert set(b_view) == {registry, quota}
+        assert b_view[registry]["tasks"] == ["globex-1", "globex-2"]
+        assert "acme" not in json.dumps(b_view)
+
+        # Filters, positive and negative: tenant (operators see every tenant's), status,
+        # severity.
+        assert titles(await listed(operator, tenant="globex")) == [registry, quota]
+        assert titles(await listed(operator, tenant="acme")) == [registry]
+        assert await listed(operator, tenant="initech") == []
+        assert await listed(viewer_a, tenant="globex") == []  # not even by asking
+        assert titles(await listed(operator, severity="warning")) == [quota]
+        assert titles(await listed(operator, severity="error")) == [registry]
+        assert titles(await listed(viewer_b, severity="error", tenant="globex")) == [registry]
+        assert titles(await listed(operator, status="open")) == [registry, quota]
         assert await listed(viewer_a, status="resolved") == []
         async with http.get(url, params={"severity": "bogus"},
                             headers={"Authorization": f"Bearer {viewer_a}"}) as r:
@@ -203,10 +526,13 @@ async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
             assert r.status == 403
         async with http.post(f"{one}/ack", headers={"Authorization": f"Bearer {operator}"}) as r:
             assert r.status == 200 and (await r.json())["status"] == "acknowledged"
+        assert titles(await listed(operator, status="acknowledged")) == [registry]
+        assert titles(await listed(operator, status="open")) == [quota]
         async with http.post(f"{one}/resolve",
                              headers={"Authorization": f"Bearer {operator}"}) as r:
             assert r.status == 200 and (await r.json())["status"] == "resolved"
-        await confess(3, "acme")  # the problem recurs
+        assert titles(await listed(viewer_a, status="resolved")) == [registry]
+        await confess(7, "acme")  # the problem recurs
 
         async def reopened() -> dict | None:
             async with http.get(one, headers={"Authorization": f"Bearer {viewer_a}"}) as r:
@@ -214,9 +540,13 @@ async def test_incident_api_isolates_tenants_and_drives_the_lifecycle(
             return body if body["status"] == "open" else None
 
         again = await eventually(reopened, timeout=30, what="the incident to reopen")
-        assert again["reopened"] == 1 and again["count"] == 3
-        auditor = platform.services[0]
-        assert auditor.metrics.open_incidents._value.get() == 1
+        assert again["reopened"] == 1 and again["count"] == 9
+        assert again["tasks"] == [f"acme-{n}" for n in range(1, 8)]
+
+        async def both_open() -> bool:
+            return (await scrape(auditor.http_port)).get("vigil_incidents_open") == 2
+
+        await eventually(both_open, timeout=15, what="the open-incidents gauge to say 2")
         async with http.get(f"{url}/inc_nope",
                             headers={"Authorization": f"Bearer {viewer_a}"}) as r:
             assert r.status == 404

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from vigil_auditor.record import record_id, to_record
+from vigil_auditor.record import record_id, repeats, to_record
 
 pytestmark = pytest.mark.unit
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -48,3 +48,13 @@ def test_the_subject_names_the_source_not_the_body() -> None:
                        "id": "executor-t-a1-oom"}).encode()
     rec = to_record("vigil.issues.agent.error", body, None, 1, NOW)
     assert rec.source == "agent" and rec.id == "agent.executor-t-a1-oom"
+
+
+def test_a_repeat_is_another_message_with_the_same_id() -> None:
+    body = json.dumps({"id": "h1", "summary": "disk full", "severity": "error"}).encode()
+    first = to_record("vigil.issues.human.error", body, None, 10, NOW)
+    again = to_record("vigil.issues.human.error", body, None, 11, NOW)  # published twice
+    redelivered = to_record("vigil.issues.human.error", body, None, 10, NOW)
+    assert first.id == again.id == "human.h1"
+    assert repeats(first, again)
+    assert not repeats(first, redelivered)  # the same message: its triage must finish

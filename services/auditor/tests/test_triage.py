@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from vigil.messages import Confession, ConfessionRecord
-from vigil_auditor.triage import ESCALATE_COUNT, Incident, apply, key_of, normalize
+from vigil_auditor.triage import (
+    ESCALATE_COUNT,
+    MAX_TASKS,
+    MIN_MASKED_ID,
+    Incident,
+    apply,
+    key_of,
+    normalize,
+)
 
 pytestmark = pytest.mark.unit
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -15,9 +24,9 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def rec(seq: int, summary: str, *, source: str = "agent", severity: str = "warning",
         task: str | None = None, tenant: str = "acme", category: str | None = "tooling",
-        data: dict | None = None) -> ConfessionRecord:
+        data: dict | None = None, node: str | None = None) -> ConfessionRecord:
     c = Confession(summary=summary, severity=severity, task_id=task, tenant=tenant,
-                   category=category, data=data or {})
+                   category=category, data=data or {}, node=node)
     return ConfessionRecord(id=f"{source}.c{seq}", source=source, severity=severity,
                             subject=f"vigil.issues.{source}.{severity}", stream_seq=seq,
                             received_at=T0, confession=c)
@@ -95,3 +104,58 @@ def test_replay_is_deterministic() -> None:
 def test_normalize_keeps_words() -> None:
     assert normalize("pip install failed: No module named yaml") == \
         "pip install failed: No module named yaml"
+
+
+def test_task_id_is_masked_only_as_a_whole_token() -> None:
+    # A one-letter task id would otherwise eat every "t" of the summary.
+    assert normalize("git not found", "t") == "git not found"
+    assert normalize("git not found", "not") == "git <task> found"
+    assert normalize("job-1 failed, job-10 did not", "job-1") == \
+        "<task> failed, job-<n> did not"
+    assert normalize("see my-job-1/log and xjob-1", "job-1") == "see my-job-<n>/log and xjob-<n>"
+    assert normalize("(job-1): failed.", "job-1") == "(<task>): failed."
+    assert normalize("a.b+c failed", "a.b+c") == "<task> failed"  # ids are not patterns
+
+
+def test_very_short_ids_are_left_alone() -> None:
+    assert MIN_MASKED_ID == 3
+    assert normalize("task ab failed in ab", "ab") == "task ab failed in ab"
+    assert normalize("task abc failed", "abc") == "task <task> failed"
+
+
+def test_node_named_by_the_confession_is_masked() -> None:
+    assert normalize("limits not enforceable on node vm-3fd", node="vm-3fd") == \
+        "limits not enforceable on node <node>"
+    records = [rec(i + 1, f"limits not enforceable on node {node}", source="executor",
+                   category="limits_unenforced", node=node)
+               for i, node in enumerate(["vm-3fd", "vm-7ab", "node-x9", "vm-3fd"])]
+    incidents, alerts = run(records)
+    (inc,) = incidents.values()  # one incident, not one per node
+    assert inc.count == 4 and inc.title == "limits not enforceable on node <node>"
+    assert len(alerts) == 1
+
+
+def test_each_tenants_tasks_are_kept_whole() -> None:
+    records = [rec(i + 1, "registry unreachable", task=f"{tenant}-{i}", tenant=tenant)
+               for i, tenant in enumerate(["acme", "globex"] * 6)]
+    records.append(rec(13, "registry unreachable", task="acme-0", tenant="acme"))  # again
+    records.append(rec(14, "registry unreachable", task=None, tenant="acme"))
+    incidents, _ = run(records)
+    (inc,) = incidents.values()
+    assert inc.tenants == ["acme", "globex"]
+    assert inc.tenant_tasks == {"acme": [f"acme-{i}" for i in range(0, 12, 2)],
+                                "globex": [f"globex-{i}" for i in range(1, 12, 2)]}
+    assert len(inc.first_samples) + len(inc.last_samples) == 5  # fewer than the tasks
+    big = [rec(i + 1, "x", task=f"t{i:04d}") for i in range(MAX_TASKS + 5)]
+    (inc,) = run(big)[0].values()
+    assert len(inc.tenant_tasks["acme"]) == MAX_TASKS and inc.tasks_total == MAX_TASKS + 5
+
+
+def test_incidents_without_tenant_tasks_still_decode() -> None:
+    old = msgspec.json.encode({"id": "inc_x", "fingerprint": "f", "source": "agent",
+                               "title": "t", "severity": "error", "first_seen": T0,
+                               "last_seen": T0, "window_start": T0})
+    inc = msgspec.json.decode(old, type=Incident)
+    assert inc.tenant_tasks == {}
+    new, _ = apply(inc, rec(1, "t", task="job-9"), T0)
+    assert new is not None and new.tenant_tasks == {"acme": ["job-9"]}

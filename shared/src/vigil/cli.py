@@ -167,13 +167,24 @@ async def cmd_incidents(args: argparse.Namespace) -> int:
         else:
             data = await client.incident_action(args.incident_id, args.action)
     if args.json or args.action != "show":
-        print(json.dumps(data, default=str) if args.json else
-              f"incident {data['id']} is now {data['status']}")
+        if args.json:
+            print(json.dumps(data, default=str))
+        elif data.get("note"):  # 202: recorded, not applied by the auditor yet
+            print(f"incident {data['id']}: {args.action} recorded; the auditor has not "
+                  f"applied it yet (status still {data['status']}): check with "
+                  f"`vigil incidents show {data['id']}`")
+        else:
+            print(f"incident {data['id']} is now {data['status']}")
         return EXIT_OK
     for key in ("id", "title", "source", "category", "severity", "status", "count",
-                "first_seen", "last_seen", "tenants", "reopened"):
-        print(f"{key:>11}  {data.get(key)}")
-    print(f"{'tasks':>11}  {', '.join(data.get('tasks', [])[:10])}")
+                "first_seen", "last_seen", "reopened", "acknowledged_by", "resolved_by"):
+        if data.get(key) is not None:
+            print(f"{key:>11}  {data[key]}")
+    print(f"{'tenants':>11}  {', '.join(data.get('tenants', [])) or '-'}")
+    tasks = list(data.get("tasks", []))
+    total = max(int(data.get("tasks_total") or 0), len(tasks))
+    more = f" … ({total} in all)" if total > 10 else ""
+    print(f"{'tasks':>11}  {', '.join(tasks[:10]) or '-'}{more}")
     for sample in data.get("first_samples", []) + data.get("last_samples", []):
         print(f"{'sample':>11}  {sample['time'][:19]}  {sample.get('task_id') or '-'}  "
               f"{sample['summary'][:80]}")

@@ -179,6 +179,14 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def refused_at_admission(self) -> bool:
+        """Never ran because admission refused it (a tenant limit, or an invalid spec
+        recorded under its id): a later submission of the id by its tenant is a retry
+        and takes the id over (the scheduler's rule; the gateway follows it)."""
+        return (self.status == "failed" and self.attempt == 0 and self.redriven == 0
+                and (self.rejected_by is not None or self.spec is None))
+
 
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """An executor's advertisement in ``vigil-executors`` (key = node id), refreshed on a
@@ -302,7 +310,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     ``vigil-incidents``, written by the auditor and served by the gateway.
 
     A token that is not an operator's sees only incidents that touched its tenant, with
-    ``tenants``, ``tasks`` and the samples narrowed to that tenant and no ``tasks_total``.
+    ``tenants``, the samples and ``tasks`` narrowed to that tenant (``tasks`` from
+    ``tenant_tasks``), and no ``tasks_total`` or ``tenant_tasks``.
     """
 
     id: str
@@ -322,6 +331,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     tasks_total: int = 0
     """All tasks ever hit (``tasks`` keeps the first 100); operators only."""
     tenants: list[str] = []
+    tenant_tasks: dict[str, list[str]] = {}
+    """Per tenant in ``tenants``, the tasks of that tenant it hit (the first 100 each)."""
     first_samples: list[IncidentSample] = []
     last_samples: list[IncidentSample] = []
     alerted: list[str] = []  # severities (and reopenings) already announced

@@ -85,7 +85,7 @@ class Notifier:
             return
         self._kv = await self._js.key_value(subjects.KV_DELIVERIES)
         await topology.ensure_consumer(self._js, subjects.STREAM_ALERTS,
-                                       topology.notifier_consumer(self._max_attempts))
+                                       topology.notifier_consumer())
         consumer = PullConsumer(self._nc, subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER,
                                 capacity=16, max_batch=16)
         await consumer.start()

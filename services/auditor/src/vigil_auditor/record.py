@@ -4,8 +4,10 @@ Anyone may publish a confession, so nothing is trusted: the subject must have ex
 source and a severity, the body must be a JSON confession with ``summary`` and
 ``severity``. Whatever arrives is recorded (an invalid one with its error and a prefix of
 the raw body) so that a complaint is never silently lost. The record's id is, in order:
-the confession's ``id``, the ``Nats-Msg-Id`` header, or ``seq-<stream sequence>`` — so a
-redelivery overwrites the same record and counts nothing twice.
+the confession's ``id``, the ``Nats-Msg-Id`` header, or ``seq-<stream sequence>``. The
+first message with an id is its record (and is triaged); a later message with the same id
+repeats it and is not triaged (:func:`repeats`), while the same message seen again (a
+redelivery, a replay) is still that confession.
 """
 
 from __future__ import annotations
@@ -71,3 +73,10 @@ def to_record(
         confession=confession,
         error="; ".join(problems) or None,
     )
+
+
+def repeats(existing: ConfessionRecord, record: ConfessionRecord) -> bool:
+    """Whether ``record`` repeats a confession already recorded as ``existing`` from another
+    stream message (the same id published again): it must not be counted again. The same
+    stream message seen again is no repeat: its triage may not have finished."""
+    return existing.stream_seq != record.stream_seq

@@ -3,14 +3,34 @@
 (:mod:`vigil_auditor.triage`), and raises alerts on ``vigil.alerts.<severity>``, which
 :mod:`vigil_auditor.notify` sends to webhooks.
 
-Confessions are handled one at a time, in stream order (the consumer allows one
-unacknowledged message across all auditors, so a message held by one that died comes back
-before anything newer): an incident remembers the newest stream sequence it applied, so a
-redelivery after a crash counts nothing twice, and a replay of the stream from the start
-rebuilds the same incidents. Alerts are published
-before the incident is written (their ids are deterministic, so a repeat is deduplicated)
-so a crash in between loses no alert. Each message ends in an explicit decision: done ->
-ack; NATS unavailable -> nak with a delay; anything else -> recorded, confessed, acked.
+**Once per confession id.** Confessions are handled one at a time, in stream order (the
+consumer allows one unacknowledged message across all auditors, so a message held by one
+that died comes back before anything newer). Each is first recorded under its id
+(:func:`vigil_auditor.record.record_id`; create: the first write wins). A message whose id
+was recorded from *another* stream message repeats that confession (published twice without
+a ``Nats-Msg-Id``, or after the stream's duplicate window): it is acked and not triaged.
+The *same* stream message again — a redelivery after a crash between recording and
+triage, or a replay of the stream — is triaged: an incident remembers the newest stream
+sequence it applied, so what was applied already counts nothing twice. So a replay of the
+stream from the start rebuilds the same incidents, whether the records are kept or not.
+
+**Each alert once.** An alert's id names its incident and the transition. Before an alert
+is published, ``vigil-deliveries`` is asked whether it was published already (key
+``published.<alert id>``), and afterwards that is recorded: a replay that rebuilds the
+incidents publishes no alert again, however long after the alerts stream's duplicate
+window. Alerts are published before the incident is written, so a crash in between loses
+none (the redelivery publishes it again with the same ``Nats-Msg-Id``, then records it).
+
+**Every message ends in a decision.** Done → ack. NATS not answering → the message is kept
+(in-progress acks) and retried until NATS answers, or nak'd at once if the auditor is
+stopping. Anything else (a bug, an unreadable incident) → nak with a short backoff; the
+``VIGIL_TRIAGE_ATTEMPTS``-th delivery gives up: the record notes the error, the auditor
+confesses it (category ``triage_failed``) and acks — never dropped silently, never a
+long stall of the confessions behind it.
+
+**Metrics.** ``vigil_confessions_total`` counts a confession once, when it is first
+recorded. The incident gauges are what ``vigil-incidents`` holds (every auditor watches it),
+so they agree across auditors and follow acks and resolves from the gateway.
 """
 
 from __future__ import annotations
@@ -18,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 from datetime import datetime
 
 import msgspec
@@ -25,24 +46,37 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from vigil import codec, ids, subjects, topology
 from vigil.conn import connect
 from vigil.consume import PullConsumer
 from vigil.errors import NatsUnavailable
-from vigil.jetstream import publish, retrying
-from vigil.messages import ConfessionRecord, Incident, utcnow
+from vigil.jetstream import publish, publish_confession, retrying
+from vigil.messages import Confession, ConfessionRecord, Incident, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_auditor import triage
 from vigil_auditor.metrics import Metrics
 from vigil_auditor.notify import Notifier
-from vigil_auditor.record import to_record
+from vigil_auditor.record import repeats, to_record
 from vigil_auditor.settings import AuditorSettings
 
 log = structlog.get_logger("vigil.auditor")
 _incident = msgspec.json.Decoder(Incident)
+_record = msgspec.json.Decoder(ConfessionRecord)
+PUBLISHED = "published"  # vigil-deliveries key prefix: alerts published on vigil.alerts
+TRIAGE_FAILED = "triage_failed"
+NATS_RETRY_S = 1.0
+
+
+def published_key(alert_id: str) -> str:
+    return f"{PUBLISHED}.{alert_id}"
+
+
+def retry_delay(delivered: int) -> float:
+    """Backoff before the next try of a confession whose triage failed: 0.5, 1, 2 … 4 s."""
+    return float(min(0.5 * 2 ** max(delivered - 1, 0), 4.0))
 
 
 class Auditor:
@@ -53,7 +87,9 @@ class Auditor:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._incidents: KeyValue | None = None
+        self._deliveries: KeyValue | None = None
         self._notifier: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._consumer: PullConsumer | None = None
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
@@ -78,10 +114,8 @@ class Auditor:
                                            topology.auditor_consumer())
             self._kv = await self._js.key_value(subjects.KV_CONFESSIONS)
             self._incidents = await self._js.key_value(subjects.KV_INCIDENTS)
-            try:
-                await self._count_open()
-            except Exception as exc:  # a gauge is not worth failing the start for
-                log.warning("open_incident_count_failed", error=str(exc))
+            self._deliveries = await self._js.key_value(subjects.KV_DELIVERIES)
+            self._watch = asyncio.create_task(self._watch_incidents())
             notifier = Notifier(self._nc, self._js, s.urls, s.webhook_secret,
                                 s.webhook_max_attempts, s.webhook_timeout_s, s.node)
             self._notifier = asyncio.create_task(notifier.run(self._stop))
@@ -98,6 +132,9 @@ class Auditor:
                 await asyncio.wait(self._inflight, timeout=10)
             if self._notifier is not None:
                 await asyncio.wait({self._notifier}, timeout=10)
+            if self._watch is not None:
+                self._watch.cancel()
+                await asyncio.gather(self._watch, return_exceptions=True)
             if self._nc is not None:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
@@ -107,56 +144,32 @@ class Auditor:
     async def shutdown(self) -> None:
         self._stop.set()
 
-    async def _count_open(self) -> None:
-        """Start the open-incidents gauge from what the bucket holds."""
+    async def _watch_incidents(self) -> None:
+        """Keep the incident gauges equal to what ``vigil-incidents`` holds."""
         kv = self._incidents
         assert kv is not None
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        open_now = 0
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError):
-                entry = await kv.get(key)
-                open_now += _incident.decode(entry.value or b"").status == "open"
-        self.metrics.open_incidents.set(open_now)
-
-    async def _triage(self, record: ConfessionRecord, at: datetime) -> None:
-        action = triage.operator_action(record)
-        key = action[1] if action else triage.key_of(record)
-        if key is None or not ids.is_valid_id(key):
-            return
-        kv = self._incidents
-        assert kv is not None and self._js is not None
-        for _ in range(10):
+        tally = self.metrics.incidents
+        while not self._stop.is_set():
+            watcher = None
             try:
-                entry = await retrying("read incident", lambda: kv.get(key))
-                current = _incident.decode(entry.value or b"")
-                revision: int | None = int(entry.revision or 0)
-            except KeyNotFoundError:
-                current, revision = None, None
-            updated, alerts = triage.apply(current, record, at)
-            if updated is None:
-                return
-            for alert in alerts:
-                await publish(self._js, subjects.alert(alert.severity), codec.encode(alert),
-                              alert.id)
-                self.metrics.alerts.labels(alert.severity, alert.reason).inc()
-            try:
-                await retrying("write incident",
-                               functools.partial(_write, kv, key, codec.encode(updated), revision))
-            except KeyWrongLastSequenceError:
-                continue  # another auditor, or our own lost reply: read again, re-apply
-            was_open = current is not None and current.status == "open"
-            if updated.status == "open" and not was_open:
-                self.metrics.opened.labels(updated.severity).inc()
-                self.metrics.open_incidents.inc()
-            elif was_open and updated.status != "open":
-                self.metrics.open_incidents.dec()
-            log.info("incident_updated", incident_id=key, count=updated.count,
-                     severity=updated.severity, status=updated.status)
-            return
+                watcher = await kv.watchall()
+                async for entry in watcher:
+                    if entry is None:  # the bucket's contents at the start are all read
+                        tally.synced = True
+                    elif entry.operation in ("DEL", "PURGE"):
+                        tally.delete(entry.key)
+                    else:
+                        tally.put(entry.key, entry.value or b"")
+            except Exception as exc:  # a gauge is not worth stopping for: watch again
+                log.warning("incident_watch_failed", error=repr(exc))
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        # nats-py leaves KeyWatcher.stop unannotated.
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+            tally.reset()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 2.0)
 
     async def _on_reconnect(self) -> None:
         if self._consumer is not None:
@@ -182,49 +195,178 @@ class Auditor:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("handler_crashed", error=repr(exc))
 
+    # one confession -------------------------------------------------------------------------
     async def _handle(self, msg: Msg) -> None:
-        assert self._kv is not None
-        seq = msg.metadata.sequence.stream
+        meta = msg.metadata
+        seq, attempt = meta.sequence.stream, meta.num_delivered
         msg_id = msg.headers.get(subjects.MSG_ID) if msg.headers else None
         record = to_record(msg.subject, msg.data, msg_id, seq, utcnow())
-        kv = self._kv
-        data = codec.encode(record)
-        async def create() -> None:
-            # First write wins: a redelivery (or a replay) finds its record already there,
-            # and nobody can overwrite evidence by publishing a confession with its id.
-            with contextlib.suppress(KeyWrongLastSequenceError):
-                await kv.create(record.id, data)
+        log_ = log.bind(confession_id=record.id, stream_seq=seq, attempt=attempt)
+        while True:
+            try:
+                await self._process(record, meta.timestamp)
+                break
+            except NatsUnavailable as exc:
+                # Nothing newer can be triaged before this one anyway: keep it (no delivery
+                # is spent, so the consumer's max deliveries never drops it) and try again.
+                if self._stop.is_set():
+                    log_.warning("confession_handed_back", error=str(exc))
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    return
+                log_.warning("confession_retry", error=str(exc))
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), NATS_RETRY_S)
+            except Exception as exc:
+                if attempt < self.settings.triage_attempts:
+                    log_.exception("triage_failed_retrying")
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=retry_delay(attempt))
+                    return
+                log_.exception("triage_given_up")
+                try:
+                    await self._give_up(record, exc, attempt)
+                except NatsUnavailable as nats_exc:
+                    log_.warning("confession_retry", error=str(nats_exc))
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=NATS_RETRY_S)
+                    return
+                except Exception:  # the log line above and this one are all there is
+                    log_.exception("triage_give_up_failed")
+                break
+        try:
+            await msg.ack()
+        except Exception as exc:  # it comes back; recording and triage are idempotent
+            log_.warning("ack_failed", error=repr(exc))
 
-        try:
-            await retrying(f"record confession {record.id}", create)
-        except NatsUnavailable as exc:
-            log.warning("confession_retry", error=str(exc))
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=2.0)
-            return
-        try:
-            await self._triage(record, msg.metadata.timestamp)
-        except NatsUnavailable as exc:
-            log.warning("triage_retry", error=str(exc))
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=2.0)
-            return
-        except Exception:
-            # The confession itself is recorded; its triage failed (a bug of ours). Retry
-            # slowly; the consumer's max deliveries bound it, and the log says why.
-            log.exception("triage_failed", confession_id=record.id)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=30.0)
-            return
-        await msg.ack()
-        if record.error and record.confession is None:
-            self.metrics.invalid.inc()
-        self.metrics.confessions.labels(record.source or "unknown",
-                                        record.severity or "unknown").inc()
+    async def _process(self, record: ConfessionRecord, at: datetime) -> None:
+        first = await self._record(record)
         c = record.confession
+        if first is None:
+            log.info("confession_repeated", confession_id=record.id,
+                     stream_seq=record.stream_seq)
+            return
+        if first:
+            if record.error and c is None:
+                self.metrics.invalid.inc()
+            self.metrics.confessions.labels(record.source or "unknown",
+                                            record.severity or "unknown").inc()
+        await self._triage(record, at)
         log.info("confession_recorded", confession_id=record.id, source=record.source,
                  severity=record.severity, summary=c.summary if c else None,
-                 task_id=c.task_id if c else None, error=record.error)
+                 task_id=c.task_id if c else None, error=record.error, first=first)
+
+    async def _record(self, record: ConfessionRecord) -> bool | None:
+        """Record a confession: True when this message recorded it, False when it was
+        recorded by this same stream message before (a redelivery, a replay), None when
+        another message recorded that id (a repeat, not to be triaged)."""
+        kv = self._kv
+        assert kv is not None
+        data = codec.encode(record)
+        try:
+            # First write wins: nobody can overwrite evidence by reusing a confession's id.
+            await retrying(f"record confession {record.id}", lambda: kv.create(record.id, data))
+            return True
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await retrying("read confession", lambda: kv.get(record.id))
+            existing = _record.decode(entry.value or b"")
+        except KeyNotFoundError:  # gone since (its TTL): ours is as good as first
+            return False
+        except msgspec.DecodeError:
+            log.warning("confession_record_unreadable", confession_id=record.id)
+            return False
+        return None if repeats(existing, record) else False
+
+    async def _triage(self, record: ConfessionRecord, at: datetime) -> None:
+        action = triage.operator_action(record)
+        key = action[1] if action else triage.key_of(record)
+        if key is None or not ids.is_valid_id(key):
+            return
+        kv = self._incidents
+        assert kv is not None
+        for _ in range(10):
+            try:
+                entry = await retrying("read incident", lambda: kv.get(key))
+                current = _incident.decode(entry.value or b"")
+                revision: int | None = int(entry.revision or 0)
+            except KeyNotFoundError:
+                current, revision = None, None
+            updated, alerts = triage.apply(current, record, at)
+            if updated is None:
+                return
+            for alert in alerts:
+                await self._announce(alert)
+            try:
+                await retrying("write incident",
+                               functools.partial(_write, kv, key, codec.encode(updated), revision))
+            except KeyWrongLastSequenceError:
+                continue  # another auditor, or our own lost reply: read again, re-apply
+            log.info("incident_updated", incident_id=key, count=updated.count,
+                     severity=updated.severity, status=updated.status)
+            return
+        raise RuntimeError(f"incident {key} kept changing under us (10 writes lost)")
+
+    async def _announce(self, alert: triage.Alert) -> None:
+        """Publish an alert unless it was published before (a replay), and note that it was."""
+        kv, js = self._deliveries, self._js
+        assert kv is not None and js is not None
+        key = published_key(alert.id)
+        try:
+            await retrying("read alert record", lambda: kv.get(key))
+            log.info("alert_already_published", alert_id=alert.id)
+            return
+        except KeyNotFoundError:
+            pass
+        await publish(js, subjects.alert(alert.severity), codec.encode(alert), alert.id)
+        note = codec.encode({"alert_id": alert.id, "status": PUBLISHED,
+                             "incident_id": alert.incident_id, "severity": alert.severity,
+                             "reason": alert.reason, "at": alert.time})
+        await retrying("record alert", lambda: kv.put(key, note))
+        self.metrics.alerts.labels(alert.severity, alert.reason).inc()
+        if alert.reason in ("opened", "reopened"):
+            self.metrics.opened.labels(alert.severity).inc()
+        log.info("alert_published", alert_id=alert.id, reason=alert.reason)
+
+    async def _give_up(self, record: ConfessionRecord, exc: Exception, attempts: int) -> None:
+        """Triage of ``record`` keeps failing: keep the evidence, say so, move on."""
+        kv, js = self._kv, self._js
+        assert kv is not None and js is not None
+        note = f"triage failed after {attempts} deliveries: {type(exc).__name__}: {exc}"[:1_000]
+        self.metrics.triage_failed.inc()
+        noted = msgspec.structs.replace(record, error="; ".join(
+            e for e in (record.error, note) if e))
+        slim = msgspec.structs.replace(noted, confession=None,
+                                       raw=(record.raw or repr(record.confession))[:2_000])
+        for candidate in (noted, slim):  # the full record may be what cannot be stored
+            data = codec.encode(candidate)
+            try:
+                await retrying(f"note triage failure {record.id}",
+                               functools.partial(kv.put, record.id, data))
+                break
+            except NatsUnavailable:
+                raise
+            except Exception as put_exc:
+                log.warning("triage_failure_not_noted", confession_id=record.id,
+                            error=repr(put_exc))
+        c = record.confession
+        if record.source == "auditor" and c is not None and c.category == TRIAGE_FAILED:
+            return  # confessing a failure to triage a confession of one would never end
+        digest = hashlib.sha256(record.id.encode()).hexdigest()[:24]
+        await publish_confession(js, Confession(
+            id=f"auditor-triage-failed-{digest}",
+            summary=f"a confession from {record.source or 'unknown'} could not be triaged",
+            severity="error", category=TRIAGE_FAILED,
+            detail=f"confession {record.id} (stream sequence {record.stream_seq}): {note}",
+            hint="it is kept in vigil-confessions under its id; fix the cause, then replay "
+            "the issues stream (or re-publish it) to triage it",
+            task_id=c.task_id if c else None, tenant=c.tenant if c else None,
+            source="auditor", node=self.settings.node, component="auditor", time=utcnow(),
+            data={"confession_id": record.id, "stream_seq": record.stream_seq},
+        ))
 
 
 async def _write(kv: KeyValue, key: str, data: bytes, revision: int | None) -> int:

@@ -24,6 +24,11 @@ class AuditorSettings(CommonSettings, frozen=True, kw_only=True):
     """Deliveries of one alert before it is recorded as failed (backoff 1, 2, 4 … 60 s)."""
     webhook_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 5.0
     """Per-request timeout of a webhook delivery."""
+    triage_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    """Deliveries of a confession whose triage keeps failing (a bug, an unreadable incident)
+    before it is given up: its record notes the error, the auditor confesses it, and it is
+    acked. Retried after 0.5, 1, 2 … s meanwhile; confessions are triaged in order, so every
+    other one waits: keep it small."""
 
     def __post_init__(self) -> None:
         if self.webhook_urls and not self.webhook_secret:

@@ -2,15 +2,20 @@
 
 **Fingerprint** — two confessions are "the same problem" when they come from the same
 source, in the same category, about the same image, and their summaries are equal once
-everything that varies between occurrences is masked: the task's own id, Vigil ids,
-UUIDs, long hex strings, paths and numbers. So "task t_abc failed after 3 tries at
-/tmp/x/1" and "task t_xyz failed after 5 tries at /tmp/y/2" are one incident.
+everything that varies between occurrences is masked: first the ids the confession names
+itself — its task id (``<task>``) and its node (``<node>``), each only as a whole token
+(not inside a longer word or id: letters, digits, ``_`` and ``-`` do not border it) and
+only when at least 3 characters long (a shorter id is too likely to be an ordinary word)
+— then Vigil ids, UUIDs, long hex strings, paths and numbers. So "task t_abc failed after 3
+tries at /tmp/x/1" and "task t_xyz failed after 5 tries at /tmp/y/2" are one incident, and
+so are "limits not enforceable on node vm-3fd" and the same from node vm-7ab.
 
 **Incidents** count occurrences, remember first/last seen, the tasks and tenants they
-hit and a few sample confessions. Severity is the highest seen, raised one level when
-``ESCALATE_COUNT`` occurrences land within ``ESCALATE_WINDOW_S``; any ``critical``
-confession makes the incident critical. Each new severity level (and each reopening) is
-an alert, emitted once.
+hit (the tasks also per tenant, for a tenant's own view) and a few sample confessions.
+Severity is the highest seen, raised one level when ``ESCALATE_COUNT`` occurrences land
+within ``ESCALATE_WINDOW_S``; any ``critical`` confession makes the incident critical.
+Each new severity level (and each reopening) is an alert, with an id derived from the
+incident and that transition, so the same transition always yields the same alert.
 
 **Lifecycle** — ``open`` → ``acknowledged`` → ``resolved``; a recurrence reopens a
 resolved incident. Operators act by publishing confessions too (source ``operator``,
@@ -29,7 +34,14 @@ from typing import cast
 
 import msgspec
 
-from vigil.messages import SEVERITIES, ConfessionRecord, Incident, IncidentSample, Severity
+from vigil.messages import (
+    SEVERITIES,
+    Confession,
+    ConfessionRecord,
+    Incident,
+    IncidentSample,
+    Severity,
+)
 
 ESCALATE_COUNT = 10
 ESCALATE_WINDOW_S = 600.0
@@ -39,6 +51,7 @@ FIRST_SAMPLES = 3
 LAST_SAMPLES = 2
 OPERATOR = "operator"
 ACK, RESOLVE = "incident_ack", "incident_resolve"
+MIN_MASKED_ID = 3  # a task or node id this short is left alone: it may well be a word
 
 _MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I),
@@ -67,10 +80,16 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     time: datetime
 
 
-def normalize(summary: str, task_id: str | None = None) -> str:
-    text = summary
-    if task_id:
-        text = text.replace(task_id, "<task>")
+def _mask_id(text: str, ident: str | None, mask: str) -> str:
+    if not ident or len(ident) < MIN_MASKED_ID:
+        return text
+    return re.sub(rf"(?<![\w-]){re.escape(ident)}(?![\w-])", mask, text)
+
+
+def normalize(summary: str, task_id: str | None = None, node: str | None = None) -> str:
+    """The summary with what varies between occurrences masked (see the module doc)."""
+    text = _mask_id(summary, task_id, "<task>")
+    text = _mask_id(text, node, "<node>")
     for pattern, mask in _MASKS:
         text = pattern.sub(mask, text)
     return _SPACE.sub(" ", text).strip()
@@ -104,14 +123,19 @@ def operator_action(record: ConfessionRecord) -> tuple[str, str, str] | None:
     return c.category, target, str(who) if who else "operator"
 
 
+def _identify(record: ConfessionRecord, c: Confession) -> tuple[str, str | None, str]:
+    """(fingerprint, image, title) of a confession."""
+    image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
+    title = normalize(c.summary, c.task_id, c.node)
+    return fingerprint(record.source, c.category, image, title), image, title
+
+
 def key_of(record: ConfessionRecord) -> str | None:
     """The incident a confession belongs to; None for records that are not triaged."""
     c = record.confession
     if c is None or operator_action(record) is not None:
         return None
-    image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
-    title = normalize(c.summary, c.task_id)
-    return incident_id(fingerprint(record.source, c.category, image, title))
+    return incident_id(_identify(record, c)[0])
 
 
 def apply(current: Incident | None, record: ConfessionRecord, at: datetime
@@ -129,9 +153,7 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     c = record.confession
     if c is None:
         return None, []
-    image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
-    title = normalize(c.summary, c.task_id)
-    fp = fingerprint(record.source, c.category, image, title)
+    fp, image, title = _identify(record, c)
     sample = IncidentSample(confession_id=record.id, summary=c.summary[:500], task_id=c.task_id,
                     tenant=c.tenant, time=at)
     if current is None:
@@ -162,6 +184,11 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     tenants = list(current.tenants)
     if c.tenant and c.tenant not in tenants and len(tenants) < MAX_TENANTS:
         tenants.append(c.tenant)
+    tenant_tasks = current.tenant_tasks
+    if c.task_id and c.tenant and c.tenant in tenants:
+        own = tenant_tasks.get(c.tenant, [])
+        if c.task_id not in own and len(own) < MAX_TASKS:
+            tenant_tasks = {**tenant_tasks, c.tenant: [*own, c.task_id]}
     first = list(current.first_samples)
     last = list(current.last_samples)
     if len(first) < FIRST_SAMPLES:
@@ -176,7 +203,8 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     updated = msgspec.structs.replace(
         current, severity=severity, status=status, count=current.count + 1, last_seen=at,
         window_start=window_start, window_count=window_count, tasks=tasks,
-        tasks_total=tasks_total, tenants=tenants, first_samples=first, last_samples=last,
+        tasks_total=tasks_total, tenants=tenants, tenant_tasks=tenant_tasks,
+        first_samples=first, last_samples=last,
         alerted=alerted, reopened=reopened, last_seq=record.stream_seq,
         resolved_by=None if status == "open" else current.resolved_by,
         acknowledged_by=None if reason == "reopened" else current.acknowledged_by,

@@ -3,7 +3,9 @@ resolve are published as operator confessions (the auditor applies them in order
 issues stream stays the single source of truth and a replay rebuilds the same state).
 
 Tenant isolation: an incident can span tenants. A non-operator sees only incidents that
-touched its tenant, with samples and tenants narrowed to its own.
+touched its tenant, with samples, tenants and tasks narrowed to its own: its tasks are the
+incident's ``tenant_tasks`` entry for that tenant (every task of the tenant it hit, up to
+the auditor's bound), never other tenants' tasks or the overall ``tasks_total``.
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
     narrowed["tenants"] = [who.tenant]
     for key in ("first_samples", "last_samples"):
         narrowed[key] = [s for s in incident.get(key, []) if s.get("tenant") == who.tenant]
-    narrowed["tasks"] = sorted({s["task_id"] for k in ("first_samples", "last_samples")
-                                for s in narrowed[k] if s.get("task_id")})
+    per_tenant = incident.get("tenant_tasks")
+    tasks = list(per_tenant.get(who.tenant, [])) if isinstance(per_tenant, dict) else []
+    # An incident written before tasks were kept per tenant knows some only from samples.
+    sampled = {s["task_id"] for k in ("first_samples", "last_samples") for s in narrowed[k]
+               if s.get("task_id")}
+    narrowed["tasks"] = tasks + sorted(sampled - set(tasks))
     narrowed.pop("tasks_total", None)
+    narrowed.pop("tenant_tasks", None)
     return narrowed
 
 
