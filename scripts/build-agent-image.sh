@@ -19,12 +19,27 @@ if as_podman_user podman image exists "$HASHED"; then
   exit 0
 fi
 
+# The rootfs comes from Debian's archive (deb.debian.org, bookworm), which apt on a Debian
+# host trusts already. Elsewhere (Ubuntu) apt trusts only its own archive: name Debian's
+# keyring, from the debian-archive-keyring package (setup-host.sh installs it).
+debian_keyring() {
+  [ "$(. /etc/os-release 2>/dev/null && echo "${ID:-}")" != debian ] || return 0
+  local k
+  for k in /usr/share/keyrings/debian-archive-keyring.gpg \
+           /usr/share/keyrings/debian-archive-keyring.pgp; do
+    if [ -s "$k" ]; then echo "--keyring=$k"; return 0; fi
+  done
+  die "Debian's archive keyring is missing: apt-get install debian-archive-keyring"
+}
+
 if ! as_podman_user podman image exists "$BASE_IMAGE"; then
   tar="$VIGIL_CACHE/rootfs-bookworm-python3-v$ROOTFS_VERSION.tar"
   if [ ! -s "$tar" ]; then
     say "building a Debian rootfs with Python 3 (mmdebstrap, about 20 s)"
     "${SUDO[@]}" mkdir -p "$VIGIL_CACHE"
+    keyring="$(debian_keyring)"
     "${SUDO[@]}" mmdebstrap --quiet --format=tar --variant=essential --include=python3 \
+      ${keyring:+"$keyring"} \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
       bookworm "$tar.tmp"
     "${SUDO[@]}" mv "$tar.tmp" "$tar"

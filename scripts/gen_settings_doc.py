@@ -18,6 +18,47 @@ SERVICES = [("vigil-scheduler", SchedulerSettings), ("vigil-executor", ExecutorS
             ("vigil-auditor", AuditorSettings), ("vigil-gateway", GatewaySettings)]
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
+# Variables read by the setup scripts, the `vigil` command line and the compose files:
+# (variable, default, read by, meaning). tests/test_architecture.py checks that every
+# VIGIL_* those read is listed here.
+TOOLS: list[tuple[str, str, str, str]] = [
+    ("VIGIL_CACHE", "/var/cache/vigil", "scripts/lib.sh (setup, image builds)",
+     "Where setup keeps what is slow to make: the agent image's Debian rootfs tarball "
+     "and, when `uv` is not on PATH, a private uv install."),
+    ("VIGIL_PODMAN_USER", "vigil", "scripts/lib.sh (setup, image builds)",
+     "The unprivileged user that runs rootless Podman when setup runs as root (created "
+     "with subordinate uid/gid ranges if missing). Run as another user, setup uses that "
+     "user itself. `vigil up --podman-user` is the same choice for the stack."),
+    ("VIGIL_AGENT_IMAGE", "localhost/vigil-agent:latest", "scripts/build-agent-image.sh",
+     "Tag of the default agent image it builds. If you change it, point the scheduler's "
+     "`VIGIL_DEFAULT_IMAGE` at it too."),
+    ("VIGIL_WITH_TEST_PACKAGES", "0", "scripts/setup-host.sh",
+     "`1` also installs the system packages only the test suite needs (`./dev test` "
+     "sets it)."),
+    ("VIGIL_GATEWAY_URL", "from client.json", "`vigil` task and executors commands",
+     "Gateway base URL, when `--gateway` is not given (then the config file, then the "
+     "`client.json` of `vigil up`). `vigil config show` tells which one is in effect."),
+    ("VIGIL_TOKEN", "from client.json", "`vigil` task and executors commands",
+     "Bearer token, when `--token` is not given; never sent to a gateway other than the "
+     "one its source names."),
+    ("VIGIL_CLIENT_CONFIG", "~/.config/vigil/config.toml",
+     "`vigil` task and executors commands",
+     "TOML file with `gateway_url` and `token` (`$XDG_CONFIG_HOME/vigil/config.toml` by "
+     "default); keep it mode 600."),
+    ("VIGIL_DATA_DIR", ".vigil", "`vigil` client commands (`vigil up` takes `--data-dir`)",
+     "The directory of a `vigil up` stack (its `--data-dir`), whose `client.json` gives "
+     "the gateway URL, token and operator NATS URL when nothing else does."),
+    ("VIGIL_NATS_URL", "from client.json", "`vigil replay`",
+     "NATS URL with the operator user's credentials, when `--nats-url` is not given "
+     "(also every service's setting, above)."),
+    ("VIGIL_<USER>_PASSWORD", "none", "nats-server, from `vigil nats-config`; compose",
+     "Passwords of the NATS users (`ADMIN`, `SCHEDULER`, `EXECUTOR`, `AUDITOR`, "
+     "`GATEWAY`, `SUBMIT`, `OPERATOR`), read from nats-server's environment; "
+     "deploy/compose/env.example lists them."),
+    ("VIGIL_PODMAN_SOCKET", "none", "deploy/compose",
+     "The host's rootless `podman.sock`, mounted into the executor container."),
+]
+
 
 def render() -> str:
     out = ["# Settings", "",
@@ -36,6 +77,24 @@ def render() -> str:
             shown = typ.replace("|", " \\| ")
             out.append(f"| `{var}` | {shown} | `{default}` | {doc} |")
         out.append("")
+    out += ["## Scripts, the `vigil` command line and compose", "",
+            "Not service settings: these are read by the setup scripts (`./dev`), by the "
+            "`vigil`",
+            "command line and by deploy/compose. `vigil up` hands the `VIGIL_*` service "
+            "settings",
+            "in its own environment (e.g. `VIGIL_ACK_WAIT_S`) to every service it starts, "
+            "except",
+            "those it sets itself (NATS URL, HTTP host and port, log format and level, auth, "
+            "and",
+            "the executor's node id, slots, runtime and Podman socket). Inside an agent's "
+            "container,",
+            "`VIGIL_TASK_ID`, `VIGIL_TENANT`, `VIGIL_ATTEMPT`, `VIGIL_RESUMED`, "
+            "`VIGIL_WORKSPACE` and",
+            "`VIGIL_CONTROL_DIR` are set by the executor (the agent contract, see the README).",
+            "",
+            "| variable | default | read by | meaning |", "|---|---|---|---|"]
+    out += [f"| `{var}` | `{default}` | {who} | {doc} |" for var, default, who, doc in TOOLS]
+    out.append("")
     return "\n".join(out)
 
 

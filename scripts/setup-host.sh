@@ -5,8 +5,10 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap ca-certificates
-          python3 python3-venv procps jq)
+# debian-archive-keyring: the agent image's rootfs comes from Debian's archive; Debian
+# has the keyring already, Ubuntu needs it (from universe) to verify that archive.
+PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap debian-archive-keyring
+          ca-certificates python3 python3-venv procps jq)
 if [ "${VIGIL_WITH_TEST_PACKAGES:-0}" = 1 ]; then
   PACKAGES+=(procps)  # test-only packages go here
 fi

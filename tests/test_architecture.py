@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,15 +59,58 @@ def test_services_spell_no_subjects() -> None:
     assert not offenders, offenders
 
 
-def test_settings_doc_is_current() -> None:
+def settings_doc_generator() -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts" / "gen_settings_doc.py")
     assert spec is not None and spec.loader is not None
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
+    return gen
+
+
+def test_settings_doc_is_current() -> None:
+    gen = settings_doc_generator()
     assert (ROOT / "docs" / "settings.md").read_text() == gen.render(), (
         "docs/settings.md is stale: run .venv/bin/python scripts/gen_settings_doc.py")
+
+
+def test_every_setting_says_what_it_means() -> None:
+    from vigil.settings import describe
+
+    gen = settings_doc_generator()
+    undocumented = [f"{service}: {var}" for service, cls in gen.SERVICES
+                    for var, _, _, doc in describe(cls) if not doc.strip()]
+    assert not undocumented, (f"settings without a docstring (their meaning in "
+                              f"docs/settings.md): {undocumented}")
+
+
+def test_every_variable_of_the_scripts_and_cli_is_documented() -> None:
+    """A VIGIL_* that a setup script or the `vigil` CLI reads is in docs/settings.md."""
+    from vigil import topology
+    from vigil.settings import describe
+
+    gen = settings_doc_generator()
+    known = {var for var, *_ in gen.TOOLS}
+    known |= {var for _, cls in gen.SERVICES for var, *_ in describe(cls)}
+    read: dict[str, str] = {}
+    for path in [*(ROOT / "scripts").glob("*.sh"), ROOT / "dev"]:
+        text = path.read_text(encoding="utf-8")
+        assigned = set(re.findall(r"^\s*(VIGIL_[A-Z_]+)=\"\$\(", text, re.MULTILINE))
+        for var in re.findall(r"\$\{?(VIGIL_[A-Z_]+)", text):
+            if var not in assigned and var != "VIGIL_ROOT":  # lib.sh's own, not a setting
+                read.setdefault(var, str(path.relative_to(ROOT)))
+    for path in (ROOT / "shared" / "src" / "vigil").glob("*.py"):
+        if path.name.startswith("cli") or path.name in ("replay.py", "embedded.py"):
+            for var in re.findall(r"[\"'](VIGIL_[A-Z_]+)[\"']",
+                                  path.read_text(encoding="utf-8")):
+                read.setdefault(var, str(path.relative_to(ROOT)))
+    stream_names = {s.name for s in topology.STREAMS}  # replay's names, not variables
+    missing = {var: where for var, where in read.items()
+               if var not in known and var not in stream_names}
+    assert not missing, f"add these to TOOLS in scripts/gen_settings_doc.py: {missing}"
+    assert {"VIGIL_CACHE", "VIGIL_PODMAN_USER", "VIGIL_AGENT_IMAGE", "VIGIL_DATA_DIR"} <= \
+        set(read), "the scan finds nothing: has the layout changed?"
 
 
 def test_compose_nats_config_is_current() -> None:

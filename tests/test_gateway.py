@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from support import Platform
+from support import Platform, eventually
 from vigil import auth, subjects
 from vigil.client import Client
 
@@ -100,6 +101,44 @@ async def test_invalid_bodies_name_the_field_and_change_nothing(
     assert err["message"]
     # Nothing was submitted: the stream every submission goes through did not grow.
     assert (await platform.js.stream_info(subjects.STREAM_SUBMIT)).state.messages == before
+    # ... and the services keep serving: a good task runs.
+    async with Client(url, keys["submitter"]) as client:
+        accepted = await client.submit({"command": ["true"]})
+        assert (await client.wait(accepted["id"])).status == "succeeded"
+
+
+async def test_refused_task_id_may_be_submitted_again(api, platform: Platform) -> None:
+    """The scheduler's rule over HTTP too: an id refused at admission is free for a fixed
+    submission; a task that ran keeps its id; a rejected body spends no Idempotency-Key."""
+    url, keys, http = api
+    headers = bearer(keys["submitter"])
+    # Refused by the scheduler (a raw NATS client's invalid spec) ...
+    await platform.publish_spec({"id": "fix-me", "image": "x"})
+    assert (await platform.final_state("fix-me")).status == "failed"
+    # ... then submitted again, fixed, over HTTP: it runs under that id.
+    body = {"id": "fix-me", "command": ["sh", "-c", "echo fixed"]}
+    async with http.post(f"{url}/v1/tasks", json=body, headers=headers) as r:
+        assert r.status == 202, await r.text()
+        assert (await r.json())["id"] == "fix-me"
+    async with Client(url, keys["submitter"]) as client:
+        async def ran() -> Any:
+            state = await client.get("fix-me")
+            return state if state.status == "succeeded" else None
+
+        state = await eventually(ran, timeout=30, what="the fixed task to succeed")
+    assert state.attempt == 1
+    async with http.post(f"{url}/v1/tasks", json=body, headers=headers) as r:
+        assert r.status == 409  # it ran: the id is taken now
+    # An invalid body with an Idempotency-Key is refused before anything is recorded, so
+    # the fixed body under the same key is a new task, and the same again is that task.
+    keyed = {**headers, "Idempotency-Key": "fix-42"}
+    async with http.post(f"{url}/v1/tasks", json={"image": "x"}, headers=keyed) as r:
+        assert r.status == 422
+    async with http.post(f"{url}/v1/tasks", json={"command": ["true"]}, headers=keyed) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["id"]
+    async with http.post(f"{url}/v1/tasks", json={"command": ["true"]}, headers=keyed) as r:
+        assert r.status == 200 and (await r.json())["id"] == task_id
 
 
 async def test_unknown_field_message_names_it(api) -> None:
@@ -188,3 +227,20 @@ async def test_metrics_exposed(api) -> None:
     async with http.get(f"{url}/metrics") as r:
         text = await r.text()
     assert "vigil_http_requests_total" in text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("error", "field"),
+    [
+        ("invalid task spec: Expected `str`, got `int` (at $.command[1])", "$.command[1]"),
+        ("invalid task spec: Object missing required field `command` (at $.command)",
+         "$.command"),
+        ("task spec is not valid JSON: truncated input", "$"),
+        ("scheduler failed on this submission: KeyError('x')", None),
+    ],
+)
+def test_a_scheduler_rejection_names_its_field(error: str, field: str | None) -> None:
+    from vigil_gateway.service import rejected_field
+
+    assert rejected_field(error) == field

@@ -14,6 +14,7 @@ import pytest
 
 from support import Platform, advertise, eventually, stored_events
 from vigil import subjects
+from vigil.messages import TaskState
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,7 @@ async def test_raw_nats_client_submits_and_reads_state_from_kv(
     assert ("stdout", "out") in lines and ("stderr", "err") in lines
 
 
+@pytest.mark.fault
 async def test_same_msg_id_twice_runs_once(platform: Platform, tmp_path) -> None:
     await platform.scheduler()
     await platform.executor()
@@ -126,6 +128,39 @@ async def test_bad_submission_is_recorded_and_terminated(
     assert (await platform.final_state(f"{task_id}-good")).status == "succeeded"
 
 
+async def test_fixed_resubmission_takes_over_an_invalid_one(platform: Platform) -> None:
+    """The confession says "fix the task spec and submit again": doing so, with the same
+    id, must run the fixed task, not be dropped as a duplicate of the refusal."""
+    await platform.scheduler()
+    await platform.executor()
+    await platform.publish_spec({"id": "job-1", "image": "x"})
+    first = await platform.final_state("job-1")
+    assert first.status == "failed" and "`command`" in (first.error or "")
+    # Still wrong, differently: the state tells the newest reason.
+    await platform.publish_spec({"id": "job-1", "command": []})
+
+    async def state_of(seq_after: int, status: str) -> TaskState | None:
+        s = await platform.state("job-1")
+        return s if s and s.submit_seq > seq_after and s.status == status else None
+
+    second = await eventually(lambda: state_of(first.submit_seq, "failed"),
+                              what="the second refusal")
+    assert "length >= 1" in (second.error or "")
+    await platform.publish_spec({"id": "job-1", "command": ["sh", "-c", "echo fixed"]})
+    ran = await eventually(lambda: state_of(second.submit_seq, "succeeded"), timeout=30,
+                           what="the fixed task to succeed")
+    assert ran.attempt == 1 and ran.error is None
+    lines = [line for e in platform.events.of("job-1", "log") for line in e["lines"]]
+    assert lines == ["fixed"]
+    # A task that ran keeps its id: the same again is a duplicate and runs nothing.
+    await platform.publish_spec({"id": "job-1", "command": ["sh", "-c", "echo again"]})
+    await eventually(lambda: _consumer_idle(platform), what="scheduler to drain")
+    assert len(platform.events.of("job-1", "started")) == 1
+    after = await platform.state("job-1")
+    assert after is not None and after.submit_seq == ran.submit_seq
+    assert after.status == "succeeded"
+
+
 async def test_invalid_tenant_subject_confesses(platform: Platform) -> None:
     await platform.scheduler()
     await platform.auditor()
@@ -153,7 +188,9 @@ async def test_id_rule_falls_back_to_stream_sequence(platform: Platform) -> None
 async def test_failure_exit_code_and_error(platform: Platform) -> None:
     await platform.scheduler()
     await platform.executor()
-    await platform.publish_spec({"id": "fails", "command": ["sh", "-c", "echo boom; exit 7"]})
+    # One attempt: its failure is the task's (a budget of several, spent, is `dead`).
+    await platform.publish_spec({"id": "fails", "command": ["sh", "-c", "echo boom; exit 7"],
+                                 "max_attempts": 1})
     state = await platform.final_state("fails")
     assert state.status == "failed"
     assert state.exit_code == 7
@@ -219,6 +256,7 @@ async def test_agent_control_lines_become_events_and_confessions(platform: Platf
     assert not any("git missing" in line for line in lines)
 
 
+@pytest.mark.fault
 async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
     """A work message that keeps coming back (here: a consumer that naks it every time)
     reaches the server's max deliveries; the advisory, captured durably, buries the task."""
@@ -253,3 +291,9 @@ async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
     assert info.state.messages == 0
     finished = platform.events.of("bounced", "finished")
     assert [f["status"] for f in finished] == ["dead"]
+    # The evidence: no attempt ever ran (nothing to add to history or tail), and the
+    # scheduler confessed the burial, naming itself.
+    assert (state.history, state.tail) == ([], [])
+    (buried,) = [c for c in await platform.confessions("max_deliveries")
+                 if c.get("task_id") == "bounced"]
+    assert buried["component"] == "scheduler" and buried["node"]

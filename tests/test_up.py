@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.podman, pytest.mark.slow]
 VIGIL = str(Path(sys.executable).parent / "vigil")
 
 
-def free_ports(count: int) -> int:
-    """A base port with ``count`` consecutive free ports."""
+def free_ports(count: int, avoid: set[int] | frozenset[int] = frozenset()) -> int:
+    """A base port with ``count`` consecutive free ports (none of them in ``avoid``)."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + count > 65_000:
+        if base + count > 65_000 or avoid & set(range(base, base + count)):
             continue
         try:
             socks = []
@@ -189,6 +190,103 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
     eventually_sync(lambda: not any(alive(k) for k in kids), timeout=10,
                     what="vigil up's children to exit (children survived vigil up)")
     assert leftover_containers(data) == [], "containers survived vigil up"
+
+
+@dataclass
+class UpProcess:
+    """One `vigil up` (no demo) in a session of its own, as a terminal's foreground job."""
+
+    name: str
+    data: Path
+    http_port: int
+    nats_port: int
+    proc: subprocess.Popen[str]
+    seen: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, tmp_path: Path, name: str, taken: set[int]) -> UpProcess:
+        http = free_ports(4, avoid=taken)
+        taken |= set(range(http, http + 4))
+        nats_port = free_ports(1, avoid=taken)
+        taken.add(nats_port)
+        data = tmp_path / name
+        proc = subprocess.Popen(
+            [VIGIL, "up", "--data-dir", str(data), "--http-port", str(http),
+             "--nats-port", str(nats_port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group, like a job in a terminal
+        )
+        return cls(name, data, http, nats_port, proc)
+
+    def ready(self) -> None:
+        wait_for_line(self.proc, "Submit more tasks", self.seen, timeout=120)
+
+    def stop(self, sig: int) -> str:
+        if sig == signal.SIGINT:
+            # Ctrl-C: the terminal signals the whole foreground process group.
+            os.killpg(self.proc.pid, signal.SIGINT)
+        else:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        return "\n".join(self.seen) + "\n" + out
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        todo += kids - found
+        found |= kids
+    return found
+
+
+def test_two_stacks_side_by_side_stop_by_ctrl_c_and_sigterm(
+    tmp_path: Path, agent_image: str
+) -> None:
+    taken: set[int] = set()
+    stacks = [UpProcess.start(tmp_path, "a", taken), UpProcess.start(tmp_path, "b", taken)]
+    kids: dict[str, set[int]] = {}
+    outputs: dict[str, str] = {}
+    try:
+        for stack in stacks:
+            stack.ready()
+            assert f"127.0.0.1:{stack.http_port}" in "\n".join(stack.seen)
+        for stack in stacks:
+            done = run_cli("submit", "--wait", "--", "sh", "-c", f"echo from-{stack.name}",
+                           data_dir=stack.data)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert f"from-{stack.name}" in done.stdout and "succeeded" in done.stdout
+        # Separate stacks: a task of one is unknown to the other.
+        ran = run_cli("submit", "--json", "--", "true", data_dir=stacks[0].data)
+        a_task = json.loads(ran.stdout)["id"]
+        elsewhere = run_cli("status", a_task, data_dir=stacks[1].data)
+        assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr  # 1: no such task
+        assert run_cli("status", a_task, data_dir=stacks[0].data).returncode == 0
+        # Each has a task running when it stops: its container must not outlive the stack.
+        for stack in stacks:
+            long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=stack.data)
+            long_id = json.loads(long.stdout)["id"]
+            eventually_sync(lambda s=stack, t=long_id: json.loads(run_cli(
+                "status", t, "--json", data_dir=s.data).stdout)["status"] == "running",
+                timeout=20, what=f"stack {stack.name}'s long task to run")
+            assert leftover_containers(stack.data)
+            kids[stack.name] = descendants(stack.proc.pid)
+            assert len(kids[stack.name]) >= 6  # podman, nats-server, four services
+    finally:
+        for stack, sig in zip(stacks, (signal.SIGINT, signal.SIGTERM), strict=True):
+            if stack.proc.poll() is None:
+                outputs[stack.name] = stack.stop(sig)
+    for stack in stacks:
+        out = outputs[stack.name]
+        assert stack.proc.returncode == 0, out
+        assert "nothing left running" in out, out
+        eventually_sync(lambda s=stack: not any(alive(k) for k in kids[s.name]), timeout=10,
+                        what=f"stack {stack.name}'s processes to exit")
+        assert leftover_containers(stack.data) == [], f"containers survived stack {stack.name}"
 
 
 def leftover_containers(data: Path) -> list[str]:

@@ -462,12 +462,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                  "labels and limits, from flags or a YAML/JSON task file (flags win).",
                  """examples:
   vigil submit -- python3 -c 'print("hello")'
-  vigil submit --wait --env STEPS=3 --label team=ml -- python3 /opt/vigil/demo_agent.py
+  vigil submit --wait --env DEMO_STEPS=3 --label team=ml -- python3 /opt/vigil/demo_agent.py
   vigil submit -f task.yaml --label run=42
 
 a task file (YAML or JSON; `-f -` reads stdin):
   command: [python3, /opt/vigil/demo_agent.py]
-  env: {STEPS: "3"}
+  env: {DEMO_STEPS: "3"}
   labels: {team: ml}
   timeout_s: 600
   max_attempts: 3

@@ -42,6 +42,7 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     http_port: Port = 0
     """Port of that HTTP server; 0 picks a free one (logged at start)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe log lines written (library logs included); ``debug`` is verbose."""
     log_format: Literal["auto", "json", "console"] = "auto"
     """``auto`` is JSON unless stderr is a terminal."""
     replicas: Annotated[int, Meta(ge=1, le=5)] = 1

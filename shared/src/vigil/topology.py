@@ -8,6 +8,8 @@ raises :class:`~vigil.errors.TopologyError` naming the stream and what to do.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -23,7 +25,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServerError
 
 from vigil import subjects
 from vigil.errors import TopologyError
@@ -70,6 +72,7 @@ class Bucket:
     history: int = 1
     ttl_s: float = 0.0
     max_value_size: int = 1024 * 1024
+    max_bytes: int = -1
     description: str = ""
 
     def config(self, replicas: int) -> KeyValueConfig:
@@ -79,15 +82,34 @@ class Bucket:
             history=self.history,
             ttl=self.ttl_s or None,
             max_value_size=self.max_value_size,
+            max_bytes=self.max_bytes,
             storage=StorageType.FILE,
             replicas=replicas,
         )
+
+    @property
+    def stream(self) -> str:
+        return f"KV_{self.name}"
+
+    def limits(self, replicas: int) -> dict[str, object]:
+        """What the bucket's stream must say, as nats-py's ``create_key_value`` maps it
+        (the duplicate window is two minutes, or the TTL when that is shorter)."""
+        return {
+            "description": self.description,
+            "max_age": self.ttl_s,
+            "max_msgs_per_subject": self.history,
+            "max_msg_size": self.max_value_size,
+            "max_bytes": self.max_bytes,
+            "duplicate_window": min(self.ttl_s, 120.0) if self.ttl_s else 120.0,
+            "num_replicas": replicas,
+        }
 
 
 @dataclass(frozen=True)
 class ObjectStore:
     name: str
     ttl_s: float = 0.0
+    max_bytes: int = -1
     description: str = ""
 
     def config(self, replicas: int) -> ObjectStoreConfig:
@@ -95,9 +117,23 @@ class ObjectStore:
             bucket=self.name,
             description=self.description,
             ttl=self.ttl_s or None,
+            max_bytes=self.max_bytes,
             storage=StorageType.FILE,
             replicas=replicas,
         )
+
+    @property
+    def stream(self) -> str:
+        return f"OBJ_{self.name}"
+
+    def limits(self, replicas: int) -> dict[str, object]:
+        """What the store's stream must say, as nats-py's ``create_object_store`` maps it."""
+        return {
+            "description": self.description,
+            "max_age": self.ttl_s,
+            "max_bytes": self.max_bytes,
+            "num_replicas": replicas,
+        }
 
 
 # Submissions are kept (limits retention) so they can be replayed; the duplicate window
@@ -328,7 +364,7 @@ def dead_letter_consumer() -> ConsumerConfig:
     )
 
 
-def notifier_consumer(max_attempts: int) -> ConsumerConfig:
+def notifier_consumer() -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.CONSUMER_NOTIFIER,
         description="Auditor: sends alerts to webhooks, with retries",
@@ -336,7 +372,10 @@ def notifier_consumer(max_attempts: int) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=60.0,
-        max_deliver=max_attempts + 1,  # the last delivery records the failure
+        # Unlimited: the notifier itself gives up after ``max_attempts`` deliveries by
+        # recording the failure (and confessing it); a delivery that failed on a NATS
+        # error is retried until NATS answers, so no server limit can drop an alert.
+        max_deliver=-1,
         max_waiting=64,
     )
 
@@ -370,7 +409,7 @@ async def ensure_stream(js: JetStreamContext, stream: Stream, replicas: int = 1)
     try:
         await js.update_stream(config=config)
         log.info("stream_updated", stream=stream.name)
-    except BadRequestError as exc:
+    except (BadRequestError, ServerError) as exc:  # (a retention change is a 500)
         raise TopologyError(
             f"stream {stream.name} exists with a configuration that cannot be changed in "
             f"place ({exc.description}); back it up and delete it, or fix the declaration"
@@ -383,9 +422,8 @@ async def ensure_bucket(js: JetStreamContext, bucket: Bucket, replicas: int = 1)
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise TopologyError(f"cannot create bucket {bucket.name}: {exc.description}") from exc
-        # Exists with a different configuration (e.g. made by an older version): use it.
-        await js.key_value(bucket.name)
-        log.warning("bucket_config_differs", bucket=bucket.name)
+        # Exists with a different configuration (an older declaration): update its stream.
+        await _update_limits(js, bucket.stream, bucket.limits(replicas), f"bucket {bucket.name}")
 
 
 async def ensure_object_store(js: JetStreamContext, store: ObjectStore, replicas: int = 1) -> None:
@@ -395,8 +433,43 @@ async def ensure_object_store(js: JetStreamContext, store: ObjectStore, replicas
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise TopologyError(f"cannot create object store {store.name}: {exc}") from exc
-        await js.object_store(store.name)
-        log.warning("object_store_config_differs", store=store.name)
+        await _update_limits(js, store.stream, store.limits(replicas),
+                             f"object store {store.name}")
+
+
+async def _update_limits(js: JetStreamContext, stream: str, wanted: Mapping[str, object],
+                         what: str) -> None:
+    """Update a bucket's or object store's stream in place: the limits Vigil declares
+    (age, history, sizes, replicas, description) from the declaration, everything else
+    (subjects, rollups, direct gets: the client library's business) as the server has it.
+    Nothing is written when they already agree."""
+    current = (await js.stream_info(stream)).config
+    changed = {key: value for key, value in wanted.items()
+               if not _same(getattr(current, key), value)}
+    if not changed:
+        return
+    try:
+        await js.update_stream(config=current, **changed)
+    except (BadRequestError, ServerError) as exc:
+        raise TopologyError(
+            f"{what} exists with a configuration that cannot be changed in place "
+            f"({exc.description}); back it up and delete it, or fix the declaration"
+        ) from exc
+    log.info("stream_updated", stream=stream, changed=sorted(changed))
+
+
+def _same(have: object, want: object) -> bool:
+    # The server reports "no limit" as 0 or -1, a missing description as None, and ages
+    # in nanoseconds that come back as floats.
+    if isinstance(want, str) or want is None:
+        return (have or "") == (want or "")
+    if isinstance(want, int | float) and isinstance(have, int | float | None):
+        a = float(have or 0)
+        b = float(want)
+        if a <= 0 and b <= 0:
+            return True
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+    return have == want
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
@@ -409,12 +482,21 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
         ) from exc
 
 
-async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update every stream, bucket and object store Vigil uses. Idempotent."""
-    for stream in STREAMS:
+async def ensure_topology(js: JetStreamContext, replicas: int = 1, *,
+                          streams: Iterable[Stream] = STREAMS,
+                          buckets: Iterable[Bucket] = BUCKETS,
+                          object_stores: Iterable[ObjectStore] = OBJECT_STORES) -> None:
+    """Create or update every stream, bucket and object store Vigil uses (or those given).
+
+    Idempotent: what exists with the declared configuration is left alone; what differs
+    in a limit the server can change in place (max age or TTL, history, sizes, replicas,
+    duplicate window, description) is updated; anything else raises
+    :class:`~vigil.errors.TopologyError`.
+    """
+    for stream in streams:
         await ensure_stream(js, stream, replicas)
-    for bucket in BUCKETS:
+    for bucket in buckets:
         await ensure_bucket(js, bucket, replicas)
-    for store in OBJECT_STORES:
+    for store in object_stores:
         await ensure_object_store(js, store, replicas)
 

@@ -266,17 +266,23 @@ class Gateway:
         else:
             task_id = ids.new_task_id()
         existing = await self.store.get(task_id)
-        if existing is not None and not (existing[0].rejected_by is not None
-                                         and existing[0].tenant == who.tenant):
-            # (A task refused for a tenant limit may be submitted again: a retry.)
-            return self._existing(existing[0], who, key)
+        msg_id = task_id
+        if existing is not None:
+            if not (existing[0].tenant == who.tenant and existing[0].refused_at_admission):
+                return self._existing(existing[0], who, key)
+            # Refused at admission (a tenant limit, a spec the scheduler would not take): a
+            # retry under the same id or Idempotency-Key, which the scheduler lets take the
+            # id over. Its message id names the refusal it retries, so that concurrent
+            # retries still make one submission, and the first one's id (deduplicated
+            # for the stream's window) does not swallow it.
+            msg_id = f"{task_id}:after:{existing[0].submit_seq}"
         spec = msgspec.structs.replace(spec, id=task_id)
         async with Verdict(self.nc, task_id) as verdict:
-            ack = await publish(self.js, subjects.submit(who.tenant), codec.encode(spec), task_id,
+            ack = await publish(self.js, subjects.submit(who.tenant), codec.encode(spec), msg_id,
                                 deadline_s=10.0)
             if ack.duplicate:
                 # A concurrent identical request got there first: answer with its task.
-                found = await self._wait_state(task_id)
+                found = await self._wait_state(task_id, ack.seq)
                 if found is not None:
                     return self._existing(found, who, key)
                 return self._accepted(task_id, who, None, 202)
@@ -289,15 +295,21 @@ class Gateway:
             return error(429, "quota_exceeded", state[0].error or "over a tenant limit",
                          headers={"Retry-After": "5"})
         if state is not None and state[0].status == "failed" and state[0].attempt == 0:
-            # Failed before any attempt: the scheduler refused the spec itself.
-            return error(422, "rejected", state[0].error or "the scheduler rejected the task")
+            # Failed before any attempt: the scheduler refused the spec itself (this
+            # gateway's checks passed it: a scheduler of another version, say).
+            reason = state[0].error or "the scheduler rejected the task"
+            return error(422, "rejected", f"the scheduler rejected the task: {reason}",
+                         field=rejected_field(reason))
         return self._accepted(task_id, who, state[0] if state else None, 202)
 
-    async def _wait_state(self, task_id: str) -> TaskState | None:
+    async def _wait_state(self, task_id: str, seq: int) -> TaskState | None:
+        """The state of ``task_id`` once submission ``seq`` (or a later one) is in it, or
+        whatever else holds the id; not a refusal that the submission retries."""
         deadline = asyncio.get_running_loop().time() + self.settings.submit_wait_s
         while True:
             found = await self.store.get(task_id)
-            if found is not None:
+            if found is not None and (found[0].submit_seq >= seq
+                                      or not found[0].refused_at_admission):
                 return found[0]
             if asyncio.get_running_loop().time() > deadline:
                 return None
@@ -586,3 +598,18 @@ def _list_query(request: web.Request, who: Principal) -> Query | web.Response:
     return Query(tenant=tenant, statuses=statuses, labels=tuple(labels),
                  created_after=times["created_after"], created_before=times["created_before"],
                  limit=int(raw_limit), cursor=cursor)
+
+
+
+_AT_FIELD = re.compile(r"\(at (\$[^\s)]*)\)\s*$")
+
+
+def rejected_field(error: str) -> str | None:
+    """The JSON path a scheduler's rejection names (``invalid task spec: … (at $.env)``),
+    ``$`` for a body that is not JSON, else None (a refusal of the whole task)."""
+    match = _AT_FIELD.search(error)
+    if match is not None:
+        return match.group(1)
+    if "not valid JSON" in error:
+        return "$"
+    return None

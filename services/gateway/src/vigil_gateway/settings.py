@@ -27,6 +27,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """Requests a token may make at once before VIGIL_RATE_LIMIT_RPS applies; over it: 429
     with Retry-After."""
     default_tenant: Annotated[str, Meta(pattern=ID_PATTERN)] = "default"
+    """With ``VIGIL_AUTH=none``, the tenant every request acts as (unused with tokens,
+    which name their own tenant)."""
     submit_wait_s: Annotated[float, Meta(ge=0, le=60)] = 5.0
     """How long POST /v1/tasks waits for the scheduler to accept the task."""
     max_body_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024)] = 256 * 1024

@@ -91,11 +91,13 @@ class Dispatcher:
                  lease: Lease, *,
                  max_running: Callable[[str], int], confess: Callable[[Confession],
                                                                       Awaitable[None]],
-                 count: Callable[[int], None], interval_s: float = 0.05) -> None:
+                 count: Callable[[int], None], scheduled: Callable[[], None] = lambda: None,
+                 interval_s: float = 0.05) -> None:
         self.nc, self.js, self.store, self.fleet, self.lease = nc, js, store, fleet, lease
         self.max_running = max_running
         self._confess = confess
         self._count = count
+        self._scheduled = scheduled  # once per queued -> scheduled, whichever path took it
         self.interval_s = interval_s
         self.backlog = Backlog()
         self.wake = asyncio.Event()
@@ -340,6 +342,7 @@ class Dispatcher:
                                                 updated_at=utcnow())
             new_rev = await self.store.cas(scheduled, work.revision)
             if new_rev is not None:
+                self._scheduled()
                 await self._release(scheduled, work, new_rev)
                 return True
         for _ in range(10):
@@ -354,6 +357,7 @@ class Dispatcher:
                 new_rev = await self.store.cas(scheduled, rev)
                 if new_rev is None:
                     continue  # cancelled or timed out meanwhile: look again
+                self._scheduled()
                 await self._release(scheduled, work, new_rev)
                 return True
             if scheduled_unreleased(state):

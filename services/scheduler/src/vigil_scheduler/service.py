@@ -119,7 +119,8 @@ class Scheduler:
         self._dispatcher = Dispatcher(
             self._nc, self._js, self._store, self._fleet, Lease(self._js, "dispatcher", self.node),
             max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
-            count=self.metrics.dispatched.inc, interval_s=s.dispatch_interval_s)
+            count=self.metrics.dispatched.inc, scheduled=self._count_scheduled,
+            interval_s=s.dispatch_interval_s)
         await self._dispatcher.refresh()
         # Finished tasks free slots: wake the dispatcher instead of waiting for its poll.
         dispatcher = self._dispatcher
@@ -176,6 +177,11 @@ class Scheduler:
     def _count_control(self, what: str) -> None:
         verb, _, outcome = what.partition(":")
         self.metrics.control.labels(verb, outcome).inc()
+        if what == "redrive:redriven":
+            self._count_scheduled()  # a redriven task is scheduled again
+
+    def _count_scheduled(self) -> None:
+        self.metrics.tasks.labels("scheduled").inc()
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         connected = self._nc is not None and self._nc.is_connected
@@ -298,10 +304,11 @@ class Scheduler:
                 # Deleted between our create and get (TTL expiry): treat as new next time.
                 raise NatsUnavailable(f"task {state.id} vanished while admitting; retrying")
             current, rev = existing
-            if (current.rejected_by is not None and current.tenant == state.tenant
-                    and current.submit_seq < state.submit_seq):
-                # Refused earlier for a tenant limit: a later submission of the same id
-                # is a retry, not a duplicate. Take the id over.
+            if takes_over(state, current):
+                # Refused earlier (a tenant limit, an invalid spec): a later submission of
+                # the same id is a retry, not a duplicate. Take the id over.
+                log.info("submission_takes_over", refused_seq=current.submit_seq,
+                         refused=current.error)
                 new_rev = await self._store.cas(state, rev)
                 if new_rev is None:
                     raise NatsUnavailable(f"task {state.id} changed while re-admitting it")
@@ -508,19 +515,26 @@ class Scheduler:
         if state is not None:
             rev = await self._store.create(state)
             if rev is None:
-                # Ours from an earlier delivery of this very submission? Then finish the
-                # job (the finished event may not have gone out before a crash).
                 existing = await self._store.get(state.id)
                 if existing is not None and existing[0].submit_seq == seq:
+                    # Ours from an earlier delivery of this very submission: finish the
+                    # job (the finished event may not have gone out before a crash).
                     state = existing[0]
                     rev = existing[1]
+                elif existing is not None and takes_over(state, existing[0]):
+                    # A second try that is still invalid: its error is the news now.
+                    rev = await self._store.cas(state, existing[1])
+                    if rev is None:
+                        raise NatsUnavailable(f"task {state.id} changed while recording "
+                                              "its rejection")
             if rev is not None:
                 recorded_as = state.id
                 self.metrics.tasks.labels("failed").inc()
+                # Numbered by submission: each refused try of an id is its own news.
                 await self._event(Finished(
                     task_id=state.id, time=state.finished_at or now, status="failed",
                     error=reject.error, tenant=state.tenant, submit_seq=state.submit_seq,
-                ))
+                ), f"s{seq}")
         where = f"; recorded as task {recorded_as}" if recorded_as else ""
         log.warning("submission_rejected", error=reject.error, field=reject.field,
                     task_id=recorded_as)
@@ -531,7 +545,10 @@ class Scheduler:
                 severity="warning",
                 category="invalid_submission",
                 detail=reject.error,
-                hint="fix the task spec and submit again; see the error for the field",
+                hint="fix the task spec and submit it again (the same id may be reused; "
+                "under a new Nats-Msg-Id if you set one, as the old one is deduplicated "
+                f"for {topology.SUBMIT.duplicate_window_s / 60:g} minutes); see the error "
+                "for the field",
                 task_id=recorded_as,
                 tenant=reject.tenant,
                 data={"submit_seq": seq, "field": reject.field, "msg_id": msg_id},
@@ -555,3 +572,12 @@ class Scheduler:
                 task_id=full.task_id, attempt=full.attempt or 0, time=full.time or utcnow(),
                 confession_id=full.id, summary=full.summary, severity=full.severity,
                 source="scheduler"), full.id)
+
+
+
+def takes_over(new: TaskState, current: TaskState) -> bool:
+    """May submission ``new`` take the id of ``current``? Only a later submission of the
+    same tenant, and only from a task refused at admission: that one is a retry. Anything
+    that ran (or may yet run) keeps its id, and a resubmission is a duplicate."""
+    return (current.tenant == new.tenant and current.submit_seq < new.submit_seq
+            and current.refused_at_admission)
