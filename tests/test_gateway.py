@@ -227,20 +227,3 @@ async def test_metrics_exposed(api) -> None:
     async with http.get(f"{url}/metrics") as r:
         text = await r.text()
     assert "vigil_http_requests_total" in text
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("error", "field"),
-    [
-        ("invalid task spec: Expected `str`, got `int` (at $.command[1])", "$.command[1]"),
-        ("invalid task spec: Object missing required field `command` (at $.command)",
-         "$.command"),
-        ("task spec is not valid JSON: truncated input", "$"),
-        ("scheduler failed on this submission: KeyError('x')", None),
-    ],
-)
-def test_a_scheduler_rejection_names_its_field(error: str, field: str | None) -> None:
-    from vigil_gateway.service import rejected_field
-
-    assert rejected_field(error) == field

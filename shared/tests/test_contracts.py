@@ -153,3 +153,18 @@ def test_redact_url_hides_passwords() -> None:
 def test_settings_structs_forbid_unknown_config() -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"nope": 1}, CommonSettings)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("error", "field"),
+    [
+        ("invalid task spec: Expected `str`, got `int` (at $.command[1])", "$.command[1]"),
+        ("invalid task spec: Object missing required field `command` (at $.command)",
+         "$.command"),
+        ("task spec is not valid JSON: truncated input", "$"),
+        ("scheduler failed on this submission: KeyError('x')", None),
+    ],
+)
+def test_a_recorded_rejection_names_its_field(error: str, field: str | None) -> None:
+    assert codec.invalid_task_field(error) == field

@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 
 from vigil import codec, subjects
 from vigil.errors import NatsUnavailable
-from vigil.messages import Confession, Event, Log, TaskState
+from vigil.messages import TAIL_LINE_CHARS, TAIL_LINES, Confession, Event, Log, TaskState
 
 log = structlog.get_logger("vigil.jetstream")
 
@@ -223,8 +223,9 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
     return found
 
 
-async def log_tail(js: JetStreamContext, task_id: str, attempt: int, *, lines: int = 20,
-                   line_chars: int = 1_000, idle_s: float = 1.0) -> list[str]:
+async def log_tail(js: JetStreamContext, task_id: str, attempt: int, *,
+                   lines: int = TAIL_LINES, line_chars: int = TAIL_LINE_CHARS,
+                   idle_s: float = 1.0) -> list[str]:
     """The last ``lines`` output lines attempt ``attempt`` of ``task_id`` published, oldest
     first, read from its ``log`` events: the evidence a task that dies keeps (its
     ``tail``) when the executor that ran the attempt is gone and cannot say.

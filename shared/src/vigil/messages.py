@@ -134,6 +134,16 @@ class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
 
 
+SUMMARY_CHARS = 2_000  # the longest confession summary the contract takes
+
+# What a task's state keeps as evidence, whoever writes it (an executor, or the scheduler
+# burying a task whose executor is gone): the last attempts, and the newest ended
+# attempt's last output lines, each cut to a length.
+HISTORY_KEPT = 50
+TAIL_LINES = 20
+TAIL_LINE_CHARS = 1_000
+
+
 class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     """A task's current state: the value of its key in the ``vigil-tasks`` bucket.
 
@@ -262,7 +272,7 @@ class Confession(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     idempotent (the auditor keys on it; without it, the message id or stream sequence).
     """
 
-    summary: Annotated[str, Meta(min_length=1, max_length=2_000)]
+    summary: Annotated[str, Meta(min_length=1, max_length=SUMMARY_CHARS)]
     severity: Severity
     id: str | None = None
     source: str | None = None

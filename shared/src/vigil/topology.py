@@ -406,6 +406,8 @@ async def ensure_stream(js: JetStreamContext, stream: Stream, replicas: int = 1)
     except BadRequestError as exc:
         if exc.err_code != STREAM_IN_USE:
             raise TopologyError(f"cannot create stream {stream.name}: {exc.description}") from exc
+    current = (await js.stream_info(stream.name)).config
+    config.num_replicas = _replicas(stream.name, current.num_replicas, replicas)
     try:
         await js.update_stream(config=config)
         log.info("stream_updated", stream=stream.name)
@@ -444,6 +446,9 @@ async def _update_limits(js: JetStreamContext, stream: str, wanted: Mapping[str,
     (subjects, rollups, direct gets: the client library's business) as the server has it.
     Nothing is written when they already agree."""
     current = (await js.stream_info(stream)).config
+    declared = wanted["num_replicas"]
+    assert isinstance(declared, int)
+    wanted = {**wanted, "num_replicas": _replicas(stream, current.num_replicas, declared)}
     changed = {key: value for key, value in wanted.items()
                if not _same(getattr(current, key), value)}
     if not changed:
@@ -456,6 +461,16 @@ async def _update_limits(js: JetStreamContext, stream: str, wanted: Mapping[str,
             f"({exc.description}); back it up and delete it, or fix the declaration"
         ) from exc
     log.info("stream_updated", stream=stream, changed=sorted(changed))
+
+
+def _replicas(stream: str, have: int | None, want: int) -> int:
+    """Replicas are only ever raised in place: one service started without
+    ``VIGIL_REPLICAS`` against a cluster must not shrink R3 state to a single copy."""
+    if have is not None and have > want:
+        log.warning("replicas_kept", stream=stream, replicas=have, declared=want,
+                    hint="set VIGIL_REPLICAS on every service of a clustered deployment")
+        return have
+    return want
 
 
 def _same(have: object, want: object) -> bool:

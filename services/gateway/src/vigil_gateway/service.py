@@ -299,7 +299,7 @@ class Gateway:
             # gateway's checks passed it: a scheduler of another version, say).
             reason = state[0].error or "the scheduler rejected the task"
             return error(422, "rejected", f"the scheduler rejected the task: {reason}",
-                         field=rejected_field(reason))
+                         field=codec.invalid_task_field(reason))
         return self._accepted(task_id, who, state[0] if state else None, 202)
 
     async def _wait_state(self, task_id: str, seq: int) -> TaskState | None:
@@ -598,18 +598,3 @@ def _list_query(request: web.Request, who: Principal) -> Query | web.Response:
     return Query(tenant=tenant, statuses=statuses, labels=tuple(labels),
                  created_after=times["created_after"], created_before=times["created_before"],
                  limit=int(raw_limit), cursor=cursor)
-
-
-
-_AT_FIELD = re.compile(r"\(at (\$[^\s)]*)\)\s*$")
-
-
-def rejected_field(error: str) -> str | None:
-    """The JSON path a scheduler's rejection names (``invalid task spec: … (at $.env)``),
-    ``$`` for a body that is not JSON, else None (a refusal of the whole task)."""
-    match = _AT_FIELD.search(error)
-    if match is not None:
-        return match.group(1)
-    if "not valid JSON" in error:
-        return "$"
-    return None

@@ -29,16 +29,19 @@ from vigil import codec, subjects, topology
 from vigil.consume import PullConsumer
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, log_tail, publish_confession, publish_event, retrying
-from vigil.messages import AttemptRecord, Confession, Finished, TaskState, utcnow
+from vigil.messages import (
+    HISTORY_KEPT,
+    AttemptRecord,
+    Confession,
+    Finished,
+    TaskState,
+    utcnow,
+)
 
 log = structlog.get_logger("vigil.scheduler.deadletter")
 
 _advisory = msgspec.json.Decoder(dict[str, Any])
 
-# As the executors keep them: the history's last 50 attempts, the tail's last 20 lines.
-HISTORY_KEPT = 50
-TAIL_LINES = 20
-TAIL_LINE_CHARS = 1_000
 TAIL_READ_S = 10.0
 
 
@@ -135,9 +138,8 @@ class DeadLetters:
         """The running attempt's last output lines (its executor, which knew them, is not
         answering); the state's older tail if the events cannot be read in time."""
         try:
-            return await asyncio.wait_for(
-                log_tail(self._js, state.id, state.attempt, lines=TAIL_LINES,
-                         line_chars=TAIL_LINE_CHARS), TAIL_READ_S)
+            return await asyncio.wait_for(log_tail(self._js, state.id, state.attempt),
+                                          TAIL_READ_S)
         except Exception as exc:
             log.warning("tail_unread", error=str(exc) or type(exc).__name__)
             return state.tail
