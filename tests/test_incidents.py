@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import json
 import signal
 from datetime import UTC, datetime
@@ -14,13 +15,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
 from nats.js.errors import NoKeysError
 
 from support import AuditorProcess, Platform, eventually
 from vigil import codec, subjects
+from vigil.cli import build_parser
 from vigil.jetstream import retrying
 from vigil_auditor.notify import verify
 from vigil_auditor.record import to_record
+from vigil_auditor.service import keep_lease
 from vigil_auditor.triage import ESCALATE_COUNT, key_of
 
 pytestmark = pytest.mark.integration
@@ -265,7 +269,7 @@ async def test_an_escalation_reaches_the_webhook_once_signed_and_the_alert_subje
         (subjects.alert("warning"), received[0][0]), (subjects.alert("error"), received[1][0])]
 
 
-async def test_a_confession_that_cannot_be_triaged_is_confessed_and_acked_quickly(
+async def test_a_confession_that_cannot_be_triaged_is_confessed_acked_and_can_be_retried(
     platform: Platform,
 ) -> None:
     poison = {"id": "p1", "summary": "scratch volume is read-only", "severity": "error",
@@ -276,10 +280,9 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_and_acked_quickl
     unreadable = incident_key("agent", poison)
     await kv.put(unreadable, b"{not json")
     auditor = await platform.auditor()
-    started = asyncio.get_running_loop().time()
     await publish_issue(platform, "agent", poison)
     healthy = {"id": "ok1", "summary": "registry mirror slow", "severity": "warning"}
-    await publish_issue(platform, "agent", healthy)
+    healthy_seq = await publish_issue(platform, "agent", healthy)
 
     async def given_up() -> dict | None:
         found = await incidents(platform, skip=(unreadable,))
@@ -287,9 +290,11 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_and_acked_quickl
         healthy_ = [i for i in found.values() if i.get("title") == "registry mirror slow"]
         return confessed_[0] if confessed_ and healthy_ and await drained(platform) else None
 
-    # A few quick tries (0.5 s, 1 s apart), not 20 tries 30 s apart.
-    failure = await eventually(given_up, timeout=20, what="the poison confession given up")
-    assert asyncio.get_running_loop().time() - started < 15
+    # A few quick tries (0.5 s, 1 s apart), then the stream moves on past it. No wall-clock
+    # bound: the record's note counts the deliveries (3, not the consumer's ack waits).
+    failure = await eventually(given_up, timeout=60, what="the poison confession given up")
+    info = await platform.js.consumer_info(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR)
+    assert info.ack_floor.stream_seq > healthy_seq  # the confession of the failure, too
     assert failure["source"] == "auditor" and failure["severity"] == "error"
     assert failure["count"] == 1 and failure["tasks"] == ["poisoned-1"]
     assert failure["title"] == "a confession from agent could not be triaged"
@@ -301,6 +306,122 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_and_acked_quickl
     assert len(stored) == 1 and stored[0]["data"]["confession_id"] == "agent.p1"
     metrics = await scrape(auditor.http_port)
     assert metrics["vigil_confessions_triage_failed_total"] == 1
+
+    # Fix the cause, then do exactly what the hint says: the copy is triaged, once.
+    await kv.delete(unreadable)
+    command = stored[0]["hint"].split("(once): vigil ", 1)[1].split(" (", 1)[0].split()
+    assert command[:2] == ["replay", "stream"], stored[0]["hint"]
+    code, out, err = await vigil(*command, "--nats-url", platform.url)
+    assert code == 0 and "published 1 messages" in out, (out, err)
+
+    async def triaged() -> dict | None:
+        found = await incidents(platform)
+        return found.get(unreadable) if await drained(platform) else None
+
+    incident = await eventually(triaged, timeout=30, what="the re-published confession")
+    assert incident["count"] == 1 and incident["tasks"] == ["poisoned-1"]
+    record = json.loads((await confessions.get("agent.p1")).value)
+    assert record["error"] is None and record["stream_seq"] > healthy_seq  # the copy's
+    # A further copy of it is a repeat again: counted nothing.
+    last = await publish_issue(platform, "agent", poison)
+
+    async def past(seq: int) -> bool:
+        info = await platform.js.consumer_info(subjects.STREAM_ISSUES,
+                                               subjects.CONSUMER_AUDITOR)
+        return bool(info.ack_floor.stream_seq >= seq)
+
+    await eventually(lambda: past(last), timeout=30, what="the repeat to be handled")
+    assert (await incidents(platform))[unreadable]["count"] == 1
+    assert len(await platform.confessions("triage_failed")) == 1
+
+
+async def test_a_confession_s_lease_is_kept_while_it_is_handled(platform: Platform) -> None:
+    """What keeps a slow triage (one NATS call may retry for 30 s) from being handed to
+    another auditor: in-progress acks, here against an ack wait of 1 s."""
+    subject = subjects.issue("lease", "info")
+    config = ConsumerConfig(durable_name="lease-test", filter_subject=subject, ack_wait=1.0,
+                            max_deliver=-1)
+    sub = await platform.js.pull_subscribe(subject, durable="lease-test",
+                                           stream=subjects.STREAM_ISSUES, config=config)
+    await platform.js.publish(subject, b"{}")
+    (msg,) = await sub.fetch(1, timeout=10)
+    beats: list[bytes] = []
+
+    async def on_beat(m: Msg) -> None:
+        beats.append(m.data)
+
+    await platform.nc.subscribe(msg.reply, cb=on_beat)
+    lease = asyncio.create_task(keep_lease(msg, 0.2))
+    rival = asyncio.create_task(sub.fetch(1, timeout=30))  # would get a redelivery
+    try:
+        # Fifteen beats: three ack waits and more, and nothing redelivered meanwhile.
+        await eventually(lambda: _some(beats[14:]), timeout=30,
+                         what="fifteen in-progress acks")
+        info = await platform.js.consumer_info(subjects.STREAM_ISSUES, "lease-test")
+        assert not rival.done() and info.num_redelivered == 0, info
+        assert info.num_ack_pending == 1
+    finally:
+        lease.cancel()
+        rival.cancel()
+        await asyncio.gather(lease, rival, return_exceptions=True)
+    assert set(beats) == {b"+WPI"}
+    await msg.ack()
+
+
+async def vigil(*argv: str) -> tuple[int, str, str]:
+    """Run ``vigil <argv>`` in this event loop: (exit code, stdout, stderr)."""
+    args = build_parser().parse_args(list(argv))
+    out, err = io.StringIO(), io.StringIO()
+    code = await args.impl(args, out, err)
+    return int(code), out.getvalue(), err.getvalue()
+
+
+async def test_an_alert_that_cannot_be_decoded_is_terminated_and_confessed(
+    platform: Platform, unused_tcp_port_factory: Any
+) -> None:
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(json.loads(await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = unused_tcp_port_factory()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await platform.auditor(webhook_urls=f"http://127.0.0.1:{port}/hook",
+                               webhook_secret=SECRET)
+        await platform.js.publish(subjects.alert("critical"), b"\xff{not json")
+        last = (await platform.js.publish(subjects.alert("error"), b"[1, 2, 3]")).seq
+
+        async def settled() -> list[dict] | None:
+            found = await platform.confessions("alert_undecodable")
+            if len(found) < 2:
+                return None
+            info = await platform.js.consumer_info(subjects.STREAM_ALERTS,
+                                                   subjects.CONSUMER_NOTIFIER)
+            return found if info.ack_floor.stream_seq >= last else None
+
+        found = await eventually(settled, timeout=30, what="both alerts confessed")
+        # The confessions are triaged and alerted like any other (that alert is sent).
+        await eventually(lambda: _some(received), timeout=30, what="the alert about them")
+        await eventually(lambda: drained(platform, subjects.STREAM_ALERTS,
+                                         subjects.CONSUMER_NOTIFIER),
+                         timeout=30, what="the notifier to settle every alert")
+    finally:
+        await runner.cleanup()
+    info = await platform.js.consumer_info(subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER)
+    assert info.num_redelivered == 0  # terminated on the first delivery, not retried
+    assert len(found) == 2 and {c["severity"] for c in found} == {"error"}
+    assert sorted(c["data"]["subject"] for c in found) == [subjects.alert("critical"),
+                                                            subjects.alert("error")]
+    assert all(c["source"] == "auditor" and c["hint"] for c in found)
+    # Only the auditor's own alert reached the receiver, never the garbage.
+    assert [(body["category"], body["reason"]) for body in received] == [
+        ("alert_undecodable", "opened")]
 
 
 async def test_incident_metrics_agree_across_auditors_and_follow_the_gateway(

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
-from vigil_auditor.record import record_id, repeats, to_record
+from vigil_auditor.record import (
+    TRIAGE_FAILED_NOTE,
+    record_id,
+    repeats,
+    to_record,
+    triage_given_up,
+)
 
 pytestmark = pytest.mark.unit
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -58,3 +65,20 @@ def test_a_repeat_is_another_message_with_the_same_id() -> None:
     assert first.id == again.id == "human.h1"
     assert repeats(first, again)
     assert not repeats(first, redelivered)  # the same message: its triage must finish
+
+
+def test_a_confession_given_up_is_not_repeated_by_its_re_publish() -> None:
+    body = json.dumps({"id": "p1", "summary": "disk full", "severity": "error"}).encode()
+    first = to_record("vigil.issues.agent.error", body, None, 10, NOW)
+    noted = msgspec.structs.replace(first, error=f"{TRIAGE_FAILED_NOTE} 3 deliveries: boom")
+    copy = to_record("vigil.issues.agent.error", body, None, 12, NOW)
+    assert triage_given_up(noted) and not triage_given_up(first)
+    assert repeats(first, copy)  # triaged: a copy counts nothing
+    assert not repeats(noted, copy)  # never triaged: the copy is, once
+    invalid = msgspec.structs.replace(noted, error=f"bad subject; {noted.error}")
+    assert triage_given_up(invalid)
+    # An agent cannot fake the note: what it sends is its summary, not the record's error.
+    faked = to_record("vigil.issues.agent.error", json.dumps(
+        {"id": "p1", "summary": f"{TRIAGE_FAILED_NOTE} 3", "severity": "error"}).encode(),
+        None, 10, NOW)
+    assert not triage_given_up(faked)

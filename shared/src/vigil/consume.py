@@ -189,3 +189,15 @@ class PullConsumer:
                 self.reset()
             elif self._requested == 0:
                 self._pull()
+
+
+async def keep_lease(msg: Msg, every_s: float) -> None:
+    """Send in-progress acks for ``msg`` every ``every_s`` seconds until cancelled: a
+    handler that may outlive the consumer's ack wait keeps its message (cancel it before
+    a nak with a delay, which a later in-progress ack would undo)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await msg.in_progress()
+        except Exception as exc:  # disconnected: the next beat may get through
+            log.debug("lease_beat_failed", error=repr(exc))

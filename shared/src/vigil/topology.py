@@ -373,8 +373,9 @@ def notifier_consumer() -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=60.0,
         # Unlimited: the notifier itself gives up after ``max_attempts`` deliveries by
-        # recording the failure (and confessing it); a delivery that failed on a NATS
-        # error is retried until NATS answers, so no server limit can drop an alert.
+        # recording the failure (and confessing it), and terminates (and confesses) an
+        # alert it cannot decode; a delivery that failed on a NATS error is retried until
+        # NATS answers, so no server limit can drop an alert.
         max_deliver=-1,
         max_waiting=64,
     )
@@ -389,9 +390,14 @@ def auditor_consumer() -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         # One confession in flight across all auditors: an incident applies confessions in
         # stream order and skips what it has seen, so a message held by an auditor that
-        # died must come back before anything newer is handed to another one.
+        # died must come back before anything newer is handed to another one. The auditor
+        # keeps the lease with in-progress acks while it works (a NATS call alone may retry
+        # for longer than this), so only a dead or cut-off auditor lets the ack wait expire.
         ack_wait=10.0,
-        max_deliver=20,
+        # Unlimited: the auditor bounds its own tries (VIGIL_TRIAGE_ATTEMPTS, then it gives
+        # the confession up, records and confesses that), and NATS being unavailable spends
+        # none; a server limit would drop a confession with no one told.
+        max_deliver=-1,
         max_ack_pending=1,
         max_waiting=512,
     )

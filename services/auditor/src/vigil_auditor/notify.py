@@ -4,19 +4,25 @@ Alerts are read durably from ``VIGIL_ALERTS``. Each is POSTed to every configure
 webhook as JSON with ``X-Vigil-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>" under the shared secret>`` and ``X-Vigil-Alert-Id`` (receivers dedupe on it).
 A failed delivery is retried by naking the alert with an exponential delay (1, 2, 4 … 60
-s); the JetStream consumer's max deliveries bounds the attempts, and the last one records
-the failure in ``vigil-deliveries`` (the dead-letter record) and confesses it. Delivered
-URLs are recorded too, so a retry never sends an alert twice to the same receiver.
+s); the ``max_attempts``-th delivery records the failure in ``vigil-deliveries`` (the
+dead-letter record), confesses it and acks. Delivered URLs are recorded too, so a retry
+never sends an alert twice to the same receiver.
+
+Every alert ends in a decision (the consumer's max deliveries is unlimited, so nothing
+else bounds the tries): an alert that is not a JSON object is terminated and confessed
+(``alert_undecodable``); any other failure (a bug, a KV write refused) is retried like a
+failed delivery and, from the ``max_attempts``-th delivery on, recorded as failed for the
+receivers that did not get it (as far as that still works), confessed
+(``notify_failed``) and acked. Only NATS not answering is retried until it answers: that
+says nothing about the alert.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import time
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -28,11 +34,15 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from vigil import codec, subjects, topology
-from vigil.consume import PullConsumer
+from vigil.consume import PullConsumer, keep_lease
+from vigil.errors import NatsUnavailable
 from vigil.jetstream import publish_confession, retrying
 from vigil.messages import Confession, utcnow
 
 log = structlog.get_logger("vigil.auditor.notify")
+
+# In-progress acks while one alert is being delivered: a third of the consumer's ack wait.
+LEASE_BEAT_S = (topology.notifier_consumer().ack_wait or 60.0) / 3
 
 
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,27 +96,119 @@ class Notifier:
         self._kv = await self._js.key_value(subjects.KV_DELIVERIES)
         await topology.ensure_consumer(self._js, subjects.STREAM_ALERTS,
                                        topology.notifier_consumer())
+        # One alert at a time: a prefetched alert would wait in our queue while its ack
+        # wait ran out, come back and be POSTed twice.
         consumer = PullConsumer(self._nc, subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER,
-                                capacity=16, max_batch=16)
+                                capacity=1, max_batch=1)
         await consumer.start()
         async with aiohttp.ClientSession(timeout=self._timeout) as http:
             try:
                 async for msg in consumer.until(stop):
                     try:
-                        await self._deliver(http, msg)
-                    except Exception:
-                        log.exception("notify_failed")
-                        with contextlib.suppress(Exception):
-                            await msg.nak(delay=30)
+                        await self._handle(http, msg)
+                    except Exception as exc:  # a decision failed: the alert comes back
+                        log.warning("notify_decision_failed", error=repr(exc))
                     finally:
                         consumer.release(1)
             finally:
                 await consumer.stop()
 
-    async def _deliver(self, http: aiohttp.ClientSession, msg: Msg) -> None:
-        alert: dict[str, Any] = codec.any_decoder.decode(msg.data)
-        alert_id = str(alert.get("id", msg.metadata.sequence.stream))
+    async def _handle(self, http: aiohttp.ClientSession, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
+        try:
+            alert = codec.any_decoder.decode(msg.data)
+            if not isinstance(alert, dict):
+                raise ValueError(f"an alert is a JSON object, not {type(alert).__name__}")
+        except (msgspec.DecodeError, ValueError) as exc:
+            await self._reject(msg, exc)
+            return
+        alert_id = str(alert.get("id", msg.metadata.sequence.stream))
+        # Many unreachable receivers, each up to its timeout: keep the alert meanwhile.
+        # The beats end before the decision: one after a nak would undo its delay.
+        lease = asyncio.create_task(keep_lease(msg, LEASE_BEAT_S))
+        failure: Exception | None = None
+        try:
+            delay = await self._deliver(http, msg, alert_id, attempt)
+        except NatsUnavailable as exc:
+            log.warning("notify_retry", alert_id=alert_id, attempt=attempt, error=str(exc))
+            delay = backoff(attempt)
+        except Exception as exc:
+            if attempt < self._max_attempts:
+                log.exception("notify_failed_retrying", alert_id=alert_id, attempt=attempt)
+                delay = backoff(attempt)
+            else:
+                log.exception("notify_given_up", alert_id=alert_id, attempt=attempt)
+                failure, delay = exc, None
+        finally:
+            lease.cancel()
+            await asyncio.gather(lease, return_exceptions=True)
+        if failure is not None:
+            await self._abandon(msg, alert_id, attempt, failure)
+        elif delay is None:
+            await msg.ack()
+        else:
+            await msg.nak(delay=delay)
+
+    async def _reject(self, msg: Msg, exc: Exception) -> None:
+        """An alert nobody can read: say so, and never deliver it again."""
+        seq = msg.metadata.sequence.stream
+        digest = hashlib.sha256(f"{seq}.".encode() + msg.data).hexdigest()[:24]
+        log.error("alert_undecodable", stream_seq=seq, subject=msg.subject, error=str(exc))
+        try:
+            await publish_confession(self._js, Confession(
+                id=f"auditor-alert-undecodable-{digest}",
+                summary="an alert could not be decoded; it was not sent to the webhooks",
+                severity="error", category="alert_undecodable",
+                detail=f"{msg.subject}: {exc}"[:2_000],
+                hint=f"it is kept in {subjects.STREAM_ALERTS} at stream sequence {seq}; "
+                "whatever published it there must publish auditor alerts (JSON objects)",
+                source="auditor", node=self._node, component="auditor", time=utcnow(),
+                data={"stream_seq": seq, "subject": msg.subject,
+                      "raw": msg.data[:500].decode("utf-8", errors="replace")},
+            ))
+        except NatsUnavailable as nats_exc:  # not confessed yet: keep it until it is
+            log.warning("notify_retry", stream_seq=seq, error=str(nats_exc))
+            await msg.nak(delay=backoff(msg.metadata.num_delivered))
+            return
+        except Exception:  # the log lines are all there is; retrying cannot decode it
+            log.exception("alert_undecodable_not_confessed", stream_seq=seq)
+        await msg.term()
+
+    async def _abandon(self, msg: Msg, alert_id: str, attempt: int, exc: Exception) -> None:
+        """Give up an alert whose handling keeps failing: record it as failed for every
+        receiver not known to have it (best effort: that may be what fails), confess, ack."""
+        error = f"{type(exc).__name__}: {exc}"[:1_000]
+        for url in self._urls:
+            try:
+                if await self._delivered(alert_id, url):
+                    continue
+                await self._record(Delivery(alert_id=alert_id, url=url, status="failed",
+                                            attempts=attempt, error=error,
+                                            at=utcnow().isoformat()))
+            except Exception as record_exc:
+                log.warning("delivery_not_recorded", alert_id=alert_id, error=repr(record_exc))
+        digest = hashlib.sha256(alert_id.encode()).hexdigest()[:24]
+        try:
+            await publish_confession(self._js, Confession(
+                id=f"auditor-notify-failed-{digest}",
+                summary=f"alert {alert_id} could not be sent to the webhooks after {attempt} "
+                "attempts", severity="error", category="notify_failed", detail=error,
+                hint="the auditor's log has the traceback (notify_given_up); the alert stays "
+                f"in {subjects.STREAM_ALERTS}", source="auditor", node=self._node,
+                component="auditor", time=utcnow(), data={"alert_id": alert_id},
+            ))
+        except NatsUnavailable as nats_exc:  # not confessed yet: keep it until it is
+            log.warning("notify_retry", alert_id=alert_id, error=str(nats_exc))
+            await msg.nak(delay=backoff(attempt))
+            return
+        except Exception:  # the log lines are all there is
+            log.exception("notify_give_up_failed", alert_id=alert_id)
+        await msg.ack()
+
+    async def _deliver(self, http: aiohttp.ClientSession, msg: Msg, alert_id: str,
+                       attempt: int) -> float | None:
+        """POST the alert to every receiver that lacks it. None: done (delivered, or given
+        up and recorded); a number: try again after that many seconds."""
         last_chance = attempt >= self._max_attempts
         pending = [u for u in self._urls if not await self._delivered(alert_id, u)]
         errors: dict[str, str] = {}
@@ -118,13 +220,11 @@ class Notifier:
             else:
                 errors[url] = error
         if not errors:
-            await msg.ack()
-            return
+            return None
         if not last_chance:
             log.warning("webhook_retry", alert_id=alert_id, attempt=attempt,
                         errors=list(errors.values()))
-            await msg.nak(delay=backoff(attempt))
-            return
+            return backoff(attempt)
         for url, error in errors.items():
             await self._record(Delivery(alert_id=alert_id, url=url, status="failed",
                                         attempts=attempt, error=error, at=utcnow().isoformat()))
@@ -137,7 +237,7 @@ class Notifier:
                 data={"url_sha": delivery_key(alert_id, url).rsplit(".", 1)[-1]},
             ))
         log.error("webhook_gave_up", alert_id=alert_id, attempts=attempt)
-        await msg.ack()
+        return None
 
     async def _post(self, http: aiohttp.ClientSession, url: str, alert_id: str,
                     body: bytes) -> str | None:

@@ -7,7 +7,9 @@ the raw body) so that a complaint is never silently lost. The record's id is, in
 the confession's ``id``, the ``Nats-Msg-Id`` header, or ``seq-<stream sequence>``. The
 first message with an id is its record (and is triaged); a later message with the same id
 repeats it and is not triaged (:func:`repeats`), while the same message seen again (a
-redelivery, a replay) is still that confession.
+redelivery, a replay) is still that confession. A confession whose triage was given up
+(its record carries :data:`TRIAGE_FAILED_NOTE`) was never triaged: the next message with
+its id — a re-publish once the cause is fixed — takes its place and is triaged, once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from vigil import codec, ids, subjects
 from vigil.messages import SEVERITIES, ConfessionRecord
 
 RAW_PREFIX = 2_000
+# How the auditor's note on a record whose triage it gave up begins (``record.error``).
+TRIAGE_FAILED_NOTE = "triage failed after"
 
 
 def record_id(confession_id: str | None, msg_id: str | None, seq: int,
@@ -75,8 +79,15 @@ def to_record(
     )
 
 
+def triage_given_up(record: ConfessionRecord) -> bool:
+    """Whether the auditor gave up triaging ``record`` (and noted it in its error)."""
+    return any(part.startswith(TRIAGE_FAILED_NOTE) for part in (record.error or "").split("; "))
+
+
 def repeats(existing: ConfessionRecord, record: ConfessionRecord) -> bool:
     """Whether ``record`` repeats a confession already recorded as ``existing`` from another
     stream message (the same id published again): it must not be counted again. The same
-    stream message seen again is no repeat: its triage may not have finished."""
-    return existing.stream_seq != record.stream_seq
+    stream message seen again is no repeat: its triage may not have finished. Nor is
+    another message with the id of a confession whose triage was given up: that one was
+    never triaged, so its re-publish (the way to retry it) must be."""
+    return existing.stream_seq != record.stream_seq and not triage_given_up(existing)

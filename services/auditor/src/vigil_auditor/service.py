@@ -21,12 +21,19 @@ incidents publishes no alert again, however long after the alerts stream's dupli
 window. Alerts are published before the incident is written, so a crash in between loses
 none (the redelivery publishes it again with the same ``Nats-Msg-Id``, then records it).
 
-**Every message ends in a decision.** Done → ack. NATS not answering → the message is kept
-(in-progress acks) and retried until NATS answers, or nak'd at once if the auditor is
+**Every message ends in a decision.** While a confession is handled, in-progress acks
+every few seconds keep its lease (one NATS call alone may retry for 30 s, longer than the
+consumer's ack wait): the server neither redelivers it meanwhile — to another auditor,
+out of order — nor counts a delivery for it. Done → ack. NATS not answering → it is kept
+and retried within this delivery until NATS answers, or nak'd at once if the auditor is
 stopping. Anything else (a bug, an unreadable incident) → nak with a short backoff; the
 ``VIGIL_TRIAGE_ATTEMPTS``-th delivery gives up: the record notes the error, the auditor
 confesses it (category ``triage_failed``) and acks — never dropped silently, never a
-long stall of the confessions behind it.
+long stall of the confessions behind it. The consumer's max deliveries is unlimited, so
+the server drops nothing: the auditor bounds the tries itself, and a confession delivered
+:data:`STUCK_DELIVERIES` times without a decision (auditors dying on it) is given up too.
+A given-up confession is retried by re-publishing it (the ``triage_failed`` confession's
+hint says how): that message takes the record's place and is triaged, once.
 
 **Metrics.** ``vigil_confessions_total`` counts a confession once, when it is first
 recorded. The incident gauges are what ``vigil-incidents`` holds (every auditor watches it),
@@ -51,7 +58,7 @@ from nats.js.kv import KeyValue
 
 from vigil import codec, ids, subjects, topology
 from vigil.conn import connect
-from vigil.consume import PullConsumer
+from vigil.consume import PullConsumer, keep_lease
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import publish, publish_confession, retrying
 from vigil.messages import Confession, ConfessionRecord, Incident, utcnow
@@ -59,7 +66,7 @@ from vigil.ops import OpsServer, ops_app
 from vigil_auditor import triage
 from vigil_auditor.metrics import Metrics
 from vigil_auditor.notify import Notifier
-from vigil_auditor.record import repeats, to_record
+from vigil_auditor.record import TRIAGE_FAILED_NOTE, repeats, to_record
 from vigil_auditor.settings import AuditorSettings
 
 log = structlog.get_logger("vigil.auditor")
@@ -68,6 +75,12 @@ _record = msgspec.json.Decoder(ConfessionRecord)
 PUBLISHED = "published"  # vigil-deliveries key prefix: alerts published on vigil.alerts
 TRIAGE_FAILED = "triage_failed"
 NATS_RETRY_S = 1.0
+# In-progress acks this often keep a confession's lease: well inside the ack wait, so one
+# late beat (a busy loop, a reconnect) does not lose it.
+HEARTBEAT_S = (topology.auditor_consumer().ack_wait or 10.0) / 3
+# Deliveries without any decision (each auditor that got it died or was cut off while
+# holding it) after which a confession is given up without trying it again.
+STUCK_DELIVERIES = 50
 
 
 def published_key(alert_id: str) -> str:
@@ -202,44 +215,54 @@ class Auditor:
         msg_id = msg.headers.get(subjects.MSG_ID) if msg.headers else None
         record = to_record(msg.subject, msg.data, msg_id, seq, utcnow())
         log_ = log.bind(confession_id=record.id, stream_seq=seq, attempt=attempt)
+        lease = asyncio.create_task(keep_lease(msg, HEARTBEAT_S))
+        try:
+            delay = await self._settle(record, meta.timestamp, attempt, log_)
+        finally:
+            # The beats end before the decision: one after a nak would undo its delay.
+            lease.cancel()
+            await asyncio.gather(lease, return_exceptions=True)
+        try:
+            if delay is None:
+                await msg.ack()
+            else:
+                await msg.nak(delay=delay)
+        except Exception as exc:  # it comes back; recording and triage are idempotent
+            log_.warning("decision_failed", error=repr(exc), nak=delay)
+
+    async def _settle(self, record: ConfessionRecord, at: datetime, attempt: int,
+                      log_: structlog.stdlib.BoundLogger) -> float | None:
+        """Record and triage one delivery. None: ack it; a number: nak it with that delay."""
+        failure: Exception | None = None
+        if attempt > STUCK_DELIVERIES:  # (VIGIL_TRIAGE_ATTEMPTS is at most 10)
+            failure = RuntimeError(f"delivered {attempt} times without an outcome (auditors "
+                                   "died or were cut off while triaging it)")
+            log_.error("triage_given_up", error=str(failure))
         while True:
             try:
-                await self._process(record, meta.timestamp)
-                break
+                if failure is None:
+                    await self._process(record, at)
+                else:
+                    await self._give_up(record, failure, attempt)
+                return None
             except NatsUnavailable as exc:
-                # Nothing newer can be triaged before this one anyway: keep it (no delivery
-                # is spent, so the consumer's max deliveries never drops it) and try again.
+                # Nothing newer can be triaged before this one anyway: keep it (the lease
+                # is kept, so no delivery is spent and no bug retry is counted) and retry.
                 if self._stop.is_set():
                     log_.warning("confession_handed_back", error=str(exc))
-                    with contextlib.suppress(Exception):
-                        await msg.nak()
-                    return
+                    return 0.0
                 log_.warning("confession_retry", error=str(exc))
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), NATS_RETRY_S)
             except Exception as exc:
+                if failure is not None:  # the log lines are all there is
+                    log_.exception("triage_give_up_failed")
+                    return None
                 if attempt < self.settings.triage_attempts:
                     log_.exception("triage_failed_retrying")
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=retry_delay(attempt))
-                    return
+                    return retry_delay(attempt)
                 log_.exception("triage_given_up")
-                try:
-                    await self._give_up(record, exc, attempt)
-                except NatsUnavailable as nats_exc:
-                    log_.warning("confession_retry", error=str(nats_exc))
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=NATS_RETRY_S)
-                    return
-                except Exception:  # the log line above and this one are all there is
-                    log_.exception("triage_give_up_failed")
-                break
-        try:
-            await msg.ack()
-        except Exception as exc:  # it comes back; recording and triage are idempotent
-            log_.warning("ack_failed", error=repr(exc))
+                failure = exc
 
     async def _process(self, record: ConfessionRecord, at: datetime) -> None:
         first = await self._record(record)
@@ -279,7 +302,20 @@ class Auditor:
         except msgspec.DecodeError:
             log.warning("confession_record_unreadable", confession_id=record.id)
             return False
-        return None if repeats(existing, record) else False
+        if repeats(existing, record):
+            return None
+        if existing.stream_seq != record.stream_seq:
+            # Its triage was given up and this message re-publishes it: it takes the
+            # record's place (so a further copy repeats it) and is triaged.
+            revision = int(entry.revision or 0)
+            # One confession is in flight: a wrong last sequence can only be our own retried
+            # write, which got there.
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await retrying(f"replace confession {record.id}",
+                               functools.partial(kv.update, record.id, data, last=revision))
+            log.info("confession_retriaged", confession_id=record.id,
+                     given_up_seq=existing.stream_seq, stream_seq=record.stream_seq)
+        return False
 
     async def _triage(self, record: ConfessionRecord, at: datetime) -> None:
         action = triage.operator_action(record)
@@ -335,7 +371,7 @@ class Auditor:
         """Triage of ``record`` keeps failing: keep the evidence, say so, move on."""
         kv, js = self._kv, self._js
         assert kv is not None and js is not None
-        note = f"triage failed after {attempts} deliveries: {type(exc).__name__}: {exc}"[:1_000]
+        note = f"{TRIAGE_FAILED_NOTE} {attempts} deliveries: {type(exc).__name__}: {exc}"[:1_000]
         self.metrics.triage_failed.inc()
         noted = msgspec.structs.replace(record, error="; ".join(
             e for e in (record.error, note) if e))
@@ -361,8 +397,11 @@ class Auditor:
             summary=f"a confession from {record.source or 'unknown'} could not be triaged",
             severity="error", category=TRIAGE_FAILED,
             detail=f"confession {record.id} (stream sequence {record.stream_seq}): {note}",
-            hint="it is kept in vigil-confessions under its id; fix the cause, then replay "
-            "the issues stream (or re-publish it) to triage it",
+            hint=f"it is kept in vigil-confessions under {record.id}; fix the cause, then "
+            "re-publish it and it is triaged (once): vigil replay stream "
+            f"{subjects.STREAM_ISSUES} --from-seq {record.stream_seq} --to-seq "
+            f"{record.stream_seq} --to {record.subject} --yes (to try once more later, add "
+            "--replay-id with a new name)",
             task_id=c.task_id if c else None, tenant=c.tenant if c else None,
             source="auditor", node=self.settings.node, component="auditor", time=utcnow(),
             data={"confession_id": record.id, "stream_seq": record.stream_seq},
