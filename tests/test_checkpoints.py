@@ -56,22 +56,24 @@ async def test_agent_checkpoints_are_durable_and_acknowledged(platform: Platform
 async def test_drain_hands_back_and_another_executor_resumes(platform: Platform,
                                                              tmp_path: Path) -> None:
     await platform.scheduler()
-    a = await platform.executor(node_id="node-a", workspace_root=str(tmp_path / "a"),
+    # Node ids of this session only: one node id runs one executor per host.
+    na, nb = session_node_id(), session_node_id()
+    a = await platform.executor(node_id=na, workspace_root=str(tmp_path / "a"),
                                 state_dir=str(tmp_path / "sa"), stop_grace_s=2)
     await platform.publish_spec(process_spec("mover", steps=40, step_s=0.05))
     await platform.events.wait_for("mover", "checkpoint", count=3)
     drained_at = time.monotonic()
     await a.shutdown()  # SIGTERM for an in-process executor: drain
     await eventually(lambda: _state_is(platform, "mover", "scheduled"), what="hand-back")
-    await platform.executor(node_id="node-b", workspace_root=str(tmp_path / "b"),
+    await platform.executor(node_id=nb, workspace_root=str(tmp_path / "b"),
                             state_dir=str(tmp_path / "sb"))
     started = await platform.events.wait_for("mover", "started", count=2)
     moved_in = time.monotonic() - drained_at
     state = await platform.final_state("mover", timeout=60)
-    assert state.status == "succeeded" and state.executor == "node-b"
+    assert state.status == "succeeded" and state.executor == nb
     assert state.attempt == 2
     assert [(h.attempt, h.executor, h.outcome) for h in state.history] == [
-        (1, "node-a", "handed_back"), (2, "node-b", "succeeded")]
+        (1, na, "handed_back"), (2, nb, "succeeded")]
     assert started[1]["resumed"] is True
     lines = lines_of(platform, "mover")
     resumed_line = next(ln for ln in lines if ln.endswith("attempt=2"))
@@ -263,12 +265,13 @@ async def test_undecodable_work_is_terminated_and_confessed(platform: Platform) 
 
 
 @pytest.mark.podman
-async def test_a_restore_that_keeps_failing_hands_the_task_back(
+async def test_a_corrupt_checkpoint_is_confessed_once_and_the_task_starts_empty(
     platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
-    """Podman refusing the checkpoint archive must not start the agent from an empty
-    workspace: tries on fresh containers, then the task goes back to the queue (no attempt
-    spent) with a confession, and resumes from the checkpoint once it can be restored."""
+    """A checkpoint whose bytes are not the archive that was saved (here: not a tar at
+    all) can never be restored, on any node: handing the task back would only loop to the
+    consumer's max deliveries. The executor says so once, loudly, and the agent starts
+    from an empty workspace (VIGIL_RESUMED=0) instead."""
     await platform.scheduler()
     a = await platform.executor(**podman_settings(podman))
     await platform.publish_spec({"id": "fragile", "command": ["python3", "-c", AGENT],
@@ -279,29 +282,93 @@ async def test_a_restore_that_keeps_failing_hands_the_task_back(
     held = await platform.state("fragile")
     assert held is not None and held.checkpoint is not None
     store = await platform.js.object_store(subjects.OBJ_CHECKPOINTS)
-    good = (await store.get(held.checkpoint.name)).data
     await store.put(held.checkpoint.name, b"this is not a tar archive\n" * 100)
 
     b = await platform.executor(**podman_settings(podman))
-    retrying = await platform.events.wait_for("fragile", "retrying", count=2, timeout=60)
-    reason = retrying[1]["reason"]
-    assert reason.startswith(f"could not restore checkpoint {held.checkpoint.name} on "
-                             f"{b.settings.node_id} (3 tries; last error: ")
-    assert reason.endswith("; handing the task back") and retrying[1]["delay_s"] == 5.0
-    (confession,) = await platform.confessions(category="restore_failed")
-    assert confession["task_id"] == "fragile" and confession["attempt"] == 2
-    assert confession["data"] == {"image": agent_image}
-    assert "instead of starting it from an empty workspace" in confession["summary"]
-    assert len(platform.events.of("fragile", "started")) == 1  # the agent never ran on b
-    back = await platform.state("fragile")
-    assert back is not None and back.status == "scheduled"
-    assert back.checkpoint == held.checkpoint  # still the one to resume from
-
-    await store.put(held.checkpoint.name, good)  # restorable again before the retry
     state = await platform.final_state("fragile", timeout=90)
     assert state.status == "succeeded", state.error
-    assert [h.outcome for h in state.history] == ["handed_back", "handed_back", "succeeded"]
+    assert [(h.executor, h.outcome) for h in state.history] == [
+        (a.settings.node_id, "handed_back"), (b.settings.node_id, "succeeded")]
+    started = platform.events.of("fragile", "started")
+    assert [s["resumed"] for s in started] == [False, False]
     lines = lines_of(platform, "fragile")
-    resumed_line = next(ln for ln in lines if ln.endswith("attempt=3"))
-    assert "resumed=1" in resumed_line and int(resumed_line.split()[2]) >= 2, resumed_line
+    assert "start at 0 resumed=0 attempt=2" in lines  # from scratch, and told so
     assert lines[-1] == "done at 12"
+    (confession,) = await platform.confessions(category="checkpoint_corrupt")
+    assert confession["severity"] == "critical" and confession["task_id"] == "fragile"
+    assert confession["attempt"] == 2 and confession["node"] == b.settings.node_id
+    assert confession["id"] == f"executor-{held.checkpoint.name.replace('/', '-')}-corrupt"
+    assert confession["summary"].startswith(
+        f"checkpoint {held.checkpoint.name} of task fragile (attempt 1, drain) is corrupt: "
+        "its content is not the archive that was saved")
+    assert "the agent starts from an empty workspace" in confession["summary"]
+    assert not await platform.confessions(category="restore_failed")
+    assert len(platform.events.of("fragile", "retrying")) == 1  # the drain's; no loop
+
+
+LINKED_AGENT = """
+import os, sys, time
+import vigil_agent as vigil
+if vigil.resumed():
+    print("resumed", flush=True)
+    sys.exit(0)
+os.symlink("/etc/hostname", os.path.join(vigil.workspace(), "outside"))
+print(f"linked on attempt {vigil.attempt()}", flush=True)
+print("checkpoint=" + ("ok" if vigil.checkpoint({}) else "failed"), flush=True)
+for _ in range(1200):  # until the executor drains (bounded: 60 s)
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+async def test_a_checkpoint_that_never_restores_ends_the_task_dead_with_evidence(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """An intact checkpoint that the runtime refuses, delivery after delivery, must neither
+    start the agent from an empty workspace nor loop through hand-backs to the consumer's
+    max deliveries: each delivery tries three times on fresh containers and hands the task
+    back (no attempt spent); the third delivery that fails makes it dead, with the
+    checkpoint and the last run's output kept. (The process runtime refuses to unpack a
+    link that points outside the workspace: tarfile's data filter.)"""
+    await platform.scheduler()
+    a = await platform.executor(**dirs(tmp_path, "a"), stop_grace_s=1)
+    await platform.publish_spec({"id": "linked", "command": [sys.executable, "-c", LINKED_AGENT],
+                                 "env": {"PYTHONPATH": HELPER}})
+    await platform.events.wait_for("linked", "checkpoint", timeout=30)
+    await a.shutdown()
+    await eventually(lambda: _state_is(platform, "linked", "scheduled"), what="hand-back")
+    held = await platform.state("linked")
+    assert held is not None and held.checkpoint is not None
+    assert "linked on attempt 1" in held.tail
+
+    b = await platform.executor(**dirs(tmp_path, "b"))
+    node = b.settings.node_id
+    state = await platform.final_state("linked", timeout=60)
+    assert state.status == "dead", state.error
+    assert [(h.attempt, h.outcome) for h in state.history] == [
+        (1, "handed_back"), (2, "handed_back"), (3, "handed_back"), (4, "failed")]
+    prefix = f"could not restore checkpoint {held.checkpoint.name} on {node} (3 tries; "
+    assert all((h.error or "").startswith(prefix) for h in state.history[1:])
+    assert (state.error or "").startswith(prefix)
+    assert (state.error or "").endswith("; 3 deliveries could not restore it, so the task "
+                                        "is dead instead of started from an empty workspace")
+    # The evidence: the checkpoint still referenced, and the last run's output (attempt
+    # 1's), not the empty output of the attempts whose agent never ran.
+    assert state.checkpoint == held.checkpoint
+    assert state.tail == held.tail
+    assert len(platform.events.of("linked", "started")) == 1
+    retrying = platform.events.of("linked", "retrying")
+    assert [(r["attempt"], r["delay_s"]) for r in retrying][1:] == [(2, 5.0), (3, 5.0)]
+    restore_failed = await platform.confessions(category="restore_failed")
+    assert sorted(c["attempt"] for c in restore_failed) == [2, 3, 4]
+    (dead,) = await platform.confessions(category="task_dead")
+    assert dead["id"] == "executor-linked-a4-dead" and dead["node"] == node
+    assert dead["summary"] == (f"task linked is dead: {state.error}; last checkpoint "
+                               f"{held.checkpoint.name}")
+    finished = platform.events.of("linked", "finished")
+    assert [f["status"] for f in finished] == ["dead"]
+
+
+def dirs(tmp_path: Path, name: str) -> dict[str, str]:
+    return {"workspace_root": str(tmp_path / f"ws-{name}"),
+            "state_dir": str(tmp_path / f"state-{name}")}

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from support import ExecutorProcess, Platform, eventually, stored_events
-from vigil import subjects
+from vigil import codec, subjects
 from vigil.embedded import PodmanService
+from vigil.messages import AttemptRecord, TaskSpec, TaskState, WorkItem, utcnow
 
 pytestmark = [pytest.mark.fault, pytest.mark.podman, pytest.mark.slow]
 
@@ -416,3 +418,88 @@ def _no_process_mentions_sync(text: str) -> bool:
         if text in cmdline:
             return False
     return True
+
+
+@pytest.mark.integration
+async def test_dropped_confessions_are_reported_when_the_lease_is_lost(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """An attempt that loses its lease stops its agent mid-output (the output pump is
+    cancelled, not ended): the confessions the rate limit dropped are still reported
+    (the report used to run only when the output ended by itself)."""
+    await platform.scheduler()
+    ex = await platform.executor(workspace_root=str(tmp_path / "ws"),
+                                 state_dir=str(tmp_path / "st"),
+                                 max_confessions=1, confessions_per_min=0)
+    confess = "".join(
+        f"echo '::vigil::confess {{\"summary\": \"loop {i}\", \"severity\": \"info\"}}'; "
+        for i in range(3))
+    script = f'[ "$VIGIL_ATTEMPT" -gt 1 ] && exit 0; {confess}exec sleep 60'
+    await platform.publish_spec({"id": "usurped", "command": ["sh", "-c", script]})
+    await eventually(lambda: _agent_confessed(platform, "usurped"), what="the agent's confession")
+    # A newer attempt takes the task over (as after this node froze past the ack wait):
+    # the heartbeat's next state read gives the lease up and stops the agent.
+    got = await platform.store.get("usurped")
+    assert got is not None and got[0].attempt == 1
+    taken = msgspec.structs.replace(got[0], attempt=2, executor="elsewhere")
+    assert await platform.store.cas(taken, got[1]) is not None
+    await eventually(lambda: _leases_lost(ex), what="the lease to be given up")
+    (dropped,) = await eventually(
+        lambda: _confessed(platform, "confession_rate_limit", "usurped"),
+        what="the dropped confessions to be reported")
+    assert dropped["summary"] == "2 confessions dropped by the rate limit (burst 1, 0 a minute)"
+    assert dropped["attempt"] == 1
+    # The message's lease lapses and a third attempt runs (and ends at once).
+    state = await platform.final_state("usurped", timeout=60)
+    assert state.status == "succeeded" and state.attempt == 3, state
+
+
+async def _agent_confessed(platform: Platform, task_id: str) -> bool:
+    return any(c.get("source") == "agent" and c.get("task_id") == task_id
+               for c in await platform.confessions())
+
+
+async def _confessed(platform: Platform, category: str, task_id: str) -> list[dict]:
+    return [c for c in await platform.confessions(category=category)
+            if c.get("task_id") == task_id]
+
+
+@pytest.mark.integration
+async def test_a_redelivery_resends_a_lost_task_dead_confession(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """An executor recorded a task ``dead`` and died before its confession and its ack:
+    the work message comes back, and the executor that gets it re-sends ``finished`` and
+    the ``task_dead`` confession, with the ids the first one would have used."""
+    now = utcnow()
+    spec = TaskSpec(command=["true"], id="buried", max_attempts=2)
+    work = WorkItem(task_id="buried", tenant="acme", spec=spec, submitted_at=now)
+    ack = await platform.js.publish(subjects.work("default"), codec.encode(work))
+    history = [AttemptRecord(attempt=n, executor="gone", started_at=now, ended_at=now,
+                             outcome="failed", error="agent exited with code 1")
+               for n in (1, 2)]
+    dead = TaskState(id="buried", tenant="acme", status="dead", attempt=2, executor="gone",
+                     created_at=now, updated_at=now, started_at=now, finished_at=now,
+                     spec=spec, exit_code=1, error="agent exited with code 1; 2 of 2 "
+                     "attempts failed", history=history, work_seq=ack.seq, delivery=1)
+    assert await platform.store.create(dead) is not None
+    await platform.executor(workspace_root=str(tmp_path / "ws"), state_dir=str(tmp_path / "st"))
+    (confession,) = await eventually(lambda: _confessed(platform, "task_dead", "buried"),
+                                     what="the task_dead confession")
+    assert confession["id"] == "executor-buried-a2-dead" and confession["attempt"] == 2
+    assert confession["summary"] == ("task buried is dead: agent exited with code 1; "
+                                     "2 of 2 attempts failed")
+    (finished,) = await platform.events.wait_for("buried", "finished")
+    assert finished["status"] == "dead"
+    # A re-published copy of the work (another message) is acked away: still one.
+    await platform.js.publish(subjects.work("default"), codec.encode(work))
+    await eventually(lambda: _work_settled(platform), what="both work messages acked")
+    assert len(await _confessed(platform, "task_dead", "buried")) == 1
+    assert (await platform.state("buried")) == dead  # nothing written
+
+
+async def _work_settled(platform: Platform) -> bool:
+    info = await platform.js.consumer_info(subjects.STREAM_WORK,
+                                           subjects.consumer_executor("default"))
+    return bool(info.delivered.stream_seq >= 2 and info.num_ack_pending == 0
+                and info.num_pending == 0)

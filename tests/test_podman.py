@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 
 import pytest
 
@@ -48,7 +49,7 @@ async def podman_platform(platform: Platform, podman: PodmanService, **overrides
 async def test_container_is_rootless_offline_readonly(
     platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
-    await podman_platform(platform, podman)
+    ex = await podman_platform(platform, podman)
     await platform.publish_spec({"id": "probe", "command": ["python3", "-c", PROBE]})
     state = await platform.final_state("probe", timeout=60)
     assert state.status == "succeeded", state.error
@@ -68,7 +69,8 @@ async def test_container_is_rootless_offline_readonly(
     assert env["VIGIL_TASK_ID"] == "probe" and env["VIGIL_ATTEMPT"] == "1"
     assert env["VIGIL_RESUMED"] == "0" and env["VIGIL_WORKSPACE"] == "/workspace"
     started = platform.events.of("probe", "started")[0]
-    assert started["limits_enforced"] is False  # cgroup v1 rootless here; said loudly
+    # Whether this host can enforce limits (cgroup v2, delegated), said on every start.
+    assert started["limits_enforced"] is ex.runtime.limits_enforced
 
 
 async def test_demo_agent_and_helper_module(
@@ -127,17 +129,25 @@ async def test_time_limit_in_container(
 async def test_a_second_executor_with_the_same_node_id_refuses_to_start(
     platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
-    """Two live executors with one node id share its state directory: the second used to
-    clear the first one's live control directories ("could not start the container ...
-    error mounting .../control/<task>-a<n> to rootfs at /run/vigil: no such file", the
-    flaky time-limit test of side-by-side runs) and remove its running containers as
-    orphans. Now it refuses to start, and the running agent is untouched."""
+    """Two live executors with one node id: the second used to clear the first one's live
+    control directories ("could not start the container ... error mounting
+    .../control/<task>-a<n> to rootfs at /run/vigil: no such file", the flaky time-limit
+    test of side-by-side runs) and remove its running containers as orphans, found by
+    the node id's label, so a state directory of its own would not help. Now it refuses
+    to start, with or without one, and the running agent is untouched."""
     ex = await podman_platform(platform, podman, stop_grace_s=1)
+    node = ex.settings.node_id
     await platform.publish_spec({"id": "held", "command": ["sleep", "60"], "timeout_s": 8})
     await platform.events.wait_for("held", "started", timeout=60)
-    with pytest.raises(SettingsError, match="another executor is running"):
+    refused = re.escape(f"another executor with node id {node} is running on this host; "
+                        "give each executor its own VIGIL_NODE_ID")
+    with pytest.raises(SettingsError, match=refused):
         await platform.executor(runtime="podman", unsafe_runtime=False,
-                                podman_url=podman.url, node_id=ex.settings.node_id)
+                                podman_url=podman.url, node_id=node)
+    with pytest.raises(SettingsError, match=refused):
+        await platform.executor(runtime="podman", unsafe_runtime=False,
+                                podman_url=podman.url, node_id=node,
+                                state_dir=f"/tmp/vigil-executor-{node}-elsewhere")
     state = await platform.final_state("held", timeout=60)
     assert state.status == "timed_out", state.error  # ran to its limit, not removed
 
@@ -148,16 +158,21 @@ async def test_unenforceable_limits_are_confessed_with_component_and_node(
     ex = await podman_platform(platform, podman)
     node = ex.settings.node_id
     host = ex.runtime.info["host"]  # type: ignore[attr-defined]
-    # This host: cgroup v1 (hybrid), rootless: memory/CPU/pids limits are not enforceable.
-    assert host["cgroupVersion"] == "v1" and ex.runtime.limits_enforced is False
     found = [c for c in await platform.confessions(category="limits_unenforced")
              if c.get("node") == node]
+    if ex.runtime.limits_enforced:
+        # cgroup v2 with delegated controllers: nothing to confess.
+        assert host["cgroupVersion"] == "v2" and found == []
+        return
+    # cgroup v1 (hybrid here), or v2 without delegation, rootless: memory/CPU/pids limits
+    # are not enforceable, and the executor says so.
     (confession,) = found  # said at start, before taking any work
     assert (confession["source"], confession["component"]) == ("executor", "executor")
     assert confession["severity"] == "warning"
     assert confession["summary"] == f"resource limits are not enforceable on node {node}"
-    assert confession["detail"].startswith("cgroup v1 rootless: memory/CPU/pids limits "
-                                           "cannot be enforced")
+    version = host.get("cgroupVersion") or "unknown"
+    assert confession["detail"].startswith(f"cgroup {version} rootless: memory/CPU/pids "
+                                           "limits cannot be enforced")
     assert "cgroup v2" in confession["hint"]
 
 

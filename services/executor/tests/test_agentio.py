@@ -252,8 +252,12 @@ def test_unsafe_runtime_needs_explicit_consent() -> None:
 def test_heartbeat_must_fit_in_ack_wait() -> None:
     import msgspec
 
-    with pytest.raises(msgspec.ValidationError, match="half"):
-        msgspec.convert({"ack_wait_s": 10, "heartbeat_s": 6}, ExecutorSettings)
+    # A third at most: half (the old rule) let one failed renewal lose the lease.
+    for heartbeat in (6, 5, 3.5):
+        with pytest.raises(msgspec.ValidationError,
+                           match=r"at most a third of ack_wait_s .* one lost heartbeat"):
+            msgspec.convert({"ack_wait_s": 10, "heartbeat_s": heartbeat}, ExecutorSettings)
+    assert msgspec.convert({"ack_wait_s": 3, "heartbeat_s": 1}, ExecutorSettings).heartbeat_s == 1
 
 
 def test_judge_delivery() -> None:

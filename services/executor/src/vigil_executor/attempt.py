@@ -71,15 +71,21 @@ from vigil_executor.agentio import (
 )
 from vigil_executor.checkpoint import (
     RESTORE_BACKOFF_S,
+    RESTORE_DELIVERIES,
     RESTORE_HAND_BACK_S,
     RESTORE_TRIES,
     CheckpointError,
+    archive_problem,
     object_name,
+    restore_failure,
+    restore_failures,
 )
 from vigil_executor.claim import (
     HandBack,
+    LeaseClock,
     LeaseLost,
     Outcome,
+    RestoreGaveUp,
     first_running_state,
     judge_delivery,
     lost_attempts,
@@ -133,6 +139,7 @@ class Attempt:
         self._write_lock = asyncio.Lock()  # one state write (and checkpoint) at a time
         self._checkpoints = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._pump_task: asyncio.Task[None] | None = None  # the agent's output, once started
 
     # entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -335,6 +342,12 @@ class Attempt:
         return True
 
     async def _execute(self, attempt: int) -> Outcome:
+        try:
+            return await self._run_agent(attempt)
+        finally:
+            await self._output_ended()
+
+    async def _run_agent(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
         ex, work = self.ex, self.work
         self.control = ex.control_dir(work.task_id, attempt)
@@ -367,6 +380,8 @@ class Attempt:
             await self._confess("error", "runtime_unavailable", str(exc))
             raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S,
                            kind="container runtime unavailable") from exc
+        except RestoreGaveUp as exc:
+            return Outcome("failed", None, str(exc), dead=True)
         except VigilError as exc:
             # The runtime refused this container (a bad mount, an invalid setting): a
             # clear failure of this task, not a crash that would loop through redelivery.
@@ -386,7 +401,7 @@ class Attempt:
             on_checkpoint=self._checkpoint_request,
             on_malformed=self._malformed,
         )
-        pump = asyncio.create_task(self._pump(self.container, output))
+        pump = self._pump_task = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
         stopper = asyncio.create_task(self._stop_event.wait())
         canceller = asyncio.create_task(self._cancel_event.wait())
@@ -464,9 +479,32 @@ class Attempt:
             # The object is gone (expired, deleted by hand): nothing to wait for.
             await self._restore_failed(str(exc))
             return False
+        problem = await asyncio.to_thread(archive_problem, into, ref.digest)
+        if problem is not None:
+            await self._checkpoint_corrupt(ref, problem)
+            return False
         into.seek(0)
         log.info("checkpoint_fetched", checkpoint=ref.name, size=size)
         return True
+
+    async def _checkpoint_corrupt(self, ref: CheckpointRef, problem: str) -> None:
+        """The checkpoint can never be restored, here or anywhere: handing the task back
+        would only loop. Say so once (the id names the checkpoint), stop pointing at it,
+        and let the agent start from an empty workspace (``VIGIL_RESUMED=0``)."""
+        assert self.state is not None
+        log.error("checkpoint_corrupt", checkpoint=ref.name, problem=problem)
+        await self._confess(
+            "critical", "checkpoint_corrupt",
+            f"checkpoint {ref.name} of task {self.state.id} (attempt {ref.attempt}, "
+            f"{ref.reason}) is corrupt: {problem}; the agent starts from an empty "
+            "workspace, the progress it saved is lost",
+            hint="the object in vigil-checkpoints was damaged or replaced after it was "
+            "saved; check who writes to the store. The object is kept until it expires",
+            confession_id=f"executor-{ref.name.replace('/', '-')}-corrupt")
+        async with self._write_lock:
+            now = utcnow()
+            await self._cas(lambda s: msgspec.structs.replace(s, checkpoint=None, updated_at=now)
+                            if s.checkpoint == ref else s)
 
     async def _unpack(self, spec: ContainerSpec, archive: IO[bytes]) -> None:
         """Unpack the checkpoint into the created container, or hand the task back.
@@ -475,7 +513,9 @@ class Attempt:
         and volume, since a failed unpack may have left part of the files. If it keeps
         failing, the agent must not start from an empty workspace and lose its progress:
         the task goes back to the queue (no attempt spent) with a confession, and its next
-        try, here or on another node, restores the same checkpoint.
+        try, here or on another node, restores the same checkpoint. Not forever: the
+        ``RESTORE_DELIVERIES``-th delivery that fails on the same checkpoint ends the task
+        ``dead`` (RestoreGaveUp), the checkpoint kept as evidence (ADR 8).
         """
         assert self.state is not None and self.state.checkpoint is not None
         name = self.state.checkpoint.name
@@ -498,13 +538,25 @@ class Attempt:
             if errors:
                 log.info("restore_retry_succeeded", checkpoint=name, tries=n, errors=errors)
             return
-        error = (f"could not restore checkpoint {name} on {self.ex.settings.node_id} "
-                 f"({RESTORE_TRIES} tries; last error: {clip(errors[-1], 600)})")
+        error = restore_failure(name, self.ex.settings.node_id, RESTORE_TRIES,
+                                clip(errors[-1], 600))
+        failed = restore_failures(self.state, name) + 1
+        if failed >= RESTORE_DELIVERIES:
+            # Handing back again would loop until the consumer's max deliveries, each time
+            # with nothing new to show; starting empty would lose the progress silently.
+            error += (f"; {failed} deliveries could not restore it, so the task is dead "
+                      "instead of started from an empty workspace")
+            await self._confess(
+                "error", "restore_failed", error,
+                hint="the checkpoint is kept: fix the cause (check the nodes' Podman "
+                "service log) and `vigil replay redrive` the task")
+            raise RestoreGaveUp(error)
         await self._confess(
             "error", "restore_failed",
             f"{error}; handed the task back instead of starting it from an empty workspace",
             hint="the next try (after a short delay, on any node) restores the same "
-            "checkpoint; if this repeats, check the node's Podman service log")
+            f"checkpoint; after {RESTORE_DELIVERIES} failed deliveries the task is dead. "
+            "If this repeats, check the node's Podman service log")
         raise HandBack(f"{error}; handing the task back", RESTORE_HAND_BACK_S,
                        kind="restore failed")
 
@@ -555,6 +607,8 @@ class Attempt:
                               f"{outcome.error}; {verdict.why}")
             if verdict.dead:
                 status = "dead"  # it kept failing: this attempt failed, the task is dead
+        if outcome.dead:
+            status = "dead"
 
         def finish(state: TaskState) -> TaskState:
             # A cancel's reason is in the state the scheduler marked (who, and why).
@@ -566,7 +620,10 @@ class Attempt:
             return msgspec.structs.replace(
                 state, status=status, exit_code=outcome.exit_code,
                 error=error, finished_at=now, updated_at=now,
-                history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
+                history=[*state.history, record][-HISTORY_KEPT:],
+                # An agent that never started printed nothing: the evidence is still the
+                # last run's output.
+                tail=tail if self.output is not None else state.tail,
                 # A failed task keeps its last checkpoint as evidence; a finished one
                 # needs it no more.
                 checkpoint=None if outcome.status == "succeeded" else state.checkpoint,
@@ -581,11 +638,7 @@ class Attempt:
             self.ex.checkpoints.delete_later(checkpoint.name)
         self.ex.metrics.tasks.labels(final.status).inc()
         if final.status == "dead":
-            where = f"; last checkpoint {checkpoint.name}" if checkpoint else ""
-            await self._confess("error", "task_dead",
-                                f"task {final.id} is dead: {final.error}{where}",
-                                hint="see its history and tail; `vigil replay redrive` "
-                                "runs it again with a fresh budget once the cause is fixed")
+            await self._confess_dead(final)
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error, executor=final.executor,
@@ -644,7 +697,12 @@ class Attempt:
     async def _finished_again(self, state: TaskState) -> None:
         """Re-publish a finished task's ``finished`` event (same id: a no-op if it is
         stored): an executor that died between recording the outcome and publishing the
-        event must not leave waiting clients waiting forever."""
+        event must not leave waiting clients waiting forever. A redelivery of the very
+        message whose attempt made the task ``dead`` re-sends its ``task_dead``
+        confession too (same id: the issues stream's duplicate window and the auditor's
+        id keep it one), since that executor may have died before sending it."""
+        if state.status == "dead" and state.work_seq == self.msg.metadata.sequence.stream:
+            await self._confess_dead(state)
         self.sink.emit(Finished(
             task_id=state.id, attempt=state.attempt, time=state.finished_at or utcnow(),
             status=state.status, exit_code=state.exit_code, error=state.error,
@@ -653,6 +711,18 @@ class Attempt:
                         if state.finished_at and state.started_at else None),
         ), once=True)
         await self.sink.drain()
+
+    async def _confess_dead(self, state: TaskState) -> None:
+        """The ``task_dead`` confession for ``state``, dead. Its id comes from the task and
+        its last attempt (not the time, not a counter), so whoever sends it again for the
+        same death sends the same confession, and a death after a redrive (a later
+        attempt) is a new one."""
+        where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
+        await self._confess("error", "task_dead", f"task {state.id} is dead: {state.error}{where}",
+                            hint="see its history and tail; `vigil replay redrive` runs it "
+                            "again with a fresh budget once the cause is fixed",
+                            task_id=state.id, tenant=state.tenant, attempt=state.attempt,
+                            confession_id=dead_confession_id(state.id, state.attempt))
 
     def _tail(self) -> list[str]:
         # Evidence, not a log: short lines, so the state stays well under the KV's limit.
@@ -742,9 +812,7 @@ class Attempt:
         if await self.ex.store.cas(dead, rev) is None:
             raise HandBack("task state changed while marking it dead", delay_s=1.0)
         self.ex.metrics.tasks.labels("dead").inc()
-        where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
-        await self._confess("error", "task_dead", f"task {state.id} is dead: {error}{where}",
-                            task_id=state.id, tenant=state.tenant, attempt=state.attempt)
+        await self._confess_dead(dead)
         self.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
                                 executor=state.executor,
                                 status="dead", error=error), once=True)
@@ -800,7 +868,10 @@ class Attempt:
                                        outcome="handed_back", error=exc.reason)
                 return msgspec.structs.replace(
                     s, status="scheduled", executor=None, updated_at=now,
-                    history=[*s.history, record][-HISTORY_KEPT:], tail=tail,
+                    # An attempt that printed nothing (its agent never ran: the image is
+                    # missing, the checkpoint would not restore) keeps the last run's
+                    # output as the evidence, for whoever ends the task later.
+                    history=[*s.history, record][-HISTORY_KEPT:], tail=tail or s.tail,
                     retry_at=now + timedelta(seconds=exc.delay_s) if exc.delay_s else None,
                 )
 
@@ -882,46 +953,60 @@ class Attempt:
         The same tick reads the task's state: if it moved to another attempt, a newer
         attempt owns the task (this executor was frozen or partitioned past the ack wait).
 
-        The lease is given up at ``ack_wait - heartbeat`` without a confirmed renewal, not
-        at the ack wait: the server's clock started at its last renewal, before ours did,
-        and the agent must be stopped before the server hands the task to another node,
-        not after. A tick that comes late (the process was frozen by SIGSTOP, the host
-        stalled) reads the state before renewing: a late in-progress ack must not renew
-        a lease that another attempt holds now.
+        The timing is :class:`~vigil_executor.claim.LeaseClock`'s: renewals on a fixed
+        cadence, the lease given up at ``ack_wait - heartbeat / 2`` after the last
+        confirmed renewal was sent, so one failed renewal does not lose it and the agent
+        is stopped before the server hands the task to another node, not after. A tick
+        that comes late (the process was frozen by SIGSTOP, the host stalled) reads the
+        state before renewing: a late in-progress ack must not renew a lease that another
+        attempt holds now.
         """
         conf = self.ex.settings
         assert self.state is not None
         task_id, attempt = self.state.id, self.state.attempt
-        give_up_s = conf.ack_wait_s - conf.heartbeat_s  # > 0: heartbeat <= ack wait / 2
+        clock = LeaseClock(conf.ack_wait_s, conf.heartbeat_s, self._lease_ok)
+        failure: str | None = None  # why the newest renewal failed, until one succeeds
         while not self._lease_done.is_set():
             # Not asyncio.sleep + cancel: on Python 3.11 a cancel that lands while a
             # wait_for (inside flush, or ours) completes is swallowed, and a cancelled
             # heartbeat would renew forever, holding the attempt and its slot. The event
             # ends the loop whatever happens to the cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_done.wait(), conf.heartbeat_s)
+                await asyncio.wait_for(self._lease_done.wait(),
+                                       max(0.0, clock.wake_at() - time.monotonic()))
             if self._lease_done.is_set():
                 return
-            lapsed = time.monotonic() - self._lease_ok
-            if lapsed > 2 * conf.heartbeat_s:
+            now = time.monotonic()
+            if clock.late(now) and not clock.expired(now):
                 # A tick was missed: we were asleep. Who holds the task now?
-                log.warning("lease_late", lapsed_s=round(lapsed, 1))
+                log.warning("lease_late", lapsed_s=round(clock.lapsed(now), 1))
                 await self._still_holder(task_id, attempt)
-                if lapsed > give_up_s:
-                    raise LeaseLost(f"no renewal for {lapsed:.1f}s (the process was frozen "
-                                    f"or stalled; ack wait {conf.ack_wait_s:g}s)")
+                now = time.monotonic()
+            if clock.expired(now):
+                # No time left to ask anyone: the agent must stop before the server can
+                # hand the task to another node.
+                lapsed = clock.lapsed(now)
+                if failure is not None:
+                    raise LeaseLost(f"could not renew the lease for {lapsed:.1f}s (ack "
+                                    f"wait {conf.ack_wait_s:g}s; {failure})")
+                raise LeaseLost(f"no renewal for {lapsed:.1f}s (the process was frozen "
+                                f"or stalled; ack wait {conf.ack_wait_s:g}s)")
+            if not clock.is_due(now):
+                continue  # the timer fired a hair early
+            clock.advance(now)
+            sent = time.monotonic()
             try:
                 await self.msg.in_progress()
-                await self.ex.nc.flush(timeout=max(1, int(conf.heartbeat_s)))
-                self._lease_ok = time.monotonic()
+                # nats-py annotates the timeout as int; any positive number works.
+                await self.ex.nc.flush(timeout=clock.renewal_timeout(sent))  # type: ignore[arg-type]
             except Exception as exc:  # any failure to renew counts
-                lapsed = time.monotonic() - self._lease_ok
-                log.warning("lease_renewal_failed", error=str(exc) or type(exc).__name__,
-                            lapsed_s=round(lapsed, 1))
-                if lapsed > give_up_s:
-                    raise LeaseLost(f"could not renew the lease for {lapsed:.1f}s (ack wait "
-                                    f"{conf.ack_wait_s:g}s)") from exc
+                failure = str(exc) or type(exc).__name__
+                log.warning("lease_renewal_failed", error=failure,
+                            lapsed_s=round(clock.lapsed(time.monotonic()), 1))
                 continue
+            clock.renewed(sent)
+            self._lease_ok = sent
+            failure = None
             current = await self._still_holder(task_id, attempt)
             if current is not None and current.cancel_requested_at is not None:
                 # The core-NATS nudge is best effort; the state is the truth.
@@ -951,7 +1036,7 @@ class Attempt:
             if self.confessions.dropped == 1:
                 log.warning("confessions_rate_limited", burst=self.confessions.burst,
                             per_min=self.confessions.per_min)
-            return  # counted; reported once when the agent's output ends (_pump)
+            return  # counted; reported once when the agent's output ends (_output_ended)
         n = self.confessions.accepted
         cid = f"{self.state.id}-a{self.state.attempt}-c{n}"
         full = msgspec.structs.replace(
@@ -1028,13 +1113,32 @@ class Attempt:
             await self.sink.room()
             await output.feed(stream, line)
             lines.labels(stream).inc()
-        await self._report_dropped()
+
+    async def _output_ended(self) -> None:
+        """However the agent's run ended (its exit, a drain, the lease lost, an output
+        stream that would not end), its output is over now: say once how many
+        confessions the rate limit dropped. Bounded: NATS may be what cut us off."""
+        pump = self._pump_task
+        if pump is None:
+            return  # the agent never started
+        if not pump.done():
+            pump.cancel()
+        await asyncio.wait({pump}, timeout=OUTPUT_GRACE_S)
+        try:
+            await asyncio.wait_for(self._report_dropped(), self.ex.settings.heartbeat_s)
+        except TimeoutError:
+            log.warning("dropped_confessions_report_failed", dropped=self.confessions.dropped,
+                        error="timed out")
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def dead_confession_id(task_id: str, attempt: int) -> str:
+    return f"executor-{task_id}-a{attempt}-dead"
 
 
 def _retry_not_due(state: TaskState, now: datetime) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import tarfile
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from nats.js.object_store import ObjectStore
 from vigil import subjects
 from vigil.errors import VigilError
 from vigil.jetstream import retrying
+from vigil.messages import TaskState
 from vigil_executor.runtime import ArchiveTooLarge
 
 log = structlog.get_logger("vigil.executor.checkpoint")
@@ -36,6 +38,9 @@ SPOOL_IN_MEMORY = 8 * 1024 * 1024  # smaller archives never touch the disk
 RESTORE_TRIES = 3
 RESTORE_BACKOFF_S = 0.5
 RESTORE_HAND_BACK_S = 5.0
+# Deliveries that may fail to restore one checkpoint (each after RESTORE_TRIES tries)
+# before the task is dead instead of handed back again (ADR 8).
+RESTORE_DELIVERIES = 3
 
 
 class CheckpointError(VigilError):
@@ -80,7 +85,8 @@ class CheckpointStore:
         """Spool ``archive``, enforce the size limit, upload; return what was stored.
 
         The limit bites as bytes arrive: the first chunk past it ends the checkpoint (the
-        Podman runtime, given the same limit, stops its own download there too)."""
+        Podman runtime, given the same limit, stops its own download once past it plus
+        ``RAW_SLACK``, 64 KiB)."""
         digest = hashlib.sha256()
         size = 0
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
@@ -136,3 +142,42 @@ class CheckpointStore:
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+def archive_problem(archive: IO[bytes], digest: str) -> str | None:
+    """Why the downloaded checkpoint in ``archive`` can never be restored, or None: its
+    bytes are not the ones the task's state recorded, or they are not a tar archive at
+    all. Reads the whole file (blocking: run it in a thread); leaves it at the start."""
+    archive.seek(0)
+    found = hashlib.sha256()
+    while chunk := archive.read(1024 * 1024):
+        found.update(chunk)
+    archive.seek(0)
+    if f"sha256:{found.hexdigest()}" != digest:
+        return (f"its content is not the archive that was saved (sha256:"
+                f"{found.hexdigest()[:16]}..., recorded {digest[:23]}...)")
+    try:
+        with tarfile.open(fileobj=archive, mode="r:") as tar:
+            for _ in tar:
+                pass
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"it is not a readable tar archive ({exc})"
+    finally:
+        archive.seek(0)
+    return None
+
+
+def restore_failure(name: str, node: str, tries: int, last_error: str) -> str:
+    """The error of a delivery that could not restore checkpoint ``name``: the reason its
+    hand-back records in the task's history, where :func:`restore_failures` counts it."""
+    return (f"could not restore checkpoint {name} on {node} ({tries} tries; last error: "
+            f"{last_error})")
+
+
+def restore_failures(state: TaskState, name: str) -> int:
+    """Earlier deliveries handed back because checkpoint ``name`` would not restore, since
+    the task's newest operator redrive (which gives fresh tries, like a fresh budget)."""
+    prefix = f"could not restore checkpoint {name} on "
+    return sum(1 for h in state.history
+               if h.outcome == "handed_back" and h.attempt > state.budget_from
+               and (h.error or "").startswith(prefix))

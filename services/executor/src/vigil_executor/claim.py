@@ -34,6 +34,14 @@ class Outcome:
     # Set for the agent's own failures (non-zero exit, OOM kill), which may be retried:
     # the short cause the ``retrying`` event names, e.g. "agent exited with code 3".
     retryable_cause: str | None = None
+    # The attempt failed and the task is ``dead`` with it (its checkpoint would not
+    # restore, delivery after delivery): final, not retried.
+    dead: bool = False
+
+
+class RestoreGaveUp(Exception):
+    """The task's checkpoint would not restore on this delivery, nor on the ones before:
+    the task is dead rather than started from an empty workspace (ADR 8)."""
 
 
 def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
@@ -92,3 +100,61 @@ def lost_attempts(state: TaskState) -> int:
     ``max_lost_attempts``."""
     return sum(1 for h in state.history
                if h.outcome == "lost" and h.attempt > state.budget_from)
+
+
+class LeaseClock:
+    """When to renew a task's lease and when to give it up: arithmetic on a monotonic
+    clock, kept apart from the heartbeat's I/O (``Attempt._heartbeat``; ADR 7).
+
+    - Renewals are due every ``heartbeat_s`` on a fixed cadence: a slow or failed renewal
+      does not push the next one back. A tick more than a whole heartbeat late means the
+      process was asleep (SIGSTOP, a stalled host): the caller reads the task's state
+      before renewing anything.
+    - The lease counts from the moment the newest renewal the server confirmed was *sent*
+      (the server's timer started when it received it, a little later), or from the
+      delivery. It is given up at ``ack_wait - heartbeat / 2`` without a newer one, so the
+      agent is stopped before the server can hand the task to another node.
+    - With ``heartbeat <= ack_wait / 3`` (the settings' rule) one failed renewal does not
+      lose the lease: the next one is due two heartbeats after the last good one, half a
+      heartbeat before the give-up point. Two in a row do.
+    """
+
+    def __init__(self, ack_wait_s: float, heartbeat_s: float, start: float) -> None:
+        self.ack_wait_s = ack_wait_s
+        self.heartbeat_s = heartbeat_s
+        self.give_up_s = ack_wait_s - heartbeat_s / 2
+        self.renewed_at = start
+        self.due = start + heartbeat_s
+
+    @property
+    def deadline(self) -> float:
+        """When the lease is given up unless a renewal is confirmed before."""
+        return self.renewed_at + self.give_up_s
+
+    def wake_at(self) -> float:
+        return min(self.due, self.deadline)
+
+    def lapsed(self, now: float) -> float:
+        return now - self.renewed_at
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def late(self, now: float) -> bool:
+        return now - self.due > self.heartbeat_s
+
+    def is_due(self, now: float) -> bool:
+        return now >= self.due
+
+    def advance(self, now: float) -> None:
+        """This tick's renewal is under way: the next is due a heartbeat after this one
+        was (after now, when this tick was late)."""
+        self.due = now + self.heartbeat_s if self.late(now) else self.due + self.heartbeat_s
+
+    def renewal_timeout(self, now: float) -> float:
+        """How long a renewal started ``now`` may wait for the server's confirmation: a
+        heartbeat, and never past the give-up point."""
+        return max(0.001, min(self.heartbeat_s, self.deadline - now))
+
+    def renewed(self, sent_at: float) -> None:
+        self.renewed_at = max(self.renewed_at, sent_at)

@@ -14,6 +14,7 @@ import fcntl
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -72,7 +73,7 @@ class Executor:
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
         self._advertiser: Advertiser | None = None
         self._naks: set[asyncio.Task[None]] = set()
-        self._state_lock: int | None = None  # fd holding the state directory's flock
+        self._locks: list[int] = []  # fds holding the node id's and state directory's flocks
         self.checkpoints: CheckpointStore
         self.ready = asyncio.Event()
 
@@ -186,45 +187,45 @@ class Executor:
         """Agents read their control directory through a read-only bind mount as an
         unprivileged uid: world-readable, writable only by us. The default lives in /tmp
         under a predictable name, so an existing one must be ours and not a symlink."""
+        self._lock_node_id()
         control = self.state_dir / "control"
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         for d in (self.state_dir, control):
-            try:
-                d.mkdir(mode=0o755)
-                os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
-            except FileExistsError:
-                st = os.lstat(d)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
-                        st.st_mode & 0o022:
-                    raise SettingsError(
-                        f"{d} exists but is not a directory owned by this executor's user and "
-                        "writable only by it; remove it, or set VIGIL_STATE_DIR") from None
+            _private_dir(d, 0o755, "set VIGIL_STATE_DIR")
         self._lock_state_dir()
         for leftover in control.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def _lock_state_dir(self) -> None:
-        """One live executor per state directory (and so, by default, per node id).
+    def _lock_node_id(self) -> None:
+        """One live executor per node id on this host, whatever its state directory.
 
-        At start an executor clears the control directories an earlier life left and
-        removes that life's containers. A second live executor with the same node id would
-        clear the first one's *live* control directories, and its agents then fail to start
-        ("error mounting /tmp/vigil-executor-<node>/control/<task>-a<n> to rootfs at
-        /run/vigil: no such file or directory" - the flaky "could not start the container"
-        of side-by-side test runs), and would remove its running containers as orphans.
-        The flock dies with the process, so a restart after kill -9 takes it over."""
-        path = self.state_dir / "executor.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SettingsError(
-                f"another executor is running with the state directory {self.state_dir} "
-                f"(node id {self.settings.node_id}); give each executor on a host its own "
-                "VIGIL_NODE_ID (or VIGIL_STATE_DIR): two with one node id remove each "
-                "other's agents") from None
-        self._state_lock = fd
+        At start an executor removes the containers an earlier life of its node id left,
+        found by the node id's label in Podman, not by anything in its state directory: a
+        second live executor with the same node id (even with its own VIGIL_STATE_DIR)
+        would remove the first one's running agents as orphans. So the lock is a file
+        named after the node id in one place per user (the executors of a user share its
+        rootless Podman). The flock dies with the process, so a restart after kill -9
+        takes it over."""
+        node = self.settings.node_id
+        path = node_lock_dir() / f"executor-{node}.lock"
+        self._locks.append(_flock(path, lambda: SettingsError(
+            f"another executor with node id {node} is running on this host; give each "
+            "executor its own VIGIL_NODE_ID: two with one node id remove each other's "
+            "agents")))
+
+    def _lock_state_dir(self) -> None:
+        """One live executor per state directory.
+
+        At start an executor clears the control directories an earlier life left. A second
+        live executor with the same state directory (set to one path for two node ids)
+        would clear the first one's *live* control directories, and its agents then fail
+        to start ("error mounting /tmp/vigil-executor-<node>/control/<task>-a<n> to rootfs
+        at /run/vigil: no such file or directory" - the flaky "could not start the
+        container" of side-by-side test runs)."""
+        self._locks.append(_flock(self.state_dir / "executor.lock", lambda: SettingsError(
+            f"another executor is running with the state directory {self.state_dir}; give "
+            "each executor its own VIGIL_STATE_DIR (or leave it unset: the default is one "
+            "per node id)")))
 
     def control_dir(self, task_id: str, attempt: int) -> Path:
         d = self.state_dir / "control" / f"{task_id}-a{attempt}"
@@ -331,9 +332,8 @@ class Executor:
             await self.runtime.close()
         if self._ops is not None:
             await self._ops.stop()
-        if self._state_lock is not None:
-            os.close(self._state_lock)  # releases the flock: a successor may start now
-            self._state_lock = None
+        while self._locks:
+            os.close(self._locks.pop())  # releases the flock: a successor may start now
         log.info("executor_stopped")
 
     async def _on_reconnect(self) -> None:
@@ -351,3 +351,42 @@ class Executor:
         await publish_confession(self.js, confession)
         self.metrics.confessions.labels(confession.source or "executor",
                                         confession.severity).inc()
+
+
+def node_lock_dir() -> Path:
+    """Where this user's executors keep their node id locks: the user's runtime directory
+    (``/run/user/<uid>``, as for the Podman socket) where there is one, else a private
+    directory in /tmp. The same for every executor of the user, whatever its settings."""
+    uid = os.geteuid()
+    runtime = Path(f"/run/user/{uid}")
+    if runtime.is_dir():
+        return _private_dir(runtime / "vigil", 0o700, "fix its owner or mode")
+    return _private_dir(Path(f"/tmp/vigil-{uid}"), 0o700,  # noqa: S108 - checked: ours, private
+                        "fix its owner or mode")
+
+
+def _private_dir(d: Path, mode: int, fix: str) -> Path:
+    """Create ``d`` with ``mode``, or check that the existing one is a directory (not a
+    symlink) owned by this user and writable only by it: the paths are predictable."""
+    try:
+        d.mkdir(mode=mode)
+        os.chmod(d, mode)
+    except FileExistsError:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise SettingsError(
+                f"{d} exists but is not a directory owned by this executor's user and "
+                f"writable only by it; remove it, or {fix}") from None
+    return d
+
+
+def _flock(path: Path, busy: Callable[[], SettingsError]) -> int:
+    """An fd holding an exclusive flock on ``path``; ``busy()`` is raised if another
+    process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise busy() from None
+    return fd

@@ -42,9 +42,12 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     advertise_s: Annotated[float, Meta(gt=0, le=5)] = 2.0
     """How often the node refreshes its entry in vigil-executors (TTL 15 s)."""
     ack_wait_s: Annotated[float, Meta(ge=2, le=86_400)] = 30.0
-    """Lease length: a task whose executor stops renewing is redelivered after this."""
+    """Lease length: a task whose executor stops renewing is redelivered after this. The
+    executor stops the agent itself half a heartbeat earlier, at ``ack_wait - heartbeat
+    / 2`` without a confirmed renewal, so it is gone before another node gets the task."""
     heartbeat_s: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
-    """Lease renewal interval (in-progress acks); must be well inside the ack wait."""
+    """Lease renewal interval (in-progress acks); at most a third of the ack wait, so one
+    renewal that fails (NATS slow or briefly cut off) does not lose the lease."""
     runtime: Literal["podman", "process", "null"] = "podman"
     """Container runtime. ``process`` and ``null`` are UNSAFE (no sandbox), for benchmarks."""
     unsafe_runtime: bool = False
@@ -54,7 +57,10 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     stop_grace_s: Annotated[float, Meta(ge=0, le=600)] = 10.0
     """SIGTERM-to-SIGKILL grace when stopping an agent."""
     max_line_bytes: Annotated[int, Meta(ge=256, le=65_536)] = 16_384
-    """Longer output lines are truncated."""
+    """Longer output lines are truncated. It also caps ``::vigil::`` control lines, at
+    the smaller of this and 16 KiB: an agent's confession is one such line (summary,
+    detail and all), and a longer one is refused with a ``confession_too_large``
+    confession (the cut line is kept as log)."""
     pids_limit: Annotated[int, Meta(ge=16)] = 512
     """Processes (and threads) per agent container. Enforced by cgroups only where cgroup
     v2 is delegated; the executor says so at start where it is not."""
@@ -70,10 +76,13 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     max_confessions: Annotated[int, Meta(ge=0)] = 100
     """Confession burst per task attempt: the size of its token bucket (full at start).
     Past it, confessions get through at ``VIGIL_CONFESSIONS_PER_MIN``; the rest are
-    dropped, counted, and reported once in a platform confession when the agent ends."""
+    dropped, counted, and reported once in a platform confession when the agent ends.
+    0 turns agents' confessions off: a bucket that holds nothing never refills, whatever
+    the rate (each one is still dropped, counted and reported)."""
     confessions_per_min: Annotated[float, Meta(ge=0)] = 10.0
-    """Refill rate of the confession bucket (see ``VIGIL_MAX_CONFESSIONS``), per minute;
-    0 makes the burst a hard cap per attempt."""
+    """Refill rate of the confession bucket (see ``VIGIL_MAX_CONFESSIONS``), per minute,
+    up to the burst (so with a burst of 0 it has no effect); 0 makes the burst a hard cap
+    per attempt."""
     workspace_root: str = ""
     """Host directory for the unsafe process runtime's workspaces (default: a temp dir)."""
     state_dir: str = ""
@@ -81,9 +90,12 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     (replies to checkpoint requests). Default: /tmp/vigil-executor-<node id>."""
     checkpoint_max_mb: Annotated[float, Meta(gt=0)] = 1024
     """Largest workspace archive a checkpoint may hold, in MiB (fractions allowed, e.g.
-    ``0.5``). Counted while the archive downloads: the first byte past the limit stops it,
-    the checkpoint fails with a clear error to the agent, an event and a confession, and
-    the agent carries on."""
+    ``0.5``). Counted while the archive downloads, so an oversized workspace does not
+    fill the host's disk first: Podman's download stops once it is past the limit plus
+    64 KiB of slack (Podman names the archive's members a little differently from the
+    stored archive, whose exact size is checked against the limit). The checkpoint fails
+    with a clear error to the agent, an event and a confession, and the agent carries on;
+    no stored checkpoint exceeds the limit."""
     max_lost_attempts: Annotated[int, Meta(ge=1, le=1_000)] = 5
     """A task whose attempts lost their executor (node died, lease lapsed) this many times
     in total since its last redrive is ``dead`` (a crash loop: it may be killing its
@@ -102,8 +114,10 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_labels(self.labels)  # a malformed value fails at start, naming the setting
-        if self.heartbeat_s * 2 > self.ack_wait_s:
+        if self.heartbeat_s * 3 > self.ack_wait_s:
             raise ValueError(
-                f"heartbeat_s ({self.heartbeat_s}) must be at most half of ack_wait_s "
-                f"({self.ack_wait_s}) so that one lost heartbeat does not lose the lease"
+                f"heartbeat_s ({self.heartbeat_s:g}) must be at most a third of ack_wait_s "
+                f"({self.ack_wait_s:g}) so that one lost heartbeat does not lose the lease "
+                "(the executor gives the lease up half a heartbeat before the ack wait; "
+                "the renewal after a failed one comes two heartbeats after the last)"
             )
