@@ -29,18 +29,25 @@ from typing import Any
 import msgspec
 import structlog
 
-from vigil.messages import SEVERITIES, Confession, Event, Log, Progress, utcnow
+from vigil.messages import (
+    SEVERITIES,
+    SUMMARY_CHARS,
+    TAIL_LINES,
+    Confession,
+    Event,
+    Log,
+    Progress,
+    utcnow,
+)
 from vigil_executor.runtime import Stream, TruncatedLine
 
 log = structlog.get_logger("vigil.executor.agentio")
 
 PREFIX = "::vigil::"
 MAX_CONTROL_BYTES = 16_384
-SUMMARY_CHARS = 2_000  # the contract's limit (vigil.messages.Confession)
 BATCH_LINES = 100
 BATCH_BYTES = 64 * 1024
 BATCH_DELAY_S = 0.05
-TAIL_LINES = 20
 
 _json = msgspec.json.Decoder()
 

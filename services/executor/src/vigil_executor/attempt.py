@@ -48,6 +48,9 @@ from vigil import codec
 from vigil.errors import ImageNotFound, NatsUnavailable, RuntimeUnavailable, VigilError
 from vigil.jetstream import log_tail
 from vigil.messages import (
+    HISTORY_KEPT,
+    SUMMARY_CHARS,
+    TAIL_LINE_CHARS,
     AttemptRecord,
     Checkpoint,
     CheckpointRef,
@@ -61,8 +64,6 @@ from vigil.messages import (
     utcnow,
 )
 from vigil_executor.agentio import (
-    SUMMARY_CHARS,
-    TAIL_LINES,
     AgentOutput,
     ConfessionLimiter,
     ConfessionTooLarge,
@@ -109,8 +110,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vigil.executor")
 
 OUTPUT_GRACE_S = 10.0
-TAIL_LINE_CHARS = 1_000
-HISTORY_KEPT = 50
 RUNTIME_RETRY_DELAY_S = 5.0
 LABELS_RETRY_DELAY_S = 0.5
 # A redelivery this close to its retry_at runs now: server timers and clocks are not exact.
@@ -826,8 +825,7 @@ class Attempt:
         tail if they cannot be read in time."""
         try:
             return await asyncio.wait_for(
-                log_tail(self.ex.js, state.id, state.attempt, lines=TAIL_LINES,
-                         line_chars=TAIL_LINE_CHARS),
+                log_tail(self.ex.js, state.id, state.attempt),
                 self.ex.settings.ack_wait_s / 2)
         except Exception as exc:
             log.warning("tail_unread", error=str(exc) or type(exc).__name__)
