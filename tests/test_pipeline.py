@@ -286,10 +286,16 @@ async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
         await naker.stop()
     assert state.status == "dead"
     assert f"delivered {topology.MAX_DELIVERIES} times" in (state.error or "")
-    # ... and the message no longer sits in the work queue.
-    info = await platform.js.stream_info(subjects.STREAM_WORK)
-    assert info.state.messages == 0
-    finished = platform.events.of("bounced", "finished")
+
+    # ... and the message no longer sits in the work queue. The scheduler deletes it as
+    # the burial's last step, after the state, the confession and the event (the other
+    # way round, a crash in between would leave a task nothing can find again), so the
+    # dead state is visible a moment before the queue is empty: wait for it.
+    async def work_queue_empty() -> bool:
+        info = await platform.js.stream_info(subjects.STREAM_WORK)
+        return info.state.messages == 0
+    await eventually(work_queue_empty, what="the dead task's work message to be deleted")
+    finished = await platform.events.wait_for("bounced", "finished")
     assert [f["status"] for f in finished] == ["dead"]
     # The evidence: no attempt ever ran (nothing to add to history or tail), and the
     # scheduler confessed the burial, naming itself.
