@@ -133,6 +133,9 @@ class DeadLetters:
             ))
             log.warning("task_dead_max_deliveries", deliveries=deliveries)
             return
+        # The state kept changing under us: the notice comes back (the work message stays
+        # until the task is buried, or it would be a task nothing can find again).
+        raise NatsUnavailable(f"task {task_id} changed 10 times while burying it; retrying")
 
     async def _tail(self, state: TaskState) -> list[str]:
         """The running attempt's last output lines (its executor, which knew them, is not
