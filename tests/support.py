@@ -322,3 +322,32 @@ class GatewayProcess(ServiceProcess):
                 if isinstance(entry, dict) and entry.get("event") == self.ready_line:
                     return str(entry["url"])
         raise AssertionError(f"gateway {self.node_id} has not logged its URL yet")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def run_vigil(home: Any, url: str, token: str, *argv: str, timeout: float = 60.0,
+                    **env: str) -> CliResult:
+    """Run the ``vigil`` command line against gateway ``url`` as the holder of ``token``,
+    in a home of its own (no stray config file or client.json is read)."""
+    import sys
+    from pathlib import Path
+
+    environ = {"PATH": "/usr/bin:/bin", "HOME": str(home),
+               "XDG_CONFIG_HOME": str(Path(home) / ".config"),
+               "VIGIL_GATEWAY_URL": url, "VIGIL_TOKEN": token, **env}
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "vigil"), *argv, env=environ, cwd=home,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(), err.decode())

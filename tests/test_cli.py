@@ -4,33 +4,20 @@ with filters and pages, follow logs, wait, cancel, and the exit codes scripts re
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support import Platform, eventually
+from support import CliResult, Platform, eventually, run_vigil
 from vigil import auth
 from vigil.client import Client
 
 pytestmark = pytest.mark.integration
 
-VIGIL = str(Path(sys.executable).parent / "vigil")
 SLEEPER = ["python3", "-c", "import time\nprint('working', flush=True)\ntime.sleep(60)"]
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @dataclass
@@ -39,18 +26,10 @@ class Cli:
     token: str
     home: Path
 
-    async def __call__(self, *argv: str, timeout: float = 60.0, **env: str) -> Result:
+    async def __call__(self, *argv: str, timeout: float = 60.0, **env: str) -> CliResult:
         """Run ``vigil ARGV`` with the gateway and token from the environment, in a home
         of its own (no stray config file or client.json is read)."""
-        environ = {"PATH": "/usr/bin:/bin", "HOME": str(self.home),
-                   "XDG_CONFIG_HOME": str(self.home / ".config"),
-                   "VIGIL_GATEWAY_URL": self.url, "VIGIL_TOKEN": self.token, **env}
-        proc = await asyncio.create_subprocess_exec(
-            VIGIL, *argv, env=environ, cwd=self.home, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        assert proc.returncode is not None
-        return Result(proc.returncode, out.decode(), err.decode())
+        return await run_vigil(self.home, self.url, self.token, *argv, timeout=timeout, **env)
 
 
 @pytest.fixture

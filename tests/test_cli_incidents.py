@@ -4,34 +4,20 @@ gateway and auditor on a real nats-server: the table, the filters, `show`, `ack`
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from support import Platform, eventually
+from support import CliResult, Platform, eventually, run_vigil
 from vigil import auth, subjects
 from vigil.cli_output import EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE
 
 pytestmark = pytest.mark.integration
 
-VIGIL = str(Path(sys.executable).parent / "vigil")
 REGISTRY = "cannot reach registry mirror <n>"
 QUOTA = "quota exceeded for bucket <n>"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @dataclass
@@ -39,18 +25,10 @@ class Cli:
     url: str
     home: Path
 
-    async def __call__(self, token: str, *argv: str, timeout: float = 60.0) -> Result:
+    async def __call__(self, token: str, *argv: str, timeout: float = 60.0) -> CliResult:
         """Run ``vigil ARGV`` as the holder of ``token``, in a home of its own (no stray
         config file or client.json is read)."""
-        environ = {"PATH": "/usr/bin:/bin", "HOME": str(self.home),
-                   "XDG_CONFIG_HOME": str(self.home / ".config"),
-                   "VIGIL_GATEWAY_URL": self.url, "VIGIL_TOKEN": token}
-        proc = await asyncio.create_subprocess_exec(
-            VIGIL, *argv, env=environ, cwd=self.home, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        assert proc.returncode is not None
-        return Result(proc.returncode, out.decode(), err.decode())
+        return await run_vigil(self.home, self.url, token, *argv, timeout=timeout)
 
 
 async def test_incidents_list_show_ack_resolve_and_json(platform: Platform,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
 import signal
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,28 @@ from nats.js.errors import NoKeysError
 from support import AuditorProcess, Platform, eventually
 from vigil import codec, subjects
 from vigil.cli import build_parser
+from vigil.consume import keep_lease
 from vigil.jetstream import retrying
 from vigil_auditor.notify import verify
 from vigil_auditor.record import to_record
-from vigil_auditor.service import keep_lease
 from vigil_auditor.triage import ESCALATE_COUNT, key_of
 
 pytestmark = pytest.mark.integration
 SECRET = "test-secret"
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(port: int, hook: Any) -> AsyncIterator[str]:
+    """A real HTTP receiver on ``port`` whose ``POST /hook`` calls ``hook``."""
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        await runner.cleanup()
 
 
 async def incidents(platform: Platform, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -130,14 +146,9 @@ async def test_webhook_gets_each_alert_once_signed_and_failures_are_recorded(
         received.append((request.headers["X-Vigil-Alert-Id"], json.loads(body)))
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
     port = unused_tcp_port_factory()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     down = f"http://127.0.0.1:{unused_tcp_port_factory()}/nobody-home"
-    try:
+    async with webhook_receiver(port, hook):
         await platform.auditor(webhook_urls=f"http://127.0.0.1:{port}/hook,{down}",
                                webhook_secret=SECRET, webhook_max_attempts=3)
         fail_next["count"] = 1  # the first delivery fails: it must be retried
@@ -159,8 +170,6 @@ async def test_webhook_gets_each_alert_once_signed_and_failures_are_recorded(
 
         # The receiver that is down: retried with backoff (1 s, 2 s), then recorded.
         await eventually(failed_recorded, timeout=30, what="the failed delivery record")
-    finally:
-        await runner.cleanup()
     ids = [alert_id for alert_id, _ in received]
     assert len(ids) == len(set(ids))  # each alert once, even though the first try failed
     human = [body for _, body in received if body["source"] == "human"]
@@ -230,13 +239,8 @@ async def test_an_escalation_reaches_the_webhook_once_signed_and_the_alert_subje
         on_subjects.append((msg.subject, json.loads(msg.data)))
 
     await platform.nc.subscribe(f"{subjects.ALERTS}.>", cb=on_alert)
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
     port = unused_tcp_port_factory()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with webhook_receiver(port, hook):
         await platform.auditor(webhook_urls=f"http://127.0.0.1:{port}/hook",
                                webhook_secret=SECRET)
         for n in range(ESCALATE_COUNT):  # warnings, enough within the window to escalate
@@ -255,8 +259,6 @@ async def test_an_escalation_reaches_the_webhook_once_signed_and_the_alert_subje
         await eventually(lambda: drained(platform, subjects.STREAM_ALERTS,
                                          subjects.CONSUMER_NOTIFIER),
                          timeout=30, what="the notifier to ack every alert")
-    finally:
-        await runner.cleanup()
     assert all(signed for _, _, signed in received)  # a valid HMAC on every delivery
     got = [(body["reason"], body["severity"]) for _, body, _ in received]
     assert got == [("opened", "warning"), ("escalated", "error")]  # each exactly once
@@ -385,13 +387,8 @@ async def test_an_alert_that_cannot_be_decoded_is_terminated_and_confessed(
         received.append(json.loads(await request.read()))
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
     port = unused_tcp_port_factory()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with webhook_receiver(port, hook):
         await platform.auditor(webhook_urls=f"http://127.0.0.1:{port}/hook",
                                webhook_secret=SECRET)
         await platform.js.publish(subjects.alert("critical"), b"\xff{not json")
@@ -411,8 +408,6 @@ async def test_an_alert_that_cannot_be_decoded_is_terminated_and_confessed(
         await eventually(lambda: drained(platform, subjects.STREAM_ALERTS,
                                          subjects.CONSUMER_NOTIFIER),
                          timeout=30, what="the notifier to settle every alert")
-    finally:
-        await runner.cleanup()
     info = await platform.js.consumer_info(subjects.STREAM_ALERTS, subjects.CONSUMER_NOTIFIER)
     assert info.num_redelivered == 0  # terminated on the first delivery, not retried
     assert len(found) == 2 and {c["severity"] for c in found} == {"error"}

@@ -205,16 +205,25 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
     cluster node dies it can time out while the stream's leadership moves."""
     policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
     config = ConsumerConfig(deliver_policy=policy, inactive_threshold=10.0)
+    found = await _read_ordered(js, stream, subject, config, limit=limit, idle_s=idle_s)
+    return [data for _, data in found]
+
+
+async def _read_ordered(js: JetStreamContext, stream: str, subject: str,
+                        config: ConsumerConfig, *, limit: int, idle_s: float
+                        ) -> list[tuple[int, bytes]]:
+    """(stream sequence, payload) read by an ordered consumer until nothing is pending,
+    ``limit`` are read, or nothing comes for ``idle_s``."""
     sub = await retrying(f"read {subject}", lambda: js.subscribe(
         subject, stream=stream, ordered_consumer=True, config=config))
-    found: list[bytes] = []
+    found: list[tuple[int, bytes]] = []
     try:
         while len(found) < limit:
             try:
                 msg = await sub.next_msg(timeout=idle_s)
             except nats.errors.TimeoutError:
                 break
-            found.append(msg.data)
+            found.append((msg.metadata.sequence.stream, msg.data))
             if msg.metadata.num_pending == 0:
                 break
     finally:
@@ -266,22 +275,8 @@ async def _events_from(js: JetStreamContext, subject: str, policy: DeliverPolicy
     """(stream sequence, payload) of the events on ``subject`` from ``policy`` on."""
     config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq,
                             inactive_threshold=10.0)
-    sub = await retrying(f"read {subject}", lambda: js.subscribe(
-        subject, stream=subjects.STREAM_EVENTS, ordered_consumer=True, config=config))
-    found: list[tuple[int, bytes]] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_s)
-            except nats.errors.TimeoutError:
-                break
-            found.append((msg.metadata.sequence.stream, msg.data))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return found
+    return await _read_ordered(js, subjects.STREAM_EVENTS, subject, config,
+                               limit=1_000_000, idle_s=idle_s)
 
 
 async def delete_msg(nc: NATS, stream: str, seq: int, *, timeout_s: float = 5.0) -> bool:
