@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
@@ -297,13 +298,17 @@ OBJECT_STORES: tuple[ObjectStore, ...] = (CHECKPOINTS,)
 
 
 # Consumers ----------------------------------------------------------------------------------
+def _durable(**config: Any) -> ConsumerConfig:
+    """A durable pull consumer of all a stream holds, every message acked explicitly."""
+    return ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
+                          **config)
+
+
 def scheduler_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_SCHEDULER,
         description="Scheduler: admits submissions",
         filter_subject=f"{subjects.SUBMIT}.>",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_ack_pending=10_000,
         max_waiting=512,
@@ -311,12 +316,10 @@ def scheduler_consumer() -> ConsumerConfig:
 
 
 def control_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_CONTROL,
         description="Scheduler: cancel and redrive requests",
         filter_subject=f"{subjects.CONTROL}.>",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_ack_pending=1_000,
         max_waiting=512,
@@ -324,12 +327,10 @@ def control_consumer() -> ConsumerConfig:
 
 
 def timers_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_TIMERS,
         description="Scheduler: delayed starts and queue timeouts",
         filter_subject=f"{subjects.TIMERS}.>",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         # Every timer not yet due is pending on the server (naked with its delay): the
         # count is bounded by the stream, not by this client's memory.
@@ -340,12 +341,10 @@ def timers_consumer() -> ConsumerConfig:
 
 def executor_consumer(pool: str, ack_wait_s: float,
                       max_deliver: int = MAX_DELIVERIES) -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.consumer_executor(pool),
         description=f"Executors of pool {pool}",
         filter_subject=subjects.work(pool),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_deliver=max_deliver,
         max_ack_pending=-1,
@@ -354,23 +353,19 @@ def executor_consumer(pool: str, ack_wait_s: float,
 
 
 def dead_letter_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_DEAD_LETTERS,
         description="Scheduler: tasks whose work message reached its max deliveries",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_waiting=64,
     )
 
 
 def notifier_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_NOTIFIER,
         description="Auditor: sends alerts to webhooks, with retries",
         filter_subject=f"{subjects.ALERTS}.>",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=60.0,
         # Unlimited: the notifier itself gives up after ``max_attempts`` deliveries by
         # recording the failure (and confessing it), and terminates (and confesses) an
@@ -382,12 +377,10 @@ def notifier_consumer() -> ConsumerConfig:
 
 
 def auditor_consumer() -> ConsumerConfig:
-    return ConsumerConfig(
+    return _durable(
         durable_name=subjects.CONSUMER_AUDITOR,
         description="Auditor: records and triages confessions",
         filter_subject=f"{subjects.ISSUES}.>",
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
         # One confession in flight across all auditors: an incident applies confessions in
         # stream order and skips what it has seen, so a message held by an auditor that
         # died must come back before anything newer is handed to another one. The auditor
