@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from vigil.errors import NatsUnavailable
 
 log = structlog.get_logger("vigil.consume")
 
@@ -94,6 +97,19 @@ class PullConsumer:
                 yield nxt.result()
         finally:
             stopped.cancel()
+
+    async def each(self, stop: asyncio.Event, handle: Callable[[Msg], Awaitable[None]]) -> None:
+        """Start, hand each message to ``handle`` in turn until ``stop`` is set, then stop.
+        ``handle`` decides each message; its capacity is released when it returns."""
+        await self.start()
+        try:
+            async for msg in self.until(stop):
+                try:
+                    await handle(msg)
+                finally:
+                    self.release(1)
+        finally:
+            await self.stop()
 
     def release(self, n: int = 1) -> None:
         """The caller finished ``n`` messages and can take ``n`` more."""
@@ -201,3 +217,21 @@ async def keep_lease(msg: Msg, every_s: float) -> None:
             await msg.in_progress()
         except Exception as exc:  # disconnected: the next beat may get through
             log.debug("lease_beat_failed", error=repr(exc))
+
+
+@contextlib.asynccontextmanager
+async def nak_on_error(msg: Msg, logger: Any, what: str, *, retry_s: float,
+                       failed_s: float) -> AsyncIterator[None]:
+    """The decision for a handler that raised: NATS out of reach naks ``msg`` after
+    ``retry_s`` (logged ``<what>_retry``), any other error after ``failed_s`` (logged
+    ``<what>_failed`` with its traceback). The error does not propagate."""
+    try:
+        yield
+    except NatsUnavailable as exc:
+        logger.warning(f"{what}_retry", error=str(exc))
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=retry_s)
+    except Exception:
+        logger.exception(f"{what}_failed")
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=failed_s)

@@ -82,12 +82,7 @@ async def stream_events(
     keepalive_s: float,
     stopping: asyncio.Event,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    await response.prepare(request)
+    response = await open_stream(request, "text/event-stream")
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
         async for msg in follow_task(js, store, state.id, tick_s=keepalive_s,
@@ -101,6 +96,17 @@ async def stream_events(
                                  % (msg.metadata.sequence.stream, kind.encode(), data))
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
+    return response
+
+
+async def open_stream(request: web.Request, content_type: str) -> web.StreamResponse:
+    """A prepared, unbuffered streaming answer (no proxy may hold its lines back)."""
+    response = web.StreamResponse(headers={
+        "Content-Type": content_type,
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
     return response
 
 

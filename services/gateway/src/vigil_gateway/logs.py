@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from vigil import subjects
 from vigil.jetstream import TaskStore
 from vigil.messages import Log, TaskState
-from vigil_gateway.events import follow_task
+from vigil_gateway.events import follow_task, open_stream
 
 
 async def stream_logs(
@@ -32,12 +32,7 @@ async def stream_logs(
     tick_s: float,
     stopping: asyncio.Event,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/plain; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    await response.prepare(request)
+    response = await open_stream(request, "text/plain; charset=utf-8")
     if not follow:
         # Nothing stored yet: answer at once instead of waiting out a tick.
         info = await js.stream_info(subjects.STREAM_EVENTS,

@@ -46,7 +46,7 @@ from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
-from vigil.messages import STATUSES, CancelRequest, TaskState
+from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskState
 from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
@@ -379,13 +379,9 @@ class Gateway:
                 return error(400, "invalid_header", "Last-Event-ID must be a stream sequence",
                              field="Last-Event-ID")
             after = int(last)
-        self.metrics.streams.inc()
-        try:
+        with self.metrics.streams.track_inprogress():
             return await stream_events(request, self.js, self.store, found[0], after,
                                        self.settings.sse_keepalive_s, self._stop)
-        finally:
-            self.metrics.streams.dec()
-
 
     async def list_tasks(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -439,9 +435,9 @@ class Gateway:
                  by=who.name, status=state.status)
         assert self._index is not None
         seen = await self._index.wait_for(
-            state.id, lambda t: t.status in _FINAL or t.cancel_requested_at is not None,
+            state.id, lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,
             self.settings.submit_wait_s)
-        if seen is not None and seen.status in _FINAL and seen.status != "cancelled":
+        if seen is not None and seen.status in TERMINAL and seen.status != "cancelled":
             return error(409, "finished", f"task {state.id} finished ({seen.status}) before "
                          "the cancel took effect")
         summary = seen or TaskSummary.of(state)
@@ -462,14 +458,11 @@ class Gateway:
         if only is not None and only not in ("stdout", "stderr"):
             return error(400, "invalid_query", "stream must be stdout or stderr",
                          field="stream")
-        self.metrics.streams.inc()
-        try:
+        with self.metrics.streams.track_inprogress():
             return await stream_logs(request, self.js, self.store, found[0],
                                      follow=follow in ("1", "true"), only=only,
                                      tick_s=self.settings.sse_keepalive_s,
                                      stopping=self._stop)
-        finally:
-            self.metrics.streams.dec()
 
     async def list_executors(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -520,7 +513,6 @@ class _Forbidden(Exception):
     pass
 
 
-_FINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "dead"})
 _cancel_body_decoder = msgspec.json.Decoder(CancelBody)
 
 

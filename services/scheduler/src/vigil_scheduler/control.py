@@ -70,15 +70,7 @@ class Control:
                                       capacity=1, max_batch=1)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._consumer.start()
-        try:
-            async for msg in self._consumer.until(stop):
-                try:
-                    await self._handle(msg)
-                finally:
-                    self._consumer.release(1)
-        finally:
-            await self._consumer.stop()
+        await self._consumer.each(stop, self._handle)
 
     def reset(self) -> None:
         self._consumer.reset()

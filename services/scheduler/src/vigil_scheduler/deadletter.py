@@ -15,7 +15,6 @@ task that was waiting (a retry, a hand-back) already has its last attempt on rec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import msgspec
@@ -26,9 +25,16 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from vigil import codec, subjects, topology
-from vigil.consume import PullConsumer
+from vigil.consume import PullConsumer, nak_on_error
 from vigil.errors import NatsUnavailable
-from vigil.jetstream import TaskStore, log_tail, publish_confession, publish_event, retrying
+from vigil.jetstream import (
+    TaskStore,
+    delete_msg,
+    log_tail,
+    publish_confession,
+    publish_event,
+    retrying,
+)
 from vigil.messages import (
     HISTORY_KEPT,
     AttemptRecord,
@@ -51,30 +57,17 @@ class DeadLetters:
         self._js = js
         self._store = store
         self._node = node
-        self._consumer: PullConsumer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         await topology.ensure_consumer(self._js, subjects.STREAM_ADVISORIES,
                                        topology.dead_letter_consumer())
-        self._consumer = PullConsumer(self._nc, subjects.STREAM_ADVISORIES,
-                                      subjects.CONSUMER_DEAD_LETTERS, capacity=8, max_batch=8)
-        await self._consumer.start()
-        try:
-            async for msg in self._consumer.until(stop):
-                try:
-                    await self.handle(msg)
-                except NatsUnavailable as exc:
-                    log.warning("dead_letter_retry", error=str(exc))
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=2.0)
-                except Exception:
-                    log.exception("dead_letter_failed")
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=30.0)
-                finally:
-                    self._consumer.release(1)
-        finally:
-            await self._consumer.stop()
+        consumer = PullConsumer(self._nc, subjects.STREAM_ADVISORIES,
+                                subjects.CONSUMER_DEAD_LETTERS, capacity=8, max_batch=8)
+        await consumer.each(stop, self._settle)
+
+    async def _settle(self, msg: Msg) -> None:
+        async with nak_on_error(msg, log, "dead_letter", retry_s=2.0, failed_s=30.0):
+            await self.handle(msg)
 
     async def handle(self, msg: Msg) -> None:
         advisory = _advisory.decode(msg.data)
@@ -148,6 +141,5 @@ class DeadLetters:
             return state.tail
 
     async def _delete(self, seq: int) -> None:
-        with contextlib.suppress(NotFoundError):
-            await retrying("delete work message",
-                           lambda: self._js.delete_msg(subjects.STREAM_WORK, seq))
+        # Gone already is fine; no secure erase (see vigil.jetstream.delete_msg).
+        await delete_msg(self._nc, subjects.STREAM_WORK, seq)

@@ -24,8 +24,7 @@ from nats.js import JetStreamContext
 from structlog.contextvars import bound_contextvars
 
 from vigil import codec, subjects
-from vigil.consume import PullConsumer
-from vigil.errors import NatsUnavailable
+from vigil.consume import PullConsumer, nak_on_error
 from vigil.jetstream import publish
 from vigil.messages import utcnow
 
@@ -92,14 +91,6 @@ class Timers:
                 await msg.nak(delay=min(left, MAX_NAK_DELAY_S))
             return
         with bound_contextvars(task_id=timer.task_id, timer=timer.kind):
-            try:
+            async with nak_on_error(msg, log, "timer", retry_s=2.0, failed_s=10.0):
                 await self._on_fire(timer)
                 await msg.ack()
-            except NatsUnavailable as exc:
-                log.warning("timer_retry", error=str(exc))
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=2.0)
-            except Exception:
-                log.exception("timer_failed")
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=10.0)
