@@ -78,16 +78,17 @@ class TaskSummary(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def of(cls, state: TaskState) -> TaskSummary:
         spec = state.spec
-        return cls(
-            id=state.id, tenant=state.tenant, status=state.status, attempt=state.attempt,
-            executor=state.executor, exit_code=state.exit_code, error=state.error,
-            created_at=state.created_at, updated_at=state.updated_at,
-            finished_at=state.finished_at,
-            pool=spec.pool if spec else "default",
-            image=spec.image if spec else None,
-            labels=dict(spec.labels) if spec else {},
-            cancel_requested_at=state.cancel_requested_at,
-        )
+        return cls(**{name: getattr(state, name) for name in _SUMMARY_FROM_STATE},
+                   pool=spec.pool if spec else "default",
+                   image=spec.image if spec else None,
+                   labels=dict(spec.labels) if spec else {})
+
+
+# The fields are listed above, not derived, because they are the documented shape of
+# ``GET /v1/tasks`` (their order is the JSON's). Those TaskState has too are copied from it
+# as they are; the rest come from its spec.
+_SUMMARY_FROM_STATE = tuple(
+    name for name in TaskSummary.__struct_fields__ if name in TaskState.__struct_fields__)
 
 
 class TaskList(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,14 +9,21 @@ free slots and is marked as such until it withdraws its entry.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from vigil.api import ExecutorList, ExecutorView
 from vigil.cli_config import add_client_flags, open_client
-from vigil.cli_output import EXIT_OK, age, out_json, table, wants_color
+from vigil.cli_output import (
+    EXIT_OK,
+    age,
+    labels_text,
+    out_json,
+    table,
+    terminal_width,
+    wants_color,
+)
 
 # An entry is refreshed every VIGIL_ADVERTISE_S (at most 5 s): older than this, the node
 # has missed at least one refresh and is on its way to expiring.
@@ -55,7 +62,7 @@ def render_executors(executors: Sequence[ExecutorView], *, color: bool = False,
         stale = now is not None and (now - e.seen_at).total_seconds() > STALE_S
         rows.append((e.node, e.pool, str(e.slots), str(e.running), str(e.free), state,
                      e.runtime, age(e.seen_at, now),
-                     ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"))
+                     labels_text(e.labels) or "-"))
         colors.append(("", "", "", "", "32" if e.free > 0 else "2",
                        {"draining": "33", "full": "2"}.get(state, ""),
                        "31" if e.runtime != "podman" else "",  # an unsafe runtime
@@ -90,9 +97,8 @@ async def cmd_executors(args: argparse.Namespace) -> int:
               "seconds of starting; check its log and VIGIL_POOL)", file=sys.stderr)
         return EXIT_OK
     out = sys.stdout
-    width = shutil.get_terminal_size().columns if out.isatty() else None
-    now = datetime.now(UTC)
-    for line in render_executors(found, color=wants_color(out), width=width, now=now):
+    for line in render_executors(found, color=wants_color(out), width=terminal_width(out),
+                                 now=datetime.now(UTC)):
         print(line)
     print(totals(found), file=sys.stderr)
     return EXIT_OK

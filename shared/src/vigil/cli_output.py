@@ -11,7 +11,7 @@ import asyncio
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -38,6 +38,21 @@ def wants_color(out: TextIO) -> bool:
 
 def paint(code: str, text: str, enabled: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if enabled and code and text.strip() else text
+
+
+def status_text(status: str, color: bool) -> str:
+    """The status, in its colour when ``color``."""
+    return paint(STATUS_COLORS.get(status, ""), status, color)
+
+
+def labels_text(labels: Mapping[str, str]) -> str:
+    """``a=1,b=2``: labels sorted by key."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def terminal_width(out: TextIO) -> int | None:
+    """The width to cut a table to: the terminal's, or None when ``out`` is not one."""
+    return shutil.get_terminal_size().columns if out.isatty() else None
 
 
 def age(when: datetime, now: datetime | None = None) -> str:
@@ -149,8 +164,7 @@ class StatusLine:
         if state is None:
             self.set(f"task {task_id}: asking the gateway…")
             return
-        status = paint(STATUS_COLORS.get(state.status, ""), state.status, self.color)
-        parts = [f"task {task_id} {status}"]
+        parts = [f"task {task_id} {status_text(state.status, self.color)}"]
         if state.attempt:
             where = f" on {state.executor}" if state.executor and state.status == "running" \
                 else ""

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TextIO
 
-import msgspec
 import structlog
 from nats.js import JetStreamContext
 
 from vigil import rebuild, redrive, replay, timeline
+from vigil.cli_config import environ
+from vigil.cli_output import EXIT_OK, out_json
+from vigil.cli_tasks import pairs
 from vigil.errors import VigilError
 from vigil.progress import ProgressBar
 
-EXIT_OK, EXIT_DIFFERS, EXIT_USAGE = 0, 1, 2
-_json = msgspec.json.Encoder()
+EXIT_DIFFERS = 1  # differs, not found, not all succeeded
 
 Impl = Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[int]]
 
@@ -40,7 +40,7 @@ connection (first found wins):
 
 
 def _print_json(obj: Any, out: TextIO) -> None:
-    out.write(_json.encode(obj).decode() + "\n")
+    out.write(out_json(obj) + "\n")
 
 
 def _time(when: datetime | None) -> str:
@@ -50,7 +50,7 @@ def _time(when: datetime | None) -> str:
 
 @contextlib.asynccontextmanager
 async def _nats(args: argparse.Namespace) -> AsyncIterator[JetStreamContext]:
-    url = replay.operator_url(args.nats_url, args.data_dir, dict(os.environ))
+    url = replay.operator_url(args.nats_url, args.data_dir, environ())
     nc = await replay.operator_connect(url)
     try:
         yield nc.jetstream(timeout=5.0)
@@ -197,20 +197,10 @@ async def _republish(js: JetStreamContext, args: argparse.Namespace, stream: str
 
 
 # redrive -----------------------------------------------------------------------------------
-def _labels(values: list[str] | None) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise VigilError(f"--label takes KEY=VALUE, not {item!r}")
-        found[key] = value
-    return found
-
-
 async def cmd_redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     sel = redrive.Selection(
         ids=tuple(args.task_ids), statuses=tuple(args.status or ()), tenant=args.tenant,
-        labels=_labels(args.label),
+        labels=pairs(args.label, "--label"),
         since=replay.parse_time(args.since) if args.since else None)
     async with _nats(args) as js:
         chosen = redrive.choose(await redrive.load_states(js), sel)
@@ -259,7 +249,7 @@ async def cmd_redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
 
 # rebuild -----------------------------------------------------------------------------------
 def _value(v: Any) -> str:
-    text = v.isoformat() if isinstance(v, datetime) else _json.encode(v).decode()
+    text = v.isoformat() if isinstance(v, datetime) else out_json(v)
     return text if len(text) <= 60 else text[:59] + "…"
 
 

@@ -29,9 +29,11 @@ from vigil.cli_output import (
     Printer,
     StatusLine,
     age,
+    labels_text,
     out_json,
-    paint,
+    status_text,
     table,
+    terminal_width,
     wants_color,
 )
 from vigil.client import Client, GatewayError, WaitTimeout
@@ -268,7 +270,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     color = wants_color(sys.stdout)
     rows: list[tuple[str, object]] = [
         ("id", state.id), ("tenant", state.tenant),
-        ("status", _status_text(state.status, color)),
+        ("status", status_text(state.status, color)),
         ("attempt", state.attempt), ("executor", state.executor or "-"),
         ("exit code", "-" if state.exit_code is None else state.exit_code),
         ("error", state.error or "-"), ("created", _when(state.created_at)),
@@ -278,7 +280,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         rows.insert(3, ("command", " ".join(state.spec.command)))
         rows.insert(4, ("image", state.spec.image or "-"))
         if state.spec.labels:
-            rows.insert(5, ("labels", _labels(state.spec.labels)))
+            rows.insert(5, ("labels", labels_text(state.spec.labels)))
     if state.spec is not None and state.spec.pool != "default":
         rows.insert(4, ("pool", state.spec.pool))
     if state.waiting:
@@ -303,14 +305,6 @@ def _when(moment: datetime | None) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z ({age(moment)} ago)"
 
 
-def _status_text(status: str, color: bool) -> str:
-    return paint(STATUS_COLORS.get(status, ""), status, color)
-
-
-def _labels(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
 async def cmd_list(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise VigilError("--limit takes a number of tasks, at least 1")
@@ -332,7 +326,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_OK
     for line in render_tasks(tasks, color=wants_color(sys.stdout),
-                             width=_terminal_width(sys.stdout)):
+                             width=terminal_width(sys.stdout)):
         print(line)
     if cursor:
         print(f"(first {len(tasks)}; more with --limit N, --all, or --cursor {cursor})",
@@ -360,16 +354,10 @@ def render_tasks(tasks: list[TaskSummary], *, color: bool = False, width: int | 
     rows, colors = [], []
     for t in tasks:
         rows.append((t.id, t.status, str(t.attempt), t.executor or "-", age(t.created_at, now),
-                     "-" if t.exit_code is None else str(t.exit_code), _labels(t.labels)))
+                     "-" if t.exit_code is None else str(t.exit_code), labels_text(t.labels)))
         colors.append(("", STATUS_COLORS.get(t.status, ""), "", "", "", "", "2"))
     return table(headers, rows, colors=colors, color=color, width=width,
                  right=frozenset({2, 4, 5}))
-
-
-def _terminal_width(out: Any) -> int | None:
-    import shutil
-
-    return shutil.get_terminal_size().columns if out.isatty() else None
 
 
 async def cmd_logs(args: argparse.Namespace) -> int:
