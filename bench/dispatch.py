@@ -48,13 +48,10 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,32 +64,22 @@ from typing import Any
 import aiohttp
 import msgspec
 import nats
+from common import ROOT, T0, BenchError, environment, run_main, say, table, write_json
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from vigil import subjects
-from vigil.natsserver import NatsServer, check_version, die_with_parent, find_binary
+from vigil.embedded import Child
+from vigil.natsserver import NatsServer, check_version, find_binary
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 SPEC = json.dumps({"command": ["true"]}).encode()
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw"
 BIG_TENANT = "big"
 POOL = "default"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-T0 = time.monotonic()
-
-
-class BenchError(Exception):
-    pass
-
-
-def say(text: str) -> None:
-    """Progress goes to stderr so that stdout holds only the result table."""
-    print(f"[{time.monotonic() - T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 # Parameters ---------------------------------------------------------------------------------
@@ -190,41 +177,20 @@ def machine_busy_s() -> float:
     return (sum(values) - idle) / CLK_TCK
 
 
-@dataclass
-class Proc:
-    """A child process whose log we read and whose memory we sample."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-        return self
+class Proc(Child):
+    """A child process (started, stopped and tailed as ``vigil up`` does) whose log we read
+    and whose memory we sample."""
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
 
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     async def wait_for_line(self, word: str, timeout_s: float = 60.0) -> dict[str, Any]:
         """The first JSON log line whose event is ``word``."""
@@ -246,29 +212,25 @@ class Proc:
             code = self.process.returncode if self.process else None
             raise BenchError(f"{self.name} exited ({code}); its log ends:\n{self.tail()}")
 
-    async def stop(self, timeout_s: float = 20.0) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout_s)
-        except TimeoutError:
-            say(f"{self.name} did not stop within {timeout_s:.0f}s of SIGTERM; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
+    async def stop(self, timeout_s: float) -> None:
+        # Child.stop kills silently after the timeout; a benchmark wants to know of a hang.
+        was_alive = self.alive
+        await super().stop(timeout_s)
+        if was_alive and self.process is not None and self.process.returncode == -signal.SIGKILL:
+            say(f"{self.name} did not stop within {timeout_s:.0f}s of SIGTERM; killed it")
 
 
 def service_proc(service: str, name: str, work: Path, url: str, p: Params,
                  **settings: Any) -> Proc:
+    """Start ``vigil-<service>`` with ``settings`` as its VIGIL_* environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
     env.update({"VIGIL_NATS_URL": url, "VIGIL_HTTP_PORT": "0", "VIGIL_LOG_FORMAT": "json",
                 "VIGIL_LOG_LEVEL": p.log_level})
     env.update({f"VIGIL_{k.upper()}": str(v) for k, v in settings.items()})
-    return Proc(name, [sys.executable, "-m", f"vigil_{service}"], env,
+    proc = Proc(name, [sys.executable, "-m", f"vigil_{service}"], env,
                 work / "logs" / f"{name}.log")
+    proc.start()
+    return proc
 
 
 # Results ------------------------------------------------------------------------------------
@@ -313,21 +275,14 @@ def fmt(xs: Sequence[float]) -> str:
 
 
 def render_table(rows: Sequence[Row]) -> str:
-    header = ("phase", "metric", "value", "baseline (same run)", "ratio", "n")
-    lines = [header]
+    lines = [("phase", "metric", "value", "baseline (same run)", "ratio", "n")]
     for r in rows:
         base = f"{fmt(r.baseline)}  {r.baseline_name}" if r.baseline else "-"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         metric = f"{r.metric} ({r.unit})" if r.unit else r.metric
         value = fmt(r.values) + (f"  {r.note}" if r.note else "")
         lines.append((r.section, metric, value, base, ratio, str(len(r.values))))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-
-    def show(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([show(lines[0]), sep, *(show(line) for line in lines[1:])])
+    return table(lines)
 
 
 def window_rates(samples: Sequence[tuple[float, int]], window_s: float, *,
@@ -524,7 +479,7 @@ class Run:
         say(f"nats-server at {self.nats.url} ({fsync})")
         # The quota must not reject any of the backlog: the whole of N may be one tenant's.
         self.scheduler = service_proc("scheduler", "scheduler", self.work, self.nats.url, p,
-                                      max_queued_per_tenant=2 * p.tasks + 10_000).start()
+                                      max_queued_per_tenant=2 * p.tasks + 10_000)
         started = await self.scheduler.wait_for_line("scheduler_started")
         self.scheduler_started_at = time.monotonic()
         self.metrics_port = int(started.get("http_port") or 0)
@@ -735,7 +690,7 @@ class Run:
             self.executors.append(service_proc(
                 "executor", f"executor-{k}", self.work, self.nats.url, p,
                 node_id=f"bench-exec-{k}", slots=p.slots, runtime="null", unsafe_runtime="true",
-            ).start())
+            ))
         for proc in self.executors:
             await proc.wait_for_line("executor_started")
         ready = time.monotonic() - t0
@@ -796,7 +751,8 @@ class Run:
         finished = done_samples[-1][1]
         end = crossing_time(done_samples, finished) or done_samples[-1][0]
         # Dispatch rate while several tenants take turns vs the big tenant alone.
-        many, one = [], []
+        many: list[tuple[int, float]] = []
+        one: list[tuple[int, float]] = []
         for (ta, da), (tb, db), (_, k) in zip(busy, busy[1:], tenants_left[-len(busy):],
                                               strict=False):
             if tb > empty_at or tb <= ta:
@@ -984,30 +940,10 @@ def report(p: Params, res: Results, raw: list[float], take: dict[str, float],
     return table + "\n\n" + summary
 
 
-def environment() -> dict[str, Any]:
-    def run(*argv: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=10,
-                                 check=False)
-            return out.stdout.strip()
-        return ""
-
-    return {
-        "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "kernel": platform.release(), "nats_server": run(find_binary(), "--version"),
-        "git_commit": run("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain")),
-        "loadavg_at_end": os.getloadavg(),
-    }
-
-
-def write_json(p: Params, started: datetime, doc: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"dispatch-{started:%Y%m%dT%H%M%SZ}.json"
+def write_results(p: Params, started: datetime, doc: dict[str, Any]) -> Path:
     full = {"started": started.isoformat(), "seconds": round(time.monotonic() - T0, 1),
-            "params": asdict(p), "environment": environment(), **doc}
-    path.write_text(json.dumps(full, indent=1, default=str) + "\n", encoding="utf-8")
-    return path
+            "params": asdict(p), "environment": environment(podman=False), **doc}
+    return write_json(f"dispatch-{started:%Y%m%dT%H%M%SZ}", full, indent=1)
 
 
 async def run(p: Params) -> None:
@@ -1031,7 +967,7 @@ async def run(p: Params) -> None:
         print(text)
         bl_json = {k: v for k, v in bl.items() if k != "samples"}
         bl_json["rss_at"] = {str(k): v for k, v in bl["rss_at"].items()}
-        path = write_json(p, started, {
+        path = write_results(p, started, {
             "rows": [asdict(r) | {"ratio": r.ratio} for r in bench.results.rows],
             "raw_publish": raw, "raw_take": take, "backlog": bl_json, "no_executor_check": chk,
             "drain": dr, "idle_pool": idle,
@@ -1050,25 +986,10 @@ async def run(p: Params) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-async def main_async(p: Params) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    await run(p)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = parse_args(argv)
     say(f"parameters: {p}")
-    try:
-        asyncio.run(main_async(p))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        say("interrupted; everything started was stopped")
-        return 130
-    except BenchError as exc:
-        say(f"benchmark failed: {exc}")
-        return 1
-    return 0
+    return run_main(lambda: run(p))
 
 
 if __name__ == "__main__":

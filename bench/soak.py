@@ -72,15 +72,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
-import platform
 import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -96,6 +95,8 @@ from typing import IO, Any
 import aiohttp
 import nats
 import nats.errors
+from common import RESULTS_DIR, ROOT, T0, BenchError, environment, run_main, table, write_json
+from common import say as bench_say
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -105,13 +106,11 @@ from vigil import logs, subjects, topology
 from vigil.embedded import PodmanService
 from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
-from vigil.natsserver import NatsServer, die_with_parent, find_binary
+from vigil.natsserver import NatsServer, die_with_parent
 from vigil_executor.runtime import LABEL_EXECUTOR, LABEL_MANAGED
 from vigil_scheduler.service import Scheduler
 from vigil_scheduler.settings import SchedulerSettings
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 AGENT_SOURCE = (ROOT / "tests" / "agents" / "counter.py").read_text(encoding="utf-8")
 TENANT = "soak"
 NODE_PREFIX = "soak-"
@@ -150,16 +149,8 @@ VERIFY_CONCURRENCY = 8
 LOG_PATTERNS = ("attempt_crashed", "executor_bug", "attempt_failed_unexpectedly",
                 "handler_crashed", "Traceback", '"level":"error"', '"level":"critical"')
 START_RE = re.compile(r"^start at (\d+) resumed=(\d) attempt=(\d+)$")
-T0 = time.monotonic()
-
-
-class SoakError(Exception):
-    pass
-
-
-def say(text: str) -> None:
-    """Progress goes to stderr so that stdout holds only the report."""
-    print(f"[{time.monotonic() - T0:7.1f}s] {text}", file=sys.stderr, flush=True)
+# Wider than the benchmarks' clock: a soak can run for hours.
+say = functools.partial(bench_say, width=7)
 
 
 # Parameters ---------------------------------------------------------------------------------
@@ -244,7 +235,7 @@ async def submit(js: JetStreamContext, plan: Sequence[PlannedTask]) -> None:
         ack = await js.publish(subjects.submit(TENANT), json.dumps(t.spec).encode(),
                                timeout=10, headers={subjects.MSG_ID: t.id})
         if ack.duplicate:
-            raise SoakError(f"submission of {t.id} was deduplicated: ids are not unique")
+            raise BenchError(f"submission of {t.id} was deduplicated: ids are not unique")
 
 
 # Executor processes ---------------------------------------------------------------------------
@@ -329,10 +320,10 @@ class ExecutorProc:
         deadline = time.monotonic() + timeout_s
         while "executor_started" not in _read_from(self.log_path, self._offset):
             if not self.alive:
-                raise SoakError(f"executor {self.node_id} exited during start; see "
+                raise BenchError(f"executor {self.node_id} exited during start; see "
                                 f"{self.log_path}")
             if time.monotonic() > deadline:
-                raise SoakError(f"executor {self.node_id} not ready after {timeout_s:.0f}s")
+                raise BenchError(f"executor {self.node_id} not ready after {timeout_s:.0f}s")
             await asyncio.sleep(POLL_S)
         self.ready = True
 
@@ -567,7 +558,7 @@ class Chaos:
             record.restart_s = record.restart_s or time.monotonic() - record.at
             try:
                 await victim.wait_ready()
-            except SoakError as exc:
+            except BenchError as exc:
                 record.errors.append(str(exc))
                 say(f"kill #{record.n}: restart failed: {exc}")
                 await victim.stop(10)
@@ -928,37 +919,11 @@ def render(report: dict[str, Any]) -> str:
          or "none"),
         ("wall time (s)", f"{t['total']:.0f}  (submit→all terminal: {t['tasks']:.0f})"),
     ]
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    lines = [f"| {'metric'.ljust(width)} | {'value'.ljust(vwidth)} |",
-             f"|{'-' * (width + 2)}|{'-' * (vwidth + 2)}|"]
-    lines += [f"| {a.ljust(width)} | {b.ljust(vwidth)} |" for a, b in rows]
-    return "\n".join(lines)
+    return table([("metric", "value"), *rows])
 
 
-def environment() -> dict[str, Any]:
-    def run(*argv: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=10,
-                                 check=False)
-            return out.stdout.strip()
-        return ""
-
-    return {
-        "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "kernel": platform.release(), "nats_server": run(find_binary(), "--version"),
-        "podman": run("podman", "--version"), "git_commit": run("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain")),
-        "loadavg_at_end": os.getloadavg(),
-    }
-
-
-def write_json(stamp: str, report: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"soak-{stamp}.json"
-    doc = {**report, "environment": environment()}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+def write_results(stamp: str, report: dict[str, Any]) -> Path:
+    return write_json(f"soak-{stamp}", {**report, "environment": environment()})
 
 
 def keep_logs(stamp: str, run_dir: Path) -> Path:
@@ -1013,7 +978,7 @@ class Stack:
                                      return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
-            raise SoakError("the scheduler did not start within 30s; see scheduler.log")
+            raise BenchError("the scheduler did not start within 30s; see scheduler.log")
         say("scheduler running in this process")
 
     async def _start_executors(self, p: Params) -> None:
@@ -1216,7 +1181,7 @@ async def verify_and_report(p: Params, stack: Stack, plan: Sequence[PlannedTask]
     report = build_report(p, plan, verdicts, chaos.kills, fails, end.timings, evidence)
     print(render(report))
     print_findings(report)
-    path = write_json(stamp, report)
+    path = write_results(stamp, report)
     print(f"results: {path.relative_to(ROOT)}   logs: {logs_dir.relative_to(ROOT)}")
     return exit_status(report, end.done, p)
 
@@ -1271,24 +1236,9 @@ def exit_status(report: dict[str, Any], done: bool, p: Params) -> int:
     return 0
 
 
-async def main_async(p: Params) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM behaves like Ctrl-C: cancel, so that `finally` stops and removes everything.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await soak(p)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = parse_args(argv)
-    try:
-        return asyncio.run(main_async(p))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        say("interrupted; everything started was stopped")
-        return 130
-    except SoakError as exc:
-        say(f"soak failed: {exc}")
-        return 2
+    return run_main(lambda: soak(p), failed="soak failed", error_status=2, say=say)
 
 
 if __name__ == "__main__":

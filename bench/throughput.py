@@ -60,13 +60,10 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import pwd
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +75,7 @@ from typing import Any
 
 import msgspec
 import nats
+from common import ROOT, T0, BenchError, environment, run_main, say, table, write_json
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -87,10 +85,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from vigil import subjects
 from vigil.consume import PullConsumer
 from vigil.embedded import Stack, StackConfig
-from vigil.natsserver import find_binary
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 TENANT = "bench"
 IMAGE = "localhost/vigil-agent:latest"
 PODMAN_USER = "vigil"
@@ -98,16 +93,6 @@ SPEC = json.dumps({"command": ["true"]}).encode()
 RAW_STREAM = "BENCH_RAW"
 RAW_SUBJECT = "bench.raw"
 DURABILITY = {"default": False, "always": True}  # class name -> sync_always
-T0 = time.monotonic()
-
-
-class BenchError(Exception):
-    pass
-
-
-def say(text: str) -> None:
-    """Progress goes to stderr so that stdout holds only the result table."""
-    print(f"[{time.monotonic() - T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 # Parameters ---------------------------------------------------------------------------------
@@ -226,19 +211,12 @@ def fmt(xs: list[float]) -> str:
 
 
 def render_table(results: Results) -> str:
-    header = ("scenario", "durability", "metric", "vigil", "baseline", "ratio")
-    lines = [header]
+    lines = [("scenario", "durability", "metric", "vigil", "baseline", "ratio")]
     for r in results.rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         lines.append((r.scenario, r.durability, f"{r.metric} ({r.unit})", fmt(r.vigil),
                       fmt(r.baseline), ratio))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-
-    def show(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([show(lines[0]), sep, *(show(line) for line in lines[1:])])
+    return table(lines)
 
 
 # Ports and temp dirs -------------------------------------------------------------------------
@@ -685,33 +663,12 @@ async def container_rep(p: Params, js: JetStreamContext, watcher: FinishedWatche
 
 
 # Main ----------------------------------------------------------------------------------------
-def environment() -> dict[str, Any]:
-    def run(*argv: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=10,
-                                 check=False)
-            return out.stdout.strip()
-        return ""
-
-    return {
-        "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "kernel": platform.release(), "nats_server": run(find_binary(), "--version"),
-        "podman": run("podman", "--version"), "git_commit": run("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain")),
-        "loadavg_at_end": os.getloadavg(),
-    }
-
-
-def write_json(p: Params, results: Results, started: datetime) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"throughput-{started:%Y%m%dT%H%M%SZ}.json"
-    doc = {
+def write_results(p: Params, results: Results, started: datetime) -> Path:
+    return write_json(f"throughput-{started:%Y%m%dT%H%M%SZ}", {
         "started": started.isoformat(), "seconds": round(time.monotonic() - T0, 1),
         "params": asdict(p), "environment": environment(),
         "rows": [r.summary() for r in results.rows], "diagnostics": results.diagnostics,
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return path
+    })
 
 
 async def run(p: Params) -> Results:
@@ -729,30 +686,14 @@ async def run(p: Params) -> Results:
           "time per container = C x wall time / M.\n"
           f"N={p.tasks}, latency samples={p.latency_samples}, M={p.containers}, "
           f"C={p.concurrency}, no-op slots={p.slots}.")
-    print(f"results: {write_json(p, results, started).relative_to(ROOT)}")
+    print(f"results: {write_results(p, results, started).relative_to(ROOT)}")
     return results
-
-
-async def main_async(p: Params) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM behaves like Ctrl-C: cancel, so every `finally` stops its stack.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    await run(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parse_args(argv)
     say(f"parameters: {p}")
-    try:
-        asyncio.run(main_async(p))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        say("interrupted; everything started was stopped")
-        return 130
-    except BenchError as exc:
-        say(f"benchmark failed: {exc}")
-        return 1
-    return 0
+    return run_main(lambda: run(p))
 
 
 if __name__ == "__main__":
