@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from vigil_scheduler.admission import Admit, Reject, admit, failed_state, tenant_of
+from vigil_scheduler.admission import Admit, Reject, admit, failed_state, tenant_of, unreadable
 from vigil_scheduler.settings import SchedulerSettings
 
 pytestmark = pytest.mark.unit
@@ -63,3 +63,27 @@ def test_rejection_of_bad_id_falls_back_to_rule() -> None:
 def test_tenant_of() -> None:
     assert tenant_of("vigil.submit.acme") == "acme"
     assert tenant_of("vigil.submit.") is None
+
+
+def test_invalid_utf8_is_refused_under_the_rule_s_id_as_not_json() -> None:
+    # Not JSON (RFC 8259: UTF-8), so there is no spec id to salvage: the rule's id.
+    result = run(b'{"id": "mine", "command": ["\xff"]}', msg_id="m-2")
+    assert isinstance(result, Reject)
+    assert result.task_id == "m-2" and result.tenant == "acme" and result.field == "$"
+    assert "not UTF-8" in result.error
+    state = failed_state(result, 10, NOW)
+    assert state is not None and state.status == "failed" and state.refused_at_admission
+
+
+def test_a_spec_out_of_the_time_window_is_refused_at_admission() -> None:
+    result = run({"id": "far", "command": ["true"], "not_before": "9999-12-31T00:00:00Z",
+                  "queue_timeout_s": 86_400})
+    assert isinstance(result, Reject) and result.task_id == "far"
+    assert result.field == "$.not_before"
+
+
+def test_admission_that_crashes_is_a_rejection_not_a_retry() -> None:
+    result = unreadable("vigil.submit.acme", None, 12, KeyError("x"))
+    assert result.task_id == "s12" and result.tenant == "acme"
+    assert "KeyError('x')" in result.error and "bug" in result.error
+    assert unreadable("vigil.submit", "m", 12, KeyError("x")).task_id is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 import msgspec
 
@@ -63,19 +64,58 @@ def invalid_task_field(error: str) -> str | None:
     return None
 
 
-def decode_spec(data: bytes, *, strict: bool = False) -> TaskSpec:
-    """Decode and validate a task spec, raising :class:`InvalidTask` naming the field."""
+def check_utf8(data: bytes) -> None:
+    """Raise :class:`msgspec.DecodeError` unless ``data`` is UTF-8, as JSON must be
+    (RFC 8259). msgspec checks only the strings it decodes (not those it skips), and
+    raises UnicodeDecodeError for those, which is no DecodeError: callers would crash."""
     try:
-        if strict:
-            spec: TaskSpec = spec_strict_decoder.decode(data)
-        else:
-            spec = spec_decoder.decode(data)
+        data.decode()
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(
+            f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _integral(value: object) -> object:
+    """``value`` with every float that is a whole number (``2.0``) made an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def decode_spec(data: bytes, *, strict: bool = False, now: datetime | None = None) -> TaskSpec:
+    """Decode and validate a task spec, raising :class:`InvalidTask` naming the field.
+
+    ``now``: the spec is being submitted at that time; the rules that depend on it
+    (:meth:`TaskSpec.check_at`) apply too. A whole number written as a float (``2.0``)
+    is an integer, as in JSON Schema (the OpenAPI document says ``integer``).
+    """
+    decoder = spec_strict_decoder if strict else spec_decoder
+    try:
+        check_utf8(data)
+        try:
+            spec: TaskSpec = decoder.decode(data)
+        except msgspec.ValidationError:
+            # The slow path, only for a spec the fast one refused: it may hold a `2.0`.
+            # Any other error is raised again, the same as the fast path's.
+            spec = msgspec.convert(_integral(any_decoder.decode(data)), decoder.type)
+        if now is not None:
+            spec.check_at(now)
     except msgspec.ValidationError as exc:
-        message, field = error_field(exc)
-        where = f" (at {field})" if field else ""
-        raise InvalidTask(f"invalid task spec: {message}{where}", field=field) from None
-    except msgspec.DecodeError as exc:
+        raise _invalid(exc) from None
+    except msgspec.DecodeError as exc:  # (a ValueError too, hence first)
         raise InvalidTask(f"task spec is not valid JSON: {exc}", field="$",
                           malformed=True) from None
+    except ValueError as exc:
+        raise _invalid(exc) from None
     return spec
+
+
+def _invalid(exc: msgspec.ValidationError | ValueError) -> InvalidTask:
+    message, field = error_field(exc)
+    where = f" (at {field})" if field else ""
+    return InvalidTask(f"invalid task spec: {message}{where}", field=field)
 

@@ -9,7 +9,7 @@ where a typo such as ``timeout`` for ``timeout_s`` should be an error, not silen
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,12 +23,20 @@ Name = Annotated[str, Meta(pattern=ID_PATTERN)]
 ImageRef = Annotated[
     str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$", description="image reference")
 ]
+# A NUL byte cannot reach a process (argv and the environment are C strings) nor a
+# container label: a string that may carry one is refused at the door, never at run time.
+NO_NUL = r"^[^\x00]*$"
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
-EnvValue = Annotated[str, Meta(max_length=32_768)]
+# Env and label values are checked for NUL in TaskSpec.__post_init__, so that the error
+# names the key (`$.env.FOO`; msgspec's own path for a map value is `$.env[...]`); the
+# schema says so too.
+EnvValue = Annotated[str, Meta(max_length=32_768, extra_json_schema={"pattern": NO_NUL})]
 LabelKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
-LabelValue = Annotated[str, Meta(max_length=256)]
-Arg = Annotated[str, Meta(min_length=1, max_length=65_536)]
+LabelValue = Annotated[str, Meta(max_length=256, extra_json_schema={"pattern": NO_NUL})]
+Arg = Annotated[str, Meta(min_length=1, max_length=65_536, pattern=NO_NUL)]
 Command = Annotated[list[Arg], Meta(min_length=1, max_length=1_024)]
+ExitCode = Annotated[int, Meta(ge=0, le=255)]
+"""What a process exit status can be (a signal shows as 128 + its number)."""
 
 Status = Literal[
     "queued", "scheduled", "running", "succeeded", "failed", "cancelled", "timed_out", "dead"
@@ -61,10 +69,12 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     backoff_s: Annotated[float, Meta(ge=0, le=3_600)] = 1.0
     backoff_max_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
-    non_retryable_exit_codes: Annotated[list[int], Meta(max_length=256)] = []
+    non_retryable_exit_codes: Annotated[list[ExitCode], Meta(max_length=256)] = []
 
 
 PRIORITY_DEFAULT = 5
+NOT_BEFORE_MAX_AHEAD_DAYS = 365
+"""How far ahead of its submission a task's ``not_before`` may be."""
 
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -95,21 +105,45 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError for the caller.
         for name in self.env:
             if name.startswith(RESERVED_ENV_PREFIX):
-                # msgspec turns a ValueError here into a ValidationError for the caller.
                 raise ValueError(
                     f"env name {name!r} is reserved (the platform sets VIGIL_* inside the "
                     "container) - at `$.env`"
                 )
         if len(self.labels) > 64:
             raise ValueError("at most 64 labels are allowed - at `$.labels`")
+        for where, values in (("env", self.env), ("labels", self.labels),
+                              ("node_labels", self.node_labels)):
+            for key, value in values.items():
+                if "\x00" in value:
+                    raise ValueError(f"a NUL byte cannot be passed to a process or a label "
+                                     f"- at `{_member(f'$.{where}', key)}`")
         if self.not_before is not None and self.not_before.tzinfo is None:
             raise ValueError("not_before needs a time zone (Z or +hh:mm) - at `$.not_before`")
+
+    def check_at(self, now: datetime) -> None:
+        """The rules that depend on when the spec is submitted, raising ValueError naming
+        the field. Checked where a submission is admitted (:func:`vigil.codec.decode_spec`
+        with ``now``), not on every decode: a stored spec must stay readable whatever
+        another node's clock says."""
+        if (self.not_before is not None
+                and self.not_before - now > timedelta(days=NOT_BEFORE_MAX_AHEAD_DAYS)):
+            # Also keeps every sum the scheduler makes of it (plus a queue timeout) far
+            # from datetime's year-9999 ceiling.
+            raise ValueError(f"not_before may be at most {NOT_BEFORE_MAX_AHEAD_DAYS} days "
+                             "ahead - at `$.not_before`")
 
 
 class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """:class:`TaskSpec` for user-facing doors: unknown fields are errors."""
+
+
+def _member(parent: str, key: str) -> str:
+    """The JSON path of ``parent[key]``: ``$.env.FOO``, or ``$.labels["a.b/c"]`` for a
+    key that is not a plain name."""
+    return f"{parent}.{key}" if key.isidentifier() and key.isascii() else f'{parent}["{key}"]'
 
 
 class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):

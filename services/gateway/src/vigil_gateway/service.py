@@ -46,7 +46,7 @@ from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
-from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskState
+from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskState, utcnow
 from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
@@ -253,7 +253,7 @@ class Gateway:
         # form-urlencoded, and refusing that would help nobody.
         body = await request.read()
         try:
-            spec = codec.decode_spec(body, strict=True)
+            spec = codec.decode_spec(body, strict=True, now=utcnow())
         except InvalidTask as exc:
             status = 400 if exc.malformed else 422
             self.metrics.submissions.labels("invalid").inc()
@@ -412,6 +412,7 @@ class Gateway:
         who: Principal = request[PRINCIPAL]
         raw = await request.read()
         try:
+            codec.check_utf8(raw)
             body = (_cancel_body_decoder.decode(raw) if raw.strip() else CancelBody())
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             message, field = codec.error_field(exc)
@@ -419,7 +420,7 @@ class Gateway:
                 exc, msgspec.ValidationError)
             return error(400 if malformed else 422,
                          "invalid_json" if malformed else "invalid_field", message,
-                         field=field)
+                         field="$" if malformed else field)
         if state.status == "cancelled":
             return _cancel_answer(TaskSummary.of(state), 200, "the task was already cancelled")
         if state.terminal:

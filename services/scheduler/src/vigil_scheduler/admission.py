@@ -60,10 +60,11 @@ def admit(
             field="subject",
         )
     try:
-        spec = codec.decode_spec(data)
+        spec = codec.decode_spec(data, now=now)
     except InvalidTask as exc:
         return Reject(
-            task_id=_salvage_id(data) or fallback_id,
+            # Not JSON (invalid UTF-8 is not JSON either): there is no spec id to salvage.
+            task_id=(None if exc.malformed else _salvage_id(data)) or fallback_id,
             tenant=tenant,
             error=str(exc),
             field=exc.field,
@@ -89,6 +90,19 @@ def admit(
         task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq
     )
     return Admit(state=state, work=work)
+
+
+def unreadable(subject: str, msg_id: str | None, seq: int, exc: Exception) -> Reject:
+    """A submission :func:`admit` itself failed on: a bug of ours, and a deterministic one
+    (admission is pure), so the same submission would fail again on every delivery. It
+    is refused at once, recorded as for any invalid submission."""
+    tenant = tenant_of(subject)
+    return Reject(
+        task_id=ids.task_id_for(None, msg_id, seq) if tenant is not None else None,
+        tenant=tenant,
+        error=f"the scheduler could not read this submission ({exc!r}); this is a bug in "
+        "Vigil, please report it with the submission",
+    )
 
 
 def _salvage_id(data: bytes) -> str | None:

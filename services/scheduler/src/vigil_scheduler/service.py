@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
-from datetime import timedelta
 
 import msgspec
 import structlog
@@ -46,7 +45,7 @@ from vigil.messages import (
     utcnow,
 )
 from vigil.ops import OpsServer, ops_app
-from vigil_scheduler.admission import Admit, Reject, admit, failed_state
+from vigil_scheduler.admission import Admit, Reject, admit, failed_state, unreadable
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
 from vigil_scheduler.dispatch import Dispatcher, queued_state_of, scheduled_unreleased
@@ -54,7 +53,7 @@ from vigil_scheduler.fleet import Fleet
 from vigil_scheduler.lease import Lease
 from vigil_scheduler.metrics import Metrics
 from vigil_scheduler.settings import SchedulerSettings
-from vigil_scheduler.timers import Timer, Timers, set_timer
+from vigil_scheduler.timers import Timer, Timers, later, set_timer
 
 log = structlog.get_logger("vigil.scheduler")
 
@@ -218,7 +217,12 @@ class Scheduler:
         msg_id = msg.headers.get(subjects.MSG_ID) if msg.headers else None
         with bound_contextvars(submit_seq=seq, subject=msg.subject):
             try:
-                decision = admit(msg.data, msg.subject, msg_id, seq, utcnow(), self.settings)
+                try:
+                    decision: Admit | Reject = admit(msg.data, msg.subject, msg_id, seq,
+                                                     utcnow(), self.settings)
+                except Exception as exc:
+                    log.exception("admission_crashed")
+                    decision = unreadable(msg.subject, msg_id, seq, exc)
                 if isinstance(decision, Reject):
                     await self._reject(decision, seq, msg_id)
                     await msg.term()
@@ -353,7 +357,7 @@ class Scheduler:
         if admitting and spec.queue_timeout_s:
             start = max(state.created_at, spec.not_before or state.created_at)
             await set_timer(self._js, "queue_timeout", state.id,
-                            start + timedelta(seconds=spec.queue_timeout_s))
+                            later(start, spec.queue_timeout_s))
         # (A fired start timer is due whatever this node's clock says about not_before:
         # setting the same timer again would be dropped as a duplicate.)
         if spec.not_before is not None and spec.not_before > now and not due:

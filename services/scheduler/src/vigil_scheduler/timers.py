@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import msgspec
@@ -34,6 +34,19 @@ TimerKind = Literal["start", "queue_timeout"]
 # nats-server caps nothing here, but re-checking at least hourly keeps a timer honest
 # if a clock jumps.
 MAX_NAK_DELAY_S = 3600.0
+
+
+LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def later(start: datetime, seconds: float) -> datetime:
+    """``start`` plus ``seconds``, at most the latest time there is: a timer set from a
+    spec must never raise OverflowError (the spec's limits keep it far from that, and a
+    spec stored before a limit existed must not crash the scheduler either)."""
+    try:
+        return start + timedelta(seconds=seconds)
+    except OverflowError:
+        return LATEST if seconds > 0 else datetime.min.replace(tzinfo=UTC)
 
 
 class Timer(msgspec.Struct, frozen=True, kw_only=True):
