@@ -3,6 +3,7 @@ gateway (HTTP) and the raw NATS door. Real nats-server, scheduler, executor, gat
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from support import Platform, eventually, stored_events
 from vigil import subjects
+from vigil.api import LAST_EVENT_ID_MAX
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +87,52 @@ async def test_cancel_with_a_body_that_is_not_utf8_is_a_400(
     assert answer["error"]["field"] == "$" and "not UTF-8" in answer["error"]["message"]
     state = await platform.state("keep")
     assert state is not None and state.status == "queued" and state.cancel_requested_at is None
+
+
+@pytest.mark.parametrize(("headers", "query", "field"), [
+    ({"Last-Event-ID": str(2**64)}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": str(LAST_EVENT_ID_MAX + 1)}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": ""}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": "-1"}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": "+1"}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": "1.0"}, "", "Last-Event-ID"),
+    ({}, "?last_event_id=", "last_event_id"),
+    ({}, f"?last_event_id={2**64}", "last_event_id"),
+    ({"Last-Event-ID": "1"}, "?last_event_id=x", "last_event_id"),
+    ({}, "?follow=1", "follow"),
+    ({}, "?last_event_id=1&colour=red", "colour"),
+], ids=["2^64", "max+1", "empty", "negative", "plus", "float", "query-empty", "query-2^64",
+        "both-query-bad", "unknown", "unknown-after-known"])
+async def test_events_refuse_a_bad_resume_point_or_parameter(
+    http: aiohttp.ClientSession, platform: Platform, headers: dict[str, str], query: str,
+    field: str,
+) -> None:
+    async with http.post("/v1/tasks", data=spec("ev")) as r:
+        assert r.status == 202, await r.text()
+    await platform.final_state("ev")
+    async with http.get(f"/v1/tasks/ev/events{query}", headers=headers) as r:
+        assert r.status == 400, await r.text()
+        assert r.content_type == "application/json"
+        assert (await r.json())["error"]["field"] == field
+
+
+async def test_events_resume_after_the_largest_id_is_an_empty_stream_that_ends(
+    http: aiohttp.ClientSession, platform: Platform
+) -> None:
+    async with http.post("/v1/tasks", data=spec("ev-max")) as r:
+        assert r.status == 202, await r.text()
+    await platform.final_state("ev-max")
+    events = await stored_events(platform.js, "ev-max")
+    assert events
+    for last in (str(LAST_EVENT_ID_MAX), "0" * 5 + "1"):
+        async with http.get("/v1/tasks/ev-max/events", headers={"Last-Event-ID": last}) as r:
+            assert r.status == 200
+            text = await asyncio.wait_for(r.text(), 10)
+        ids = [line for line in text.splitlines() if line.startswith("id: ")]
+        if last == str(LAST_EVENT_ID_MAX):
+            assert ids == []  # nothing after it, and the stream still ended
+        else:
+            assert ids and ids[0] != "id: 1"  # resumed after event 1
 
 
 @pytest.mark.parametrize(("payload", "says", "field"), [

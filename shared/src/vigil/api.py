@@ -18,6 +18,9 @@ from vigil.messages import ExecutorInfo, Status, TaskState
 
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
+LAST_EVENT_ID_MAX = 2**63 - 1
+"""The largest ``Last-Event-ID`` taken: a stream sequence, and one past it still a
+JetStream start sequence (64 bits, unsigned)."""
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):

@@ -285,16 +285,21 @@ def _task_paths() -> Json:
             "422": _json(_ERROR, "The body is not a valid CancelBody (`invalid_field`)."),
         },
     )
+    sequence = {"type": "integer", "minimum": 0, "maximum": api.LAST_EVENT_ID_MAX}
     events = _op(
         "taskEvents", "Follow a task's events (Server-Sent Events)", tags=("tasks",),
+        description="Unknown query parameters, and an empty or out-of-range event id, are "
+                    "refused (400).",
         parameters=[
             _ID_PARAM,
             {"name": "Last-Event-ID", "in": "header",
-             "description": "Resume after this event (its `id`, a stream sequence).",
-             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+             "description": "Resume after this event (its `id`, a stream sequence, in "
+                            "decimal digits).",
+             "schema": sequence},
             {"name": "last_event_id", "in": "query",
-             "description": "The same as the header, for clients that cannot set it.",
-             "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+             "description": "The same as the header, for clients that cannot set it (the "
+                            "header wins when both are given).",
+             "schema": sequence},
         ],
         responses={
             "200": {"description": "One SSE event per task event, oldest first; comment "

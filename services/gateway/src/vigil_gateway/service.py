@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from vigil import codec, ids, subjects, topology
 from vigil.api import (
+    LAST_EVENT_ID_MAX,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     CancelBody,
@@ -62,6 +63,7 @@ log = structlog.get_logger("vigil.gateway")
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+SEQUENCE_RE = re.compile(r"[0-9]{1,19}")  # (\d would take other scripts' digits)
 PUBLIC = frozenset({"/healthz", "/metrics", "/openapi.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -372,13 +374,22 @@ class Gateway:
         found = await self._visible(request)
         if isinstance(found, web.Response):
             return found
-        last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        for name in request.query:
+            if name != "last_event_id":
+                return error(400, "invalid_query", f"unknown query parameter {name!r}; known: "
+                             "last_event_id", field=name)
         after = 0
-        if last:
-            if not (last.isascii() and last.isdigit()):
-                return error(400, "invalid_header", "Last-Event-ID must be a stream sequence",
-                             field="Last-Event-ID")
-            after = int(last)
+        # The query parameter first, so that the header wins when both are given.
+        for kind, field, value in (("query", "last_event_id",
+                                    request.query.get("last_event_id")),
+                                   ("header", "Last-Event-ID",
+                                    request.headers.get("Last-Event-ID"))):
+            if value is None:
+                continue
+            if not (SEQUENCE_RE.fullmatch(value) and int(value) <= LAST_EVENT_ID_MAX):
+                return error(400, f"invalid_{kind}", f"{field} must be an event's id: a "
+                             f"stream sequence, 0 to {LAST_EVENT_ID_MAX}", field=field)
+            after = int(value)
         with self.metrics.streams.track_inprogress():
             return await stream_events(request, self.js, self.store, found[0], after,
                                        self.settings.sse_keepalive_s, self._stop)
