@@ -9,9 +9,11 @@ import re
 
 import pytest
 
-from support import Platform
+from support import Platform, eventually
+from vigil import codec, subjects
 from vigil.embedded import PodmanService
 from vigil.errors import SettingsError
+from vigil.messages import TaskState
 from vigil_executor.service import Executor
 
 pytestmark = [pytest.mark.integration, pytest.mark.podman]
@@ -244,19 +246,33 @@ async def test_confession_rate_and_size_limits_in_a_container(
     assert not [c for c in stored if c.get("category") == "malformed_control_line"]
 
 
-async def test_missing_image_is_handed_back_not_failed(
-    platform: Platform, podman: PodmanService
+async def test_an_image_no_node_has_waits_queued_and_is_never_handed_out(
+    platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
-    """A missing image is the node's problem, not the agent's: the task goes back to the
-    queue with a delay (another node may have the image), spending no attempt."""
-    await podman_platform(platform, podman)
+    """The executor advertises the images Podman holds; a task whose image no node has
+    stays queued, says so and is confessed, and times out in the queue: no node spends a
+    delivery finding out (the executor's own check stays, for a stale advert)."""
+    await platform.scheduler(unservable_after_s=0)
+    executor = await platform.executor(runtime="podman", unsafe_runtime=False,
+                                       podman_url=podman.url)
+    kv = await platform.js.key_value(subjects.KV_EXECUTORS)
+    advert = codec.any_decoder.decode((await kv.get(executor.settings.node_id)).value)
+    assert agent_image in advert["images"]
     await platform.publish_spec({"id": "noimg", "command": ["true"],
-                                 "image": "localhost/does-not-exist:1", "queue_timeout_s": 60})
-    retrying = await platform.events.wait_for("noimg", "retrying", timeout=60)
-    assert "localhost/does-not-exist:1 not found on node" in retrying[0]["reason"]
-    assert retrying[0]["delay_s"] == 5.0
-    state = await platform.state("noimg")
-    assert state is not None and state.status == "scheduled"
-    assert [h.outcome for h in state.history] == ["handed_back"]
-    confessions = await platform.confessions(category="image_missing")
+                                 "image": "localhost/does-not-exist:1", "queue_timeout_s": 3})
+
+    async def waiting() -> TaskState | None:
+        state = await platform.state("noimg")
+        return state if state is not None and state.waiting else None
+
+    state = await eventually(waiting, what="the task to say which image nobody has")
+    assert state.status == "queued"
+    assert "has image 'localhost/does-not-exist:1'" in (state.waiting or "")
+    final = await platform.final_state("noimg")
+    assert final.status == "timed_out" and final.history == []
+    assert platform.events.of("noimg", "retrying") == []
+    confessions = await platform.confessions(category="unservable")
     assert any(c.get("task_id") == "noimg" for c in confessions)
+    # A task naming an image the node has, by its short name, runs there.
+    await platform.publish_spec({"id": "short", "command": ["true"], "image": "vigil-agent"})
+    assert (await platform.final_state("short", timeout=60)).status == "succeeded"

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from support import Platform, SchedulerProcess, eventually
+from support import Platform, SchedulerProcess, eventually, session_node_id
 from vigil import auth, subjects
+from vigil_executor.process import ProcessRuntime
 
 pytestmark = pytest.mark.integration
 
@@ -321,3 +322,55 @@ async def test_cancelled_queued_tasks_stop_counting_against_the_queued_limit(
     assert state is not None and state.status == "queued" and state.rejected_by is None
     info = await platform.js.stream_info(subjects.STREAM_QUEUE)
     assert info.state.messages == 1  # only fresh's entry is left
+
+
+class Stocked(ProcessRuntime):
+    """The process runtime, on a node holding just these images (as Podman would list)."""
+
+    def __init__(self, root: Path, images: set[str]) -> None:
+        super().__init__(root)
+        self.held = images
+
+    async def image_exists(self, image: str) -> bool:
+        return image in self.held
+
+    async def images(self) -> list[str]:
+        return sorted(self.held)
+
+
+async def test_an_image_no_executor_has_waits_queued_and_says_so(
+    platform: Platform, tmp_path: Path
+) -> None:
+    await platform.scheduler(unservable_after_s=0)
+    await platform.executor(Stocked(tmp_path / "ws-a", {"localhost/vigil-agent:latest"}),
+                            node_id=session_node_id())
+    await platform.publish_spec({"id": "no-such", "command": ["true"],
+                                 "image": "localhost/nope:1", "queue_timeout_s": 2})
+    await platform.publish_spec({"id": "soon", "command": ["true"], "image": "localhost/soon:2"})
+    await platform.publish_spec({"id": "held", "command": ["true"],
+                                 "image": "localhost/vigil-agent:latest"})
+    assert (await platform.final_state("held")).status == "succeeded"
+
+    async def says_why(task_id: str) -> Any:
+        state = await platform.state(task_id)
+        return state if state and state.waiting else None
+    waiting = await eventually(lambda: says_why("no-such"), what="the task to say why")
+    assert waiting.status == "queued"
+    assert waiting.waiting == "no live executor of pool 'default' has image 'localhost/nope:1'"
+    final = await platform.final_state("no-such")
+    assert final.status == "timed_out" and "has image 'localhost/nope:1'" in (final.error or "")
+    # The scheduler held it back: no executor ever had to hand it back.
+    assert platform.events.of("no-such", "started") == []
+    assert platform.events.of("no-such", "retrying") == []
+    confessions = await platform.confessions(category="unservable")
+    (told,) = [c for c in confessions if c.get("task_id") == "no-such"]
+    assert told["data"]["image"] == "localhost/nope:1" and "nope" in told["summary"]
+    # A node that has the image comes: the waiting task runs there. (Released to the
+    # pool, the node without the image may pull it first: it hands it back, the fallback.)
+    assert (await says_why("soon")).status == "queued"
+    await platform.executor(Stocked(tmp_path / "ws-b", {"localhost/soon:2"}),
+                            node_id="stocked")
+    state = await platform.final_state("soon")
+    assert state.status == "succeeded" and state.executor == "stocked"
+    assert state.waiting is None
+    assert {h.outcome for h in state.history[:-1]} <= {"handed_back"}

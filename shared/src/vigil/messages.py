@@ -232,6 +232,13 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
                 and (self.rejected_by is not None or self.spec is None))
 
 
+ANY_IMAGE = "*"
+"""In :attr:`ExecutorInfo.images`: the runtime needs no image (the unsafe ``process`` and
+``null`` runtimes ignore it), so the node serves every image."""
+MAX_ADVERTISED_IMAGES = 256
+"""An executor holding more image names than this advertises ``images=None``."""
+
+
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """An executor's advertisement in ``vigil-executors`` (key = node id), refreshed on a
     heartbeat; the bucket's TTL removes a node that stopped refreshing."""
@@ -247,6 +254,10 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     version: str = ""
     started_at: datetime
     seen_at: datetime
+    images: list[str] | None = None
+    """The image names this node holds (Podman's tags, refreshed every few seconds), or
+    ``[ANY_IMAGE]``; None when unknown (an executor older than this field, or one with
+    more than MAX_ADVERTISED_IMAGES names): placement then does not judge by image."""
 
     @property
     def free(self) -> int:

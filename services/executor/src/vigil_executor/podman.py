@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 
 from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
+from vigil.messages import MAX_ADVERTISED_IMAGES
 from vigil_executor.runtime import (
     CONTROL_PATH,
     LABEL_ATTEMPT,
@@ -310,6 +311,12 @@ class PodmanRuntime:
             return False
         return True
 
+    async def images(self) -> list[str] | None:
+        """Every name (``repo:tag``) of every image in this user's storage, sorted; None
+        past MAX_ADVERTISED_IMAGES names (then placement does not judge by image)."""
+        data = await self.call("GET", "/images/json")
+        return image_names(data or [])
+
     def create_body(self, spec: ContainerSpec) -> dict[str, Any]:
         limits = spec.limits
         body: dict[str, Any] = {
@@ -459,6 +466,19 @@ def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
             member.name = name
             data = tin.extractfile(member) if member.isreg() else None
             tout.addfile(member, data)
+
+
+def image_names(listing: list[dict[str, Any]]) -> list[str] | None:
+    """The names in a ``GET /images/json`` answer (``RepoTags``, and libpod's ``Names``),
+    without untagged ones, sorted; None past MAX_ADVERTISED_IMAGES."""
+    names = {str(name) for image in listing
+             for name in [*(image.get("RepoTags") or ()), *(image.get("Names") or ())]
+             if name and not str(name).startswith("<none>")}
+    if len(names) > MAX_ADVERTISED_IMAGES:
+        log.warning("too_many_images", names=len(names), limit=MAX_ADVERTISED_IMAGES,
+                    note="advertising none: placement will not judge this node by image")
+        return None
+    return sorted(names)
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from vigil.messages import ANY_IMAGE
 from vigil_executor.runtime import ContainerSpec, ExitInfo, Leftover, LineSplitter, Stream
 
 
@@ -148,6 +149,9 @@ class ProcessRuntime:
     async def image_exists(self, image: str) -> bool:
         return True
 
+    async def images(self) -> list[str]:
+        return [ANY_IMAGE]  # the image is ignored: any task's will do
+
     async def create(self, spec: ContainerSpec) -> ProcessContainer:
         workspace = self._root / spec.workspace_volume
         workspace.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,9 @@ class NullRuntime:
 
     async def image_exists(self, image: str) -> bool:
         return True
+
+    async def images(self) -> list[str]:
+        return [ANY_IMAGE]  # the image is ignored: any task's will do
 
     async def create(self, spec: ContainerSpec) -> NullContainer:
         return NullContainer(1 if spec.command and spec.command[0] == "false" else 0)

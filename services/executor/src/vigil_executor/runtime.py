@@ -122,6 +122,11 @@ class Runtime(Protocol):
 
     async def image_exists(self, image: str) -> bool: ...
 
+    async def images(self) -> list[str] | None:
+        """The image names this node holds, for its advertisement; ``[ANY_IMAGE]`` when
+        the runtime needs none, None when it cannot tell (see ExecutorInfo.images)."""
+        ...
+
     async def create(self, spec: ContainerSpec) -> Container:
         """Create the container and attach to its output; ``start()`` runs it."""
         ...

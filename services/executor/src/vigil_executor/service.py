@@ -133,7 +133,9 @@ class Executor:
             await self._nc.subscribe(f"{subjects.CANCEL}.*", cb=self._on_cancel_notice)
             self._advertiser = Advertiser(
                 self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
-                runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants)
+                runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants,
+                images=self.runtime.images)
+            await self._advertiser.refresh_images()
             await self._advertiser.publish()
             advertising = asyncio.create_task(self._advertiser.run(self._stop))
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,

@@ -262,7 +262,7 @@ class Dispatcher:
                 break
             assert entry.seq is not None
             seq = entry.seq + 1
-            if self._waits_for_labels(entry.data or b""):
+            if self._waits_for_placement(entry.data or b""):
                 skipped += 1  # stays queued; the tasks behind it go on
                 continue
             entries.append((entry.seq, entry.data or b""))
@@ -312,17 +312,22 @@ class Dispatcher:
             await self.refresh()
         return removed
 
-    def _waits_for_labels(self, data: bytes) -> bool:
-        """An entry needing executor labels that no live executor of its pool has."""
+    def _waits_for_placement(self, data: bytes) -> bool:
+        """An entry needing executor labels, or an image, that no live executor of its
+        pool has."""
         try:
             work = codec.work_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return False  # dispatch_entry says so and drops it
-        labels = work.spec.node_labels
+        spec = work.spec
         # Released only while a matching executor has a free slot: otherwise executors
         # without the labels would hand it back and forth, each time a delivery, until
         # the server's max deliveries buried a task that never ran.
-        return bool(labels) and not self.fleet.serves(work.spec.pool, labels, free=True)
+        if spec.node_labels and not self.fleet.serves(spec.pool, spec.node_labels,
+                                                      free=True):
+            return True
+        # Nobody has the image: every executor would hand it back, each time a delivery.
+        return not self.fleet.serves(spec.pool, spec.node_labels, image=spec.image)
 
     async def dispatch_entry(self, data: bytes) -> bool:
         try:

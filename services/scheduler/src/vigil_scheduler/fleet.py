@@ -21,6 +21,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from vigil import subjects, topology
 from vigil.messages import ExecutorInfo
+from vigil_scheduler.images import holds
 
 log = structlog.get_logger("vigil.scheduler")
 
@@ -79,13 +80,24 @@ class Fleet:
     def running(self, pool: str) -> int:
         return sum(e.running for e in self.live() if e.pool == pool)
 
-    def serves(self, pool: str, labels: Mapping[str, str], *, free: bool = False) -> bool:
-        """Whether any live executor could run a task of ``pool`` needing ``labels``
-        (with ``free``: could run it now, by its last advert)."""
+    def serves(self, pool: str, labels: Mapping[str, str], *, image: str | None = None,
+               free: bool = False) -> bool:
+        """Whether any live executor could run a task of ``pool`` needing ``labels`` and
+        ``image`` (with ``free``: could run it now, by its last advert)."""
         return any(e.pool == pool and not e.draining
                    and all(e.labels.get(k) == v for k, v in labels.items())
+                   and (image is None or holds(e.images, image))
                    and (not free or e.free > 0)
                    for e in self.live())
+
+    def unservable(self, pool: str, labels: Mapping[str, str], image: str | None) -> str | None:
+        """Why no live executor could run such a task (None if one could)."""
+        if self.serves(pool, labels, image=image):
+            return None
+        need = f" with labels {dict(labels)}" if labels else ""
+        if image is None or not self.serves(pool, labels):
+            return f"no live executor serves pool {pool!r}{need}"
+        return f"no live executor of pool {pool!r}{need} has image {image!r}"
 
     @property
     def settled(self) -> bool:

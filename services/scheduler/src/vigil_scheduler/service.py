@@ -367,9 +367,10 @@ class Scheduler:
             await set_timer(self._js, "start", state.id, spec.not_before)
             log.info("task_delayed", not_before=spec.not_before.isoformat())
             return "delayed"
-        servable = self._fleet.serves(spec.pool, spec.node_labels)
-        if not servable and self._fleet.settled:
-            await self._unservable(state, rev, work)
+        why = self._fleet.unservable(spec.pool, spec.node_labels, spec.image)
+        servable = why is None
+        if why is not None and self._fleet.settled:
+            await self._unservable(state, rev, work, why)
         # With the revision of an untouched queued state, scheduling is one compare-and-set
         # (see Dispatcher.schedule).
         pristine = state == queued_state_of(work)
@@ -385,11 +386,9 @@ class Scheduler:
         log.info("task_queued", pool=spec.pool, priority=spec.priority)
         return "queued"
 
-    async def _unservable(self, state: TaskState, rev: int, work: WorkItem) -> None:
-        assert self._store is not None
+    async def _unservable(self, state: TaskState, rev: int, work: WorkItem, why: str) -> None:
+        assert self._store is not None and self._fleet is not None
         spec = work.spec
-        need = f" with labels {spec.node_labels}" if spec.node_labels else ""
-        why = f"no live executor serves pool {spec.pool!r}{need}"
         if state.waiting != why:
             await self._store.cas(msgspec.structs.replace(state, waiting=why), rev)
         # Every such task says so in its state; only the first few per pool and ten
@@ -402,12 +401,15 @@ class Scheduler:
         self._unservable_told[spec.pool] = (since, told + 1)
         if told >= UNSERVABLE_CONFESSIONS:
             return
+        data: dict[str, object] = {"pool": spec.pool, "node_labels": dict(spec.node_labels)}
+        if spec.image is not None and self._fleet.serves(spec.pool, spec.node_labels):
+            data["image"] = spec.image  # the image is what is missing (an incident each)
         await self._confess(Confession(
             id=f"scheduler-unservable-{state.id}", summary=f"task cannot run: {why}",
             severity="warning", category="unservable", task_id=state.id, tenant=state.tenant,
-            hint="start an executor for that pool/labels, or cancel the task; it waits "
-            "queued (a queue_timeout_s would end it)",
-            data={"pool": spec.pool, "node_labels": dict(spec.node_labels)},
+            hint="start an executor for that pool/labels, or build or load the image on "
+            "one, or cancel the task; it waits queued (a queue_timeout_s would end it)",
+            data=data,
         ))
 
     async def _over_quota(self, tenant: str) -> tuple[str, str] | None:
