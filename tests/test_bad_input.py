@@ -176,3 +176,24 @@ async def test_a_raw_submission_that_can_never_run_fails_at_once(
     assert info.num_redelivered == 0
     assert [e["kind"] for e in await stored_events(platform.js, "raw-bad")] == [
         "finished", "confession"]  # nothing ran
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/tasks?colour=red", "/v1/tasks/q?colour=red", "/v1/tasks/q/logs?colour=red",
+    "/v1/tasks/q/logs?follow=1&colour=red", "/v1/executors?colour=red",
+    "/v1/incidents?colour=red", "/v1/incidents/x?colour=red",
+])
+async def test_every_route_refuses_a_query_parameter_it_does_not_know(
+    http: aiohttp.ClientSession, platform: Platform, path: str
+) -> None:
+    async with http.post("/v1/tasks", data=spec("q")) as r:
+        assert r.status == 202, await r.text()
+    async with http.get(path) as r:
+        answer = await r.json()
+        assert r.status == 400, answer
+    assert answer["error"]["field"] == "colour"
+    assert "unknown query parameter 'colour'" in answer["error"]["message"]
+    async with http.post("/v1/tasks/q/cancel?colour=red") as r:
+        assert r.status == 400
+    state = await platform.state("q")
+    assert state is not None and state.cancel_requested_at is None

@@ -178,8 +178,10 @@ def _op(operation_id: str, summary: str, responses: Json, *, public: bool = Fals
         description = f"Needs a token with the {roles} role or above. {description}"
     if description:
         op["description"] = description.strip()
-        responses = {**responses, "401": _problem("Unauthorized"),
-                     "429": _problem("RateLimited"), "503": _problem("Unavailable")}
+        # (400: every /v1 route refuses a query parameter it does not declare.)
+        responses = {"400": _problem("BadRequest"), **responses,
+                     "401": _problem("Unauthorized"), "429": _problem("RateLimited"),
+                     "503": _problem("Unavailable")}
     if parameters:
         op["parameters"] = parameters
     if body is not None:
@@ -413,7 +415,8 @@ def _document() -> Json:
             "version": VERSION,
             "description": "Run long-lived AI agents: submit tasks, follow them, cancel "
                            "them, and see the incidents their confessions raised. Errors "
-                           "are always `{\"error\": {\"code\", \"message\", \"field\"}}`.",
+                           "are always `{\"error\": {\"code\", \"message\", \"field\"}}`. "
+                           "A query parameter a route does not declare is refused (400).",
         },
         "tags": [{"name": "tasks"}, {"name": "incidents"}, {"name": "executors"},
                  {"name": "ops"}],
@@ -434,3 +437,12 @@ def _document() -> Json:
 def document() -> dict[str, Any]:
     """The API description (a fresh copy: callers may change it)."""
     return copy.deepcopy(_document())
+
+
+@functools.cache
+def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """(method, path template) -> the query parameters the document declares for it:
+    what the gateway takes, so that an unknown one is refused, not silently ignored."""
+    return {(method.upper(), path): frozenset(p["name"] for p in op.get("parameters", [])
+                                              if p["in"] == "query")
+            for path, ops in _document()["paths"].items() for method, op in ops.items()}
