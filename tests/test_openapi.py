@@ -9,19 +9,24 @@ run arbitrary commands on this host). A few seeded tasks run real shell commands
 ``process`` runtime in a pool whose name the fuzzer cannot guess, so logs, confessions
 and incidents exist; the fuzzer's path ids are drawn from those seeded ids half the time,
 so it reaches past the 404s. Every check runs (no 5xx, documented status codes, content
-types, headers and bodies, negative data rejected, auth enforced, 405s for undeclared
-methods). The event stream and ``logs?follow=1`` stream until their task ends, so the
-fuzzer leaves them out and a test below checks them on a finished task instead.
+types, headers and bodies, negative data and unknown parameters rejected, auth enforced,
+405s for undeclared methods), then the stateful phase follows the document's links
+(submit, then get, cancel, logs of that task). Streams last until their task ends, so
+event streams are fuzzed on finished tasks only, ``logs?follow=1`` is dropped from
+generated queries, and a test below checks both on a finished task. Generation is
+derandomized and bounded (MAX_EXAMPLES per operation, STATEFUL_EXAMPLES sequences).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +35,15 @@ import msgspec
 import pytest
 import schemathesis
 from hypothesis import strategies as st
+from hypothesis.stateful import get_state_machine_test
 from schemathesis import GenerationMode
+from schemathesis.checks import CHECKS
+from schemathesis.core.failures import FailureGroup
+from schemathesis.core.parameters import ParameterLocation
 
-from support import Platform, eventually, start_platform
+from support import Platform, eventually, session_node_id, start_platform
 from vigil import auth, subjects
+from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS
 from vigil.natsserver import NatsServer
 from vigil_gateway import openapi
 
@@ -43,14 +53,16 @@ TENANT = "acme"
 SEED_POOL = f"seed-{secrets.token_hex(6)}"  # the only pool that runs real commands
 IDLE_POOL = f"idle-{secrets.token_hex(6)}"  # no executor: tasks stay queued
 MAX_EXAMPLES = 60
+STATEFUL_EXAMPLES = 40  # sequences
+STATEFUL_STEPS = 6  # calls per sequence, at most
 # Known before collection: schemathesis builds some cases (and asks for auth) then.
 TOKEN = auth.new_token()
-STREAMING = ("GET /v1/tasks/{id}/events",)
 
 
 @dataclass
 class Seeds:
     tasks: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)
 
 
@@ -104,8 +116,8 @@ class LiveStack:
             tokens.write_bytes(msgspec.json.encode(auth.TokensFile(tokens=[entry])))
             await platform.scheduler()
             await platform.auditor()
-            await platform.executor(runtime="null", node_id="null-node", slots=8)
-            await platform.executor(runtime="process", pool=SEED_POOL, node_id="seed-node")
+            await platform.executor(runtime="null", node_id=session_node_id(), slots=8)
+            await platform.executor(runtime="process", pool=SEED_POOL, node_id=session_node_id())
             gateway = await platform.gateway(auth="tokens", tokens_file=str(tokens),
                                              rate_limit_rps=0, sse_keepalive_s=0.5)
             self.url = f"http://127.0.0.1:{gateway.http_port}"
@@ -135,7 +147,8 @@ async def _seed(platform: Platform) -> None:
     }
     for task_id, spec in specs.items():
         await platform.publish_spec({"id": task_id, **spec}, tenant=TENANT)
-    for task_id in ("seed-done", "seed-failed", "seed-null"):
+    SEEDS.finished[:] = ["seed-done", "seed-failed", "seed-null"]
+    for task_id in SEEDS.finished:
         await platform.final_state(task_id)
     SEEDS.tasks[:] = list(specs)
 
@@ -156,24 +169,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
 
 
 def flatmap_case(ctx: Any, case: Any) -> Any:
-    """Make positive cases reach further than a fuzzer alone can.
+    """Make cases reach further than a fuzzer alone can.
 
-    - half of them get a seeded id instead of a random one (which is all 404s);
-    - a random ``cursor`` is never one the server issued (always 400): dropped;
-    - ``50.0`` is an integer to JSON Schema but not to msgspec: sent as ``50``.
-
-    Negative cases are left alone: their invalid part may be any of these.
+    - half of them get a seeded id instead of a random one (which is all 404s), unless
+      the id is what a negative case made invalid; an event stream only a finished
+      task's (it lasts as long as its task);
+    - in positive cases, a random ``cursor`` is never one the server issued (always
+      400): dropped; and a ``not_before`` more than a year after now is refused (422),
+      as its description says, but JSON Schema cannot say "after now": such a time is
+      moved into the year.
     """
-    if case.meta is None or case.meta.generation.mode is not GenerationMode.POSITIVE:
+    meta = case.meta
+    if meta is None:
         return st.just(case)
-    if case.query and "cursor" in case.query:
-        case.query = {k: v for k, v in case.query.items() if k != "cursor"}
-    if isinstance(case.body, dict):
-        case.body = {k: int(v) if isinstance(v, float) and v.is_integer() else v
-                     for k, v in case.body.items()}
-    if "id" not in (case.path_parameters or {}):
+    if meta.generation.mode is GenerationMode.POSITIVE:
+        if case.query and "cursor" in case.query:
+            case.query = {k: v for k, v in case.query.items() if k != "cursor"}
+        if isinstance(case.body, dict) and isinstance(case.body.get("not_before"), str):
+            latest = datetime.now(UTC) + timedelta(days=NOT_BEFORE_MAX_AHEAD_DAYS - 1)
+            with contextlib.suppress(ValueError):
+                if datetime.fromisoformat(case.body["not_before"]) > latest:
+                    case.body = {**case.body, "not_before": latest.isoformat()}
+    if "id" not in (case.path_parameters or {}) or meta.is_negative_at(ParameterLocation.PATH):
         return st.just(case)
-    known = SEEDS.incidents if case.path.startswith("/v1/incidents") else SEEDS.tasks
+    if case.path.startswith("/v1/incidents"):
+        known = SEEDS.incidents
+    elif case.path.endswith("/events"):
+        known = SEEDS.finished
+    else:
+        known = SEEDS.tasks
 
     def seeded(task_or_incident: str) -> Any:
         case.path_parameters = {**case.path_parameters, "id": task_or_incident}
@@ -205,9 +229,8 @@ class Bearer:
 # The generated document; a unit test checks the server serves exactly this one.
 schema = schemathesis.openapi.from_dict(openapi.document())
 schema.config.generation.update(max_examples=MAX_EXAMPLES, with_security_parameters=False,
-                                # The gateway ignores unknown query parameters (except on
-                                # GET /v1/tasks): OpenAPI does not forbid them either.
-                                allow_extra_parameters=False)
+                                deterministic=True, database="none")
+schema.config.checks.update(included_check_names=["all"])
 # A body past the gateway's size limit is refused with 413 whatever it holds (the limit
 # is a setting, not part of the schema): a right answer to valid and invalid bodies alike.
 for check in (schema.config.checks.negative_data_rejection,
@@ -218,11 +241,71 @@ schema.hook(map_query)
 schema.auth()(Bearer)
 
 
-@schema.exclude(method="GET", path="/v1/tasks/{id}/events").parametrize()
-@hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+SETTINGS = hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
+                               database=None, suppress_health_check=list(hypothesis.HealthCheck))
+
+
+@schema.parametrize()
+@SETTINGS
 def test_gateway_conforms_to_its_openapi(case: Any, stack: LiveStack) -> None:
     case.call_and_validate(base_url=stack.url, timeout=30)
+
+
+def test_every_check_is_enabled() -> None:
+    enabled = {name for name in CHECKS.get_all_names()
+               if schema.config.checks.get_by_name(name=name).enabled}
+    assert enabled == set(CHECKS.get_all_names()) and len(enabled) >= 14
+    assert schema.config.phases.stateful.enabled
+
+
+def test_stateful_sequences_conform(stack: LiveStack) -> None:
+    """Random sequences that follow the document's links (submit, then get, cancel, logs
+    of that task; incident and task links schemathesis infers), every check after each
+    step. Event streams are left out: one lasts as long as its task, and a generated
+    task may wait forever in a pool no executor serves (the test above covers them).
+
+    A live server is no replayable input (the second identical submission is a 409, an
+    incident list grows): Hypothesis may call a run flaky, and schemathesis' own runner
+    then starts another. So does this test, with the next seed, until STATEFUL_EXAMPLES
+    sequences have run; failures are collected as they happen, so none is lost to that.
+    """
+    machine = schema.exclude(method="GET", path="/v1/tasks/{id}/events").as_state_machine()
+    failures: list[str] = []
+    sequences: list[int] = []
+    linked: list[str] = []
+
+    class Sequences(machine):  # type: ignore[valid-type,misc]
+        def setup(self) -> None:
+            sequences.append(0)
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": stack.url, "timeout": 30}
+
+        def step(self, input: Any) -> Any:
+            if input.transition is not None and input.applied_parameters \
+                    and not input.transition.is_inferred:
+                linked.append(input.transition.id)  # one of the document's own links
+            return super().step(input)
+
+        def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any
+                              ) -> None:
+            try:
+                super().validate_response(response, case, *args, **kwargs)
+            except FailureGroup as exc:
+                failures.append(f"{case.method} {case.formatted_path} -> "
+                                f"{response.status_code}: {exc}")
+
+    settings = hypothesis.settings(SETTINGS, derandomize=False, max_examples=STATEFUL_EXAMPLES,
+                                   stateful_step_count=STATEFUL_STEPS,
+                                   phases=[hypothesis.Phase.generate])
+    for seed in range(20):
+        if len(sequences) >= STATEFUL_EXAMPLES:
+            break
+        with contextlib.suppress(hypothesis.errors.Flaky):
+            hypothesis.seed(seed)(get_state_machine_test(Sequences, settings=settings))()
+    assert not failures, "\n\n".join(failures)
+    assert len(sequences) >= STATEFUL_EXAMPLES, f"only {len(sequences)} sequences ran"
+    assert linked, "no sequence followed a link of the document"
 
 
 @pytest.mark.parametrize(("path", "query", "expect"), [

@@ -98,7 +98,9 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """0-9, higher first, among one tenant's queued tasks (tenants share fairly)."""
     node_labels: dict[LabelKey, LabelValue] = {}
     """Labels an executor of ``pool`` must advertise to run this task."""
-    not_before: datetime | None = None
+    not_before: Annotated[datetime, Meta(
+        description=f"Do not start before this time; at most {NOT_BEFORE_MAX_AHEAD_DAYS} "
+        "days after the submission.")] | None = None
     """Do not start before this time (delayed start)."""
     queue_timeout_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] | None = None
     """Give up (``timed_out``) if not started this long after submission (or not_before)."""

@@ -56,11 +56,14 @@ def _ref(name: str) -> Json:
     return {"$ref": SCHEMAS.format(name=name)}
 
 
-def _json(schema: Json, description: str, headers: Json | None = None) -> Json:
+def _json(schema: Json, description: str, headers: Json | None = None,
+          links: Json | None = None) -> Json:
     response: Json = {"description": description,
                       "content": {"application/json": {"schema": schema}}}
     if headers:
         response["headers"] = headers
+    if links:
+        response["links"] = links
     return response
 
 
@@ -129,6 +132,8 @@ def _mark_datetimes(components: Json) -> None:
                 todo.append(field.type)
                 kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) \
                     else (field.type,)
+                kinds = tuple(k.type if isinstance(k, msgspec.inspect.Metadata) else k
+                              for k in kinds)
                 if any(isinstance(k, msgspec.inspect.DateTimeType) for k in kinds):
                     schema = props[field.encode_name]
                     for branch in schema.get("anyOf", [schema]):
@@ -165,6 +170,15 @@ _ID_PARAM: Json = {
 }
 
 
+def _links(source: str, *operation_ids: str) -> Json:
+    """OpenAPI links: the answer's ``source`` (a JSON pointer into its body) is the ``id``
+    of each of these operations (what a client, or schemathesis' stateful phase, does
+    next with it)."""
+    return {f"{op[0].upper()}{op[1:]}": {
+        "operationId": op, "parameters": {"id": f"$response.body#{source}"}}
+        for op in operation_ids}
+
+
 def _op(operation_id: str, summary: str, responses: Json, *, public: bool = False,
         roles: str = "viewer", parameters: list[Json] | None = None,
         body: Json | None = None, tags: tuple[str, ...] = (), description: str = "") -> Json:
@@ -199,6 +213,8 @@ def _task_paths() -> Json:
                            "oldest first."}},
     }]}
     location = {"Location": {"description": "The task's URL.", "schema": {"type": "string"}}}
+    # (Not to the event stream: it lasts as long as its task, maybe forever.)
+    task_links = _links("/id", "getTask", "cancelTask", "taskLogs")
     submit = _op(
         "submitTask", "Submit a task", tags=("tasks",), roles="submitter",
         parameters=[{
@@ -211,10 +227,10 @@ def _task_paths() -> Json:
             "schema": _ref("TaskSpecStrict")}}},
         responses={
             "202": _json(_ref("SubmitResponse"), "Accepted: the submission is durable.",
-                         location),
+                         location, task_links),
             "200": _json(_ref("SubmitResponse"),
                          "A repeat of an earlier request with the same Idempotency-Key.",
-                         location),
+                         location, task_links),
             "400": _problem("BadRequest"),
             "403": _problem("Forbidden"),
             "409": _json(_ERROR, "The task id is taken (`exists`, `id_taken`)."),
@@ -277,8 +293,10 @@ def _task_paths() -> Json:
             "schema": _ref("CancelBody")}}},
         responses={
             "202": _json(_ref("CancelResponse"), "Cancellation requested; the task ends "
-                         "`cancelled` once its executor has stopped it."),
-            "200": _json(_ref("CancelResponse"), "The task was already cancelled."),
+                         "`cancelled` once its executor has stopped it.",
+                         links=_links("/id", "getTask")),
+            "200": _json(_ref("CancelResponse"), "The task was already cancelled.",
+                         links=_links("/id", "getTask")),
             "400": _problem("BadRequest"),
             "403": _problem("Forbidden"),
             "404": _problem("NotFound"),
