@@ -9,6 +9,7 @@ is yes, and the executor's own check, which hands the task back, still decides.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -25,6 +26,7 @@ class Ref(NamedTuple):
     tag: str
 
 
+@functools.lru_cache(maxsize=4096)  # the dispatcher asks for every queued entry
 def parse(ref: str) -> Ref | None:
     """``[domain/]path[:tag]`` of a reference; None for one that names no tag (a digest,
     an image id), which names alone cannot judge."""
@@ -47,7 +49,7 @@ def parse(ref: str) -> Ref | None:
 
 def holds(advertised: Sequence[str] | None, image: str) -> bool:
     """Whether a node advertising ``advertised`` (ExecutorInfo.images) may hold ``image``."""
-    if advertised is None or ANY_IMAGE in advertised:
+    if advertised is None or ANY_IMAGE in advertised or image in advertised:
         return True
     want = parse(image)
     if want is None:
