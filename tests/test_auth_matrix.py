@@ -27,9 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from support import Platform, eventually, start_platform
+from support import Platform, eventually, shipped_server, start_platform
 from vigil import auth, subjects
-from vigil.natsserver import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -119,7 +118,7 @@ class GatewayProcess:
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     workdir = tmp_path_factory.mktemp("auth-matrix")
-    server = NatsServer(store_dir=workdir / "nats", sync_always=False)
+    server = shipped_server(workdir / "nats", sync_always=False)
     await server.start()
     platform = await start_platform(server.url)
     gateway: GatewayProcess | None = None

@@ -313,7 +313,7 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_acked_and_can_be
     await kv.delete(unreadable)
     command = stored[0]["hint"].split("(once): vigil ", 1)[1].split(" (", 1)[0].split()
     assert command[:2] == ["replay", "stream"], stored[0]["hint"]
-    code, out, err = await vigil(*command, "--nats-url", platform.url)
+    code, out, err = await vigil(*command, "--nats-url", platform.url_for("operator"))
     assert code == 0 and "published 1 messages" in out, (out, err)
 
     async def triaged() -> dict | None:

@@ -32,9 +32,8 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from support import Platform, eventually, start_platform
+from support import Platform, eventually, shipped_server, start_platform
 from vigil import auth, subjects
-from vigil.natsserver import NatsServer
 from vigil_gateway import openapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -93,7 +92,7 @@ class LiveStack:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = NatsServer(store_dir=self.workdir / "nats", sync_always=False)
+        server = shipped_server(self.workdir / "nats", sync_always=False)
         await server.start()
         platform: Platform | None = None
         try:

@@ -29,14 +29,21 @@ import msgspec
 import nats
 import pytest
 
-from support import ExecutorProcess, Platform, eventually, stored_events
+from support import (
+    ExecutorProcess,
+    Platform,
+    as_user,
+    assert_no_violations,
+    eventually,
+    shipped_server,
+    stored_events,
+)
 from vigil import codec, subjects, topology
 from vigil.cli import build_parser
 from vigil.errors import VigilError
 from vigil.jetstream import publish_event
 from vigil.messages import Accepted, Confession, Finished, Started, TaskSpec, TaskState
-from vigil.natsserver import NatsServer, User
-from vigil.permissions import service_permissions
+from vigil.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +63,13 @@ async def vigil_replay(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 async def operator_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server with the production users: `admin` sets up, `operator` replays."""
-    users = [User("admin", "admin-secret")]
-    users += [User(name, f"{name}-secret", publish=pub, subscribe=sub)
-              for name, (pub, sub) in service_permissions().items()]
-    server = NatsServer(store_dir=tmp_path / "nats", sync_always=True, users=users)
+    server = shipped_server(tmp_path / "nats", sync_always=True)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+    assert_no_violations(server)
 
 
 async def target_copies(js: Any) -> list[str]:
@@ -198,7 +203,7 @@ async def test_rebuilt_task_kv_equals_the_live_one_after_a_mixed_workload(
     assert outcomes == {"ok": "succeeded", "fails": "dead", "slow": "timed_out",
                         "refused": "failed", "by-msg-id": "succeeded"}
 
-    url = ("--nats-url", nats_server.url)
+    url = ("--nats-url", as_user(nats_server.url, "operator"))
     code, out, _ = await vigil_replay("rebuild", "--json", *url)
     diff = json.loads(out)
     assert code == 0 and diff["same"], diff
@@ -257,7 +262,7 @@ async def test_redriving_a_dead_task_runs_it_again_as_a_new_attempt(
     dead = await platform.final_state("doomed", timeout=30)
     assert dead.status == "dead" and dead.attempt == 1
 
-    url = ("--nats-url", nats_server.url)
+    url = ("--nats-url", as_user(nats_server.url, "operator"))
     code, out, _ = await vigil_replay("redrive", *url)
     assert code == 0 and "doomed" in out and "dry run" in out
     assert (await platform.state("doomed")).status == "dead"  # type: ignore[union-attr]

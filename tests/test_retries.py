@@ -144,7 +144,8 @@ async def test_exhausting_max_attempts_ends_dead_with_every_attempt_on_record(
         "executor", ex.settings.node_id, 3)
 
     code, out, err = await vigil_replay("redrive", "hopeless", "--yes", "--wait",
-                                        "--timeout", "30", "--nats-url", platform.url)
+                                        "--timeout", "30", "--nats-url",
+                                        platform.url_for("operator"))
     assert code == 0, out + err
     assert "hopeless: succeeded (attempt 4)" in out
     again = await platform.final_state("hopeless")

@@ -22,9 +22,10 @@ from nats.js import JetStreamContext
 
 from vigil import rebuild, redrive, replay, timeline
 from vigil.cli_config import environ
-from vigil.cli_output import EXIT_OK, out_json
+from vigil.cli_output import EXIT_OK, EXIT_USAGE, out_json
 from vigil.cli_tasks import pairs
 from vigil.errors import VigilError
+from vigil.jetstream import tenants_of
 from vigil.progress import ProgressBar
 
 EXIT_DIFFERS = 1  # differs, not found, not all succeeded
@@ -76,7 +77,22 @@ def _entry(impl: Impl) -> Callable[[argparse.Namespace], Awaitable[int]]:
 # timeline -----------------------------------------------------------------------------------
 async def cmd_timeline(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with _nats(args) as js:
-        tl = await timeline.build(js, args.task_id, logs=not args.no_logs, issues=args.issues)
+        tenant = args.tenant
+        if tenant is None:
+            # Ids are per tenant: find which tenant(s) have this one.
+            found = await tenants_of(js, args.task_id)
+            if len(found) > 1:
+                err.write(f"vigil: task id {args.task_id!r} exists in tenants "
+                          f"{', '.join(found)}; choose one with --tenant\n")
+                return EXIT_USAGE
+            tenant = found[0] if found else None
+        if tenant is None:
+            err.write(f"vigil: no task {args.task_id!r} in vigil-tasks (wrong id, or it "
+                      "expired); if its events are still kept, name its tenant with "
+                      "--tenant\n")
+            return EXIT_DIFFERS
+        tl = await timeline.build(js, args.task_id, tenant=tenant, logs=not args.no_logs,
+                                  issues=args.issues)
     if not tl.found:
         err.write(f"vigil: no task {args.task_id!r}: not in vigil-tasks and no events in "
                   "VIGIL_EVENTS (wrong id, or its history aged out)\n")
@@ -237,7 +253,8 @@ async def cmd_redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
         out.flush()
         outcomes = await redrive.wait_for(js, tasks, args.timeout)
     failed = 0
-    for task_id, state in outcomes.items():
+    for key, state in outcomes.items():
+        task_id = key.partition(".")[2]  # <tenant>.<id>
         if state is None:
             failed += 1
             out.write(f"{task_id}: did not finish within {args.timeout:g}s\n")
@@ -354,6 +371,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "  vigil replay timeline t_abc123 --no-logs\n"
                 "  vigil replay timeline t_abc123 --json | jq -r .kind\n\n" + CONNECTION)
     t.add_argument("task_id", metavar="TASK_ID")
+    t.add_argument("--tenant", help="the task's tenant (ids are per tenant; needed only when "
+                   "more than one tenant has a task of that id)")
     t.add_argument("--no-logs", action="store_true", help="leave out the agent's output lines")
     t.add_argument("--issues", action="store_true",
                    help="also scan VIGIL_ISSUES for confessions naming the task (reads the "

@@ -184,6 +184,14 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     waiting: str | None = None
     retry_at: datetime | None = None  # a failed attempt's retry is due then
     rejected_by: str | None = None  # the tenant limit that refused it (e.g. max_queued)
+    # sha256 of the submitted spec (canonical JSON, without its id): an Idempotency-Key
+    # reused with a different body is told so instead of being given the first task.
+    spec_digest: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Its key in ``vigil-tasks``: ``<tenant>.<id>`` (ids are per tenant)."""
+        return f"{self.tenant}.{self.id}"
 
     @property
     def terminal(self) -> bool:
@@ -319,9 +327,10 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     """One problem, however many confessions reported it: the value of its key in
     ``vigil-incidents``, written by the auditor and served by the gateway.
 
-    A token that is not an operator's sees only incidents that touched its tenant, with
+    A tenant's token (whatever its role) sees only incidents that touched its tenant, with
     ``tenants``, the samples and ``tasks`` narrowed to that tenant (``tasks`` from
-    ``tenant_tasks``), and no ``tasks_total`` or ``tenant_tasks``.
+    ``tenant_tasks``), and no ``tasks_total`` or ``tenant_tasks``; a platform token sees
+    them whole.
     """
 
     id: str
@@ -350,6 +359,9 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     acknowledged_by: str | None = None
     resolved_by: str | None = None
     last_seq: int = 0  # the newest confession (stream sequence) applied
+    tenant: str | None = None
+    """The tenant that owns it (an agent's confessions: its operators acknowledge and
+    resolve it); None for a platform incident (platform operators act on those)."""
 
 
 # Events ---------------------------------------------------------------------------------

@@ -137,15 +137,20 @@ class ObjectStore:
         }
 
 
-# Submissions are kept (limits retention) so they can be replayed; the duplicate window
-# makes a re-publish with the same Nats-Msg-Id a no-op. Idempotency beyond the window comes
-# from the task id: the scheduler never creates a task whose id exists.
+# JetStream's duplicate window is stream-wide, not per tenant: within it, tenant B's
+# publish with a Nats-Msg-Id that tenant A just used would be dropped, and B's PubAck
+# would say "duplicate" — one tenant squatting, and learning of, another's submission. So
+# the streams tenants publish to keep the shortest window the server allows (100 ms), and
+# idempotency comes from the task id instead: the scheduler never creates a task whose id
+# exists in its tenant (ADR 3).
+TENANT_DUPLICATE_WINDOW_S = 0.1
+# Submissions are kept (limits retention) so they can be replayed.
 SUBMIT = Stream(
     name=subjects.STREAM_SUBMIT,
     subjects=(f"{subjects.SUBMIT}.>",),
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
-    duplicate_window_s=600.0,
+    duplicate_window_s=TENANT_DUPLICATE_WINDOW_S,
     max_msg_size=256 * 1024,  # a task spec; its state (spec + history) must fit the KV
     description="Task submissions, kept 7 days for replay",
 )
@@ -199,7 +204,7 @@ CONTROL = Stream(
     subjects=(f"{subjects.CONTROL}.>",),
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
-    duplicate_window_s=600.0,
+    duplicate_window_s=TENANT_DUPLICATE_WINDOW_S,  # tenants publish here too (see SUBMIT)
     max_msg_size=16 * 1024,
     description="Cancel and redrive requests for the scheduler",
 )

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from structlog.contextvars import bound_contextvars
@@ -147,6 +148,7 @@ class Attempt:
         except msgspec.DecodeError as exc:
             await self._poison(f"undecodable work item: {exc}")
             return
+        self.sink.tenant = self.work.tenant
         with bound_contextvars(task_id=self.work.task_id, executor=self.ex.settings.node_id):
             missing = _missing_labels(self.work.spec.node_labels, self.ex.settings.label_map)
             if missing:
@@ -170,7 +172,9 @@ class Attempt:
                 # (or this one) retries the task. Nothing is acked, nothing is lost.
                 log.error("nats_unavailable_mid_task", error=str(exc))
             except Exception as exc:
-                # A bug of ours must not lose the task: give it back for another try (the
+                # A bug of ours must not lose the task, nor be charged to the agent or the
+                # node: hand it back as the attempt's record (not left `running`, which
+                # the next delivery would count as a lost node) for another try (the
                 # consumer's max deliveries bound the loop) and say so loudly.
                 log.exception("attempt_failed_unexpectedly")
                 with contextlib.suppress(Exception):
@@ -178,7 +182,9 @@ class Attempt:
                                         f"executor failed handling the task: {exc!r}")
                 if await self._may_hand_back():
                     with contextlib.suppress(Exception):
-                        await self.msg.nak(delay=RUNTIME_RETRY_DELAY_S)
+                        await self._hand_back(HandBack(
+                            f"executor error: {clip(repr(exc), 300)}", RUNTIME_RETRY_DELAY_S,
+                            kind="executor error"))
                 else:
                     # A newer delivery holds the task: our nak would redeliver the message
                     # under its feet (ADR 7). Its lease is not ours to touch; do nothing.
@@ -215,7 +221,7 @@ class Attempt:
             if rev is not None:
                 self.state, self.revision = updated, rev
                 return updated
-            got = await self.ex.store.get(self.state.id)
+            got = await self.ex.store.get_state(self.state)
             if got is None or not _same_attempt(got[0], self.state):
                 return None
             self.state, self.revision = got
@@ -259,7 +265,7 @@ class Attempt:
         if await self._claim_fresh():
             return True
         for _ in range(10):
-            got = await store.get(self.work.task_id)
+            got = await store.get(self.work.tenant, self.work.task_id)
             if got is None:
                 await self._poison(f"work item for unknown task {self.work.task_id}")
                 return False
@@ -349,7 +355,7 @@ class Attempt:
     async def _run_agent(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
         ex, work = self.ex, self.work
-        self.control = ex.control_dir(work.task_id, attempt)
+        self.control = ex.control_dir(work.tenant, work.task_id, attempt)
         spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control))
         t0 = time.perf_counter()
         resumed = False
@@ -470,10 +476,17 @@ class Attempt:
             return False
         try:
             size = await self.ex.checkpoints.load(ref.name, into)
-        except NatsUnavailable as exc:
-            # Passing trouble: starting from an empty workspace would lose the progress.
-            raise HandBack(f"could not download checkpoint {ref.name}: {exc}",
-                           RESTORE_HAND_BACK_S, kind="restore failed") from exc
+        except (NatsUnavailable, nats.errors.Error, TimeoutError) as exc:
+            # The platform's trouble (NATS away, a permission it lacks), not the agent's
+            # nor this node's: starting from an empty workspace would lose the progress,
+            # and spending an attempt would charge the agent. Hand back and say so.
+            error = (f"could not download checkpoint {ref.name}: "
+                     f"{str(exc) or type(exc).__name__}")
+            await self._confess("error", "restore_unavailable",
+                                f"{error}; handed the task back (no attempt spent)",
+                                hint="the platform could not read the object store; check "
+                                "NATS and the executor's NATS permissions")
+            raise HandBack(error, RESTORE_HAND_BACK_S, kind="restore failed") from exc
         except CheckpointError as exc:
             # The object is gone (expired, deleted by hand): nothing to wait for.
             await self._restore_failed(str(exc))
@@ -753,7 +766,7 @@ class Attempt:
         async with self._write_lock:
             state = self.state
             self._checkpoints += 1
-            name = object_name(work.task_id, state.attempt, self._checkpoints)
+            name = object_name(work.tenant, work.task_id, state.attempt, self._checkpoints)
             try:
                 saved = await self.ex.checkpoints.save(
                     name, container.export_workspace(),
@@ -825,7 +838,7 @@ class Attempt:
         tail if they cannot be read in time."""
         try:
             return await asyncio.wait_for(
-                log_tail(self.ex.js, state.id, state.attempt),
+                log_tail(self.ex.js, state.tenant, state.id, state.attempt),
                 self.ex.settings.ack_wait_s / 2)
         except Exception as exc:
             log.warning("tail_unread", error=str(exc) or type(exc).__name__)
@@ -899,7 +912,7 @@ class Attempt:
         assert self.work is not None
         meta = self.msg.metadata
         try:
-            got = await asyncio.wait_for(self.ex.store.get(self.work.task_id),
+            got = await asyncio.wait_for(self.ex.store.get(self.work.tenant, self.work.task_id),
                                          self.ex.settings.heartbeat_s)
         except Exception:
             return False
@@ -938,7 +951,8 @@ class Attempt:
             # The workspace lives on in the checkpoint, not in this node's volume.
             with contextlib.suppress(Exception):
                 await self.ex.runtime.remove_volume(workspace_volume(
-                    self.ex.settings.node_id, self.work.task_id, self.state.attempt))
+                    self.ex.settings.node_id, self.work.tenant, self.work.task_id,
+                    self.state.attempt))
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 
@@ -1014,7 +1028,8 @@ class Attempt:
         """The task's state, raising LeaseLost if another attempt holds it now; None when
         it cannot be read within a heartbeat (the lease timing decides then)."""
         try:
-            got = await asyncio.wait_for(self.ex.store.get(task_id),
+            assert self.work is not None
+            got = await asyncio.wait_for(self.ex.store.get(self.work.tenant, task_id),
                                          self.ex.settings.heartbeat_s)
         except (TimeoutError, NatsUnavailable):
             return None

@@ -30,6 +30,7 @@ from vigil_executor.runtime import (
     LABEL_EXECUTOR,
     LABEL_MANAGED,
     LABEL_TASK,
+    LABEL_TENANT,
     ArchiveTooLarge,
     ContainerSpec,
     ExitInfo,
@@ -417,7 +418,7 @@ class PodmanRuntime:
             found.append(Leftover(
                 id=c.get("Id", ""), task_id=labels.get(LABEL_TASK, ""),
                 attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0),
-                state=str(c.get("State", "")),
+                state=str(c.get("State", "")), tenant=labels.get(LABEL_TENANT, ""),
             ))
         return found
 

@@ -17,6 +17,7 @@ Stream = Literal["stdout", "stderr"]
 
 # Labels every Vigil container carries: how a restarted executor finds its orphans.
 LABEL_TASK = "dev.vigil.task-id"
+LABEL_TENANT = "dev.vigil.tenant"
 LABEL_ATTEMPT = "dev.vigil.attempt"
 LABEL_EXECUTOR = "dev.vigil.executor"
 LABEL_MANAGED = "dev.vigil.managed"
@@ -75,6 +76,7 @@ class Leftover:
     task_id: str
     attempt: int
     state: str
+    tenant: str = ""
 
 
 class Container(Protocol):

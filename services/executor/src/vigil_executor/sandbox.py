@@ -8,6 +8,7 @@ from vigil_executor.runtime import (
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
     LABEL_TASK,
+    LABEL_TENANT,
     ContainerSpec,
     Limits,
 )
@@ -16,16 +17,17 @@ from vigil_executor.settings import ExecutorSettings
 WORKSPACE = "/workspace"
 
 
-def container_name(node_id: str, task_id: str, attempt: int) -> str:
+def container_name(node_id: str, tenant: str, task_id: str, attempt: int) -> str:
     # The node is in the name: two executors (or two `vigil up` stacks) sharing one
-    # Podman never collide, even on the same task id.
-    return f"vigil-{node_id}-{task_id}-a{attempt}"
+    # Podman never collide, even on the same task id; so is the tenant (ids are per
+    # tenant), after a dot, which neither a tenant nor an id can hold.
+    return f"vigil-{node_id}-{tenant}.{task_id}-a{attempt}"
 
 
-def workspace_volume(node_id: str, task_id: str, attempt: int) -> str:
+def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> str:
     """One volume per attempt: the checkpoint, not a node's leftover volume, carries the
     workspace from one attempt to the next (and an orphan never shares a live volume)."""
-    return f"vigil-ws-{node_id}-{task_id}-a{attempt}"
+    return f"vigil-ws-{node_id}-{tenant}.{task_id}-a{attempt}"
 
 
 def container_spec(
@@ -46,16 +48,17 @@ def container_spec(
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
     }
     return ContainerSpec(
-        name=container_name(conf.node_id, work.task_id, attempt),
+        name=container_name(conf.node_id, work.tenant, work.task_id, attempt),
         image=spec.image,
         command=list(spec.command),
         env=env,
         labels={
             LABEL_TASK: work.task_id,
+            LABEL_TENANT: work.tenant,
             LABEL_ATTEMPT: str(attempt),
             LABEL_EXECUTOR: conf.node_id,
         },
-        workspace_volume=workspace_volume(conf.node_id, work.task_id, attempt),
+        workspace_volume=workspace_volume(conf.node_id, work.tenant, work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
         limits=Limits(

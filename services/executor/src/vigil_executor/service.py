@@ -130,7 +130,7 @@ class Executor:
                 capacity=s.slots, max_batch=s.slots, heartbeat_s=min(5.0, s.heartbeat_s),
             )
             await self._consumer.start()
-            await self._nc.subscribe(f"{subjects.CANCEL}.*", cb=self._on_cancel_notice)
+            await self._nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel_notice)
             self._advertiser = Advertiser(
                 self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
                 runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants)
@@ -157,9 +157,10 @@ class Executor:
     async def _on_cancel_notice(self, msg: Msg) -> None:
         """The scheduler marked a task cancelled: stop it now if it runs here (the
         heartbeat's state check catches a notice this node missed)."""
-        task_id = subjects.token(msg.subject, 2)
+        tenant, task_id = subjects.token(msg.subject, 2), subjects.token(msg.subject, 3)
         for attempt in self._attempts.values():
-            if attempt.work is not None and attempt.work.task_id == task_id:
+            work = attempt.work
+            if work is not None and (work.tenant, work.task_id) == (tenant, task_id):
                 attempt.cancel()
 
     async def _open_runtime(self) -> None:
@@ -227,8 +228,8 @@ class Executor:
             "each executor its own VIGIL_STATE_DIR (or leave it unset: the default is one "
             "per node id)")))
 
-    def control_dir(self, task_id: str, attempt: int) -> Path:
-        d = self.state_dir / "control" / f"{task_id}-a{attempt}"
+    def control_dir(self, tenant: str, task_id: str, attempt: int) -> Path:
+        d = self.state_dir / "control" / f"{tenant}.{task_id}-a{attempt}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(mode=0o755)
         os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
@@ -253,7 +254,8 @@ class Executor:
         for c in leftovers:
             await self.runtime.remove_container(c.id)
             with contextlib.suppress(Exception):
-                await self.runtime.remove_volume(workspace_volume(node, c.task_id, c.attempt))
+                await self.runtime.remove_volume(
+                    workspace_volume(node, c.tenant, c.task_id, c.attempt))
             log.warning("orphan_removed", container=c.id[:12], task_id=c.task_id,
                         attempt=c.attempt, state=c.state)
             await self.publish_confession(Confession(
@@ -261,7 +263,7 @@ class Executor:
                 summary=f"node {node} restarted and found attempt {c.attempt} of task "
                 f"{c.task_id} still in a container ({c.state}); removed it",
                 severity="warning", category="node_lost", task_id=c.task_id or None,
-                attempt=c.attempt, detail="the executor on this node died without handing "
+                tenant=c.tenant or None, attempt=c.attempt, detail="the executor on this node died without handing "
                 "its tasks back (killed, crashed or rebooted); NATS redelivers them after the "
                 "ack wait and they resume from their last checkpoint",
                 source="executor", node=node, component="executor", time=utcnow(),
