@@ -190,8 +190,13 @@ async def test_explicit_id_conflict_is_409(api) -> None:
     async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
         assert r.status == 409
         assert (await r.json())["error"]["field"] == "$.id"
+    # Ids are per tenant: another tenant's "fixed-1" is its own task, and nothing it is
+    # told says that one exists elsewhere.
     async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["other"])) as r:
-        assert r.status == 409
+        assert r.status == 202
+        assert (await r.json())["tenant"] == "globex"
+    async with http.get(f"{url}/v1/tasks/fixed-1", headers=bearer(keys["submitter"])) as r:
+        assert (await r.json())["tenant"] == "acme"
 
 
 async def test_sse_resumes_after_last_event_id(api) -> None:

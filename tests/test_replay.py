@@ -166,11 +166,11 @@ async def test_every_subcommand_works_as_the_least_privileged_operator_user(
                       Started(task_id="p1", attempt=1, time=t0, executor="n1", image="img"),
                       Finished(task_id="p1", attempt=1, time=t0, status="succeeded",
                                exit_code=0)):
-            await publish_event(js, event)
+            await publish_event(js, "acme", event)
         state = TaskState(id="p1", tenant="acme", status="succeeded", attempt=1,
                           executor="n1", exit_code=0, created_at=t0, updated_at=t0,
                           finished_at=t0, spec=spec, submit_seq=ack.seq)
-        await (await js.key_value(subjects.KV_TASKS)).put("p1", codec.encode(state))
+        await (await js.key_value(subjects.KV_TASKS)).put("acme.p1", codec.encode(state))
     finally:
         await admin.close()
     url = ("--nats-url", operator_nats.url_for("operator"))
@@ -214,17 +214,17 @@ async def test_rebuilt_task_kv_equals_the_live_one_after_a_mixed_workload(
     assert code == 0, out + err
     assert "the event log explains vigil-tasks" in out
     rebuilt = await platform.js.key_value("vigil-tasks-check")
-    assert json.loads((await rebuilt.get("fails")).value)["exit_code"] == 3
+    assert json.loads((await rebuilt.get("acme.fails")).value)["exit_code"] == 3
     with pytest.raises(VigilError, match="already exists"):  # never overwritten
         await vigil_replay("rebuild", "--yes", "--into", "vigil-tasks-check", *url)
 
     # The comparison is real: a live state the log does not explain is reported.
     kv = await platform.js.key_value(subjects.KV_TASKS)
-    entry = await kv.get("fails")
+    entry = await kv.get("acme.fails")
     forged = msgspec.structs.replace(codec.state_decoder.decode(entry.value), exit_code=4)
-    await kv.put("fails", codec.encode(forged))
+    await kv.put("acme.fails", codec.encode(forged))
     code, out, _ = await vigil_replay("rebuild", *url)
-    assert code == 1 and "fails  exit_code: live 4  rebuilt 3" in out
+    assert code == 1 and "acme.fails  exit_code: live 4  rebuilt 3" in out
 
     code, out, _ = await vigil_replay("timeline", "fails", *url)
     assert code == 0

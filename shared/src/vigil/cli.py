@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server config's default
     nc.add_argument("--port", type=int, default=4222)
     nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
-    nc.add_argument("--pool", default="default", help="executor pool the users may pull")
+    nc.add_argument("--pool", help="the only executor pool the executor user may pull "
+                    "(default: every pool)")
     nc.add_argument("--server-name", default="vigil-1", help="unique per cluster node")
     nc.add_argument("--cluster-name", help="join a JetStream cluster of this name (use 3 "
                     "nodes, and VIGIL_REPLICAS=3 on the services, for R3 streams)")

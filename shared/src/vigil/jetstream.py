@@ -106,7 +106,12 @@ class TaskStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> TaskStore:
-        return cls(await js.key_value(subjects.KV_TASKS))
+        await js.key_value(subjects.KV_TASKS)  # it exists (or a clear error)
+        # Reads go to the stream's leader (STREAM.MSG.GET), not a direct get that any
+        # replica may answer with a value a write behind: every decision here is a
+        # compare-and-set on the newest revision (see topology.TASKS).
+        return cls(KeyValue(name=subjects.KV_TASKS, stream=f"KV_{subjects.KV_TASKS}",
+                            pre=f"$KV.{subjects.KV_TASKS}.", js=js, direct=False))
 
     async def get(self, tenant: str, task_id: str) -> tuple[TaskState, int] | None:
         """Tenant ``tenant``'s task ``task_id`` and its revision; None if there is none."""

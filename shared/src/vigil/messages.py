@@ -242,6 +242,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: datetime
     submit_seq: int = 0
     revision: int = 0
+    spec_digest: str | None = None  # as in TaskState
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -98,8 +98,10 @@ def tenant_permissions(tenant: str) -> tuple[list[str], list[str]]:
     )
 
 
-def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (publish allow, subscribe allow)."""
+def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (publish allow, subscribe allow). The executor user may pull work of every
+    pool, or of ``pool`` only (a pool is a placement, not a security boundary; a separate
+    executor user per pool is for operators who want one)."""
     common = _topology()
     return {
         "scheduler": (
@@ -133,7 +135,8 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
         "executor": (
             [
                 *common,
-                *_pull(subjects.STREAM_WORK, subjects.consumer_executor(pool)),
+                *_pull(subjects.STREAM_WORK,
+                       "*" if pool is None else subjects.consumer_executor(pool)),
                 *_kv(subjects.KV_TASKS, write=True),
                 *_kv(subjects.KV_EXECUTORS, write=True),
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
@@ -195,7 +198,7 @@ SERVICES = ("scheduler", "executor", "auditor", "gateway", "operator")
 
 
 def shipped_users(passwords: Mapping[str, str], tenants: Iterable[TenantUser] = (), *,
-                  pool: str = "default", admin: bool = True) -> list[User]:
+                  pool: str | None = None, admin: bool = True) -> list[User]:
     """Every NATS user as Vigil ships them: ``admin`` (unrestricted: for the people who run
     NATS itself, used by no service), one per service and ``operator`` (``passwords`` has
     one per name), and one per tenant user. ``vigil up``, ``vigil nats-config`` and the

@@ -75,6 +75,11 @@ class Bucket:
     max_value_size: int = 1024 * 1024
     max_bytes: int = -1
     description: str = ""
+    # Direct gets ($JS.API.DIRECT.GET.<stream>.<subject>): the read whose subject names the
+    # key, so a subject permission can scope it (a tenant's user reads its own tasks).
+    # Services still read the leader (vigil.jetstream.TaskStore): a replica answering a
+    # direct get may lag a write, and their compare-and-set flows need the newest value.
+    direct: bool = False
 
     def config(self, replicas: int) -> KeyValueConfig:
         return KeyValueConfig(
@@ -86,6 +91,7 @@ class Bucket:
             max_bytes=self.max_bytes,
             storage=StorageType.FILE,
             replicas=replicas,
+            direct=self.direct,
         )
 
     @property
@@ -103,6 +109,7 @@ class Bucket:
             "max_bytes": self.max_bytes,
             "duplicate_window": min(self.ttl_s, 120.0) if self.ttl_s else 120.0,
             "num_replicas": replicas,
+            "allow_direct": self.direct,
         }
 
 
@@ -246,7 +253,8 @@ TASKS = Bucket(
     name=subjects.KV_TASKS,
     history=1,
     ttl_s=30 * DAY,
-    description="Task state by task id (compare-and-set on revision)",
+    description="Task state by <tenant>.<task id> (compare-and-set on revision)",
+    direct=True,
 )
 CONFESSIONS = Bucket(
     name=subjects.KV_CONFESSIONS,

@@ -51,6 +51,7 @@ def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int 
         id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
         created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
         submit_seq=work.submit_seq, work_seq=work_seq, delivery=1,
+        spec_digest=work.spec_digest,
     )
 
 

@@ -100,7 +100,8 @@ def admit(
         spec_digest=codec.spec_digest(spec),
     )
     work = WorkItem(
-        task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq
+        task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq,
+        spec_digest=state.spec_digest,
     )
     return Admit(state=state, work=work)
 

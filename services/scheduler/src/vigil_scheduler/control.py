@@ -231,6 +231,7 @@ class Control:
         # revision=0: the claim must read the state (attempt count, budget), not build
         # attempt 1 from the work item.
         work = WorkItem(task_id=state.id, tenant=state.tenant, spec=state.spec,
+                        spec_digest=state.spec_digest,
                         submitted_at=state.created_at, submit_seq=state.submit_seq)
         await publish(self.js, subjects.work(state.spec.pool), codec.encode(work),
                       f"{state.key}:work:redrive:{state.redriven}")

@@ -411,4 +411,5 @@ def queued_state_of(work: WorkItem) -> TaskState:
     """The ``queued`` state admission writes for ``work``, field for field."""
     return TaskState(id=work.task_id, tenant=work.tenant, status="queued",
                      created_at=work.submitted_at, updated_at=work.submitted_at,
-                     spec=work.spec, submit_seq=work.submit_seq)
+                     spec=work.spec, submit_seq=work.submit_seq,
+                     spec_digest=work.spec_digest)

@@ -132,8 +132,8 @@ class Scheduler:
                     tenant = codec.any_decoder.decode(msg.data).get("tenant")
             dispatcher.on_slot_freed(tenant if isinstance(tenant, str) else None)
 
-        await self._nc.subscribe(f"{subjects.EVENTS}.*.finished", cb=slot_freed)
-        await self._nc.subscribe(f"{subjects.EVENTS}.*.retrying", cb=slot_freed)
+        await self._nc.subscribe(subjects.events_of_kind("finished"), cb=slot_freed)
+        await self._nc.subscribe(subjects.events_of_kind("retrying"), cb=slot_freed)
         self._timers = Timers(self._nc, self._on_timer)
         dead_letters = asyncio.create_task(
             DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
@@ -454,6 +454,7 @@ class Scheduler:
             if spec is None:
                 return
             work = WorkItem(task_id=state.id, tenant=state.tenant, spec=spec,
+                            spec_digest=state.spec_digest,
                             submitted_at=state.created_at, submit_seq=state.submit_seq)
             if scheduled_unreleased(state):
                 # Fired before, and died between scheduling and the work item.
