@@ -526,11 +526,15 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
             return await incidents(platform)
 
         before = await eventually(all_counted, timeout=90, what=f"all {total} counted once")
-        assert sorted(i["count"] for i in before.values()) == [total // 3] * 3
-        statuses = {i["title"]: i["status"] for i in before.values()}
-        assert statuses == {"tool missing in job <n>": "acknowledged",
-                            "token expired in job <n>": "open",
-                            "loop detected in job <n>": "open"}
+        # Three problems in each of two tenants' agents: six incidents, one per tenant's.
+        assert sorted(i["count"] for i in before.values()) == [total // 6] * 6
+        statuses = {(i["title"], i["tenant"]): i["status"] for i in before.values()}
+        assert statuses == {("tool missing in job <n>", "acme"): "acknowledged",
+                            ("tool missing in job <n>", "globex"): "open",
+                            ("token expired in job <n>", "acme"): "open",
+                            ("token expired in job <n>", "globex"): "open",
+                            ("loop detected in job <n>", "acme"): "open",
+                            ("loop detected in job <n>", "globex"): "open"}
         survivor.signal(signal.SIGTERM)
         await survivor.exited(timeout=30)
     finally:
@@ -547,7 +551,7 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
 
     await platform.nc.subscribe(f"{subjects.ALERTS}.>", cb=on_alert)
     alerts_before = (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages
-    assert alerts_before == 9  # per incident: opened, escalated to error, to critical
+    assert alerts_before == 18  # per incident: opened, escalated to error, to critical
     await platform.js.delete_key_value(subjects.KV_INCIDENTS)
     await platform.js.delete_consumer(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR)
     replayer = await platform.auditor()
@@ -561,11 +565,11 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
     assert after == before  # every field, samples and stream times included
     await platform.nc.flush()
     assert realerted == []
-    assert (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages == 9
+    assert (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages == 18
     metrics = await scrape(replayer.http_port)
     assert confessed(metrics, "agent", "warning") == 0  # all recorded before the replay
     assert not any(k.startswith("vigil_alerts_total{") for k in metrics)
-    assert metrics["vigil_incidents_open"] == 2
+    assert metrics["vigil_incidents_open"] == 5
 
 
 async def _at_least(probe: Any, n: int) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import select
@@ -80,7 +79,9 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
     raise AssertionError(f"{needle!r} not printed within {timeout}s; output:\n" + "\n".join(seen))
 
 
-async def raw_submit(url: str) -> str:
+async def raw_submit(url: str, inbox_prefix: str) -> str:
+    """The README's raw client: the default tenant's own NATS user, its inbox prefix, a
+    publish, and the task's state read by a direct get of its key."""
     import nats
 
     violations: list[str] = []
@@ -88,27 +89,30 @@ async def raw_submit(url: str) -> str:
     async def on_error(exc: Exception) -> None:
         violations.append(str(exc))
 
-    nc = await nats.connect(url, error_cb=on_error)
+    nc = await nats.connect(url, error_cb=on_error, inbox_prefix=inbox_prefix.encode())
     try:
         js = nc.jetstream()
         await js.publish("vigil.submit.default", b'{"command": ["true"]}',
                          headers={"Nats-Msg-Id": "raw-submit-1"})
-        kv = await js.key_value("vigil-tasks")
 
         async def finished() -> str | None:
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                status = json.loads((await kv.get("raw-submit-1")).value)["status"]
-                return str(status) if status in ("succeeded", "failed") else None
-            return None
+            reply = await nc.request(
+                "$JS.API.DIRECT.GET.KV_vigil-tasks.$KV.vigil-tasks.default.raw-submit-1", b"",
+                timeout=2)
+            if not reply.data:
+                return None
+            status = json.loads(reply.data)["status"]
+            return str(status) if status in ("succeeded", "failed") else None
 
         status = await eventually(finished, timeout=10, what="the raw submission to finish")
         await nc.publish("vigil.work.default", b"{}")  # not allowed: work is the scheduler's
+        await nc.publish("vigil.submit.other", b"{}")  # nor another tenant's door
         await nc.flush()
 
         async def refused() -> bool:
-            return any("permissions violation" in v.lower() for v in violations)
+            return sum("permissions violation" in v.lower() for v in violations) >= 2
 
-        await eventually(refused, timeout=2, what="a permissions violation")
+        await eventually(refused, timeout=2, what="two permissions violations")
         return status
     finally:
         await nc.close()
@@ -163,7 +167,8 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         # A raw NATS client with the least-privilege submit user: it may submit and read
         # its task's state, and nothing else.
         client = json.loads((data / "client.json").read_text())
-        assert asyncio.run(raw_submit(client["nats_submit_url"])) == "succeeded"
+        assert asyncio.run(raw_submit(client["nats_submit_url"],
+                                      client["nats_submit_inbox_prefix"])) == "succeeded"
 
         # A task still running when the stack stops: its container must not outlive it.
         long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=data)

@@ -18,14 +18,13 @@ taken as the id. A repeat of an existing id by its tenant is a duplicate that ru
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 
+from vigil import messages
 from vigil.messages import ID_RE
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
-# The shapes of platform-made ids (see the module docstring).
-PLATFORM_ID_RE = re.compile(r"^(?:s[0-9]+|[tk]_[a-z2-7]{26})$")
+PLATFORM_ID_RE = messages.PLATFORM_ID_RE  # the shapes of platform-made ids (see above)
 
 
 def is_valid_id(value: str | None) -> bool:

@@ -18,6 +18,8 @@ from msgspec import Meta
 # Identifiers: safe as a single NATS subject token and as a KV key.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_RE = re.compile(ID_PATTERN)
+# Ids the platform makes (vigil.ids): s<stream seq>, and the gateway's t_/k_ ids.
+PLATFORM_ID_RE = re.compile(r"^(?:s[0-9]+|[tk]_[a-z2-7]{26})$")
 TaskId = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9_-]{1,64}")]
 Name = Annotated[str, Meta(pattern=ID_PATTERN)]
 ImageRef = Annotated[
@@ -109,7 +111,15 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """:class:`TaskSpec` for user-facing doors: unknown fields are errors."""
+    """:class:`TaskSpec` for user-facing doors: unknown fields are errors, and an ``id``
+    may not have the shape of an id the platform makes (see :mod:`vigil.ids`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.id is not None and PLATFORM_ID_RE.fullmatch(self.id):
+            raise ValueError(
+                f"task id {self.id!r} has the shape of an id the platform makes (s<digits>, "
+                "t_/k_ + 26 base32 characters); choose another id - at `$.id`")
 
 
 class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):

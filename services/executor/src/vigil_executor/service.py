@@ -263,9 +263,10 @@ class Executor:
                 summary=f"node {node} restarted and found attempt {c.attempt} of task "
                 f"{c.task_id} still in a container ({c.state}); removed it",
                 severity="warning", category="node_lost", task_id=c.task_id or None,
-                tenant=c.tenant or None, attempt=c.attempt, detail="the executor on this node died without handing "
-                "its tasks back (killed, crashed or rebooted); NATS redelivers them after the "
-                "ack wait and they resume from their last checkpoint",
+                tenant=c.tenant or None, attempt=c.attempt,
+                detail="the executor on this node died without handing its tasks back "
+                "(killed, crashed or rebooted); NATS redelivers them after the ack wait and "
+                "they resume from their last checkpoint",
                 source="executor", node=node, component="executor", time=utcnow(),
             ))
 

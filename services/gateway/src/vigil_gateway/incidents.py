@@ -108,6 +108,9 @@ async def list_incidents(request: web.Request, store: Incidents, who: Principal)
         if name not in known:
             return _problem(400, "invalid_query", f"unknown query parameter {name!r}; known: "
                             f"{', '.join(sorted(known))}", name)
+    if tenant is not None and not ids.is_valid_id(tenant):
+        return _problem(400, "invalid_query", "tenant must be a tenant name "
+                        "([A-Za-z0-9_-]{1,64})", "tenant")
     if tenant is not None and not who.platform and tenant != who.tenant:
         return _problem(403, "forbidden", f"your token is for tenant {who.tenant!r}; it "
                         f"cannot list tenant {tenant!r}", "tenant")
@@ -165,6 +168,7 @@ async def change(request: web.Request, store: Incidents, who: Principal,
         if current is not None and current["status"] == target:
             return web.json_response(visible(current, who))
         await asyncio.sleep(0.05)
-    return web.json_response({**(visible(incident, who) or {}), "note": "accepted; the auditor has not applied it "
-                              "yet"}, status=202)
+    return web.json_response({**(visible(incident, who) or {}),
+                              "note": "accepted; the auditor has not applied it yet"},
+                             status=202)
 

@@ -46,7 +46,7 @@ from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
-from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskState
+from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskSpec, TaskState
 from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
@@ -279,7 +279,9 @@ class Gateway:
             return self._existing(existing[0], who, key, digest)
         # New, or refused at admission (a tenant limit, a spec the scheduler would not
         # take), which a later submission of the id takes over (the scheduler's rule).
-        spec = msgspec.structs.replace(spec, id=task_id)
+        # As a plain TaskSpec: the id may now be one the platform made, which the strict
+        # type (a user's request) refuses.
+        spec = TaskSpec(**{**msgspec.structs.asdict(spec), "id": task_id})
         async with Verdict(self.nc, who.tenant, task_id) as verdict:
             ack = await publish(self.js, subjects.submit_via_gateway(who.tenant),
                                 codec.encode(spec), f"{who.tenant}.{task_id}:{digest[7:23]}",
@@ -327,7 +329,7 @@ class Gateway:
         if state.spec_digest is not None and state.spec_digest != digest:
             # Reusing a key with another body is a client bug: answering with the first
             # task would hide that its second request did not run.
-            return error(422, "idempotency_key_reused",
+            return error(409, "idempotency_key_reused",
                          f"Idempotency-Key {key!r} was already used for task {state.id} with "
                          "a different request body; use a new key for a different task",
                          field="Idempotency-Key")
@@ -447,7 +449,8 @@ class Gateway:
                  by=who.name, status=state.status)
         assert self._index is not None
         seen = await self._index.wait_for(
-            state.tenant, state.id, lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,
+            state.tenant, state.id,
+            lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,
             self.settings.submit_wait_s)
         if seen is not None and seen.status in TERMINAL and seen.status != "cancelled":
             return error(409, "finished", f"task {state.id} finished ({seen.status}) before "
