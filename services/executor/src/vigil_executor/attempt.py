@@ -858,9 +858,10 @@ class Attempt:
             head = state.checkpoint
             if not may_replace(clean, head):
                 assert head is not None
-                log.info("checkpoint_skipped", reason=reason, exit_code=exit_code,
-                         kept=head.name, why="not clean, and the task's checkpoint is one "
-                         "the agent vouched for")
+                # Periodic skips repeat every interval: logged only when debugging.
+                (log.debug if reason == "periodic" else log.info)(
+                    "checkpoint_skipped", reason=reason, exit_code=exit_code, kept=head.name,
+                    why="not clean, and the task's checkpoint is one the agent vouched for")
                 return False, f"not taken: checkpoint {head.name} is kept"
             self._checkpoints += 1
             name = object_name(work.task_id, state.attempt, self._checkpoints)
