@@ -32,7 +32,14 @@ What is measured
     ``resumed=true`` *and* whose agent printed ``start at N`` with N > 0 in that attempt
     (its own output proves it carried on, not started over);
   - **checkpoint regressions**: an attempt that started below a step an earlier attempt
-    had durably checkpointed (a ``checkpoint`` event with ok and ``note.n``): lost progress;
+    had durably checkpointed (a ``checkpoint`` event with ok and ``note.n``): lost progress.
+    A checkpoint the task rolled back from (``rolled_back_from`` in its history: the agent
+    kept crashing right after restoring it) is left out: that loss was confessed;
+  - **checkpoint rollbacks** (from the tasks' histories) and **drain snapshots**: kept
+    clean (the agent exited 0 on SIGTERM), kept unclean (no checkpoint of the agent's to
+    protect), or skipped (``checkpoint_skipped`` in the executors' logs: the agent was
+    killed and its own checkpoint is kept). The counter agent has no SIGTERM handler and
+    writes its state file non-atomically on purpose: a drain may catch it mid-write;
   - **wrong output**: a succeeded counter task whose last attempt did not print
     ``done at <STEPS>``;
   - **unannounced restores**: an attempt whose ``started`` event (and so ``VIGIL_RESUMED``)
@@ -638,6 +645,9 @@ class Verdict:
     wrong_output: bool
     lost_attempts: int
     handed_back: int
+    rollbacks: int  # checkpoints the task rolled back from (confessed)
+    drains_clean: int  # drain snapshots kept, clean / unclean
+    drains_unclean: int
     starts: dict[int, int]  # attempt -> N of the agent's "start at N"
     resumed_flags: dict[int, bool]  # attempt -> its started event's ``resumed``
     resumed_flag_mismatch: list[int]  # attempts that found a restored workspace unannounced
@@ -663,11 +673,13 @@ def start_points(lines: dict[int, list[str]]) -> dict[int, int]:
     return out
 
 
-def checkpoint_regressions(events: Sequence[dict[str, Any]], starts: dict[int, int]
-                           ) -> list[str]:
-    """Attempts that started below a step an earlier attempt had durably checkpointed."""
+def checkpoint_regressions(events: Sequence[dict[str, Any]], starts: dict[int, int],
+                           rolled_back: frozenset[str] = frozenset()) -> list[str]:
+    """Attempts that started below a step an earlier attempt had durably checkpointed (in
+    a checkpoint the task did not roll back from)."""
     saved = [(int(e.get("attempt", 0)), int(e["note"]["n"])) for e in events
              if e.get("kind") == "checkpoint" and e.get("ok", True)
+             and e.get("name") not in rolled_back
              and isinstance(e.get("note"), dict) and "n" in e["note"]]
     out = []
     for attempt, n in sorted(starts.items()):
@@ -690,6 +702,9 @@ def judge(t: PlannedTask, state: TaskState | None, events: list[dict[str, Any]])
     wrong = (t.kind == "counter" and state is not None and state.status == "succeeded"
              and f"done at {t.steps}" not in lines.get(state.attempt, []))
     history = state.history if state is not None else []
+    rolled_back = frozenset(h.rolled_back_from for h in history if h.rolled_back_from)
+    drains = [bool(e.get("clean")) for e in events
+              if e.get("kind") == "checkpoint" and e.get("reason") == "drain" and e.get("ok")]
     flags = {a: bool(e.get("resumed")) for a, e in started.items()}
     return Verdict(
         task_id=t.id, kind=t.kind, status=state.status if state else None,
@@ -701,10 +716,13 @@ def judge(t: PlannedTask, state: TaskState | None, events: list[dict[str, Any]])
         status_mismatch=state is not None and any(e.get("status") != state.status
                                                   for e in finished),
         resumed_from_checkpoint=resumed,
-        regressions=checkpoint_regressions(events, starts) if t.kind == "counter" else [],
+        regressions=(checkpoint_regressions(events, starts, rolled_back)
+                     if t.kind == "counter" else []),
         wrong_output=wrong,
         lost_attempts=sum(1 for h in history if h.outcome == "lost"),
         handed_back=sum(1 for h in history if h.outcome == "handed_back"),
+        rollbacks=len(rolled_back),
+        drains_clean=sum(drains), drains_unclean=len(drains) - sum(drains),
         starts=starts, resumed_flags=flags,
         # VIGIL_RESUMED=0 promises an empty workspace; "start at N>0" means it was not.
         resumed_flag_mismatch=[a for a, n in starts.items() if n > 0 and flags.get(a) is False],
@@ -814,6 +832,19 @@ def scan_logs(paths: Iterable[Path]) -> dict[str, Any]:
     return {"counts": dict(counts), "examples": dict(examples)}
 
 
+def skipped_drain_snapshots(paths: Iterable[Path]) -> int:
+    """Drain snapshots not taken (the agent was killed; its own checkpoint is kept)."""
+    n = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if '"checkpoint_skipped"' in line:
+                    with contextlib.suppress(ValueError):
+                        if json.loads(line).get("reason") == "drain":
+                            n += 1
+    return n
+
+
 def summarize_confessions(issues: Iterable[dict[str, Any]]) -> dict[str, Any]:
     by: Counter[str] = Counter()
     serious: list[dict[str, Any]] = []
@@ -835,7 +866,7 @@ def fmt_stats(s: dict[str, float | int] | None) -> str:
 def is_anomalous(v: Verdict) -> bool:
     return bool(v.lost or v.duplicated or v.no_finished_event or v.status_mismatch
                 or v.regressions or v.wrong_output or v.resumed_flag_mismatch
-                or v.status != "succeeded")
+                or v.rollbacks or v.status != "succeeded")
 
 
 def build_report(p: Params, plan: Sequence[PlannedTask], verdicts: Sequence[Verdict],
@@ -862,6 +893,10 @@ def build_report(p: Params, plan: Sequence[PlannedTask], verdicts: Sequence[Verd
                                    and (k.exit_s or 0) > SLOW_DRAIN_S),
         "attempts_lost_with_executor": sum(v.lost_attempts for v in verdicts),
         "hand_backs": sum(v.handed_back for v in verdicts),
+        "checkpoint_rollbacks": sum(v.rollbacks for v in verdicts),
+        "drain_snapshots_clean": sum(v.drains_clean for v in verdicts),
+        "drain_snapshots_unclean": sum(v.drains_unclean for v in verdicts),
+        "drain_snapshots_skipped": evidence["drain_snapshots_skipped"],
         "kills": len(kills), "kill9": by_signal["SIGKILL"], "sigterm": by_signal["SIGTERM"],
         "kills_with_errors": sum(1 for k in kills if k.errors),
         "tasks_hit_by_kills": len(fails),
@@ -898,6 +933,10 @@ def render(report: dict[str, Any]) -> str:
         ("terminal without finished event", str(c["no_finished_event"])),
         ("resumed from checkpoint", str(c["resumed_from_checkpoint"])),
         ("checkpoint regressions", str(c["checkpoint_regressions"])),
+        ("checkpoint rollbacks (confessed)", str(c["checkpoint_rollbacks"])),
+        ("drain snapshots kept clean / unclean / skipped",
+         f"{c['drain_snapshots_clean']} / {c['drain_snapshots_unclean']} / "
+         f"{c['drain_snapshots_skipped']}"),
         ("wrong agent output", str(c["wrong_output"])),
         ("restored workspace, VIGIL_RESUMED=0", str(c["unannounced_restores"])),
         ("executor kills", f"{c['kills']}  (kill -9: {c['kill9']}, SIGTERM: {c['sigterm']})"),
@@ -1173,6 +1212,7 @@ async def verify_and_report(p: Params, stack: Stack, plan: Sequence[PlannedTask]
     logs_dir = keep_logs(stamp, stack.run_dir)
     log_paths = [*executor_logs, stack.run_dir / "scheduler.log"]
     evidence = {"logs": scan_logs(log_paths), "confessions": summarize_confessions(issues),
+                "drain_snapshots_skipped": skipped_drain_snapshots(executor_logs),
                 "stuck": end.stuck, "executors_not_exiting_at_end": end.not_exited,
                 "containers_left_after_drain": end.leftovers,
                 "timelines": {v.task_id: timeline(stored[v.task_id][1])

@@ -123,14 +123,19 @@ class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a task's newest durable workspace checkpoint is (object store vigil-checkpoints)."""
+    """A durable workspace checkpoint of a task (object store vigil-checkpoints)."""
 
     name: str
     size: int
     digest: str  # "sha256:<hex>" of the tar archive
     attempt: int
-    reason: str  # agent | periodic | drain
+    reason: str  # the kind: agent | periodic | drain
     taken_at: datetime
+    # True when nothing could have been writing the workspace: the agent asked for the
+    # snapshot and waited for it, or (drain) it exited 0 by itself within its grace after
+    # SIGTERM. False for a periodic snapshot, a drain that had to kill the agent, and refs
+    # recorded before this field existed.
+    clean: bool = False
 
 
 class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,6 +147,15 @@ class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: datetime | None = None
     outcome: str  # a final status, or "lost" (executor gone), "handed_back" (drain)
     error: str | None = None
+    # Checkpoints by object name. ``restored``: the one its workspace was restored from
+    # (None: an empty workspace, or not known: a lost attempt). ``saved``: the newest one
+    # it made the task's checkpoint. ``restore_failed``: the one it could not restore
+    # (handed back, or dead). ``rolled_back_from``: after this attempt failed, the task
+    # gave up on that checkpoint and went back to the one before it.
+    restored: str | None = None
+    saved: str | None = None
+    restore_failed: str | None = None
+    rolled_back_from: str | None = None
 
 
 SUMMARY_CHARS = 2_000  # the longest confession summary the contract takes
@@ -174,7 +188,11 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None = None
     spec: TaskSpec | None = None
     submit_seq: int = 0
+    # The checkpoint the next attempt restores; ``checkpoints`` is the short history it
+    # heads (newest first, ``checkpoint`` first), kept so that a checkpoint the agent
+    # keeps crashing on can be rolled back to the one before it.
     checkpoint: CheckpointRef | None = None
+    checkpoints: list[CheckpointRef] = []
     # The work message the current attempt holds (stream sequence) and which delivery of
     # it: a late, older delivery (buffered in a frozen executor) must not take over.
     work_seq: int = 0
@@ -417,10 +435,11 @@ class Checkpoint(Event, tag="checkpoint", frozen=True, kw_only=True):
     name: str
     size: int = 0
     digest: str | None = None
-    reason: str = "agent"
+    reason: str = "agent"  # the kind: agent | periodic | drain
     note: dict[str, Any] = {}
     ok: bool = True
     error: str | None = None
+    clean: bool = False  # see CheckpointRef.clean
 
 
 class ConfessionEvent(Event, tag="confession", frozen=True, kw_only=True):

@@ -2,9 +2,10 @@
 
 A checkpoint is the workspace as a tar archive (the runtime exports it), spooled to a
 temporary file while its size and SHA-256 are counted, then uploaded in chunks. The
-object is named ``<tenant>/<task>/a<attempt>-<n>``; the task's state points to the newest one
-(written with compare-and-set, so a stale attempt cannot replace a newer checkpoint), and
-the previous object is deleted once the new one is recorded.
+object is named ``<tenant>/<task>/a<attempt>-<n>``; the task's state points to it (written
+with compare-and-set, so a stale attempt cannot replace a newer checkpoint) at the head of a
+short history, and an object is deleted once it falls off that history. Which snapshot may
+head it, and when a task rolls back, is :mod:`vigil_executor.checkpoint_rules`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from nats.js.object_store import ObjectStore
 from vigil import subjects
 from vigil.errors import NatsUnavailable, VigilError
 from vigil.jetstream import retrying
-from vigil.messages import TaskState
 from vigil_executor.runtime import ArchiveTooLarge
 
 log = structlog.get_logger("vigil.executor.checkpoint")
@@ -206,16 +206,8 @@ def archive_problem(archive: IO[bytes], digest: str) -> str | None:
 
 
 def restore_failure(name: str, node: str, tries: int, last_error: str) -> str:
-    """The error of a delivery that could not restore checkpoint ``name``: the reason its
-    hand-back records in the task's history, where :func:`restore_failures` counts it."""
+    """The error of a delivery that could not restore checkpoint ``name`` (its hand-back
+    also names the checkpoint in the typed ``AttemptRecord.restore_failed``, which is
+    what checkpoint_rules.restore_failures counts)."""
     return (f"could not restore checkpoint {name} on {node} ({tries} tries; last error: "
             f"{last_error})")
-
-
-def restore_failures(state: TaskState, name: str) -> int:
-    """Earlier deliveries handed back because checkpoint ``name`` would not restore, since
-    the task's newest operator redrive (which gives fresh tries, like a fresh budget)."""
-    prefix = f"could not restore checkpoint {name} on "
-    return sum(1 for h in state.history
-               if h.outcome == "handed_back" and h.attempt > state.budget_from
-               and (h.error or "").startswith(prefix))
