@@ -114,6 +114,7 @@ from vigil.embedded import PodmanService
 from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
 from vigil.natsserver import NatsServer, die_with_parent
+from vigil.permissions import random_passwords, shipped_users
 from vigil_executor.runtime import LABEL_EXECUTOR, LABEL_MANAGED
 from vigil_scheduler.service import Scheduler
 from vigil_scheduler.settings import SchedulerSettings
@@ -154,7 +155,8 @@ EVENT_READ_IDLE_S = 5.0
 VERIFY_CONCURRENCY = 8
 
 LOG_PATTERNS = ("attempt_crashed", "executor_bug", "attempt_failed_unexpectedly",
-                "handler_crashed", "Traceback", '"level":"error"', '"level":"critical"')
+                "handler_crashed", "Traceback", '"level":"error"', '"level":"critical"',
+                "Violation")  # nats-server: a service reached beyond its permissions
 START_RE = re.compile(r"^start at (\d+) resumed=(\d) attempt=(\d+)$")
 # Wider than the benchmarks' clock: a soak can run for hours.
 say = functools.partial(bench_say, width=7)
@@ -395,9 +397,9 @@ class LiveEvents:
         self.wake = asyncio.Event()
 
     async def subscribe(self, nc: NATS) -> None:
-        await nc.subscribe(subjects.event("*", "started"), cb=self._on_started,
+        await nc.subscribe(subjects.events_of_kind("started"), cb=self._on_started,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
-        await nc.subscribe(subjects.event("*", "finished"), cb=self._on_finished,
+        await nc.subscribe(subjects.events_of_kind("finished"), cb=self._on_finished,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     async def _on_started(self, msg: Msg) -> None:
@@ -408,7 +410,7 @@ class LiveEvents:
                                                    bool(e.get("resumed")), at))
 
     async def _on_finished(self, msg: Msg) -> None:
-        task_id = subjects.token(msg.subject, 2)
+        task_id = subjects.token(msg.subject, 3)  # vigil.events.<tenant>.<task>.finished
         if task_id:
             self.finished_hints.add(task_id)
             self.wake.set()
@@ -429,7 +431,7 @@ class Progress:
 
     async def check(self, ids: Iterable[str]) -> None:
         todo = [i for i in ids if i in self.pending]
-        states = await asyncio.gather(*(self.store.get(i) for i in todo))
+        states = await asyncio.gather(*(self.store.get(TENANT, i) for i in todo))
         for task_id, got in zip(todo, states, strict=True):
             if got is not None and got[0].terminal:
                 self.pending.discard(task_id)
@@ -459,7 +461,7 @@ class Progress:
 async def running_on(store: TaskStore, ids: Iterable[str], node: str) -> list[tuple[str, int]]:
     """(task id, attempt) of every task whose KV state is running on ``node``."""
     todo = list(ids)
-    states = await asyncio.gather(*(store.get(i) for i in todo))
+    states = await asyncio.gather(*(store.get(TENANT, i) for i in todo))
     out = []
     for got in states:
         if got is not None and got[0].status == "running" and got[0].executor == node:
@@ -617,8 +619,8 @@ async def read_tasks(js: JetStreamContext, store: TaskStore, ids: Sequence[str]
 
     async def one(task_id: str) -> tuple[TaskState | None, list[dict[str, Any]]]:
         async with gate:
-            got = await store.get(task_id)
-            events = await read_stored(js, subjects.task_events(task_id),
+            got = await store.get(TENANT, task_id)
+            events = await read_stored(js, subjects.task_events(TENANT, task_id),
                                        subjects.STREAM_EVENTS)
             return (got[0] if got else None), events
 
@@ -995,14 +997,18 @@ class Stack:
         return self.nc.jetstream(timeout=10)
 
     async def start(self, p: Params) -> None:
-        self.nats = NatsServer(store_dir=self.run_dir / "nats", sync_always=True)
+        # As shipped: every service under its own least-privilege user (vigil.permissions);
+        # the soak itself reads as admin, and its log is scanned for violations at the end.
+        self.nats = NatsServer(store_dir=self.run_dir / "nats", sync_always=True,
+                               users=shipped_users(random_passwords()))
         await self.nats.start()
-        say(f"nats-server {self.nats.url} (sync_interval: always)")
+        say(f"nats-server {self.nats.url} (sync_interval: always, the shipped users)")
         self.podman = PodmanService(self.run_dir / "podman.log",
                                     tag=f"soak-{os.getpid()}-{self.stamp}")
         await self.podman.start()
         say(f"podman {self.podman.url} (rootless, as {self.podman.user_name})")
-        self.nc = await nats.connect(self.nats.url, name="vigil-soak", connect_timeout=5)
+        self.nc = await nats.connect(self.nats.url_for("admin"), name="vigil-soak",
+                                     connect_timeout=5)
         await topology.ensure_topology(self.js)
         await self._start_scheduler()
         await self._start_executors(p)
@@ -1010,7 +1016,8 @@ class Stack:
     async def _start_scheduler(self) -> None:
         assert self.nats is not None
         log_to_file(self.run_dir / "scheduler.log")
-        self.scheduler = Scheduler(SchedulerSettings(nats_url=self.nats.url, http_port=0))
+        self.scheduler = Scheduler(SchedulerSettings(nats_url=self.nats.url_for("scheduler"),
+                                                     http_port=0))
         self.scheduler_task = asyncio.create_task(self.scheduler.run())
         ready = asyncio.create_task(self.scheduler.ready.wait())
         done, _ = await asyncio.wait({ready, self.scheduler_task}, timeout=30,
@@ -1025,7 +1032,8 @@ class Stack:
         state_root = self.run_dir / "state"
         for i in range(p.executors):
             node = f"{NODE_PREFIX}{i}"
-            env = executor_env(self.nats.url, self.podman.url, node, p, state_root / node)
+            env = executor_env(self.nats.url_for("executor"), self.podman.url, node, p,
+                               state_root / node)
             self.executors.append(ExecutorProc(node, self.run_dir / f"executor-{node}.log", env,
                                                executor_argv(p)))
         for e in self.executors:
@@ -1121,7 +1129,7 @@ async def stuck_report(js: JetStreamContext, store: TaskStore, pending: Iterable
     """What the tasks left at the deadline look like, and the executors' work consumer."""
     tasks = {}
     for task_id in sorted(pending):
-        got = await store.get(task_id)
+        got = await store.get(TENANT, task_id)
         s = got[0] if got else None
         tasks[task_id] = None if s is None else {
             "status": s.status, "attempt": s.attempt, "executor": s.executor,
@@ -1210,7 +1218,8 @@ async def verify_and_report(p: Params, stack: Stack, plan: Sequence[PlannedTask]
     fails = failovers(chaos.kills, live, stored, orphan_removals(executor_logs))
     issues = await read_stored(js, f"{subjects.ISSUES}.>", subjects.STREAM_ISSUES)
     logs_dir = keep_logs(stamp, stack.run_dir)
-    log_paths = [*executor_logs, stack.run_dir / "scheduler.log"]
+    log_paths = [*executor_logs, stack.run_dir / "scheduler.log",
+                 stack.run_dir / "nats" / "nats-server.log"]
     evidence = {"logs": scan_logs(log_paths), "confessions": summarize_confessions(issues),
                 "drain_snapshots_skipped": skipped_drain_snapshots(executor_logs),
                 "stuck": end.stuck, "executors_not_exiting_at_end": end.not_exited,

@@ -315,3 +315,43 @@ async def test_a_replay_into_its_own_stream_does_not_chase_its_copies(
         assert len(await target_copies(js)) == 5
     finally:
         await admin.close()
+
+
+# migrate-keys --------------------------------------------------------------------------------
+async def test_migrate_keys_moves_the_old_layout_once_and_reports_the_rest(
+    operator_nats: NatsServer,
+) -> None:
+    """Upgrading to 0.2: tasks kept under their bare id move to <tenant>.<id>, as the
+    operator user, after a dry run; a second run finds nothing; odd keys are named."""
+    admin = await nats.connect(operator_nats.url_for("admin"))
+    try:
+        js = admin.jetstream()
+        await topology.ensure_topology(js)
+        kv = await js.key_value(subjects.KV_TASKS)
+        t0 = datetime.now(UTC)
+        for task_id, tenant in (("old-1", "acme"), ("old-2", "globex")):
+            state = TaskState(id=task_id, tenant=tenant, status="succeeded", attempt=1,
+                              created_at=t0, updated_at=t0, spec=TaskSpec(command=["true"]))
+            await kv.put(task_id, codec.encode(state))
+        await kv.put("stray", b"not a task")
+        new = TaskState(id="new-1", tenant="acme", status="queued", created_at=t0,
+                        updated_at=t0)
+        await kv.put("acme.new-1", codec.encode(new))
+        url = ("--nats-url", operator_nats.url_for("operator"))
+
+        code, out, err = await vigil_replay("migrate-keys", *url)
+        assert code == 0 and "old-1  ->  acme.old-1" in out and "would move 2" in out
+        assert "'stray'" in err
+        assert sorted(await kv.keys()) == ["acme.new-1", "old-1", "old-2", "stray"]
+
+        code, out, _ = await vigil_replay("migrate-keys", "--yes", *url)
+        assert code == 0 and "moved 2 key(s)" in out, out
+        assert sorted(await kv.keys()) == ["acme.new-1", "acme.old-1", "globex.old-2",
+                                           "stray"]
+        moved = codec.state_decoder.decode((await kv.get("globex.old-2")).value)
+        assert (moved.id, moved.tenant, moved.status) == ("old-2", "globex", "succeeded")
+
+        code, out, _ = await vigil_replay("migrate-keys", "--yes", *url)
+        assert code == 0 and "nothing to move" in out
+    finally:
+        await admin.close()

@@ -197,6 +197,14 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
 SERVICES = ("scheduler", "executor", "auditor", "gateway", "operator")
 
 
+def random_passwords() -> dict[str, str]:
+    """A fresh password for ``admin`` and each of :data:`SERVICES` (a throwaway server:
+    benchmarks; ``vigil up`` keeps its own in ``secrets.json``)."""
+    import secrets
+
+    return {name: secrets.token_urlsafe(24) for name in ("admin", *SERVICES)}
+
+
 def shipped_users(passwords: Mapping[str, str], tenants: Iterable[TenantUser] = (), *,
                   pool: str | None = None, admin: bool = True) -> list[User]:
     """Every NATS user as Vigil ships them: ``admin`` (unrestricted: for the people who run
