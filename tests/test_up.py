@@ -118,6 +118,27 @@ async def raw_submit(url: str, inbox_prefix: str) -> str:
         await nc.close()
 
 
+async def tenant_submit(url: str, tenant: str) -> str:
+    """A tenant's own user submits as its tenant and reads the state back."""
+    import nats
+
+    nc = await nats.connect(url, inbox_prefix=f"_INBOX_T.{tenant}".encode())
+    try:
+        await nc.jetstream().publish(f"vigil.submit.{tenant}", b'{"command": ["true"]}',
+                                     headers={"Nats-Msg-Id": "new-tenant-1"})
+
+        async def finished() -> str | None:
+            reply = await nc.request(
+                f"$JS.API.DIRECT.GET.KV_vigil-tasks.$KV.vigil-tasks.{tenant}.new-tenant-1",
+                b"", timeout=2)
+            status = json.loads(reply.data)["status"] if reply.data else None
+            return str(status) if status in ("succeeded", "failed") else None
+
+        return await eventually(finished, timeout=10, what="the new tenant's task")
+    finally:
+        await nc.close()
+
+
 def run_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     # Options go before the command: everything after `--` belongs to the task.
     return subprocess.run([VIGIL, args[0], "--data-dir", str(data_dir), *args[1:]],
@@ -169,6 +190,16 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         client = json.loads((data / "client.json").read_text())
         assert asyncio.run(raw_submit(client["nats_submit_url"],
                                       client["nats_submit_inbox_prefix"])) == "succeeded"
+        # A new tenant's NATS user works at once: the stack reloads nats-server's users.
+        added = subprocess.run([VIGIL, "nats-user", "add", "--tenant", "acme", "--file",
+                                str(data / "nats-users.json"), "--server",
+                                f"127.0.0.1:{nats_port}"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert added.returncode == 0, added.stderr
+        acme_url = added.stdout.strip()
+        assert acme_url.startswith("nats://tenant-acme:") and "_INBOX_T.acme" in added.stderr
+        wait_for_line(proc, "users reloaded", seen, timeout=10)
+        assert asyncio.run(tenant_submit(acme_url, "acme")) == "succeeded"
 
         # A task still running when the stack stops: its container must not outlive it.
         long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=data)
