@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 
 from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
+from vigil_executor.archive import END_OF_ARCHIVE, relative_tar, tar_end
 from vigil_executor.runtime import (
     CONTROL_PATH,
     LABEL_ATTEMPT,
@@ -424,41 +425,6 @@ class PodmanRuntime:
     async def remove_container(self, cid: str) -> None:
         await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "t": "0"},
                         ok=(200, 204, 404))
-
-
-END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
-
-
-def tar_end(archive: BinaryIO) -> int | None:
-    """Where the last member of the tar at ``archive``'s position ends (its end-of-archive
-    marker starts there), as a file offset; None when it cannot be read as a tar (then
-    the whole body goes, and Podman says what is wrong with it). Moves the file position."""
-    try:
-        with tarfile.open(fileobj=archive, mode="r:") as tar:
-            for _ in tar:
-                pass
-            return tar.offset
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-
-
-def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
-    """Copy a tar, renaming members to be relative to the archived directory itself."""
-    prefix: str | None = None  # decided by the first member: the directory's own entry
-    with tarfile.open(fileobj=src, mode="r:") as tin, tarfile.open(fileobj=dst, mode="w") as tout:
-        for member in tin:
-            name = member.name.lstrip("/")
-            if prefix is None:
-                prefix = dirname + "/" if name == dirname else ""
-                if name in ("", ".", dirname):
-                    continue  # the directory itself: the workspace mount already exists
-            if prefix and name.startswith(prefix):
-                name = name[len(prefix):]
-            if not name or name == ".":
-                continue
-            member.name = name
-            data = tin.extractfile(member) if member.isreg() else None
-            tout.addfile(member, data)
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:
