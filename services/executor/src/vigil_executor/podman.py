@@ -321,19 +321,28 @@ class PodmanRuntime:
             "labels": {**spec.labels, LABEL_MANAGED: "1"},
             "hostname": "agent",
             "work_dir": spec.workspace_path,
-            # The sandbox: no network, read-only root (tmpfs /tmp, /run), no capabilities,
-            # no privilege escalation, runc (crun fails on hybrid cgroups here).
+            # The sandbox: no network, read-only root with private writable tmpfs scratch
+            # (spec.tmpfs), no capabilities, no privilege escalation, runc (crun fails on
+            # hybrid cgroups here).
             "netns": {"nsmode": "none"},
             "read_only_filesystem": True,
-            "read_only_tmpfs": True,
+            # Podman 4.3's API ignores this (its CLI adds the mounts itself; measured
+            # here, /tmp and /run stayed read-only either way): the tmpfs mounts below are
+            # explicit and sized, and a Podman that honours it adds no others.
+            "read_only_tmpfs": False,
             "cap_drop": ["all"],
             "no_new_privileges": True,
             "oci_runtime": self._oci_runtime,
             "volumes": [{"Name": spec.workspace_volume, "Dest": spec.workspace_path}],
-            "mounts": [] if spec.control_dir is None else [{
-                "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
-                "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
-            }],
+            "mounts": [
+                *({"destination": path, "source": "tmpfs", "type": "tmpfs",
+                   "options": ["rw", "nosuid", "nodev", f"size={spec.tmpfs_mb}m",
+                               "mode=1777"]} for path in spec.tmpfs),
+                *([] if spec.control_dir is None else [{
+                    "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+                }]),
+            ],
             "log_configuration": {"driver": "k8s-file"},
             "stop_timeout": max(1, int(spec.stop_grace_s)),
             # An init as PID 1 (catatonit) forwards SIGTERM to the agent: an agent with no

@@ -43,6 +43,9 @@ class ContainerSpec:
     workspace_volume: str
     workspace_path: str = "/workspace"
     control_dir: str | None = None  # host dir, read-only inside at CONTROL_PATH
+    # Private writable tmpfs mounts (the root filesystem is read-only), each tmpfs_mb big.
+    tmpfs: tuple[str, ...] = ()
+    tmpfs_mb: int = 256
     limits: Limits = field(default_factory=Limits)
     timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
     stop_grace_s: float = 10.0
