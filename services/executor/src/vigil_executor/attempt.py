@@ -100,7 +100,7 @@ from vigil_executor.retry import (
     after_failure,
     image_missing_delay,
 )
-from vigil_executor.runtime import Container, ContainerSpec, ExitInfo
+from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
 from vigil_executor.sandbox import container_spec, workspace_volume
 from vigil_executor.sink import EventSink
 
@@ -381,9 +381,13 @@ class Attempt:
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except ContainerError as exc:
+            # Raised by create or by start: the host's failure is handed back, the task's
+            # own (its command, its settings) fails it.
+            return await self._start_failed(exc, None)
         except VigilError as exc:
-            # The runtime refused this container (a bad mount, an invalid setting): a
-            # clear failure of this task, not a crash that would loop through redelivery.
+            # Any other refusal of ours: a clear failure of this task, not a crash that
+            # would loop through redelivery.
             error = f"could not start the container on {ex.settings.node_id}: {exc}"
             await self._confess("error", "container_start_failed", error)
             return Outcome("failed", None, error)
@@ -565,6 +569,30 @@ class Attempt:
                             f"could not restore checkpoint {ref.name if ref else '?'}: {why}; "
                             "the agent starts from an empty workspace")
 
+    async def _start_failed(self, exc: ContainerError, exit_code: int | None) -> Outcome:
+        """The container could not start the agent (the runtime refused it, or its init
+        could not fork or exec the command). The host's failure (``exc.retryable``: no
+        processes or memory left, broken storage, the runtime's 5xx) is the platform's:
+        confessed, and the task handed back with a growing delay (the one a missing image
+        gets) and no attempt spent; the work consumer's max deliveries bound the loop.
+        The task's own (a command the image lacks) fails it, not retried: a retry would
+        find the same image."""
+        node = self.ex.settings.node_id
+        if exc.retryable:
+            delay = image_missing_delay(self.msg.metadata.num_delivered)
+            error = (f"the container could not start on node {node} for a host reason "
+                     f"({exc.cause}): {exc}")
+            await self._confess(
+                "error", "container_start_infra", f"{error}; handed back, no attempt spent",
+                hint=f"node {node} is short of processes, memory or storage, or its Podman "
+                f"is failing: check `podman info` and the Podman service log there; the task "
+                f"runs again in {delay:g}s, on any node")
+            raise HandBack(f"{error}; handing the task back", delay,
+                           kind="container start infra") from exc
+        error = f"could not start the container on {node}: {exc}"
+        await self._confess("error", "container_start_failed", error)
+        return Outcome("failed", exit_code, error)
+
     async def _judge(self, exit_info: ExitInfo, output: AgentOutput, timed_out: bool,
                      timeout_s: float) -> Outcome:
         code = exit_info.exit_code
@@ -572,6 +600,8 @@ class Attempt:
             error = f"killed after exceeding its time limit of {timeout_s:g}s"
             await self._confess("warning", "time_limit", error)
             return Outcome("timed_out", code, error)
+        if exit_info.start_error is not None:
+            return await self._start_failed(exit_info.start_error, code)
         if code == 0:
             return Outcome("succeeded", 0, None)
         if exit_info.oom_killed:

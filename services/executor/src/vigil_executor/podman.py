@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import struct
 import tarfile
 import tempfile
@@ -32,6 +33,7 @@ from vigil_executor.runtime import (
     LABEL_MANAGED,
     LABEL_TASK,
     ArchiveTooLarge,
+    ContainerError,
     ContainerSpec,
     ExitInfo,
     Leftover,
@@ -46,8 +48,101 @@ STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
 RAW_SLACK = 64 * 1024  # see PodmanContainer.export_workspace
 
 
-class PodmanError(VigilError):
-    pass
+class PodmanError(ContainerError):
+    """An error answer of the Podman API, classified by :func:`classify` where it is read
+    (:func:`_error`); ``status`` is the HTTP status (0 when not an API answer)."""
+
+    def __init__(self, message: str, *, status: int = 0, cause: str = "podman",
+                 retryable: bool = False) -> None:
+        super().__init__(message, cause=cause, retryable=retryable)
+        self.status = status
+
+
+class PodmanConflict(PodmanError):
+    """A container or volume of that name exists already."""
+
+
+class PodmanNotFound(PodmanError):
+    """No such container or volume (any more)."""
+
+
+# Failures of the host, whatever the task: Go's errno texts and the storage and runtime
+# errors Podman wraps them in. Looked for first: a command that cannot be forked or
+# exec'd for want of processes is the host's problem, not the command's.
+HOST_CAUSES: tuple[tuple[str, str], ...] = (
+    ("resource temporarily unavailable", "eagain"),
+    ("cannot allocate memory", "memory"),
+    ("no space left on device", "storage_full"),
+    ("disk quota exceeded", "storage_full"),
+    ("too many open files", "files_exhausted"),
+    ("input/output error", "storage_io"),
+    ("overlay mount", "storage_mount"),  # the container's root filesystem
+    ("fuse-overlayfs", "storage_mount"),
+    ("mounting storage", "storage_mount"),
+    ("layer not known", "storage_corrupt"),
+    ("database is locked", "podman_db"),
+)
+# Failures of the task's own request: its command, its settings.
+TASK_CAUSES: tuple[tuple[str, str], ...] = (
+    ("executable file not found", "command_not_found"),
+    ("failed to exec pid1", "command_not_runnable"),  # catatonit could not exec it
+    ("exec format error", "command_not_runnable"),
+    ("workdir", "workdir_invalid"),
+)
+# What catatonit, the container's init (pid 1), prints when it cannot start the agent, and
+# its exit code then; its only channel is the container's output, read here and nowhere
+# else. An agent could print the same and exit 1: it gains hand-backs, which the hand-back
+# delay and the work consumer's max deliveries bound, as for any host failure.
+INIT_FAILED_EXIT = 1
+INIT_FAILURE = re.compile(
+    r"ERROR \(catatonit:\d+\): (failed to (?:fork child|spawn pid1|exec pid1): .*)")
+
+
+def classify(status: int, text: str) -> tuple[str, bool]:
+    """``(cause, retryable)`` of a Podman failure: an API answer's HTTP ``status`` and
+    message (its ``cause`` included), or status 0 and the container init's message.
+
+    Host causes first, then the task's; then by status: 404 and 409 are answers about
+    names, other 4xx the request's fault, and any other 5xx the service's (Podman answers
+    500 for most failures, the host's among them: retried elsewhere, the hand-back delays
+    and the work consumer's max deliveries bound the loop)."""
+    lowered = text.lower()
+    for needle, cause in HOST_CAUSES:
+        if needle in lowered:
+            return cause, True
+    for needle, cause in TASK_CAUSES:
+        if needle in lowered:
+            return cause, False
+    if status == 404 or "no such container" in lowered or "no such volume" in lowered:
+        return "not_found", False
+    if status == 409 or "already in use" in lowered or "already exists" in lowered:
+        return "conflict", False
+    if 400 <= status < 500:
+        return "rejected", False
+    if status >= 500:
+        return "podman_5xx", True
+    return "podman", False
+
+
+def demux(data: bytes) -> list[str]:
+    """The lines of a multiplexed log body (frames: stream, 0, 0, 0, uint32 size, data)."""
+    out = bytearray()
+    while len(data) >= 8:
+        size = struct.unpack(">I", data[4:8])[0]
+        out += data[8:8 + size]
+        data = data[8 + size:]
+    return out.decode(errors="replace").splitlines()
+
+
+def init_failure(lines: list[str]) -> ContainerError | None:
+    """The init's start failure, when the container's whole output is the init's own
+    messages (catatonit prints two when it cannot fork the agent); None otherwise."""
+    reasons = [m.group(1) for line in lines if (m := INIT_FAILURE.fullmatch(line.strip()))]
+    if not reasons or len(reasons) != len([line for line in lines if line.strip()]):
+        return None
+    cause, retryable = classify(0, reasons[-1])
+    return ContainerError(f"the container's init could not start the agent: {reasons[-1]}",
+                          cause=cause, retryable=retryable)
 
 
 def socket_path(url: str) -> str:
@@ -135,7 +230,7 @@ class PodmanContainer:
                 # Seen in the soak: an empty body when the container stopped under the
                 # request. A failed checkpoint (the agent is told), not a crashed attempt.
                 raise PodmanError(f"Podman's archive of the workspace is unreadable "
-                                  f"({read} bytes): {exc}") from exc
+                                  f"({read} bytes): {exc}", cause="archive_unreadable") from exc
             clean.seek(0)
             while data := await asyncio.to_thread(clean.read, 256 * 1024):
                 yield data
@@ -172,7 +267,25 @@ class PodmanContainer:
         code = int(data) if isinstance(data, int | str) else -1
         info = await self._rt.call("GET", f"/containers/{self.id}/json")
         state = info.get("State", {}) if isinstance(info, dict) else {}
-        return ExitInfo(exit_code=code, oom_killed=bool(state.get("OOMKilled")))
+        start_error = await self._init_failure() if code == INIT_FAILED_EXIT else None
+        return ExitInfo(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
+                        start_error=start_error)
+
+    async def _init_failure(self) -> ContainerError | None:
+        """Whether the init failed to start the agent, from the container's log (not the
+        attach stream, which may still be on its way): its last lines, of which there are
+        at most two when the init's messages are all there is."""
+        data = b""
+        try:
+            async for chunk in self._rt.stream(
+                "GET", f"/containers/{self.id}/logs",
+                params={"stdout": "true", "stderr": "true", "tail": "3"},
+            ):
+                data += chunk
+        except VigilError as exc:
+            log.warning("init_failure_unread", container=self.id[:12], error=str(exc))
+            return None
+        return init_failure(demux(data))
 
     async def stop(self, grace_s: float) -> None:
         with contextlib.suppress(PodmanError):
@@ -376,9 +489,7 @@ class PodmanRuntime:
         body = self.create_body(spec)
         try:
             created = await self.call("POST", "/containers/create", body=body)
-        except PodmanError as exc:
-            if "already in use" not in str(exc):
-                raise
+        except PodmanConflict:
             # A container of that name: left by a crashed earlier life of this node's
             # executor (the name holds node, task and attempt). Remove it only if its
             # labels say so; never someone else's.
@@ -437,8 +548,12 @@ class PodmanRuntime:
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:
+    """The typed error of a Podman API error answer (the one place its text is read)."""
+    cause_text = ""
     try:
-        message = json.loads(body).get("message") or body.decode(errors="replace")
+        answer = json.loads(body)
+        message = answer.get("message") or body.decode(errors="replace")
+        cause_text = str(answer.get("cause") or "")
     except (ValueError, AttributeError):
         message = body.decode(errors="replace")
     if "image not known" in message or "failed to find image" in message:
@@ -446,4 +561,7 @@ def _error(status: int, body: bytes, what: str) -> VigilError:
             f"{message}; images are not pulled from registries: build or load it on this node "
             "(the default agent image comes from scripts/build-agent-image.sh)"
         )
-    return PodmanError(f"Podman API {what}: HTTP {status}: {message}")
+    cause, retryable = classify(status, f"{cause_text}\n{message}")
+    kind = {"conflict": PodmanConflict, "not_found": PodmanNotFound}.get(cause, PodmanError)
+    return kind(f"Podman API {what}: HTTP {status}: {message}", status=status, cause=cause,
+                retryable=retryable)

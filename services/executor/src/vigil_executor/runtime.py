@@ -61,10 +61,29 @@ class ArchiveTooLarge(VigilError):
         self.limit = limit
 
 
+class ContainerError(VigilError):
+    """The runtime refused or failed a container operation, classified once where the
+    runtime's error is read (for Podman: ``vigil_executor.podman.classify``).
+
+    ``retryable``: the host's failure, not the task's (no processes or memory left, full or
+    broken storage, the runtime's own 5xx): the task is handed back, no attempt spent.
+    Otherwise the request itself is wrong (a command the image lacks, an invalid setting
+    of the task): retrying cannot help. ``cause`` is a short, bounded name for it
+    (``eagain``, ``storage_full``, ``command_not_runnable`` ...), for confessions and
+    metrics."""
+
+    def __init__(self, message: str, *, cause: str, retryable: bool) -> None:
+        super().__init__(message, retryable=retryable)
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class ExitInfo:
     exit_code: int
     oom_killed: bool = False
+    # Set when the agent never ran: the container's init could not start it (it failed
+    # to fork or to exec the command), so the exit code is the init's, not the agent's.
+    start_error: ContainerError | None = None
 
 
 CONTROL_PATH = "/run/vigil"
