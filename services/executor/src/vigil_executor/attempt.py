@@ -101,7 +101,7 @@ from vigil_executor.retry import (
     image_missing_delay,
 )
 from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
-from vigil_executor.sandbox import container_spec, workspace_volume
+from vigil_executor.sandbox import container_spec
 from vigil_executor.sink import EventSink
 
 if TYPE_CHECKING:
@@ -124,6 +124,7 @@ class Attempt:
         self.state: TaskState | None = None
         self.revision = 0
         self.container: Container | None = None
+        self.volume: str | None = None  # the attempt's workspace volume, once it may exist
         self.sink = EventSink(ex.js)
         self.output: AgentOutput | None = None
         self.confessions = ConfessionLimiter(ex.settings.max_confessions,
@@ -187,7 +188,7 @@ class Attempt:
                 for task in self._background:
                     task.cancel()
                 self.sink.cancel()
-                await self._cleanup()
+                await self.cleanup()
 
     def stop(self, reason: str) -> None:
         """Ask this attempt to hand its task back (executor draining)."""
@@ -360,6 +361,7 @@ class Attempt:
                 resumed = await self._fetch_checkpoint(archive)
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
                                       resumed=resumed)
+                self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
                 if resumed:
                     await self._unpack(spec, archive)
@@ -960,15 +962,16 @@ class Attempt:
         with contextlib.suppress(Exception):
             await self.msg.term()
 
-    async def _cleanup(self) -> None:
+    async def cleanup(self) -> None:
+        """However the attempt ended: its container and its volume go (the workspace
+        lives on in the checkpoint, not in this node's volume). Needs only the runtime,
+        not NATS. Idempotent: a drain that ran out of time calls it too (Executor._drain)."""
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
-        if self.work is not None and self.state is not None:
-            # The workspace lives on in the checkpoint, not in this node's volume.
+        if self.volume is not None:
             with contextlib.suppress(Exception):
-                await self.ex.runtime.remove_volume(workspace_volume(
-                    self.ex.settings.node_id, self.work.task_id, self.state.attempt))
+                await self.ex.runtime.remove_volume(self.volume)
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 

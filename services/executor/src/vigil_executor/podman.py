@@ -487,6 +487,7 @@ class PodmanRuntime:
 
     async def create(self, spec: ContainerSpec) -> PodmanContainer:
         body = self.create_body(spec)
+        await self._create_volume(spec)
         try:
             created = await self.call("POST", "/containers/create", body=body)
         except PodmanConflict:
@@ -521,6 +522,31 @@ class PodmanRuntime:
             raise
         return PodmanContainer(self, cid, attach, self._max_line, spec.workspace_path,
                                self._max_archive)
+
+    async def _create_volume(self, spec: ContainerSpec) -> None:
+        """The workspace volume, created before its container and labelled like it. Podman
+        would create it implicitly, without labels: then a volume whose container was gone
+        (the executor killed between removing the one and the other, or before creating
+        the container) was nobody's, for ever. Labelled, a restarted executor finds it."""
+        body = {"Name": spec.workspace_volume, "Label": {**spec.labels, LABEL_MANAGED: "1"}}
+        try:
+            await self.call("POST", "/volumes/create", body=body)
+        except PodmanConflict:
+            # Left by an earlier life of this node (the name holds node, task and attempt;
+            # an older executor made it without labels). A workspace is only ever carried
+            # by a checkpoint, never by a leftover volume: replace it, if it is ours.
+            other = await self.call("GET", f"/volumes/{quote(spec.workspace_volume)}/json")
+            owner = ((other or {}).get("Labels") or {}).get(LABEL_EXECUTOR)
+            if owner not in (None, spec.labels.get(LABEL_EXECUTOR)):
+                raise
+            await self.call("DELETE", f"/volumes/{quote(spec.workspace_volume)}",
+                            params={"force": "true"}, ok=(204, 404))
+            await self.call("POST", "/volumes/create", body=body)
+
+    async def find_volumes(self, node_id: str) -> list[str]:
+        filters = json.dumps({"label": [f"{LABEL_MANAGED}=1", f"{LABEL_EXECUTOR}={node_id}"]})
+        data = await self.call("GET", "/volumes/json", params={"filters": filters})
+        return [str(v["Name"]) for v in data or [] if v.get("Name")]
 
     async def remove_volume(self, name: str) -> None:
         with contextlib.suppress(PodmanError):

@@ -152,6 +152,11 @@ class Runtime(Protocol):
 
     async def find_containers(self, node_id: str) -> list[Leftover]: ...
 
+    async def find_volumes(self, node_id: str) -> list[str]:
+        """Workspace volumes this node's executor created, by label, with or without a
+        container (an executor killed between removing the one and the other)."""
+        ...
+
     async def remove_container(self, cid: str) -> None: ...
 
 
