@@ -172,8 +172,11 @@ async def test_an_executor_restarted_after_kill9_removes_its_orphaned_volumes(
 ) -> None:
     """kill -9 leaves the running agent's container and volume; the next life of the node
     removes both, and also a volume whose container is already gone (the executor died
-    between removing one and the other), found by the volume's own labels."""
-    node = session_node_id()
+    between removing one and the other), found by the volume's own labels. Another
+    node's volume is left alone (Podman ORs volume label filters: a filter of managed=1
+    and executor=<node> once matched every node's volumes)."""
+    node, other = session_node_id(), session_node_id()
+    decoy = f"vigil-ws-{other}-decoy-a1"
     await platform.scheduler()
     # A long lease: the task is not redelivered (to a second attempt here) during the test.
     proc = ExecutorProcess(tmp_path, platform.url, node,
@@ -189,21 +192,30 @@ async def test_an_executor_restarted_after_kill9_removes_its_orphaned_volumes(
         # One more orphan: the container of an earlier attempt removed, its volume not.
         await _remove_container_only(podman, cid)
         assert await volumes_of(podman, node) == [volume]
+        await _podman(podman, "POST", "/volumes/create", json={"Name": decoy, "Label": {
+            "dev.vigil.managed": "1", "dev.vigil.executor": other}})
         await proc.start().ready()
         await eventually(lambda: nothing_left(podman, node), timeout=30,
                          what="the orphaned volume to be removed")
+        assert await volumes_of(podman, other) == [decoy]
         proc.signal(signal.SIGTERM)
         assert await proc.exited() == 0
     finally:
         proc.kill()
+        await _podman(podman, "DELETE", f"/volumes/{decoy}", params={"force": "true"})
 
 
 async def _remove_container_only(podman: PodmanService, cid: str) -> None:
+    status = await _podman(podman, "DELETE", f"/containers/{cid}",
+                           params={"force": "true", "t": "0"})
+    assert status in (200, 204)
+
+
+async def _podman(podman: PodmanService, method: str, path: str, **kwargs: Any) -> int:
     assert podman.socket is not None
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(podman.socket))) \
-            as http, http.delete(f"http://podman/v4.0.0/libpod/containers/{cid}",
-                                 params={"force": "true", "t": "0"}) as r:
-        assert r.status in (200, 204), await r.text()
+            as http, http.request(method, f"http://podman/v4.0.0/libpod{path}", **kwargs) as r:
+        return r.status
 
 
 async def _leases_lost(ex: Any) -> bool:

@@ -544,9 +544,14 @@ class PodmanRuntime:
             await self.call("POST", "/volumes/create", body=body)
 
     async def find_volumes(self, node_id: str) -> list[str]:
-        filters = json.dumps({"label": [f"{LABEL_MANAGED}=1", f"{LABEL_EXECUTOR}={node_id}"]})
+        # One label in the filter, and both checked here: Podman 4.3 ORs the label
+        # filters of volumes (it ANDs those of containers), so managed=1 plus executor=X
+        # listed every node's volumes, and a starting executor removed them all, live
+        # agents' included (a forced volume removal removes its container too).
+        filters = json.dumps({"label": [f"{LABEL_EXECUTOR}={node_id}"]})
         data = await self.call("GET", "/volumes/json", params={"filters": filters})
-        return [str(v["Name"]) for v in data or [] if v.get("Name")]
+        return [str(v["Name"]) for v in data or []
+                if _ours(v.get("Labels"), node_id) and v.get("Name")]
 
     async def remove_volume(self, name: str) -> None:
         with contextlib.suppress(PodmanError):
@@ -561,6 +566,8 @@ class PodmanRuntime:
         found = []
         for c in data or []:
             labels = c.get("Labels") or {}
+            if not _ours(labels, node_id):
+                continue  # never trust a filter's semantics with a removal
             found.append(Leftover(
                 id=c.get("Id", ""), task_id=labels.get(LABEL_TASK, ""),
                 attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0),
@@ -571,6 +578,12 @@ class PodmanRuntime:
     async def remove_container(self, cid: str) -> None:
         await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "t": "0"},
                         ok=(200, 204, 404))
+
+
+def _ours(labels: Any, node_id: str) -> bool:
+    """Whether an object's labels say this node's executor made it."""
+    return (isinstance(labels, dict) and labels.get(LABEL_MANAGED) == "1"
+            and labels.get(LABEL_EXECUTOR) == node_id)
 
 
 def _error(status: int, body: bytes, what: str) -> VigilError:
