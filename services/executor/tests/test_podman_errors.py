@@ -15,7 +15,6 @@ from vigil_executor.podman import (
     PodmanNotFound,
     _error,
     classify,
-    demux,
     init_failure,
 )
 
@@ -102,32 +101,20 @@ def test_a_body_that_is_not_json_is_classified_by_status() -> None:
     assert classify(0, "something else") == ("podman", False)
 
 
-def frames(*lines: tuple[int, str]) -> bytes:
-    out = b""
-    for stream, text in lines:
-        data = (text + "\n").encode()
-        out += bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
-    return out
-
-
 def test_catatonit_failing_to_fork_the_agent_is_the_hosts_failure() -> None:
     """What a container printed when its init could not fork the agent (measured here
-    with RLIMIT_NPROC at 1), read from the multiplexed log body."""
-    log = frames((2, "ERROR (catatonit:1): failed to fork child: Resource temporarily "
-                     "unavailable"),
-                 (2, "ERROR (catatonit:1): failed to spawn pid1: Resource temporarily "
-                     "unavailable"))
-    lines = demux(log)
-    assert len(lines) == 2
-    err = init_failure(lines)
+    with RLIMIT_NPROC at 1)."""
+    err = init_failure([
+        "ERROR (catatonit:1): failed to fork child: Resource temporarily unavailable",
+        "ERROR (catatonit:1): failed to spawn pid1: Resource temporarily unavailable"])
     assert err is not None and err.retryable and err.cause == "eagain"
     assert str(err) == ("the container's init could not start the agent: failed to spawn "
                         "pid1: Resource temporarily unavailable")
 
 
 def test_catatonit_failing_to_exec_the_command_is_the_tasks() -> None:
-    err = init_failure(demux(frames(
-        (2, "ERROR (catatonit:6): failed to exec pid1: No such file or directory"))))
+    err = init_failure(["ERROR (catatonit:6): failed to exec pid1: No such file or directory",
+                        ""])
     assert err is not None and not err.retryable and err.cause == "command_not_runnable"
 
 

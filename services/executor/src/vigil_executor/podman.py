@@ -94,6 +94,8 @@ TASK_CAUSES: tuple[tuple[str, str], ...] = (
 # else. An agent could print the same and exit 1: it gains hand-backs, which the hand-back
 # delay and the work consumer's max deliveries bound, as for any host failure.
 INIT_FAILED_EXIT = 1
+INIT_LINES = 3  # catatonit says at most two lines; a third is the agent's
+INIT_OUTPUT_WAIT_S = 10.0  # for the attach stream to end after the exit
 INIT_FAILURE = re.compile(
     r"ERROR \(catatonit:\d+\): (failed to (?:fork child|spawn pid1|exec pid1): .*)")
 
@@ -124,16 +126,6 @@ def classify(status: int, text: str) -> tuple[str, bool]:
     return "podman", False
 
 
-def demux(data: bytes) -> list[str]:
-    """The lines of a multiplexed log body (frames: stream, 0, 0, 0, uint32 size, data)."""
-    out = bytearray()
-    while len(data) >= 8:
-        size = struct.unpack(">I", data[4:8])[0]
-        out += data[8:8 + size]
-        data = data[8 + size:]
-    return out.decode(errors="replace").splitlines()
-
-
 def init_failure(lines: list[str]) -> ContainerError | None:
     """The init's start failure, when the container's whole output is the init's own
     messages (catatonit prints two when it cannot fork the agent); None otherwise."""
@@ -161,6 +153,11 @@ class PodmanContainer:
         self._max_line = max_line
         self._workspace = workspace
         self._max_archive = max_archive
+        # The first output lines and the count, kept to tell an init that could not start
+        # the agent (its messages are all there is) from an agent that ran; see wait().
+        self._head: list[str] = []
+        self._lines = 0
+        self._output_ended = asyncio.Event()
 
     async def start(self) -> None:
         await self._rt.call("POST", f"/containers/{self.id}/start")
@@ -237,6 +234,16 @@ class PodmanContainer:
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
+        try:
+            async for stream, line in self._demultiplexed():
+                self._lines += 1
+                if len(self._head) < INIT_LINES:
+                    self._head.append(line.decode(errors="replace"))
+                yield stream, line
+        finally:
+            self._output_ended.set()
+
+    async def _demultiplexed(self) -> AsyncIterator[tuple[Stream, bytes]]:
         splitters: dict[Stream, LineSplitter] = {
             "stdout": LineSplitter(self._max_line), "stderr": LineSplitter(self._max_line)}
         reader = self._attach.content
@@ -272,20 +279,16 @@ class PodmanContainer:
                         start_error=start_error)
 
     async def _init_failure(self) -> ContainerError | None:
-        """Whether the init failed to start the agent, from the container's log (not the
-        attach stream, which may still be on its way): its last lines, of which there are
-        at most two when the init's messages are all there is."""
-        data = b""
-        try:
-            async for chunk in self._rt.stream(
-                "GET", f"/containers/{self.id}/logs",
-                params={"stdout": "true", "stderr": "true", "tail": "3"},
-            ):
-                data += chunk
-        except VigilError as exc:
-            log.warning("init_failure_unread", container=self.id[:12], error=str(exc))
-            return None
-        return init_failure(demux(data))
+        """Whether the init failed to start the agent: the container's whole output, once
+        the attach stream has ended (it may trail the exit a little), is the init's own
+        messages. Not the container's log: Podman 4.3 answered ``tail=3`` with a bare
+        newline in about one of three tries, catatonit writing its message and the
+        newline apart."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._output_ended.wait(), INIT_OUTPUT_WAIT_S)
+        if not self._output_ended.is_set() or self._lines > len(self._head):
+            return None  # unknown, or the agent printed more than an init would
+        return init_failure(self._head)
 
     async def stop(self, grace_s: float) -> None:
         with contextlib.suppress(PodmanError):
