@@ -12,7 +12,8 @@ import pytest
 
 from support import Platform, session_node_id
 from vigil.embedded import PodmanService
-from vigil_executor.podman import PodmanContainer, PodmanRuntime, _error
+from vigil_executor.podman import PodmanContainer, PodmanRuntime
+from vigil_executor.podman_errors import error_of
 from vigil_executor.runtime import ContainerSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.podman]
@@ -37,7 +38,7 @@ class RefusedStart(PodmanRuntime):
             self.refusals -= 1
 
             async def refuse() -> None:
-                raise _error(500, EAGAIN, f"/containers/{container.id}/start")
+                raise error_of(500, EAGAIN, f"/containers/{container.id}/start")
 
             container.start = refuse  # type: ignore[method-assign]
         return container

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from vigil.errors import ImageNotFound
-from vigil_executor.podman import (
+from vigil_executor.podman_errors import (
     PodmanConflict,
     PodmanError,
     PodmanNotFound,
-    _error,
     classify,
+    error_of,
     init_failure,
 )
 
@@ -50,7 +50,7 @@ HOST = [
 @pytest.mark.parametrize(("status", "cause", "message", "expected"), HOST)
 def test_host_failures_are_retryable(status: int, cause: str, message: str,
                                      expected: str) -> None:
-    err = _error(status, answer(status, cause, message), "/containers/x/start")
+    err = error_of(status, answer(status, cause, message), "/containers/x/start")
     assert isinstance(err, PodmanError)
     assert (err.cause, err.retryable, err.status) == (expected, True, status)
     assert message in str(err)
@@ -70,19 +70,19 @@ TASK = [
 @pytest.mark.parametrize(("status", "cause", "message", "expected"), TASK)
 def test_the_tasks_own_failures_are_not(status: int, cause: str, message: str,
                                         expected: str) -> None:
-    err = _error(status, answer(status, cause, message), "/containers/x/start")
+    err = error_of(status, answer(status, cause, message), "/containers/x/start")
     assert isinstance(err, PodmanError)
     assert (err.cause, err.retryable) == (expected, False)
 
 
 def test_names_in_use_and_missing_objects_have_their_own_types() -> None:
     # Podman 4.3 answers 500, not 409, for both of these: the cause says it.
-    in_use = _error(500, answer(500, "that name is already in use", "creating container "
+    in_use = error_of(500, answer(500, "that name is already in use", "creating container "
                                 "storage: the container name \"c1\" is already in use by 6f"),
                     "/containers/create")
-    exists = _error(500, answer(500, "volume already exists", "volume with name v1 already "
+    exists = error_of(500, answer(500, "volume already exists", "volume with name v1 already "
                                 "exists: volume already exists"), "/volumes/create")
-    gone = _error(404, answer(404, "no such container", "no container with name or ID "
+    gone = error_of(404, answer(404, "no such container", "no container with name or ID "
                               "\"c1\" found: no such container"), "/containers/c1/start")
     assert isinstance(in_use, PodmanConflict) and isinstance(exists, PodmanConflict)
     assert not in_use.retryable and not exists.retryable
@@ -90,13 +90,13 @@ def test_names_in_use_and_missing_objects_have_their_own_types() -> None:
 
 
 def test_a_missing_image_is_its_own_error() -> None:
-    err = _error(500, answer(500, "image not known", "localhost/nope:1: image not known"),
+    err = error_of(500, answer(500, "image not known", "localhost/nope:1: image not known"),
                  "/containers/create")
     assert isinstance(err, ImageNotFound)
 
 
 def test_a_body_that_is_not_json_is_classified_by_status() -> None:
-    err = _error(502, b"<html>Bad Gateway</html>", "/containers/create")
+    err = error_of(502, b"<html>Bad Gateway</html>", "/containers/create")
     assert isinstance(err, PodmanError) and err.retryable and err.cause == "podman_5xx"
     assert classify(0, "something else") == ("podman", False)
 
