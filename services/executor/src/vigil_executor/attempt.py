@@ -106,8 +106,8 @@ from vigil_executor.retry import (
     after_failure,
     image_missing_delay,
 )
-from vigil_executor.runtime import Container, ContainerSpec, ExitInfo
-from vigil_executor.sandbox import container_spec, workspace_volume
+from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
+from vigil_executor.sandbox import container_spec
 from vigil_executor.sink import EventSink
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class Attempt:
         self.state: TaskState | None = None
         self.revision = 0
         self.container: Container | None = None
+        self.volume: str | None = None  # the attempt's workspace volume, once it may exist
         self.sink = EventSink(ex.js)
         self.output: AgentOutput | None = None
         self.confessions = ConfessionLimiter(ex.settings.max_confessions,
@@ -205,7 +206,7 @@ class Attempt:
                 for task in self._background:
                     task.cancel()
                 self.sink.cancel()
-                await self._cleanup()
+                await self.cleanup()
 
     def stop(self, reason: str) -> None:
         """Ask this attempt to hand its task back (executor draining)."""
@@ -379,6 +380,7 @@ class Attempt:
                 resumed = restoring is not None
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
                                       resumed=resumed)
+                self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
                 if restoring is not None:
                     await self._unpack(spec, archive, restoring)
@@ -401,9 +403,13 @@ class Attempt:
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except ContainerError as exc:
+            # Raised by create or by start: the host's failure is handed back, the task's
+            # own (its command, its settings) fails it.
+            return await self._start_failed(exc, None)
         except VigilError as exc:
-            # The runtime refused this container (a bad mount, an invalid setting): a
-            # clear failure of this task, not a crash that would loop through redelivery.
+            # Any other refusal of ours: a clear failure of this task, not a crash that
+            # would loop through redelivery.
             error = f"could not start the container on {ex.settings.node_id}: {exc}"
             await self._confess("error", "container_start_failed", error)
             return Outcome("failed", None, error)
@@ -606,6 +612,30 @@ class Attempt:
         raise HandBack(f"{error}; handing the task back", RESTORE_HAND_BACK_S,
                        kind="restore failed")
 
+    async def _start_failed(self, exc: ContainerError, exit_code: int | None) -> Outcome:
+        """The container could not start the agent (the runtime refused it, or its init
+        could not fork or exec the command). The host's failure (``exc.retryable``: no
+        processes or memory left, broken storage, the runtime's 5xx) is the platform's:
+        confessed, and the task handed back with a growing delay (the one a missing image
+        gets) and no attempt spent; the work consumer's max deliveries bound the loop.
+        The task's own (a command the image lacks) fails it, not retried: a retry would
+        find the same image."""
+        node = self.ex.settings.node_id
+        if exc.retryable:
+            delay = image_missing_delay(self.msg.metadata.num_delivered)
+            error = (f"the container could not start on node {node} for a host reason "
+                     f"({exc.cause}): {exc}")
+            await self._confess(
+                "error", "container_start_infra", f"{error}; handed back, no attempt spent",
+                hint=f"node {node} is short of processes, memory or storage, or its Podman "
+                f"is failing: check `podman info` and the Podman service log there; the task "
+                f"runs again in {delay:g}s, on any node")
+            raise HandBack(f"{error}; handing the task back", delay,
+                           kind="container start infra") from exc
+        error = f"could not start the container on {node}: {exc}"
+        await self._confess("error", "container_start_failed", error)
+        return Outcome("failed", exit_code, error)
+
     async def _judge(self, exit_info: ExitInfo, output: AgentOutput, timed_out: bool,
                      timeout_s: float) -> Outcome:
         code = exit_info.exit_code
@@ -613,6 +643,8 @@ class Attempt:
             error = f"killed after exceeding its time limit of {timeout_s:g}s"
             await self._confess("warning", "time_limit", error)
             return Outcome("timed_out", code, error)
+        if exit_info.start_error is not None:
+            return await self._start_failed(exit_info.start_error, code)
         if code == 0:
             return Outcome("succeeded", 0, None)
         if exit_info.oom_killed:
@@ -1061,16 +1093,16 @@ class Attempt:
         with contextlib.suppress(Exception):
             await self.msg.term()
 
-    async def _cleanup(self) -> None:
+    async def cleanup(self) -> None:
+        """However the attempt ended: its container and its volume go (the workspace
+        lives on in the checkpoint, not in this node's volume). Needs only the runtime,
+        not NATS. Idempotent: a drain that ran out of time calls it too (Executor._drain)."""
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
-        if self.work is not None and self.state is not None:
-            # The workspace lives on in the checkpoint, not in this node's volume.
+        if self.volume is not None:
             with contextlib.suppress(Exception):
-                await self.ex.runtime.remove_volume(workspace_volume(
-                    self.ex.settings.node_id, self.work.tenant, self.work.task_id,
-                    self.state.attempt))
+                await self.ex.runtime.remove_volume(self.volume)
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from vigil.messages import WorkItem
 from vigil_executor.runtime import (
     CONTROL_PATH,
@@ -15,6 +17,29 @@ from vigil_executor.runtime import (
 from vigil_executor.settings import ExecutorSettings
 
 WORKSPACE = "/workspace"
+# Writable scratch on a read-only root. Without them an agent's temp files went where
+# Python's tempfile (and most tools) fall back when /tmp is not writable: the current
+# directory, the workspace, and from there into every checkpoint.
+SCRATCH = ("/tmp", "/var/tmp")  # noqa: S108 - the container's own private tmpfs mounts
+# A home here is left as the task set it: a tmpfs would hide what the sandbox provides.
+KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def tmpfs_paths(home: str) -> tuple[str, ...]:
+    """The private tmpfs mounts of an agent whose ``$HOME`` is ``home``: the scratch
+    directories, and the home itself when a task puts it elsewhere. A relative home, or
+    one in the workspace, the control mount or a kernel filesystem, gets none: writable
+    or not, it is where the task asked for it."""
+    if not home.startswith("/"):
+        return SCRATCH
+    path = "/" + posixpath.normpath(home).lstrip("/")  # normpath keeps a leading "//"
+    if path == "/" or any(_within(path, p) for p in (*SCRATCH, *KEEP)):
+        return SCRATCH
+    return (*SCRATCH, path)
 
 
 def container_name(node_id: str, tenant: str, task_id: str, attempt: int) -> str:
@@ -61,6 +86,8 @@ def container_spec(
         workspace_volume=workspace_volume(conf.node_id, work.tenant, work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
+        tmpfs=tmpfs_paths(env["HOME"]),
+        tmpfs_mb=conf.tmpfs_mb,
         limits=Limits(
             pids=conf.pids_limit,
             memory_mb=conf.memory_mb,

@@ -41,6 +41,10 @@ from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
 
+# How long a drain that ran out of time waits to remove its attempts' containers and
+# volumes (two Podman calls each, normally milliseconds).
+CLEANUP_WAIT_S = 30.0
+
 
 def make_runtime(conf: ExecutorSettings) -> Runtime:
     if conf.runtime == "podman":
@@ -253,6 +257,7 @@ class Executor:
             return
         for c in leftovers:
             await self.runtime.remove_container(c.id)
+            # Named, for volumes an older executor made without labels.
             with contextlib.suppress(Exception):
                 await self.runtime.remove_volume(
                     workspace_volume(node, c.tenant, c.task_id, c.attempt))
@@ -269,6 +274,17 @@ class Executor:
                 "they resume from their last checkpoint",
                 source="executor", node=node, component="executor", time=utcnow(),
             ))
+        # Volumes whose container is gone already: the earlier life died between
+        # removing the one and the other, or before it created the container. Nothing
+        # of a task is lost with them: a workspace lives on in its checkpoint.
+        try:
+            volumes = await self.runtime.find_volumes(node)
+        except RuntimeUnavailable as exc:
+            log.warning("orphan_scan_failed", error=str(exc))
+            return
+        for name in volumes:
+            await self.runtime.remove_volume(name)
+            log.warning("orphan_volume_removed", volume=name)
 
     async def _confess_limits(self) -> None:
         note = self.runtime.limits_note
@@ -325,7 +341,25 @@ class Executor:
             log.info("draining", running=len(self._attempts))
             for attempt in self._attempts.values():
                 attempt.stop("executor draining")
-            await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 60)
+            _, late = await asyncio.wait(set(self._attempts),
+                                         timeout=self.settings.stop_grace_s + 60)
+            if late:
+                # Past the drain's wait: NATS is gone or slow, so neither the drain's
+                # checkpoint nor the hand-back gets through (the lease lapses and the
+                # server redelivers the task instead). Their containers and volumes must
+                # not outlive us: their own cleanup used to run only once the loop ended,
+                # after the runtime was closed, and removed nothing. Cancel them, then
+                # clean up here, while the runtime is open (their finally blocks still
+                # wait on NATS a little: the lease, the output).
+                log.warning("drain_timed_out", running=len(late))
+                attempts = [self._attempts[task] for task in late if task in self._attempts]
+                for task in late:
+                    task.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(
+                        *(a.cleanup() for a in attempts), return_exceptions=True),
+                        CLEANUP_WAIT_S)
+                await asyncio.wait(late, timeout=1)
 
     async def _close(self) -> None:
         if self._nc is not None:
