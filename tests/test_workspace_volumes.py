@@ -89,7 +89,7 @@ async def test_a_lost_lease_removes_the_attempts_volume(
     ex = await platform.executor(**podman_settings(podman, node_id=node))
     await platform.publish_spec(counter("usurped"))
     await running_volume(platform, podman, node, "usurped")
-    got = await platform.store.get("usurped")
+    got = await platform.store.get("acme", "usurped")
     assert got is not None
     taken = msgspec.structs.replace(got[0], attempt=got[0].attempt + 1, executor="elsewhere")
     assert await platform.store.cas(taken, got[1]) is not None
