@@ -73,6 +73,7 @@ from nats.js.api import StorageType, StreamConfig
 from vigil import subjects
 from vigil.embedded import Child
 from vigil.natsserver import NatsServer, check_version, find_binary
+from vigil.permissions import random_passwords, shipped_users
 
 SPEC = json.dumps({"command": ["true"]}).encode()
 RAW_STREAM = "BENCH_RAW"
@@ -330,9 +331,9 @@ class Events:
         self.first_scheduled_at: float | None = None
 
     async def start(self, nc: NATS) -> None:
-        await nc.subscribe(subjects.event("*", "scheduled"), cb=self._on_scheduled,
+        await nc.subscribe(subjects.events_of_kind("scheduled"), cb=self._on_scheduled,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
-        await nc.subscribe(subjects.event("*", "finished"), cb=self._on_finished,
+        await nc.subscribe(subjects.events_of_kind("finished"), cb=self._on_finished,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     async def _on_scheduled(self, msg: Msg) -> None:
@@ -470,7 +471,9 @@ class Run:
     # set-up and tear-down ---------------------------------------------------------------------
     async def start(self) -> None:
         p = self.p
-        self.nats = NatsServer(store_dir=self.work / "nats", port=-1, sync_always=p.sync_always)
+        # As shipped: each service under its own least-privilege user (vigil.permissions).
+        self.nats = NatsServer(store_dir=self.work / "nats", port=-1, sync_always=p.sync_always,
+                               users=shipped_users(random_passwords()))
         await self.nats.start()
         conf = self.nats.config_file.read_text(encoding="utf-8")
         if ("sync_interval: always" in conf) != p.sync_always:
@@ -478,13 +481,14 @@ class Run:
         fsync = "fsync always" if p.sync_always else "default fsync"
         say(f"nats-server at {self.nats.url} ({fsync})")
         # The quota must not reject any of the backlog: the whole of N may be one tenant's.
-        self.scheduler = service_proc("scheduler", "scheduler", self.work, self.nats.url, p,
+        self.scheduler = service_proc("scheduler", "scheduler", self.work,
+                                      self.nats.url_for("scheduler"), p,
                                       max_queued_per_tenant=2 * p.tasks + 10_000)
         started = await self.scheduler.wait_for_line("scheduler_started")
         self.scheduler_started_at = time.monotonic()
         self.metrics_port = int(started.get("http_port") or 0)
         say(f"vigil-scheduler pid {self.scheduler.pid} ready (metrics :{self.metrics_port})")
-        self.nc = await nats.connect(self.nats.url, name="vigil-bench-dispatch",
+        self.nc = await nats.connect(self.nats.url_for("admin"), name="vigil-bench-dispatch",
                                      max_reconnect_attempts=-1)
         self.js = self.nc.jetstream(timeout=30)
         await self.events.start(self.nc)
@@ -688,7 +692,7 @@ class Run:
         t0 = time.monotonic()
         for k in range(p.executors):
             self.executors.append(service_proc(
-                "executor", f"executor-{k}", self.work, self.nats.url, p,
+                "executor", f"executor-{k}", self.work, self.nats.url_for("executor"), p,
                 node_id=f"bench-exec-{k}", slots=p.slots, runtime="null", unsafe_runtime="true",
             ))
         for proc in self.executors:

@@ -32,7 +32,14 @@ What is measured
     ``resumed=true`` *and* whose agent printed ``start at N`` with N > 0 in that attempt
     (its own output proves it carried on, not started over);
   - **checkpoint regressions**: an attempt that started below a step an earlier attempt
-    had durably checkpointed (a ``checkpoint`` event with ok and ``note.n``): lost progress;
+    had durably checkpointed (a ``checkpoint`` event with ok and ``note.n``): lost progress.
+    A checkpoint the task rolled back from (``rolled_back_from`` in its history: the agent
+    kept crashing right after restoring it) is left out: that loss was confessed;
+  - **checkpoint rollbacks** (from the tasks' histories) and **drain snapshots**: kept
+    clean (the agent exited 0 on SIGTERM), kept unclean (no checkpoint of the agent's to
+    protect), or skipped (``checkpoint_skipped`` in the executors' logs: the agent was
+    killed and its own checkpoint is kept). The counter agent has no SIGTERM handler and
+    writes its state file non-atomically on purpose: a drain may catch it mid-write;
   - **wrong output**: a succeeded counter task whose last attempt did not print
     ``done at <STEPS>``;
   - **unannounced restores**: an attempt whose ``started`` event (and so ``VIGIL_RESUMED``)
@@ -107,6 +114,7 @@ from vigil.embedded import PodmanService
 from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
 from vigil.natsserver import NatsServer, die_with_parent
+from vigil.permissions import random_passwords, shipped_users
 from vigil_executor.runtime import LABEL_EXECUTOR, LABEL_MANAGED
 from vigil_scheduler.service import Scheduler
 from vigil_scheduler.settings import SchedulerSettings
@@ -147,7 +155,8 @@ EVENT_READ_IDLE_S = 5.0
 VERIFY_CONCURRENCY = 8
 
 LOG_PATTERNS = ("attempt_crashed", "executor_bug", "attempt_failed_unexpectedly",
-                "handler_crashed", "Traceback", '"level":"error"', '"level":"critical"')
+                "handler_crashed", "Traceback", '"level":"error"', '"level":"critical"',
+                "Violation")  # nats-server: a service reached beyond its permissions
 START_RE = re.compile(r"^start at (\d+) resumed=(\d) attempt=(\d+)$")
 # Wider than the benchmarks' clock: a soak can run for hours.
 say = functools.partial(bench_say, width=7)
@@ -388,9 +397,9 @@ class LiveEvents:
         self.wake = asyncio.Event()
 
     async def subscribe(self, nc: NATS) -> None:
-        await nc.subscribe(subjects.event("*", "started"), cb=self._on_started,
+        await nc.subscribe(subjects.events_of_kind("started"), cb=self._on_started,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
-        await nc.subscribe(subjects.event("*", "finished"), cb=self._on_finished,
+        await nc.subscribe(subjects.events_of_kind("finished"), cb=self._on_finished,
                            pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     async def _on_started(self, msg: Msg) -> None:
@@ -401,7 +410,7 @@ class LiveEvents:
                                                    bool(e.get("resumed")), at))
 
     async def _on_finished(self, msg: Msg) -> None:
-        task_id = subjects.token(msg.subject, 2)
+        task_id = subjects.token(msg.subject, 3)  # vigil.events.<tenant>.<task>.finished
         if task_id:
             self.finished_hints.add(task_id)
             self.wake.set()
@@ -422,7 +431,7 @@ class Progress:
 
     async def check(self, ids: Iterable[str]) -> None:
         todo = [i for i in ids if i in self.pending]
-        states = await asyncio.gather(*(self.store.get(i) for i in todo))
+        states = await asyncio.gather(*(self.store.get(TENANT, i) for i in todo))
         for task_id, got in zip(todo, states, strict=True):
             if got is not None and got[0].terminal:
                 self.pending.discard(task_id)
@@ -452,7 +461,7 @@ class Progress:
 async def running_on(store: TaskStore, ids: Iterable[str], node: str) -> list[tuple[str, int]]:
     """(task id, attempt) of every task whose KV state is running on ``node``."""
     todo = list(ids)
-    states = await asyncio.gather(*(store.get(i) for i in todo))
+    states = await asyncio.gather(*(store.get(TENANT, i) for i in todo))
     out = []
     for got in states:
         if got is not None and got[0].status == "running" and got[0].executor == node:
@@ -610,8 +619,8 @@ async def read_tasks(js: JetStreamContext, store: TaskStore, ids: Sequence[str]
 
     async def one(task_id: str) -> tuple[TaskState | None, list[dict[str, Any]]]:
         async with gate:
-            got = await store.get(task_id)
-            events = await read_stored(js, subjects.task_events(task_id),
+            got = await store.get(TENANT, task_id)
+            events = await read_stored(js, subjects.task_events(TENANT, task_id),
                                        subjects.STREAM_EVENTS)
             return (got[0] if got else None), events
 
@@ -638,6 +647,9 @@ class Verdict:
     wrong_output: bool
     lost_attempts: int
     handed_back: int
+    rollbacks: int  # checkpoints the task rolled back from (confessed)
+    drains_clean: int  # drain snapshots kept, clean / unclean
+    drains_unclean: int
     starts: dict[int, int]  # attempt -> N of the agent's "start at N"
     resumed_flags: dict[int, bool]  # attempt -> its started event's ``resumed``
     resumed_flag_mismatch: list[int]  # attempts that found a restored workspace unannounced
@@ -663,11 +675,13 @@ def start_points(lines: dict[int, list[str]]) -> dict[int, int]:
     return out
 
 
-def checkpoint_regressions(events: Sequence[dict[str, Any]], starts: dict[int, int]
-                           ) -> list[str]:
-    """Attempts that started below a step an earlier attempt had durably checkpointed."""
+def checkpoint_regressions(events: Sequence[dict[str, Any]], starts: dict[int, int],
+                           rolled_back: frozenset[str] = frozenset()) -> list[str]:
+    """Attempts that started below a step an earlier attempt had durably checkpointed (in
+    a checkpoint the task did not roll back from)."""
     saved = [(int(e.get("attempt", 0)), int(e["note"]["n"])) for e in events
              if e.get("kind") == "checkpoint" and e.get("ok", True)
+             and e.get("name") not in rolled_back
              and isinstance(e.get("note"), dict) and "n" in e["note"]]
     out = []
     for attempt, n in sorted(starts.items()):
@@ -690,6 +704,9 @@ def judge(t: PlannedTask, state: TaskState | None, events: list[dict[str, Any]])
     wrong = (t.kind == "counter" and state is not None and state.status == "succeeded"
              and f"done at {t.steps}" not in lines.get(state.attempt, []))
     history = state.history if state is not None else []
+    rolled_back = frozenset(h.rolled_back_from for h in history if h.rolled_back_from)
+    drains = [bool(e.get("clean")) for e in events
+              if e.get("kind") == "checkpoint" and e.get("reason") == "drain" and e.get("ok")]
     flags = {a: bool(e.get("resumed")) for a, e in started.items()}
     return Verdict(
         task_id=t.id, kind=t.kind, status=state.status if state else None,
@@ -701,10 +718,13 @@ def judge(t: PlannedTask, state: TaskState | None, events: list[dict[str, Any]])
         status_mismatch=state is not None and any(e.get("status") != state.status
                                                   for e in finished),
         resumed_from_checkpoint=resumed,
-        regressions=checkpoint_regressions(events, starts) if t.kind == "counter" else [],
+        regressions=(checkpoint_regressions(events, starts, rolled_back)
+                     if t.kind == "counter" else []),
         wrong_output=wrong,
         lost_attempts=sum(1 for h in history if h.outcome == "lost"),
         handed_back=sum(1 for h in history if h.outcome == "handed_back"),
+        rollbacks=len(rolled_back),
+        drains_clean=sum(drains), drains_unclean=len(drains) - sum(drains),
         starts=starts, resumed_flags=flags,
         # VIGIL_RESUMED=0 promises an empty workspace; "start at N>0" means it was not.
         resumed_flag_mismatch=[a for a, n in starts.items() if n > 0 and flags.get(a) is False],
@@ -814,6 +834,19 @@ def scan_logs(paths: Iterable[Path]) -> dict[str, Any]:
     return {"counts": dict(counts), "examples": dict(examples)}
 
 
+def skipped_drain_snapshots(paths: Iterable[Path]) -> int:
+    """Drain snapshots not taken (the agent was killed; its own checkpoint is kept)."""
+    n = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if '"checkpoint_skipped"' in line:
+                    with contextlib.suppress(ValueError):
+                        if json.loads(line).get("reason") == "drain":
+                            n += 1
+    return n
+
+
 def summarize_confessions(issues: Iterable[dict[str, Any]]) -> dict[str, Any]:
     by: Counter[str] = Counter()
     serious: list[dict[str, Any]] = []
@@ -835,7 +868,7 @@ def fmt_stats(s: dict[str, float | int] | None) -> str:
 def is_anomalous(v: Verdict) -> bool:
     return bool(v.lost or v.duplicated or v.no_finished_event or v.status_mismatch
                 or v.regressions or v.wrong_output or v.resumed_flag_mismatch
-                or v.status != "succeeded")
+                or v.rollbacks or v.status != "succeeded")
 
 
 def build_report(p: Params, plan: Sequence[PlannedTask], verdicts: Sequence[Verdict],
@@ -862,6 +895,10 @@ def build_report(p: Params, plan: Sequence[PlannedTask], verdicts: Sequence[Verd
                                    and (k.exit_s or 0) > SLOW_DRAIN_S),
         "attempts_lost_with_executor": sum(v.lost_attempts for v in verdicts),
         "hand_backs": sum(v.handed_back for v in verdicts),
+        "checkpoint_rollbacks": sum(v.rollbacks for v in verdicts),
+        "drain_snapshots_clean": sum(v.drains_clean for v in verdicts),
+        "drain_snapshots_unclean": sum(v.drains_unclean for v in verdicts),
+        "drain_snapshots_skipped": evidence["drain_snapshots_skipped"],
         "kills": len(kills), "kill9": by_signal["SIGKILL"], "sigterm": by_signal["SIGTERM"],
         "kills_with_errors": sum(1 for k in kills if k.errors),
         "tasks_hit_by_kills": len(fails),
@@ -898,6 +935,10 @@ def render(report: dict[str, Any]) -> str:
         ("terminal without finished event", str(c["no_finished_event"])),
         ("resumed from checkpoint", str(c["resumed_from_checkpoint"])),
         ("checkpoint regressions", str(c["checkpoint_regressions"])),
+        ("checkpoint rollbacks (confessed)", str(c["checkpoint_rollbacks"])),
+        ("drain snapshots kept clean / unclean / skipped",
+         f"{c['drain_snapshots_clean']} / {c['drain_snapshots_unclean']} / "
+         f"{c['drain_snapshots_skipped']}"),
         ("wrong agent output", str(c["wrong_output"])),
         ("restored workspace, VIGIL_RESUMED=0", str(c["unannounced_restores"])),
         ("executor kills", f"{c['kills']}  (kill -9: {c['kill9']}, SIGTERM: {c['sigterm']})"),
@@ -956,14 +997,18 @@ class Stack:
         return self.nc.jetstream(timeout=10)
 
     async def start(self, p: Params) -> None:
-        self.nats = NatsServer(store_dir=self.run_dir / "nats", sync_always=True)
+        # As shipped: every service under its own least-privilege user (vigil.permissions);
+        # the soak itself reads as admin, and its log is scanned for violations at the end.
+        self.nats = NatsServer(store_dir=self.run_dir / "nats", sync_always=True,
+                               users=shipped_users(random_passwords()))
         await self.nats.start()
-        say(f"nats-server {self.nats.url} (sync_interval: always)")
+        say(f"nats-server {self.nats.url} (sync_interval: always, the shipped users)")
         self.podman = PodmanService(self.run_dir / "podman.log",
                                     tag=f"soak-{os.getpid()}-{self.stamp}")
         await self.podman.start()
         say(f"podman {self.podman.url} (rootless, as {self.podman.user_name})")
-        self.nc = await nats.connect(self.nats.url, name="vigil-soak", connect_timeout=5)
+        self.nc = await nats.connect(self.nats.url_for("admin"), name="vigil-soak",
+                                     connect_timeout=5)
         await topology.ensure_topology(self.js)
         await self._start_scheduler()
         await self._start_executors(p)
@@ -971,7 +1016,8 @@ class Stack:
     async def _start_scheduler(self) -> None:
         assert self.nats is not None
         log_to_file(self.run_dir / "scheduler.log")
-        self.scheduler = Scheduler(SchedulerSettings(nats_url=self.nats.url, http_port=0))
+        self.scheduler = Scheduler(SchedulerSettings(nats_url=self.nats.url_for("scheduler"),
+                                                     http_port=0))
         self.scheduler_task = asyncio.create_task(self.scheduler.run())
         ready = asyncio.create_task(self.scheduler.ready.wait())
         done, _ = await asyncio.wait({ready, self.scheduler_task}, timeout=30,
@@ -986,7 +1032,8 @@ class Stack:
         state_root = self.run_dir / "state"
         for i in range(p.executors):
             node = f"{NODE_PREFIX}{i}"
-            env = executor_env(self.nats.url, self.podman.url, node, p, state_root / node)
+            env = executor_env(self.nats.url_for("executor"), self.podman.url, node, p,
+                               state_root / node)
             self.executors.append(ExecutorProc(node, self.run_dir / f"executor-{node}.log", env,
                                                executor_argv(p)))
         for e in self.executors:
@@ -1082,7 +1129,7 @@ async def stuck_report(js: JetStreamContext, store: TaskStore, pending: Iterable
     """What the tasks left at the deadline look like, and the executors' work consumer."""
     tasks = {}
     for task_id in sorted(pending):
-        got = await store.get(task_id)
+        got = await store.get(TENANT, task_id)
         s = got[0] if got else None
         tasks[task_id] = None if s is None else {
             "status": s.status, "attempt": s.attempt, "executor": s.executor,
@@ -1171,8 +1218,10 @@ async def verify_and_report(p: Params, stack: Stack, plan: Sequence[PlannedTask]
     fails = failovers(chaos.kills, live, stored, orphan_removals(executor_logs))
     issues = await read_stored(js, f"{subjects.ISSUES}.>", subjects.STREAM_ISSUES)
     logs_dir = keep_logs(stamp, stack.run_dir)
-    log_paths = [*executor_logs, stack.run_dir / "scheduler.log"]
+    log_paths = [*executor_logs, stack.run_dir / "scheduler.log",
+                 stack.run_dir / "nats" / "nats-server.log"]
     evidence = {"logs": scan_logs(log_paths), "confessions": summarize_confessions(issues),
+                "drain_snapshots_skipped": skipped_drain_snapshots(executor_logs),
                 "stuck": end.stuck, "executors_not_exiting_at_end": end.not_exited,
                 "containers_left_after_drain": end.leftovers,
                 "timelines": {v.task_id: timeline(stored[v.task_id][1])

@@ -320,7 +320,7 @@ class FinishedWatcher:
         self._sub: Subscription | None = None
 
     async def start(self, nc: NATS) -> None:
-        self._sub = await nc.subscribe(subjects.event("*", "finished"), cb=self._on_msg,
+        self._sub = await nc.subscribe(subjects.events_of_kind("finished"), cb=self._on_msg,
                                        pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     async def stop(self) -> None:
@@ -338,7 +338,7 @@ class FinishedWatcher:
             self._want.pop(i, None)
 
     async def _on_msg(self, msg: Msg) -> None:
-        task_id = subjects.token(msg.subject, 2)
+        task_id = subjects.token(msg.subject, 3)  # vigil.events.<tenant>.<task>.finished
         fut = self._want.get(task_id or "")
         if fut is None or fut.done():
             return

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from support import USED_NODES, Platform, start_platform
+from support import (
+    USED_NODES,
+    Platform,
+    assert_no_violations,
+    shipped_server,
+    start_platform,
+)
 from vigil.embedded import PodmanService
 from vigil.natsserver import NatsServer
 
@@ -18,12 +24,15 @@ AGENT_IMAGE = "localhost/vigil-agent:latest"
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(store_dir=tmp_path / "nats", sync_always=True)
+    """A nats-server as shipped: Vigil's users and permissions (see tests/support.py). Its
+    log must show no permission violation when the test ends."""
+    server = shipped_server(tmp_path / "nats", sync_always=True)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+    assert_no_violations(server)
 
 
 @pytest.fixture
@@ -103,9 +112,9 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[list[NatsServer]]:
     servers = []
     for i in range(3):
         routes = [f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i]
-        servers.append(NatsServer(store_dir=tmp_path / f"n{i}", name=f"n{i}",
-                                  cluster_name="vigil-test", cluster_port=route_ports[i],
-                                  routes=routes, sync_always=True))
+        servers.append(shipped_server(tmp_path / f"n{i}", name=f"n{i}",
+                                      cluster_name="vigil-test", cluster_port=route_ports[i],
+                                      routes=routes, sync_always=True))
     try:
         for server in servers:
             await server.start()
@@ -113,3 +122,4 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[list[NatsServer]]:
     finally:
         for server in servers:
             await server.stop()
+    assert_no_violations(*servers)

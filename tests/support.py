@@ -1,4 +1,14 @@
-"""Test support: bounded waiting, and the platform's services run in-process."""
+"""Test support: bounded waiting, NATS servers as shipped, and the platform's services run
+in-process.
+
+**NATS as shipped.** Every test server runs with the users and permissions ``vigil up``
+and ``vigil nats-config`` produce (:func:`vigil.permissions.shipped_users`), and every
+service — in-process or a real process — connects as its own least-privilege user
+(:func:`as_user`). The test's own harness connects as ``admin`` (unrestricted: it plays the
+person who runs NATS, and is no service). At teardown each server's log is scanned and a
+``Publish Violation``/``Subscription Violation`` fails the test, naming user and subject
+(:func:`assert_no_violations`). A test that needs a server without users says why.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +30,9 @@ from vigil import subjects
 from vigil.conn import connect
 from vigil.jetstream import TaskStore
 from vigil.messages import TaskState
+from vigil.natsserver import NatsServer
+from vigil.natsusers import TenantUser
+from vigil.permissions import SERVICES, shipped_users
 from vigil_auditor.service import Auditor
 from vigil_auditor.settings import AuditorSettings
 from vigil_executor.service import Executor
@@ -29,6 +43,73 @@ from vigil_scheduler.service import Scheduler
 from vigil_scheduler.settings import SchedulerSettings
 
 T = TypeVar("T")
+
+# Test servers live on loopback in a test's temp dir for its length: fixed passwords do.
+TEST_TENANTS = ("acme", "beta", "default", "soak")
+
+
+def password_for(user: str) -> str:
+    return f"pw-{user}-for-tests-only"
+
+
+def tenant_user(tenant: str) -> TenantUser:
+    return TenantUser(name=f"tenant-{tenant}", tenant=tenant,
+                      password=password_for(f"tenant-{tenant}"))
+
+
+def users_for_tests(tenants: tuple[str, ...] = TEST_TENANTS) -> list[Any]:
+    """The shipped users (services, operator, admin) and a user per test tenant."""
+    passwords = {name: password_for(name) for name in (*SERVICES, "admin")}
+    return shipped_users(passwords, [tenant_user(t) for t in tenants])
+
+
+def shipped_server(store_dir: Any, **kwargs: Any) -> NatsServer:
+    """A nats-server configured as ``vigil up`` ships it (see the module docstring)."""
+    return NatsServer(store_dir=store_dir, users=users_for_tests(), **kwargs)
+
+
+def as_user(url: str, user: str) -> str:
+    """``url`` (one server, or a comma-separated list) with ``user``'s credentials: how a
+    service or tool under test connects as the user it ships with. Services' own names
+    (scheduler, executor, ...) and ``admin``/``operator`` are users; so is ``tenant-<t>``."""
+    def one(u: str) -> str:
+        scheme, _, rest = u.partition("://")
+        rest = rest.rpartition("@")[2]  # replace any credentials already there
+        return f"{scheme}://{user}:{password_for(user)}@{rest}"
+    return ",".join(one(u) for u in url.split(","))
+
+
+_VIOLATION = re.compile(r'"\$G/user:(?P<user>[^"]*)" - (?P<kind>\w+) Violation - '
+                        r'Subject "(?P<subject>[^"]*)"')
+
+
+def violations(server: NatsServer) -> list[str]:
+    """Every permissions violation in ``server``'s log, as ``user: kind subject``."""
+    try:
+        text = server.log_file.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    found = [f"{m['user']}: {m['kind'].lower()} {m['subject']}"
+             for m in _VIOLATION.finditer(text)]
+    found += [line for line in text.splitlines()
+              if "Permissions Violation" in line and not _VIOLATION.search(line)]
+    return found
+
+
+def allow_violations(server: NatsServer, *users: str) -> None:
+    """A test that makes ``users`` try what they may not (an isolation test) expects their
+    violations; anyone else's still fails it."""
+    server.__dict__.setdefault("allowed_violators", set()).update(users)
+
+
+def assert_no_violations(*servers: NatsServer) -> None:
+    found = [v for s in servers for v in violations(s)
+             if v.split(":", 1)[0] not in s.__dict__.get("allowed_violators", set())]
+    if found:
+        unique = list(dict.fromkeys(found))
+        raise AssertionError(
+            f"{len(found)} NATS permission violations (a service reached beyond the "
+            "permissions it ships with; see vigil.permissions):\n  " + "\n  ".join(unique[:20]))
 
 
 async def eventually(
@@ -64,16 +145,27 @@ class EventLog:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.tenants: dict[str, str] = {}  # task id -> the tenant its events came under
         self._changed = asyncio.Event()
 
     async def on_msg(self, msg: Msg) -> None:
         self.events.append((msg.subject, json.loads(msg.data)))
+        parts = subjects.event_parts(msg.subject)
+        if parts is not None:
+            self.tenants.setdefault(parts[1], parts[0])
         self._changed.set()
 
-    def of(self, task_id: str, kind: str | None = None) -> list[dict[str, Any]]:
-        prefix = f"{subjects.EVENTS}.{task_id}."
-        return [e for s, e in self.events
-                if s.startswith(prefix) and (kind is None or s.endswith("." + kind))]
+    def of(self, task_id: str, kind: str | None = None,
+           tenant: str | None = None) -> list[dict[str, Any]]:
+        """Events of task ``task_id`` (of any tenant, unless ``tenant`` is given)."""
+        found = []
+        for s, e in self.events:
+            parts = subjects.event_parts(s)
+            if parts is None or parts[1] != task_id:
+                continue
+            if (tenant is None or parts[0] == tenant) and (kind is None or parts[2] == kind):
+                found.append(e)
+        return found
 
     async def wait_for(self, task_id: str, kind: str, count: int = 1,
                        timeout: float = 30.0) -> list[dict[str, Any]]:
@@ -84,7 +176,7 @@ class EventLog:
                 return found
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                kinds = [e.get("kind") for s, e in self.events if task_id in s]
+                kinds = [e.get("kind") for e in self.of(task_id)]
                 raise AssertionError(f"no {kind} event for {task_id} after {timeout}s; "
                                      f"saw {kinds}")
             self._changed.clear()
@@ -114,6 +206,7 @@ class Platform:
     store: TaskStore
     events: EventLog
     services: list[Any] = field(default_factory=list)
+    tenant_of: dict[str, str] = field(default_factory=dict)  # task id -> tenant, as sent
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -134,36 +227,66 @@ class Platform:
         assert ready in done, f"{type(service).__name__} not ready after 30s"
         return service
 
+    def url_for(self, user: str) -> str:
+        return as_user(self.url, user)
+
     async def scheduler(self, **overrides: Any) -> Scheduler:
-        return await self.add(Scheduler(SchedulerSettings(nats_url=self.url, **overrides)))
+        conf = {"nats_url": self.url_for("scheduler"), **overrides}
+        return await self.add(Scheduler(SchedulerSettings(**conf)))
 
     async def executor(self, runtime_impl: Any = None, **overrides: Any) -> Executor:
-        conf = {"nats_url": self.url, "runtime": "process", "unsafe_runtime": True,
+        conf = {"nats_url": self.url_for("executor"), "runtime": "process",
+                "unsafe_runtime": True,
                 "heartbeat_s": 1.0, "ack_wait_s": 5.0, **overrides}
         conf.setdefault("node_id", session_node_id())
         USED_NODES.add(conf["node_id"])
         return await self.add(Executor(ExecutorSettings(**conf), runtime=runtime_impl))
 
     async def auditor(self, **overrides: Any) -> Auditor:
-        return await self.add(Auditor(AuditorSettings(nats_url=self.url, **overrides)))
+        conf = {"nats_url": self.url_for("auditor"), **overrides}
+        return await self.add(Auditor(AuditorSettings(**conf)))
 
     async def gateway(self, **overrides: Any) -> Gateway:
-        conf = {"nats_url": self.url, "http_port": 0, "auth": "none", **overrides}
+        conf = {"nats_url": self.url_for("gateway"), "http_port": 0, "auth": "none",
+                **overrides}
         return await self.add(Gateway(GatewaySettings(**conf)))
 
     async def publish_spec(self, spec: dict[str, Any] | bytes, tenant: str = "acme",
                            msg_id: str | None = None) -> Any:
         data = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
         headers = {subjects.MSG_ID: msg_id} if msg_id else None
-        return await self.js.publish(subjects.submit(tenant), data, headers=headers)
+        ack = await self.js.publish(subjects.submit(tenant), data, headers=headers)
+        if isinstance(spec, dict) and isinstance(spec.get("id"), str):
+            self.tenant_of[spec["id"]] = tenant
+        if msg_id:
+            self.tenant_of.setdefault(msg_id, tenant)
+        self.tenant_of.setdefault(f"s{ack.seq}", tenant)
+        return ack
 
-    async def state(self, task_id: str) -> TaskState | None:
-        got = await self.store.get(task_id)
+    async def _tenant(self, task_id: str) -> str | None:
+        """Whose task ``task_id`` is, as far as this test has seen (ids are per tenant)."""
+        found = self.tenant_of.get(task_id) or self.events.tenants.get(task_id)
+        if found is None:
+            from vigil.jetstream import tenants_of
+
+            tenants = await tenants_of(self.js, task_id)
+            if len(tenants) > 1:
+                raise AssertionError(f"task id {task_id!r} exists in tenants {tenants}; "
+                                     "name the tenant")
+            found = tenants[0] if tenants else None
+        return found
+
+    async def state(self, task_id: str, tenant: str | None = None) -> TaskState | None:
+        tenant = tenant or await self._tenant(task_id)
+        if tenant is None:
+            return None
+        got = await self.store.get(tenant, task_id)
         return got[0] if got else None
 
-    async def final_state(self, task_id: str, timeout: float = 30.0) -> TaskState:
+    async def final_state(self, task_id: str, timeout: float = 30.0,
+                          tenant: str | None = None) -> TaskState:
         async def probe() -> TaskState | None:
-            s = await self.state(task_id)
+            s = await self.state(task_id, tenant)
             return s if s is not None and s.terminal else None
 
         return await eventually(probe, timeout=timeout, what=f"task {task_id} to finish")
@@ -188,7 +311,8 @@ class Platform:
 
 
 async def start_platform(url: str) -> Platform:
-    nc = await connect(url, "pytest", wait_s=10)
+    """The harness: connected as ``admin`` to the server at ``url`` (plain, no user)."""
+    nc = await connect(as_user(url, "admin"), "pytest", wait_s=10)
     js = nc.jetstream()
     from vigil import topology
 
@@ -199,12 +323,14 @@ async def start_platform(url: str) -> Platform:
     return Platform(url=url, nc=nc, store=store, events=events)
 
 
-async def stored_events(js: Any, task_id: str) -> list[dict[str, Any]]:
-    """Every event of ``task_id`` as stored in VIGIL_EVENTS (not as seen live: a core
-    subscription misses what is published while the test's connection is down)."""
+async def stored_events(js: Any, task_id: str, tenant: str = "*") -> list[dict[str, Any]]:
+    """Every event of ``task_id`` (of ``tenant``; by default of any tenant: tests use
+    unique ids) as stored in VIGIL_EVENTS (not as seen live: a core subscription misses
+    what is published while the test's connection is down)."""
     from vigil.jetstream import read_stored
 
-    stored = await read_stored(js, subjects.STREAM_EVENTS, subjects.task_events(task_id))
+    stored = await read_stored(js, subjects.STREAM_EVENTS,
+                               subjects.task_events(tenant, task_id))
     return [json.loads(data) for data in stored]
 
 
@@ -221,7 +347,8 @@ class ServiceProcess:
         self.node_id = node_id
         USED_NODES.add(node_id)
         self.log_path = workdir / f"{self.service}-{node_id}.log"
-        self.env = {**os.environ, "VIGIL_NATS_URL": nats_url, "VIGIL_NODE_ID": node_id,
+        self.env = {**os.environ, "VIGIL_NATS_URL": as_user(nats_url, self.service),
+                    "VIGIL_NODE_ID": node_id,
                     "VIGIL_LOG_FORMAT": "json", "VIGIL_HTTP_PORT": "0"}
         for key, value in settings.items():
             self.env[f"VIGIL_{key.upper()}"] = str(value)

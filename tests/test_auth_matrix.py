@@ -6,9 +6,12 @@ log is the real one) against in-process scheduler, executor and auditor.
 
 Rules under test (service.py's docstring): no or a bad token → 401 with a challenge; a
 role too low → 403; another tenant's task → 404, exactly like a missing one, whatever the
-caller's role, and never in a list, an event stream or a log; the right token → 2xx.
-Incidents span tenants: operators see them all, anyone else only those that touched
-their tenant, narrowed to it (another tenant's incident → 404).
+caller's role, and never in a list, an event stream or a log; the right token → 2xx. Ids
+are per tenant: both tenants have a task ``matrix-twin``, and each sees only its own.
+Incidents: an agent's are its tenant's own; the platform's span tenants. A tenant's token,
+whatever its role, sees only incidents that touched its tenant, narrowed to it (another
+tenant's incident → 404). Cross-tenant access is a separate kind of token (``platform``):
+it sees every incident whole, and no tenant's tasks (403).
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from support import Platform, eventually, start_platform
+from support import (
+    Platform,
+    as_user,
+    assert_no_violations,
+    eventually,
+    shipped_server,
+    start_platform,
+)
 from vigil import auth, subjects
-from vigil.natsserver import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -70,7 +79,8 @@ class GatewayProcess:
 
     def __init__(self, workdir: Path, nats_url: str, tokens_file: Path) -> None:
         self.log_file = workdir / "gateway.log"
-        self.env = {**os.environ, "VIGIL_NATS_URL": nats_url, "VIGIL_HTTP_PORT": "0",
+        self.env = {**os.environ, "VIGIL_NATS_URL": as_user(nats_url, "gateway"),
+                    "VIGIL_HTTP_PORT": "0",
                     "VIGIL_TOKENS_FILE": str(tokens_file), "VIGIL_LOG_FORMAT": "json",
                     "VIGIL_LOG_LEVEL": "debug", "VIGIL_SSE_KEEPALIVE_S": "0.5"}
         self.process: subprocess.Popen[bytes] | None = None
@@ -119,7 +129,7 @@ class GatewayProcess:
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     workdir = tmp_path_factory.mktemp("auth-matrix")
-    server = NatsServer(store_dir=workdir / "nats", sync_always=False)
+    server = shipped_server(workdir / "nats", sync_always=False)
     await server.start()
     platform = await start_platform(server.url)
     gateway: GatewayProcess | None = None
@@ -130,6 +140,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         tokens_file = workdir / "tokens.json"
         tokens = {f"{t}-{r}": auth.add_token(tokens_file, f"{t}-{r}", t, r)
                   for t in (A, B) for r in ROLES}
+        tokens["platform-operator"] = auth.add_token(tokens_file, "platform-operator", None,
+                                                     "operator", "platform")
         gateway = GatewayProcess(workdir, server.url, tokens_file)
         url = await gateway.start().url()
         w = World(url=url, tokens_file=tokens_file, log_file=gateway.log_file,
@@ -142,6 +154,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         await platform.stop()
         await platform.nc.close()
         await server.stop()
+    assert_no_violations(server)
 
 
 async def _seed(w: World) -> None:
@@ -153,7 +166,7 @@ async def _seed(w: World) -> None:
         "A-queued": (A, {"command": ["true"], "pool": IDLE_POOL}),
         "B-done": (B, {"command": ["sh", "-c", "echo globex-private-output; "
                                    + confess("globex only: printer on fire")]}),
-        # The same problem in both tenants: one incident that each sees narrowed.
+        # The same complaint from both tenants' agents: each tenant's own incident.
         "A-shared": (A, {"command": ["sh", "-c", confess("shared disk full")]}),
         "B-shared": (B, {"command": ["sh", "-c", confess("shared disk full")]}),
     }
@@ -161,17 +174,35 @@ async def _seed(w: World) -> None:
         task_id = f"matrix-{name.lower()}"
         w.ids[name] = task_id
         await p.publish_spec({"id": task_id, **spec}, tenant=tenant)
+    # One id, two tenants: two tasks that never meet.
+    for tenant in (A, B):
+        await p.publish_spec({"id": "matrix-twin",
+                              "command": ["sh", "-c", f"echo twin of {tenant}"]},
+                             tenant=tenant)
     for name in specs:
         if name != "A-queued":
-            await p.final_state(w.ids[name])
+            await p.final_state(w.ids[name], tenant=specs[name][0])
+    for tenant in (A, B):
+        await p.final_state("matrix-twin", tenant=tenant)
+    # The platform's own complaint about a node, naming one task of each tenant: one
+    # shared incident, which each tenant sees narrowed to itself.
+    for tenant, name in ((A, "A-shared"), (B, "B-shared")):
+        body = {"summary": "node matrix-node lost its disk", "severity": "error",
+                "category": "matrix", "task_id": w.ids[name], "tenant": tenant,
+                "node": "matrix-node"}
+        await p.js.publish(subjects.issue("executor", "error"), json.dumps(body).encode())
 
     async def incidents() -> dict[str, str] | None:
-        by_title = {i["title"]: k for k, i in (await _incident_ids(p)).items()}
-        wanted = {"inc-A": "acme only: ledger locked", "inc-A-2": "acme only: vault sealed",
-                  "inc-B": "globex only: printer on fire", "inc-shared": "shared disk full"}
+        found = await _incident_ids(p)
+        by_title = {(i["title"], i.get("tenant")): k for k, i in found.items()}
+        wanted = {"inc-A": ("acme only: ledger locked", A),
+                  "inc-A-2": ("acme only: vault sealed", A),
+                  "inc-B": ("globex only: printer on fire", B),
+                  "inc-A-same": ("shared disk full", A), "inc-B-same": ("shared disk full", B),
+                  "inc-shared": ("node <node> lost its disk", None)}
         if not all(t in by_title for t in wanted.values()):
             return None
-        shared = (await _incident_ids(p))[by_title["shared disk full"]]
+        shared = found[by_title[wanted["inc-shared"]]]
         if sorted(shared["tenants"]) != [A, B]:
             return None
         return {name: by_title[title] for name, title in wanted.items()}
@@ -259,7 +290,7 @@ def wrong_tenant_cases() -> list[tuple[Route, str]]:
     cases = []
     for route in ROUTES:
         for role in ROLES[ROLES.index(route.role):]:  # a lower role gets 403 first
-            if route.owned == "task" or (route.owned == "incident" and role != "operator"):
+            if route.owned is not None:  # a role never widens a token beyond its tenant
                 cases.append((route, role))
     return cases
 
@@ -343,21 +374,51 @@ async def test_operators_too_list_only_their_tenants_tasks(world: World) -> None
     assert status == 403
 
 
-async def test_operators_see_every_incident_whole(world: World) -> None:
-    status, body = await get_json(world, "/v1/incidents", world.token(B, "operator"))
+async def test_only_a_platform_token_sees_every_incident_whole(world: World) -> None:
+    status, body = await get_json(world, "/v1/incidents", world.tokens["platform-operator"])
     assert status == 200
     by_id = {i["id"]: i for i in body["incidents"]}
-    assert {world.ids[k] for k in ("inc-A", "inc-B", "inc-shared")} <= set(by_id)
+    assert {world.ids[k] for k in ("inc-A", "inc-B", "inc-shared", "inc-A-same",
+                                   "inc-B-same")} <= set(by_id)
     assert sorted(by_id[world.ids["inc-shared"]]["tenants"]) == [A, B]
+    assert by_id[world.ids["inc-shared"]]["tasks_total"] == 2
+    # ... and acts on the platform's incidents, which a tenant's operator may not.
+    route = Route("POST", "/v1/incidents/{inc-shared}/ack", "operator", "incident")
+    status, _, body_ = await call(world, route, world.token(B, "operator"))
+    assert status == 403 and error_code(body_) == "forbidden"
+    status, _, body_ = await call(world, route, world.tokens["platform-operator"])
+    assert status == 200, body_
 
 
-@pytest.mark.parametrize("role", ["viewer", "submitter"])
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.path.startswith("/v1/tasks")],
+                         ids=str)
+async def test_a_platform_token_reads_no_tenants_tasks(world: World, route: Route) -> None:
+    status, _, body = await call(world, route, world.tokens["platform-operator"])
+    assert status == 403 and error_code(body) == "forbidden", body
+
+
+@pytest.mark.parametrize("role", ROLES)
+async def test_the_same_id_in_two_tenants_is_two_tasks(world: World, role: str) -> None:
+    for tenant in (A, B):
+        status, state = await get_json(world, "/v1/tasks/matrix-twin", world.token(tenant, role))
+        assert status == 200 and state["tenant"] == tenant
+        status, _, logs = await call(
+            world, Route("GET", "/v1/tasks/matrix-twin/logs", "viewer", None),
+            world.token(tenant, role))
+        assert status == 200 and logs == f"twin of {tenant}\n".encode()
+        status, page = await get_json(world, "/v1/tasks?limit=500", world.token(tenant, role))
+        assert [t["tenant"] for t in page["tasks"] if t["id"] == "matrix-twin"] == [tenant]
+
+
+@pytest.mark.parametrize("role", ROLES)
 async def test_incident_lists_hold_only_the_callers_tenant(world: World, role: str) -> None:
     status, body = await get_json(world, "/v1/incidents", world.token(B, role))
     assert status == 200
     by_id = {i["id"]: i for i in body["incidents"]}
     assert world.ids["inc-B"] in by_id and world.ids["inc-shared"] in by_id
-    assert world.ids["inc-A"] not in by_id and world.ids["inc-A-2"] not in by_id
+    assert world.ids["inc-B-same"] in by_id
+    for theirs in ("inc-A", "inc-A-2", "inc-A-same"):
+        assert world.ids[theirs] not in by_id
     text = json.dumps(body)
     assert A not in text and "matrix-a-" not in text and "acme only" not in text
     shared = by_id[world.ids["inc-shared"]]
@@ -407,7 +468,10 @@ async def test_the_tokens_file_holds_digests_only(world: World) -> None:
         assert token not in text
         assert token.removeprefix(auth.TOKEN_PREFIX) not in text
         assert auth.digest(token) in text
-    assert all(set(e) == {"name", "tenant", "role", "sha256"} for e in entries)
+    assert all(set(e) == {"name", "tenant", "role", "sha256"} for e in entries
+               if e["name"] != "platform-operator")
+    (platform,) = [e for e in entries if e["name"] == "platform-operator"]
+    assert set(platform) == {"name", "role", "sha256", "scope"}
     assert stat.S_IMODE(world.tokens_file.stat().st_mode) == 0o600
 
 

@@ -81,7 +81,13 @@ async def test_drain_hands_back_and_another_executor_resumes(platform: Platform,
     assert resumed_at >= 3, resumed_line  # carried on; did not start over
     assert "start at 0 resumed=0 attempt=1" in lines
     assert lines[-1] == "done at 40"
-    assert any(c["reason"] == "drain" for c in platform.events.of("mover", "checkpoint"))
+    # The agent has no SIGTERM handler: the drain killed it, so no drain snapshot was
+    # kept over its own checkpoints, and attempt 2 resumed from the newest of those.
+    taken = platform.events.of("mover", "checkpoint")
+    assert {c["reason"] for c in taken} == {"agent"} and all(c["clean"] for c in taken)
+    last = max((c for c in taken if c["attempt"] == 1), key=lambda c: c["note"]["n"])
+    assert resumed_at == last["note"]["n"], (resumed_line, last)
+    assert state.history[1].restored == last["name"]
     assert platform.events.of("mover", "retrying")[0]["reason"] == "executor draining"
     assert moved_in < 5.0
 
@@ -265,45 +271,76 @@ async def test_undecodable_work_is_terminated_and_confessed(platform: Platform) 
 
 
 @pytest.mark.podman
-async def test_a_corrupt_checkpoint_is_confessed_once_and_the_task_starts_empty(
+async def test_a_corrupt_checkpoint_is_confessed_once_and_the_one_before_it_restored(
     platform: Platform, podman: PodmanService, agent_image: str
 ) -> None:
     """A checkpoint whose bytes are not the archive that was saved (here: not a tar at
     all) can never be restored, on any node: handing the task back would only loop to the
-    consumer's max deliveries. The executor says so once, loudly, and the agent starts
-    from an empty workspace (VIGIL_RESUMED=0) instead."""
+    consumer's max deliveries. The executor says so once, loudly, drops it from the task's
+    history and restores the checkpoint before it; with every one corrupt, the agent
+    starts from an empty workspace (VIGIL_RESUMED=0)."""
     await platform.scheduler()
     a = await platform.executor(**podman_settings(podman))
-    await platform.publish_spec({"id": "fragile", "command": ["python3", "-c", AGENT],
-                                 "env": {"STEPS": "12", "STEP_S": "0.3"}})
-    await platform.events.wait_for("fragile", "checkpoint", count=2, timeout=60)
+    for task_id in ("fragile", "shattered"):
+        await platform.publish_spec({"id": task_id, "command": ["python3", "-c", AGENT],
+                                     "env": {"STEPS": "12", "STEP_S": "0.3"}})
+    for task_id in ("fragile", "shattered"):
+        await platform.events.wait_for(task_id, "checkpoint", count=2, timeout=60)
     await a.shutdown()
-    await eventually(lambda: _state_is(platform, "fragile", "scheduled"), what="hand-back")
-    held = await platform.state("fragile")
-    assert held is not None and held.checkpoint is not None
+    held = {}
+    for task_id in ("fragile", "shattered"):
+        await eventually(lambda t=task_id: _state_is(platform, t, "scheduled"),
+                         what=f"hand-back of {task_id}")
+        state = await platform.state(task_id)
+        assert state is not None and state.checkpoint is not None
+        assert len(state.checkpoints) >= 2 and state.checkpoints[0] == state.checkpoint
+        held[task_id] = state
     store = await platform.js.object_store(subjects.OBJ_CHECKPOINTS)
-    await store.put(held.checkpoint.name, b"this is not a tar archive\n" * 100)
+    head, before = held["fragile"].checkpoints[:2]
+    await store.put(head.name, b"this is not a tar archive\n" * 100)
+    for ref in held["shattered"].checkpoints:
+        await store.put(ref.name, b"this is not a tar archive\n" * 100)
 
     b = await platform.executor(**podman_settings(podman))
-    state = await platform.final_state("fragile", timeout=90)
-    assert state.status == "succeeded", state.error
-    assert [(h.executor, h.outcome) for h in state.history] == [
-        (a.settings.node_id, "handed_back"), (b.settings.node_id, "succeeded")]
-    started = platform.events.of("fragile", "started")
-    assert [s["resumed"] for s in started] == [False, False]
+    corrupt = []
+    for task_id in ("fragile", "shattered"):
+        state = await platform.final_state(task_id, timeout=90)
+        assert state.status == "succeeded", state.error
+        assert [(h.executor, h.outcome) for h in state.history] == [
+            (a.settings.node_id, "handed_back"), (b.settings.node_id, "succeeded")]
+        assert len(platform.events.of(task_id, "retrying")) == 1  # the drain's; no loop
+        corrupt += [c for c in await platform.confessions(category="checkpoint_corrupt")
+                    if c["task_id"] == task_id]
+    # The head only: restored from the one before it, told it resumed.
+    assert [s["resumed"] for s in platform.events.of("fragile", "started")] == [False, True]
+    before_n = next(c["note"]["n"] for c in platform.events.of("fragile", "checkpoint")
+                    if c["name"] == before.name)
     lines = lines_of(platform, "fragile")
-    assert "start at 0 resumed=0 attempt=2" in lines  # from scratch, and told so
+    assert f"start at {before_n} resumed=1 attempt=2" in lines, lines
     assert lines[-1] == "done at 12"
-    (confession,) = await platform.confessions(category="checkpoint_corrupt")
-    assert confession["severity"] == "critical" and confession["task_id"] == "fragile"
-    assert confession["attempt"] == 2 and confession["node"] == b.settings.node_id
-    assert confession["id"] == f"executor-{held.checkpoint.name.replace('/', '-')}-corrupt"
-    assert confession["summary"].startswith(
-        f"checkpoint {held.checkpoint.name} of task fragile (attempt 1, drain) is corrupt: "
+    fragile = await platform.state("fragile")
+    assert fragile is not None and fragile.history[1].restored == before.name
+    # Every one: from scratch, and told so.
+    assert [s["resumed"] for s in platform.events.of("shattered", "started")] == [False, False]
+    assert "start at 0 resumed=0 attempt=2" in lines_of(platform, "shattered")
+    # Once per corrupt checkpoint, naming it.
+    names = [head.name, *(r.name for r in held["shattered"].checkpoints)]
+    assert sorted(c["id"] for c in corrupt) == sorted(
+        f"executor-{n.replace('/', '-')}-corrupt" for n in names)
+    assert all(c["severity"] == "critical" and c["attempt"] == 2
+               and c["node"] == b.settings.node_id for c in corrupt)
+    (first,) = [c for c in corrupt if c["task_id"] == "fragile"]
+    assert first["summary"].startswith(
+        f"checkpoint {head.name} of task fragile (attempt 1, agent) is corrupt: "
         "its content is not the archive that was saved")
-    assert "the agent starts from an empty workspace" in confession["summary"]
+    assert first["summary"].endswith(
+        f"the agent resumes from the checkpoint before it, {before.name} (attempt 1, agent), "
+        "and loses the progress saved since")
+    last = next(c for c in corrupt if c["id"] == names[-1].replace("/", "-").join(
+        ("executor-", "-corrupt")))
+    assert last["summary"].endswith(
+        "the agent starts from an empty workspace, the progress it saved is lost")
     assert not await platform.confessions(category="restore_failed")
-    assert len(platform.events.of("fragile", "retrying")) == 1  # the drain's; no loop
 
 
 LINKED_AGENT = """
@@ -349,6 +386,8 @@ async def test_a_checkpoint_that_never_restores_ends_the_task_dead_with_evidence
         (1, "handed_back"), (2, "handed_back"), (3, "handed_back"), (4, "failed")]
     prefix = f"could not restore checkpoint {held.checkpoint.name} on {node} (3 tries; "
     assert all((h.error or "").startswith(prefix) for h in state.history[1:])
+    # Counted by the typed field, not by the message.
+    assert [h.restore_failed for h in state.history] == [None, *[held.checkpoint.name] * 3]
     assert (state.error or "").startswith(prefix)
     assert (state.error or "").endswith("; 3 deliveries could not restore it, so the task "
                                         "is dead instead of started from an empty workspace")

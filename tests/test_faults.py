@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from support import ExecutorProcess, Platform, eventually, stored_events
+from support import ExecutorProcess, Platform, as_user, eventually, stored_events
 from vigil import codec, subjects
 from vigil.embedded import PodmanService
 from vigil.messages import AttemptRecord, TaskSpec, TaskState, WorkItem, utcnow
@@ -201,14 +201,14 @@ async def test_a_late_result_from_a_frozen_executor_is_fenced_off(
         # The frozen node's agent ran to its end meanwhile; its result is unrecorded.
         await eventually(lambda: _all_exited(podman, "late-a"), timeout=30,
                          what="the frozen executor's agent to exit")
-        before = await platform.store.get("late")
+        before = await platform.store.get("acme", "late")
         a.signal(signal.SIGCONT)  # wakes up with attempt 1's exit code in hand
         await eventually(lambda: _logged(a, "lease_lost"), timeout=30, what="a to notice")
         await eventually(lambda: _none_left(podman, "late-a"), timeout=30,
                          what="a to remove its container")
         await eventually(lambda: _found(issues, "lease_lost", "late"), timeout=30,
                          what="a to confess its lost lease")
-        assert await platform.store.get("late") == before  # not one write: same revision
+        assert await platform.store.get("acme", "late") == before  # not one write: same revision
         assert [(h.attempt, h.executor, h.outcome) for h in state.history] == [
             (1, "late-a", "lost"), (2, "late-b", "succeeded")]
         finished, lines = await outcome_of(platform, "late")
@@ -349,7 +349,7 @@ async def _cluster_platform(url: str, start: Any) -> Platform:
     from vigil import topology
     from vigil.conn import connect
 
-    nc = await connect(url, "pytest-setup", wait_s=30)
+    nc = await connect(as_user(url, "admin"), "pytest-setup", wait_s=30)
     try:
         async def ready() -> bool:
             try:
@@ -439,7 +439,7 @@ async def test_dropped_confessions_are_reported_when_the_lease_is_lost(
     await eventually(lambda: _agent_confessed(platform, "usurped"), what="the agent's confession")
     # A newer attempt takes the task over (as after this node froze past the ack wait):
     # the heartbeat's next state read gives the lease up and stops the agent.
-    got = await platform.store.get("usurped")
+    got = await platform.store.get("acme", "usurped")
     assert got is not None and got[0].attempt == 1
     taken = msgspec.structs.replace(got[0], attempt=2, executor="elsewhere")
     assert await platform.store.cas(taken, got[1]) is not None

@@ -75,6 +75,48 @@ async def test_idempotency_key_returns_the_same_task(api) -> None:
     assert len(set(ids)) == 1
 
 
+async def test_an_idempotency_key_reused_with_another_body_is_a_409(api) -> None:
+    url, keys, http = api
+    headers = {**bearer(keys["submitter"]), "Idempotency-Key": "order-77"}
+    async with http.post(f"{url}/v1/tasks", data=b'{"command": ["true"]}',
+                         headers=headers) as r:
+        assert r.status == 202
+        first = (await r.json())["id"]
+    # Another body under the same key: the client's bug is named, nothing new runs.
+    async with http.post(f"{url}/v1/tasks", data=b'{"command": ["false"]}',
+                         headers=headers) as r:
+        assert r.status == 409
+        body = await r.json()
+    assert body["error"]["code"] == "idempotency_key_reused"
+    assert body["error"]["field"] == "Idempotency-Key" and first in body["error"]["message"]
+    # The same body again (whitespace and key order do not matter) is the same task.
+    async with http.post(f"{url}/v1/tasks", data=b'{ "command" : [ "true" ] }',
+                         headers=headers) as r:
+        assert r.status == 200 and (await r.json())["id"] == first
+    # Another tenant's same key is its own task, whatever its body.
+    other = {**bearer(keys["other"]), "Idempotency-Key": "order-77"}
+    async with http.post(f"{url}/v1/tasks", data=b'{"command": ["false"]}',
+                         headers=other) as r:
+        assert r.status == 202 and (await r.json())["id"] != first
+
+
+async def test_ids_of_the_platforms_shape_are_refused(api) -> None:
+    url, keys, http = api
+    for task_id in ("s12", "t_" + "b" * 26, "k_" + "c" * 26):
+        body = json.dumps({"command": ["true"], "id": task_id})
+        async with http.post(f"{url}/v1/tasks", data=body,
+                             headers=bearer(keys["submitter"])) as r:
+            assert r.status == 422, task_id
+            error = (await r.json())["error"]
+        assert error["field"] == "$.id" and "platform makes" in error["message"]
+    # Near misses are ordinary ids.
+    for task_id in ("s12x", "t_short", "S12"):
+        body = json.dumps({"command": ["true"], "id": task_id})
+        async with http.post(f"{url}/v1/tasks", data=body,
+                             headers=bearer(keys["submitter"])) as r:
+            assert r.status == 202, task_id
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -190,8 +232,13 @@ async def test_explicit_id_conflict_is_409(api) -> None:
     async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["submitter"])) as r:
         assert r.status == 409
         assert (await r.json())["error"]["field"] == "$.id"
+    # Ids are per tenant: another tenant's "fixed-1" is its own task, and nothing it is
+    # told says that one exists elsewhere.
     async with http.post(f"{url}/v1/tasks", data=body, headers=bearer(keys["other"])) as r:
-        assert r.status == 409
+        assert r.status == 202
+        assert (await r.json())["tenant"] == "globex"
+    async with http.get(f"{url}/v1/tasks/fixed-1", headers=bearer(keys["submitter"])) as r:
+        assert (await r.json())["tenant"] == "acme"
 
 
 async def test_sse_resumes_after_last_event_id(api) -> None:

@@ -313,7 +313,7 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_acked_and_can_be
     await kv.delete(unreadable)
     command = stored[0]["hint"].split("(once): vigil ", 1)[1].split(" (", 1)[0].split()
     assert command[:2] == ["replay", "stream"], stored[0]["hint"]
-    code, out, err = await vigil(*command, "--nats-url", platform.url)
+    code, out, err = await vigil(*command, "--nats-url", platform.url_for("operator"))
     assert code == 0 and "published 1 messages" in out, (out, err)
 
     async def triaged() -> dict | None:
@@ -420,11 +420,16 @@ async def test_an_alert_that_cannot_be_decoded_is_terminated_and_confessed(
 
 
 async def test_incident_metrics_agree_across_auditors_and_follow_the_gateway(
-    platform: Platform,
+    platform: Platform, tmp_path: Any,
 ) -> None:
+    from vigil import auth
+
     first = await platform.auditor(node_id="aud-m1")
     second = await platform.auditor(node_id="aud-m2")
-    gw = await platform.gateway()  # VIGIL_AUTH=none: an operator
+    tokens = tmp_path / "tokens.json"
+    # These are platform incidents (not an agent's): a platform operator acknowledges them.
+    oncall = auth.add_token(tokens, "oncall", None, "operator", "platform")
+    gw = await platform.gateway(auth="tokens", tokens_file=str(tokens))
     problems = {"a": "cannot resolve registry.internal", "b": "token expired for s3"}
     for n in range(6):
         which = "a" if n % 2 == 0 else "b"
@@ -451,7 +456,8 @@ async def test_incident_metrics_agree_across_auditors_and_follow_the_gateway(
     target = incident_key("human", {"summary": problems["a"], "severity": "error",
                                     "category": "net"})
     async with aiohttp.ClientSession() as http, \
-            http.post(f"http://127.0.0.1:{gw.http_port}/v1/incidents/{target}/ack") as resp:
+            http.post(f"http://127.0.0.1:{gw.http_port}/v1/incidents/{target}/ack",
+                      headers={"Authorization": f"Bearer {oncall}"}) as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "acknowledged"
     await eventually(
         lambda: agreed(1, {'vigil_incidents{severity="error",status="acknowledged"}': 1}),
@@ -520,11 +526,15 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
             return await incidents(platform)
 
         before = await eventually(all_counted, timeout=90, what=f"all {total} counted once")
-        assert sorted(i["count"] for i in before.values()) == [total // 3] * 3
-        statuses = {i["title"]: i["status"] for i in before.values()}
-        assert statuses == {"tool missing in job <n>": "acknowledged",
-                            "token expired in job <n>": "open",
-                            "loop detected in job <n>": "open"}
+        # Three problems in each of two tenants' agents: six incidents, one per tenant's.
+        assert sorted(i["count"] for i in before.values()) == [total // 6] * 6
+        statuses = {(i["title"], i["tenant"]): i["status"] for i in before.values()}
+        assert statuses == {("tool missing in job <n>", "acme"): "acknowledged",
+                            ("tool missing in job <n>", "globex"): "open",
+                            ("token expired in job <n>", "acme"): "open",
+                            ("token expired in job <n>", "globex"): "open",
+                            ("loop detected in job <n>", "acme"): "open",
+                            ("loop detected in job <n>", "globex"): "open"}
         survivor.signal(signal.SIGTERM)
         await survivor.exited(timeout=30)
     finally:
@@ -541,7 +551,7 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
 
     await platform.nc.subscribe(f"{subjects.ALERTS}.>", cb=on_alert)
     alerts_before = (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages
-    assert alerts_before == 9  # per incident: opened, escalated to error, to critical
+    assert alerts_before == 18  # per incident: opened, escalated to error, to critical
     await platform.js.delete_key_value(subjects.KV_INCIDENTS)
     await platform.js.delete_consumer(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR)
     replayer = await platform.auditor()
@@ -555,11 +565,11 @@ async def test_auditor_killed_mid_stream_and_stream_replayed_rebuild_identical_i
     assert after == before  # every field, samples and stream times included
     await platform.nc.flush()
     assert realerted == []
-    assert (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages == 9
+    assert (await platform.js.stream_info(subjects.STREAM_ALERTS)).state.messages == 18
     metrics = await scrape(replayer.http_port)
     assert confessed(metrics, "agent", "warning") == 0  # all recorded before the replay
     assert not any(k.startswith("vigil_alerts_total{") for k in metrics)
-    assert metrics["vigil_incidents_open"] == 2
+    assert metrics["vigil_incidents_open"] == 5
 
 
 async def _at_least(probe: Any, n: int) -> bool:
@@ -569,100 +579,153 @@ async def _at_least(probe: Any, n: int) -> bool:
 async def test_incident_api_isolates_tenants_filters_and_drives_the_lifecycle(
     platform: Platform, tmp_path: Any
 ) -> None:
+    """Incidents, door by door: an agent's complaints are its tenant's own incident (its
+    operators act on it; no other tenant learns of it), the platform's complaints are one
+    shared incident each tenant sees narrowed to itself and only a platform token acts on;
+    a role never widens a tenant's token beyond its tenant."""
     from vigil import auth
 
     tokens = tmp_path / "tokens.json"
     viewer_a = auth.add_token(tokens, "va", "acme", "viewer")
     viewer_b = auth.add_token(tokens, "vb", "globex", "viewer")
     operator = auth.add_token(tokens, "op", "acme", "operator")
+    operator_b = auth.add_token(tokens, "ob", "globex", "operator")
+    oncall = auth.add_token(tokens, "oncall", None, "operator", "platform")
     auditor = await platform.auditor()
     gw = await platform.gateway(auth="tokens", tokens_file=str(tokens))
     url = f"http://127.0.0.1:{gw.http_port}/v1/incidents"
 
-    async def confess(n: int, tenant: str, problem: str = "registry") -> None:
+    async def confess(n: int, tenant: str, problem: str = "registry",
+                      source: str = "agent") -> None:
         summary, severity = {"registry": (f"cannot reach registry mirror {n}", "error"),
-                             "quota": (f"quota exceeded for bucket {n}", "warning")}[problem]
+                             "quota": (f"quota exceeded for bucket {n}", "warning"),
+                             "disk": (f"node disk {n} is full", "error")}[problem]
         body = {"summary": summary, "severity": severity, "category": "network",
                 "tenant": tenant, "task_id": f"{tenant}-{n}"}
-        await platform.js.publish(subjects.issue("agent", severity), json.dumps(body).encode())
+        await platform.js.publish(subjects.issue(source, severity), json.dumps(body).encode())
 
     # One problem hits six acme tasks (more than the five samples an incident keeps) and
-    # two globex tasks; another problem only globex.
+    # two globex tasks: two incidents, one per tenant. Another problem only globex. The
+    # platform's own complaint about a node hits one task of each tenant: one incident.
     for n in range(1, 7):
         await confess(n, "acme")
     await confess(1, "globex")
     await confess(2, "globex")
     await confess(3, "globex", "quota")
+    await confess(9, "acme", "disk", source="executor")
+    await confess(9, "globex", "disk", source="executor")
+    registry, quota = "cannot reach registry mirror <n>", "quota exceeded for bucket <n>"
+    disk = "node disk <n> is full"
     async with aiohttp.ClientSession() as http:
+        async def call(method: str, where: str, token: str, **params: str
+                       ) -> tuple[int, Any]:
+            async with http.request(method, where, params=params,
+                                    headers={"Authorization": f"Bearer {token}"}) as r:
+                return r.status, await r.json()
+
         async def listed(token: str, **params: str) -> list[dict]:
-            async with http.get(url, params=params,
-                                headers={"Authorization": f"Bearer {token}"}) as r:
-                assert r.status == 200
-                return list((await r.json())["incidents"])
+            status, body = await call("GET", url, token, **params)
+            assert status == 200, body
+            return list(body["incidents"])
 
-        def titles(found: list[dict]) -> list[str]:
-            return sorted(i["title"] for i in found)
-
-        registry, quota = "cannot reach registry mirror <n>", "quota exceeded for bucket <n>"
+        def titles(found: list[dict]) -> list[tuple[str, str | None]]:
+            return sorted((i["title"], i.get("tenant")) for i in found)
 
         async def all_counted() -> list[dict] | None:
-            found = await listed(operator)
-            return found if sorted(i["count"] for i in found) == [1, 8] else None
+            found = await listed(oncall)
+            return found if sorted(i["count"] for i in found) == [1, 2, 2, 6] else None
 
-        await eventually(all_counted, timeout=30, what="two incidents counting 8 and 1")
-        (incident,) = await listed(viewer_a)
-        assert incident["title"] == registry and incident["status"] == "open"
-        # A tenant sees every one of its own tasks, and nothing of the other tenant's.
-        assert incident["tasks"] == [f"acme-{n}" for n in range(1, 7)]
-        assert incident["tenants"] == ["acme"]
-        assert "tasks_total" not in incident and "tenant_tasks" not in incident
-        assert "globex" not in json.dumps(incident)
+        await eventually(all_counted, timeout=30, what="four incidents counting 6, 2, 2, 1")
+        # A tenant's token, whatever its role, sees its own incidents and the platform's
+        # that touched it, narrowed to itself; nothing of the other tenant.
+        for token in (viewer_a, operator):
+            mine = {i["title"]: i for i in await listed(token)}
+            assert set(mine) == {registry, disk}
+            assert mine[registry]["tasks"] == [f"acme-{n}" for n in range(1, 7)]
+            assert mine[registry]["tenant"] == "acme" and mine[disk]["tenant"] is None
+            assert mine[disk]["tasks"] == ["acme-9"] and mine[disk]["tenants"] == ["acme"]
+            for view in mine.values():
+                assert "tasks_total" not in view and "tenant_tasks" not in view
+            assert "globex" not in json.dumps(mine)
         b_view = {i["title"]: i for i in await listed(viewer_b)}
-        assert set(b_view) == {registry, quota}
+        assert set(b_view) == {registry, quota, disk}
         assert b_view[registry]["tasks"] == ["globex-1", "globex-2"]
         assert "acme" not in json.dumps(b_view)
+        # The platform token sees everything whole.
+        whole = {(i["title"], i.get("tenant")): i for i in await listed(oncall)}
+        assert whole[(disk, None)]["tenants"] == ["acme", "globex"]
+        assert whole[(disk, None)]["tasks_total"] == 2
 
-        # Filters, positive and negative: tenant (operators see every tenant's), status,
-        # severity.
-        assert titles(await listed(operator, tenant="globex")) == [registry, quota]
-        assert titles(await listed(operator, tenant="acme")) == [registry]
-        assert await listed(operator, tenant="initech") == []
-        assert await listed(viewer_a, tenant="globex") == []  # not even by asking
-        assert titles(await listed(operator, severity="warning")) == [quota]
-        assert titles(await listed(operator, severity="error")) == [registry]
-        assert titles(await listed(viewer_b, severity="error", tenant="globex")) == [registry]
-        assert titles(await listed(operator, status="open")) == [registry, quota]
+        # Filters, positive and negative: tenant, status, severity. A tenant's token may
+        # not even name another tenant (refused alike, whether it exists or not).
+        assert titles(await listed(oncall, tenant="globex")) == [
+            (registry, "globex"), (disk, None), (quota, "globex")]
+        assert await listed(oncall, tenant="initech") == []
+        for other in ("globex", "initech"):
+            status, body = await call("GET", url, operator, tenant=other)
+            assert status == 403 and body["error"]["field"] == "tenant"
+        assert titles(await listed(operator, tenant="acme")) == [(registry, "acme"),
+                                                                 (disk, None)]
+        assert titles(await listed(operator, severity="warning")) == []
+        assert titles(await listed(viewer_b, severity="warning")) == [(quota, "globex")]
+        assert titles(await listed(viewer_a, status="open")) == [(registry, "acme"),
+                                                                 (disk, None)]
         assert await listed(viewer_a, status="resolved") == []
-        async with http.get(url, params={"severity": "bogus"},
-                            headers={"Authorization": f"Bearer {viewer_a}"}) as r:
-            assert r.status == 400 and (await r.json())["error"]["field"] == "severity"
+        status, body = await call("GET", url, viewer_a, severity="bogus")
+        assert status == 400 and body["error"]["field"] == "severity"
+        status, body = await call("GET", url, viewer_a, nonsense="1")
+        assert status == 400 and body["error"]["field"] == "nonsense"
 
-        one = f"{url}/{incident['id']}"
-        async with http.post(f"{one}/ack", headers={"Authorization": f"Bearer {viewer_a}"}) as r:
-            assert r.status == 403
-        async with http.post(f"{one}/ack", headers={"Authorization": f"Bearer {operator}"}) as r:
-            assert r.status == 200 and (await r.json())["status"] == "acknowledged"
-        assert titles(await listed(operator, status="acknowledged")) == [registry]
-        assert titles(await listed(operator, status="open")) == [quota]
-        async with http.post(f"{one}/resolve",
-                             headers={"Authorization": f"Bearer {operator}"}) as r:
-            assert r.status == 200 and (await r.json())["status"] == "resolved"
-        assert titles(await listed(viewer_a, status="resolved")) == [registry]
+        mine_id = whole[(registry, "acme")]["id"]
+        theirs_id = whole[(registry, "globex")]["id"]
+        shared_id = whole[(disk, None)]["id"]
+        one = f"{url}/{mine_id}"
+        # Another tenant's incident is a 404 to every door, for every role, like one that
+        # does not exist.
+        for token in (viewer_a, operator):
+            for method, where in (("GET", f"{url}/{theirs_id}"),
+                                  ("POST", f"{url}/{theirs_id}/ack"),
+                                  ("POST", f"{url}/{theirs_id}/resolve")):
+                status, body = await call(method, where, token)
+                if method == "POST" and token == viewer_a:
+                    assert status == 403  # the role is checked first: no lookup at all
+                else:
+                    assert status == 404 and "globex" not in json.dumps(body)
+            status, _ = await call("GET", f"{url}/inc_nope", token)
+            assert status == 404
+        # A platform incident: a tenant's operator sees it, narrowed, but does not act on
+        # it; a platform operator does.
+        status, body = await call("POST", f"{url}/{shared_id}/ack", operator)
+        assert status == 403 and "platform" in body["error"]["message"]
+        status, body = await call("POST", f"{url}/{shared_id}/ack", oncall)
+        assert status == 200 and body["status"] == "acknowledged"
+        # The tenant's own incident: its viewer may not act, its operator may.
+        status, _ = await call("POST", f"{one}/ack", viewer_a)
+        assert status == 403
+        status, body = await call("POST", f"{one}/ack", operator)
+        assert status == 200 and body["status"] == "acknowledged"
+        assert "globex" not in json.dumps(body)
+        assert titles(await listed(operator, status="acknowledged")) == [
+            (registry, "acme"), (disk, None)]
+        status, body = await call("POST", f"{one}/resolve", operator)
+        assert status == 200 and body["status"] == "resolved"
+        # globex's own incident of the same problem is untouched by acme's operator.
+        status, body = await call("GET", f"{url}/{theirs_id}", viewer_b)
+        assert status == 200 and body["status"] == "open"
+        assert titles(await listed(viewer_a, status="resolved")) == [(registry, "acme")]
         await confess(7, "acme")  # the problem recurs
 
         async def reopened() -> dict | None:
-            async with http.get(one, headers={"Authorization": f"Bearer {viewer_a}"}) as r:
-                body = await r.json()
+            _, body = await call("GET", one, viewer_a)
             return body if body["status"] == "open" else None
 
         again = await eventually(reopened, timeout=30, what="the incident to reopen")
-        assert again["reopened"] == 1 and again["count"] == 9
+        assert again["reopened"] == 1 and again["count"] == 7
         assert again["tasks"] == [f"acme-{n}" for n in range(1, 8)]
 
-        async def both_open() -> bool:
-            return (await scrape(auditor.http_port)).get("vigil_incidents_open") == 2
+        async def three_open() -> bool:
+            return (await scrape(auditor.http_port)).get("vigil_incidents_open") == 3
 
-        await eventually(both_open, timeout=15, what="the open-incidents gauge to say 2")
-        async with http.get(f"{url}/inc_nope",
-                            headers={"Authorization": f"Bearer {viewer_a}"}) as r:
-            assert r.status == 404
+        await eventually(three_open, timeout=15, what="the open-incidents gauge to say 3")
+        status, _ = await call("POST", f"{url}/{theirs_id}/ack", operator_b)
+        assert status == 200

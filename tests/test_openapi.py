@@ -41,10 +41,9 @@ from schemathesis.checks import CHECKS
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.parameters import ParameterLocation
 
-from support import Platform, eventually, session_node_id, start_platform
+from support import Platform, eventually, session_node_id, shipped_server, start_platform
 from vigil import auth, subjects
 from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS
-from vigil.natsserver import NatsServer
 from vigil_gateway import openapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -105,7 +104,7 @@ class LiveStack:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = NatsServer(store_dir=self.workdir / "nats", sync_always=False)
+        server = shipped_server(self.workdir / "nats", sync_always=False)
         await server.start()
         platform: Platform | None = None
         try:

@@ -12,7 +12,7 @@ import json
 import nats
 import pytest
 
-from support import Platform, advertise, eventually, stored_events
+from support import Platform, advertise, as_user, eventually, stored_events
 from vigil import subjects
 from vigil.messages import TaskState
 
@@ -24,22 +24,24 @@ async def test_raw_nats_client_submits_and_reads_state_from_kv(
 ) -> None:
     await platform.scheduler()
     await platform.executor()
-    # A client with no Vigil code: plain nats-py, JSON bytes, the public subject and bucket.
-    nc = await nats.connect(nats_server.url)
+    # A client with no Vigil code: plain nats-py, JSON bytes, the public subject and key,
+    # as the README shows it, as the tenant's own least-privilege NATS user.
+    nc = await nats.connect(as_user(nats_server.url, "tenant-acme"),
+                            inbox_prefix=b"_INBOX_T.acme")
     try:
         js = nc.jetstream()
         spec = {"command": ["sh", "-c", "echo out; echo err >&2; exit 0"]}
         ack = await js.publish("vigil.submit.acme", json.dumps(spec).encode(),
                                headers={"Nats-Msg-Id": "raw-1"})
         assert ack.stream == "VIGIL_SUBMIT"
-        kv = await js.key_value("vigil-tasks")
 
         async def final() -> dict | None:
-            try:
-                entry = await kv.get("raw-1")  # the id rule: no spec id -> the message id
-            except nats.js.errors.KeyNotFoundError:
+            # The id rule: no spec id -> the message id; the key is <tenant>.<id>.
+            reply = await nc.request("$JS.API.DIRECT.GET.KV_vigil-tasks.$KV.vigil-tasks.acme.raw-1",
+                                     b"", timeout=2)
+            if not reply.data:  # 404: not there yet (a status header, no body)
                 return None
-            state = json.loads(entry.value)
+            state = json.loads(reply.data)
             return state if state["status"] in ("succeeded", "failed") else None
 
         state = await eventually(final, what="raw-1 in vigil-tasks")

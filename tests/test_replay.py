@@ -29,14 +29,21 @@ import msgspec
 import nats
 import pytest
 
-from support import ExecutorProcess, Platform, eventually, stored_events
+from support import (
+    ExecutorProcess,
+    Platform,
+    as_user,
+    assert_no_violations,
+    eventually,
+    shipped_server,
+    stored_events,
+)
 from vigil import codec, subjects, topology
 from vigil.cli import build_parser
 from vigil.errors import VigilError
 from vigil.jetstream import publish_event
 from vigil.messages import Accepted, Confession, Finished, Started, TaskSpec, TaskState
-from vigil.natsserver import NatsServer, User
-from vigil.permissions import service_permissions
+from vigil.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +63,13 @@ async def vigil_replay(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 async def operator_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A nats-server with the production users: `admin` sets up, `operator` replays."""
-    users = [User("admin", "admin-secret")]
-    users += [User(name, f"{name}-secret", publish=pub, subscribe=sub)
-              for name, (pub, sub) in service_permissions().items()]
-    server = NatsServer(store_dir=tmp_path / "nats", sync_always=True, users=users)
+    server = shipped_server(tmp_path / "nats", sync_always=True)
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+    assert_no_violations(server)
 
 
 async def target_copies(js: Any) -> list[str]:
@@ -161,11 +166,11 @@ async def test_every_subcommand_works_as_the_least_privileged_operator_user(
                       Started(task_id="p1", attempt=1, time=t0, executor="n1", image="img"),
                       Finished(task_id="p1", attempt=1, time=t0, status="succeeded",
                                exit_code=0)):
-            await publish_event(js, event)
+            await publish_event(js, "acme", event)
         state = TaskState(id="p1", tenant="acme", status="succeeded", attempt=1,
                           executor="n1", exit_code=0, created_at=t0, updated_at=t0,
                           finished_at=t0, spec=spec, submit_seq=ack.seq)
-        await (await js.key_value(subjects.KV_TASKS)).put("p1", codec.encode(state))
+        await (await js.key_value(subjects.KV_TASKS)).put("acme.p1", codec.encode(state))
     finally:
         await admin.close()
     url = ("--nats-url", operator_nats.url_for("operator"))
@@ -198,7 +203,7 @@ async def test_rebuilt_task_kv_equals_the_live_one_after_a_mixed_workload(
     assert outcomes == {"ok": "succeeded", "fails": "dead", "slow": "timed_out",
                         "refused": "failed", "by-msg-id": "succeeded"}
 
-    url = ("--nats-url", nats_server.url)
+    url = ("--nats-url", as_user(nats_server.url, "operator"))
     code, out, _ = await vigil_replay("rebuild", "--json", *url)
     diff = json.loads(out)
     assert code == 0 and diff["same"], diff
@@ -209,17 +214,17 @@ async def test_rebuilt_task_kv_equals_the_live_one_after_a_mixed_workload(
     assert code == 0, out + err
     assert "the event log explains vigil-tasks" in out
     rebuilt = await platform.js.key_value("vigil-tasks-check")
-    assert json.loads((await rebuilt.get("fails")).value)["exit_code"] == 3
+    assert json.loads((await rebuilt.get("acme.fails")).value)["exit_code"] == 3
     with pytest.raises(VigilError, match="already exists"):  # never overwritten
         await vigil_replay("rebuild", "--yes", "--into", "vigil-tasks-check", *url)
 
     # The comparison is real: a live state the log does not explain is reported.
     kv = await platform.js.key_value(subjects.KV_TASKS)
-    entry = await kv.get("fails")
+    entry = await kv.get("acme.fails")
     forged = msgspec.structs.replace(codec.state_decoder.decode(entry.value), exit_code=4)
-    await kv.put("fails", codec.encode(forged))
+    await kv.put("acme.fails", codec.encode(forged))
     code, out, _ = await vigil_replay("rebuild", *url)
-    assert code == 1 and "fails  exit_code: live 4  rebuilt 3" in out
+    assert code == 1 and "acme.fails  exit_code: live 4  rebuilt 3" in out
 
     code, out, _ = await vigil_replay("timeline", "fails", *url)
     assert code == 0
@@ -257,7 +262,7 @@ async def test_redriving_a_dead_task_runs_it_again_as_a_new_attempt(
     dead = await platform.final_state("doomed", timeout=30)
     assert dead.status == "dead" and dead.attempt == 1
 
-    url = ("--nats-url", nats_server.url)
+    url = ("--nats-url", as_user(nats_server.url, "operator"))
     code, out, _ = await vigil_replay("redrive", *url)
     assert code == 0 and "doomed" in out and "dry run" in out
     assert (await platform.state("doomed")).status == "dead"  # type: ignore[union-attr]
@@ -308,5 +313,45 @@ async def test_a_replay_into_its_own_stream_does_not_chase_its_copies(
             code, out, err = await vigil_replay(*args)
             assert code == 0 and "published 0 messages" in out, (out, err)
         assert len(await target_copies(js)) == 5
+    finally:
+        await admin.close()
+
+
+# migrate-keys --------------------------------------------------------------------------------
+async def test_migrate_keys_moves_the_old_layout_once_and_reports_the_rest(
+    operator_nats: NatsServer,
+) -> None:
+    """Upgrading to 0.2: tasks kept under their bare id move to <tenant>.<id>, as the
+    operator user, after a dry run; a second run finds nothing; odd keys are named."""
+    admin = await nats.connect(operator_nats.url_for("admin"))
+    try:
+        js = admin.jetstream()
+        await topology.ensure_topology(js)
+        kv = await js.key_value(subjects.KV_TASKS)
+        t0 = datetime.now(UTC)
+        for task_id, tenant in (("old-1", "acme"), ("old-2", "globex")):
+            state = TaskState(id=task_id, tenant=tenant, status="succeeded", attempt=1,
+                              created_at=t0, updated_at=t0, spec=TaskSpec(command=["true"]))
+            await kv.put(task_id, codec.encode(state))
+        await kv.put("stray", b"not a task")
+        new = TaskState(id="new-1", tenant="acme", status="queued", created_at=t0,
+                        updated_at=t0)
+        await kv.put("acme.new-1", codec.encode(new))
+        url = ("--nats-url", operator_nats.url_for("operator"))
+
+        code, out, err = await vigil_replay("migrate-keys", *url)
+        assert code == 0 and "old-1  ->  acme.old-1" in out and "would move 2" in out
+        assert "'stray'" in err
+        assert sorted(await kv.keys()) == ["acme.new-1", "old-1", "old-2", "stray"]
+
+        code, out, _ = await vigil_replay("migrate-keys", "--yes", *url)
+        assert code == 0 and "moved 2 key(s)" in out, out
+        assert sorted(await kv.keys()) == ["acme.new-1", "acme.old-1", "globex.old-2",
+                                           "stray"]
+        moved = codec.state_decoder.decode((await kv.get("globex.old-2")).value)
+        assert (moved.id, moved.tenant, moved.status) == ("old-2", "globex", "succeeded")
+
+        code, out, _ = await vigil_replay("migrate-keys", "--yes", *url)
+        assert code == 0 and "nothing to move" in out
     finally:
         await admin.close()

@@ -144,7 +144,8 @@ async def test_exhausting_max_attempts_ends_dead_with_every_attempt_on_record(
         "executor", ex.settings.node_id, 3)
 
     code, out, err = await vigil_replay("redrive", "hopeless", "--yes", "--wait",
-                                        "--timeout", "30", "--nats-url", platform.url)
+                                        "--timeout", "30", "--nats-url",
+                                        platform.url_for("operator"))
     assert code == 0, out + err
     assert "hopeless: succeeded (attempt 4)" in out
     again = await platform.final_state("hopeless")
@@ -278,7 +279,7 @@ async def test_max_deliveries_buries_a_running_attempt_with_its_evidence(
         await platform.publish_spec({"id": "ghosted", "command": ["true"]})
         first = await naker.next()
         # Stand in for an executor that claims attempt 1, prints, and never reports.
-        state, rev = await eventually(lambda: platform.store.get("ghosted"))
+        state, rev = await eventually(lambda: platform.store.get("acme", "ghosted"))
         now = utcnow()
         running = msgspec.structs.replace(
             state, status="running", attempt=1, executor="ghost", started_at=now,
@@ -287,10 +288,11 @@ async def test_max_deliveries_buries_a_running_attempt_with_its_evidence(
         for n in range(25):
             if n == 20:  # other tasks' events between: the tail is read back in windows
                 for _ in range(1_500):
-                    await platform.nc.publish(subjects.event("noise", "log"), b"{}")
+                    await platform.nc.publish(subjects.event("acme", "noise", "log"), b"{}")
                 await platform.nc.flush()
-            await publish_event(platform.js, Log(task_id="ghosted", attempt=1, time=utcnow(),
-                                                 stream="stdout", lines=[f"line {n}"], first=n), n)
+            await publish_event(platform.js, "acme",
+                                Log(task_id="ghosted", attempt=1, time=utcnow(),
+                                    stream="stdout", lines=[f"line {n}"], first=n), n)
         await first.nak()
         naker.release(1)
         for _ in range(2):  # the remaining deliveries, handed back at once

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 
 def started_order(platform: Platform) -> list[str]:
-    return [s.split(".")[2] for s, _ in platform.events.events if s.endswith(".started")]
+    return [s.split(".")[3] for s, _ in platform.events.events if s.endswith(".started")]
 
 
 async def publish_many(platform: Platform, tenant: str, specs: list[dict[str, Any]]) -> None:

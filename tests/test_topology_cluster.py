@@ -5,7 +5,7 @@ from __future__ import annotations
 import nats
 import pytest
 
-from support import eventually
+from support import as_user, eventually
 from vigil import topology
 from vigil.natsserver import NatsServer
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 async def test_a_service_without_vigil_replicas_never_shrinks_r3_state(
     nats_cluster: list[NatsServer],
 ) -> None:
-    nc = await nats.connect(servers=[s.url for s in nats_cluster])
+    nc = await nats.connect(servers=[as_user(s.url, "admin") for s in nats_cluster])
     try:
         js = nc.jetstream(timeout=5)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import select
@@ -80,7 +79,9 @@ def wait_for_line(proc: subprocess.Popen[str], needle: str, seen: list[str],
     raise AssertionError(f"{needle!r} not printed within {timeout}s; output:\n" + "\n".join(seen))
 
 
-async def raw_submit(url: str) -> str:
+async def raw_submit(url: str, inbox_prefix: str) -> str:
+    """The README's raw client: the default tenant's own NATS user, its inbox prefix, a
+    publish, and the task's state read by a direct get of its key."""
     import nats
 
     violations: list[str] = []
@@ -88,28 +89,52 @@ async def raw_submit(url: str) -> str:
     async def on_error(exc: Exception) -> None:
         violations.append(str(exc))
 
-    nc = await nats.connect(url, error_cb=on_error)
+    nc = await nats.connect(url, error_cb=on_error, inbox_prefix=inbox_prefix.encode())
     try:
         js = nc.jetstream()
         await js.publish("vigil.submit.default", b'{"command": ["true"]}',
                          headers={"Nats-Msg-Id": "raw-submit-1"})
-        kv = await js.key_value("vigil-tasks")
 
         async def finished() -> str | None:
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                status = json.loads((await kv.get("raw-submit-1")).value)["status"]
-                return str(status) if status in ("succeeded", "failed") else None
-            return None
+            reply = await nc.request(
+                "$JS.API.DIRECT.GET.KV_vigil-tasks.$KV.vigil-tasks.default.raw-submit-1", b"",
+                timeout=2)
+            if not reply.data:
+                return None
+            status = json.loads(reply.data)["status"]
+            return str(status) if status in ("succeeded", "failed") else None
 
         status = await eventually(finished, timeout=10, what="the raw submission to finish")
         await nc.publish("vigil.work.default", b"{}")  # not allowed: work is the scheduler's
+        await nc.publish("vigil.submit.other", b"{}")  # nor another tenant's door
         await nc.flush()
 
         async def refused() -> bool:
-            return any("permissions violation" in v.lower() for v in violations)
+            return sum("permissions violation" in v.lower() for v in violations) >= 2
 
-        await eventually(refused, timeout=2, what="a permissions violation")
+        await eventually(refused, timeout=2, what="two permissions violations")
         return status
+    finally:
+        await nc.close()
+
+
+async def tenant_submit(url: str, tenant: str) -> str:
+    """A tenant's own user submits as its tenant and reads the state back."""
+    import nats
+
+    nc = await nats.connect(url, inbox_prefix=f"_INBOX_T.{tenant}".encode())
+    try:
+        await nc.jetstream().publish(f"vigil.submit.{tenant}", b'{"command": ["true"]}',
+                                     headers={"Nats-Msg-Id": "new-tenant-1"})
+
+        async def finished() -> str | None:
+            reply = await nc.request(
+                f"$JS.API.DIRECT.GET.KV_vigil-tasks.$KV.vigil-tasks.{tenant}.new-tenant-1",
+                b"", timeout=2)
+            status = json.loads(reply.data)["status"] if reply.data else None
+            return str(status) if status in ("succeeded", "failed") else None
+
+        return await eventually(finished, timeout=10, what="the new tenant's task")
     finally:
         await nc.close()
 
@@ -163,7 +188,18 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         # A raw NATS client with the least-privilege submit user: it may submit and read
         # its task's state, and nothing else.
         client = json.loads((data / "client.json").read_text())
-        assert asyncio.run(raw_submit(client["nats_submit_url"])) == "succeeded"
+        assert asyncio.run(raw_submit(client["nats_submit_url"],
+                                      client["nats_submit_inbox_prefix"])) == "succeeded"
+        # A new tenant's NATS user works at once: the stack reloads nats-server's users.
+        added = subprocess.run([VIGIL, "nats-user", "add", "--tenant", "acme", "--file",
+                                str(data / "nats-users.json"), "--server",
+                                f"127.0.0.1:{nats_port}"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert added.returncode == 0, added.stderr
+        acme_url = added.stdout.strip()
+        assert acme_url.startswith("nats://tenant-acme:") and "_INBOX_T.acme" in added.stderr
+        wait_for_line(proc, "users reloaded", seen, timeout=10)
+        assert asyncio.run(tenant_submit(acme_url, "acme")) == "succeeded"
 
         # A task still running when the stack stops: its container must not outlive it.
         long = run_cli("submit", "--json", "--", "sleep", "300", data_dir=data)

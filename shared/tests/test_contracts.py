@@ -118,9 +118,16 @@ def test_events_are_tagged_by_kind() -> None:
 def test_subjects() -> None:
     assert subjects.submit("acme") == "vigil.submit.acme"
     assert subjects.work("gpu") == "vigil.work.gpu"
-    assert subjects.event("t1", "log") == "vigil.events.t1.log"
+    assert subjects.submit_via_gateway("acme") == "vigil.submit.acme.gateway"
+    assert subjects.event("acme", "t1", "log") == "vigil.events.acme.t1.log"
     assert subjects.issue("agent", "error") == "vigil.issues.agent.error"
-    assert subjects.task_events("t1") == "vigil.events.t1.>"
+    assert subjects.task_events("acme", "t1") == "vigil.events.acme.t1.>"
+    assert subjects.event_parts("vigil.events.acme.t1.log") == ("acme", "t1", "log")
+    assert subjects.event_parts("vigil.events.t1.log") is None  # the layout before 0.2
+    assert subjects.task_key("acme", "t1") == "acme.t1"
+    assert subjects.task_kv_subject("acme") == "$KV.vigil-tasks.acme.>"
+    assert subjects.timer("start", "acme", "t1") == "vigil.timer.start.acme.t1"
+    assert subjects.cancel_notice("acme", "t1") == "vigil.cancel.acme.t1"
 
 
 class _Conf(CommonSettings, frozen=True, kw_only=True):

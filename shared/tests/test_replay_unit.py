@@ -48,13 +48,13 @@ def lifecycle(task_id: str = "t1") -> list[Event]:
 def folded(events: list[Event], ids: list[str | None] | None = None) -> rebuild.Fold:
     fold = rebuild.Fold()
     for i, e in enumerate(events):
-        fold.apply(e, ids[i] if ids else None)
+        fold.apply("acme", e, ids[i] if ids else None)
     return fold
 
 
 # the fold ---------------------------------------------------------------------------------
 def test_fold_follows_a_task_to_its_outcome() -> None:
-    state = folded(lifecycle()).states()["t1"]
+    state = folded(lifecycle()).states()["acme.t1"]
     assert (state.tenant, state.status, state.attempt, state.executor) == (
         "acme", "failed", 1, "node-a")
     assert (state.exit_code, state.error) == (3, "agent exited with code 3")
@@ -80,20 +80,20 @@ def test_hand_back_and_redrive_return_the_task_to_scheduled() -> None:
         *lifecycle()[:3],
         Retrying(task_id="t1", attempt=1, time=at(3), reason="executor stopping"),
     ]
-    state = folded(events).states()["t1"]
+    state = folded(events).states()["acme.t1"]
     assert (state.status, state.executor, state.attempt) == ("scheduled", None, 1)
     redriven = [
         *lifecycle(),
         Retrying(task_id="t1", attempt=1, time=at(10), reason="redriven by vigil replay"),
         Scheduled(task_id="t1", attempt=1, time=at(10), pool="default"),
     ]
-    state = folded(redriven).states()["t1"]
+    state = folded(redriven).states()["acme.t1"]
     assert (state.status, state.exit_code, state.error, state.finished_at) == (
         "scheduled", None, None, None)
     rerun = [*redriven,
              Started(task_id="t1", attempt=2, time=at(11), executor="node-b", image="img"),
              Finished(task_id="t1", attempt=2, time=at(12), status="succeeded", exit_code=0)]
-    state = folded(rerun).states()["t1"]
+    state = folded(rerun).states()["acme.t1"]
     assert (state.status, state.attempt, state.executor, state.exit_code) == (
         "succeeded", 2, "node-b", 0)
 
@@ -101,7 +101,7 @@ def test_hand_back_and_redrive_return_the_task_to_scheduled() -> None:
 def test_refused_submission_is_a_failed_task_from_its_finished_event() -> None:
     refused = Finished(task_id="bad", time=at(5), status="failed", error="invalid task spec",
                        tenant="acme", submit_seq=9)
-    state = folded([refused]).states()["bad"]
+    state = folded([refused]).states()["acme.bad"]
     assert (state.status, state.tenant, state.submit_seq, state.attempt) == (
         "failed", "acme", 9, 0)
     assert state.created_at == state.finished_at == at(5) and state.spec is None
@@ -109,25 +109,25 @@ def test_refused_submission_is_a_failed_task_from_its_finished_event() -> None:
 
 def test_events_without_their_beginning_are_incomplete_not_invented() -> None:
     fold = folded(lifecycle()[2:])  # accepted and scheduled aged out of the stream
-    assert fold.states() == {} and fold.incomplete() == {"t1"}
+    assert fold.states() == {} and fold.incomplete() == {"acme.t1"}
     no_tenant = Finished(task_id="old", time=at(5), status="failed", error="x")
-    assert folded([no_tenant]).incomplete() == {"old"}
+    assert folded([no_tenant]).incomplete() == {"acme.old"}
 
 
 def test_cancel_requests_and_their_outcome() -> None:
     events = [*lifecycle()[:3],
               Cancelling(task_id="t1", attempt=1, time=at(3), reason="user"),
               Cancelling(task_id="t1", attempt=1, time=at(4), reason="again")]
-    state = folded(events).states()["t1"]
+    state = folded(events).states()["acme.t1"]
     assert state.cancel_requested_at == at(3) and state.status == "running"
     # A queued task is cancelled in one step: its `finished` is the request's time too.
     queued = [lifecycle()[0], Finished(task_id="t1", time=at(2), status="cancelled")]
-    assert folded(queued).states()["t1"].cancel_requested_at == at(2)
+    assert folded(queued).states()["acme.t1"].cancel_requested_at == at(2)
     # A redrive starts afresh: the old request does not stop the new attempt.
     redriven = [*events, Finished(task_id="t1", attempt=1, time=at(5), status="cancelled"),
                 Retrying(task_id="t1", attempt=1, time=at(6), reason="redriven"),
                 Scheduled(task_id="t1", attempt=1, time=at(6), pool="default")]
-    assert folded(redriven).states()["t1"].cancel_requested_at is None
+    assert folded(redriven).states()["acme.t1"].cancel_requested_at is None
 
 
 def test_a_failed_attempt_to_be_retried_keeps_its_failure_visible() -> None:
@@ -135,11 +135,11 @@ def test_a_failed_attempt_to_be_retried_keeps_its_failure_visible() -> None:
     events = [*lifecycle()[:3],
               Retrying(task_id="t1", attempt=1, time=at(5), reason="retryable: exit 3",
                        exit_code=3, error="exit 3")]
-    state = folded(events).states()["t1"]
+    state = folded(events).states()["acme.t1"]
     assert (state.status, state.executor, state.exit_code, state.error, state.finished_at) == (
         "scheduled", None, 3, "exit 3", None)
     started = Started(task_id="t1", attempt=2, time=at(6), executor="node-b", image="img")
-    state = folded([*events, started]).states()["t1"]
+    state = folded([*events, started]).states()["acme.t1"]
     assert (state.status, state.attempt, state.exit_code, state.error) == (
         "running", 2, None, None)
 
@@ -148,10 +148,11 @@ def test_unknown_and_uninteresting_kinds_change_nothing() -> None:
     fold = folded(lifecycle())
     before = fold.states()
     later = {"kind": "teleported", "task_id": "t1", "time": at(9).isoformat()}
-    fold.apply_raw(StoredMsg("VIGIL_EVENTS", 99, "vigil.events.t1.teleported", at(9), {},
+    fold.apply_raw(StoredMsg("VIGIL_EVENTS", 99, "vigil.events.acme.t1.teleported", at(9), {},
                              json.dumps(later).encode()))
-    fold.apply(Checkpoint(task_id="t1", attempt=1, time=at(9), name="cp"))
-    assert {k: rebuild.compare(v, fold.states()[k]) for k, v in before.items()} == {"t1": []}
+    fold.apply("acme", Checkpoint(task_id="t1", attempt=1, time=at(9), name="cp"))
+    assert {k: rebuild.compare(v, fold.states()[k]) for k, v in before.items()} == {
+        "acme.t1": []}
     assert fold.last_seq == 99
 
 
@@ -192,8 +193,8 @@ def test_diff_sorts_tasks_into_only_live_only_rebuilt_and_aged_out() -> None:
 
 def test_rebuilt_state_round_trips_through_the_codec() -> None:
     fold = folded(lifecycle())
-    fold.tasks["t1"].spec = TaskSpec(command=["echo"])
-    state = fold.states()["t1"]
+    fold.tasks["acme.t1"].spec = TaskSpec(command=["echo"])
+    state = fold.states()["acme.t1"]
     assert codec.state_decoder.decode(codec.encode(state)) == state
     assert state.spec is not None and state.spec.id == "t1"
 
@@ -291,7 +292,14 @@ def test_redrive_chooses_dead_tasks_by_default_and_explains_refusals() -> None:
     assert set(picked.refused) == {"ok", "nospec", "nope"}
     assert "succeeded" in picked.refused["ok"] and "no spec" in picked.refused["nospec"]
     assert redrive.choose(states, redrive.Selection(labels={"team": "web"})).tasks == []
-    assert redrive.redrive_msg_id("d1", 11) == "redrive:d1:11"
+    assert redrive.redrive_msg_id("acme", "d1", 11) == "redrive:acme.d1:11"
+    # Ids are per tenant: an id two tenants have needs --tenant, and gets it.
+    twins = [(live_state(id="tw", status="dead"), 21),
+             (live_state(id="tw", status="dead", tenant="other"), 22)]
+    both = redrive.choose(twins, redrive.Selection(ids=("tw",)))
+    assert both.tasks == [] and "--tenant" in both.refused["tw"]
+    one = redrive.choose(twins, redrive.Selection(ids=("tw",), tenant="other"))
+    assert [(c.state.tenant, c.revision) for c in one.tasks] == [("other", 22)]
 
 
 def test_every_replay_subcommand_has_help_with_examples() -> None:

@@ -35,6 +35,10 @@ class Server:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    # A server without users, on purpose: this watches every JetStream API request
+    # (subscribing to $JS.API.>, which no shipped user may), and runs no service. The
+    # services' own permissions for ensure_topology are exercised by every test under
+    # tests/, whose servers run the shipped users.
     nats_server = NatsServer(store_dir=tmp_path / "nats")
     await nats_server.start()
     nc = await nats.connect(nats_server.url)

@@ -135,11 +135,31 @@ def test_node_named_by_the_confession_is_masked() -> None:
     assert len(alerts) == 1
 
 
+def test_agents_incidents_are_their_tenants_own() -> None:
+    # The same complaint from two tenants' agents: two incidents, each its tenant's.
+    records = [rec(1, "registry unreachable", task="a-1", tenant="acme"),
+               rec(2, "registry unreachable", task="g-1", tenant="globex"),
+               rec(3, "registry unreachable", task="a-2", tenant="acme")]
+    incidents, _ = run(records)
+    owners = {inc.tenant: (inc.tenants, inc.tasks) for inc in incidents.values()}
+    assert owners == {"acme": (["acme"], ["a-1", "a-2"]), "globex": (["globex"], ["g-1"])}
+    # The platform's own confession about the same two tenants' tasks: one shared incident.
+    shared, _ = run([rec(1, "registry unreachable", source="executor", task="a-1"),
+                     rec(2, "registry unreachable", source="executor", task="g-1",
+                         tenant="globex")])
+    (inc,) = shared.values()
+    assert inc.tenant is None and inc.tenants == ["acme", "globex"]
+
+
 def test_each_tenants_tasks_are_kept_whole() -> None:
-    records = [rec(i + 1, "registry unreachable", task=f"{tenant}-{i}", tenant=tenant)
+    # A platform incident (here an executor's) that hits many tenants' tasks.
+    records = [rec(i + 1, "registry unreachable", task=f"{tenant}-{i}", tenant=tenant,
+                   source="executor")
                for i, tenant in enumerate(["acme", "globex"] * 6)]
-    records.append(rec(13, "registry unreachable", task="acme-0", tenant="acme"))  # again
-    records.append(rec(14, "registry unreachable", task=None, tenant="acme"))
+    records.append(rec(13, "registry unreachable", task="acme-0", tenant="acme",
+                       source="executor"))  # again
+    records.append(rec(14, "registry unreachable", task=None, tenant="acme",
+                       source="executor"))
     incidents, _ = run(records)
     (inc,) = incidents.values()
     assert inc.tenants == ["acme", "globex"]

@@ -6,6 +6,7 @@ is a stand-in that records what would be published (no NATS, no container)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from vigil.messages import Confession, TaskSpec, TaskState, WorkItem
 from vigil_executor.agentio import AgentOutput
 from vigil_executor.attempt import Attempt
-from vigil_executor.runtime import ExitInfo
+from vigil_executor.claim import HandBack
+from vigil_executor.runtime import ContainerError, ExitInfo
 from vigil_executor.settings import ExecutorSettings
 
 pytestmark = pytest.mark.unit
@@ -97,3 +99,41 @@ async def test_time_limit_and_silent_exit_confess_with_the_image() -> None:
     assert silent.error == "agent exited with code 3 (no output)"
     assert [(c.category, c.data) for c in rec.confessions] == [
         ("time_limit", {"image": "img:7"}), ("silent_failure", {"image": "img:7"})]
+
+
+async def test_an_init_that_could_not_exec_the_command_fails_the_task_at_once() -> None:
+    """The agent never ran because its command is not in the image: the task's own
+    failure, not retried (a retry finds the same image), confessed with the cause."""
+    rec = Recorder()
+    why = ContainerError("the container's init could not start the agent: failed to exec "
+                         "pid1: No such file or directory", cause="command_not_runnable",
+                         retryable=False)
+    outcome = await attempt_of(rec)._judge(
+        ExitInfo(exit_code=1, start_error=why), await output_with([b"ERROR (catatonit:6)"]),
+        timed_out=False, timeout_s=60)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert outcome.retryable_cause is None
+    assert outcome.error == f"could not start the container on node-7: {why}"
+    (c,) = rec.confessions
+    assert (c.category, c.summary) == ("container_start_failed", outcome.error)
+
+
+async def test_an_init_that_could_not_fork_the_agent_hands_the_task_back() -> None:
+    """The host's failure (no processes left for the rootless user): handed back with the
+    missing-image delay for this delivery, no outcome, confessed as the platform's."""
+    rec = Recorder()
+    attempt = attempt_of(rec)
+    attempt.msg = SimpleNamespace(metadata=SimpleNamespace(num_delivered=2))  # type: ignore[assignment]
+    why = ContainerError("the container's init could not start the agent: failed to spawn "
+                         "pid1: Resource temporarily unavailable", cause="eagain",
+                         retryable=True)
+    with pytest.raises(HandBack) as raised:
+        await attempt._judge(ExitInfo(exit_code=1, start_error=why), await output_with([]),
+                             timed_out=False, timeout_s=60)
+    assert raised.value.delay_s == 10.0 and raised.value.kind == "container start infra"
+    assert raised.value.reason.startswith(
+        "the container could not start on node node-7 for a host reason (eagain): ")
+    (c,) = rec.confessions
+    assert c.category == "container_start_infra" and c.severity == "error"
+    assert c.summary.endswith("; handed back, no attempt spent")
+    assert "node node-7 is short of processes" in (c.hint or "")

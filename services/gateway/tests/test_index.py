@@ -66,7 +66,7 @@ def test_updates_replace_deletes_remove_and_tenants_are_separate() -> None:
     assert len(index) == 2
     assert [t.status for t in index.query(Query(tenant="acme"))[0]] == ["succeeded"]
     assert [t.id for t in index.query(Query(tenant="globex"))[0]] == ["t002"]
-    index.remove("t001")
+    index.remove("acme.t001")
     index.remove("never-there")
     assert index.query(Query(tenant="acme"))[0] == []
 

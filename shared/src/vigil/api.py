@@ -131,11 +131,16 @@ class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime
     seen_at: datetime
     tenants: dict[str, int] = {}
-    """Running tasks by tenant; a token sees only its own tenant's count."""
+    """Running tasks by tenant; a tenant's token sees only its own tenant's count, a
+    platform token every tenant's."""
 
     @classmethod
-    def of(cls, info: ExecutorInfo, tenant: str) -> ExecutorView:
-        mine = {tenant: info.tenants[tenant]} if tenant in info.tenants else {}
+    def of(cls, info: ExecutorInfo, tenant: str | None) -> ExecutorView:
+        """The view for a token of ``tenant`` (None: a platform token)."""
+        if tenant is None:
+            mine = dict(info.tenants)
+        else:
+            mine = {tenant: info.tenants[tenant]} if tenant in info.tenants else {}
         return cls(node=info.node, pool=info.pool, labels=dict(info.labels), slots=info.slots,
                    running=info.running, free=info.free, draining=info.draining,
                    runtime=info.runtime, version=info.version, started_at=info.started_at,

@@ -3,11 +3,17 @@
 A tokens file is JSON::
 
     {"tokens": [{"name": "ci", "tenant": "acme", "role": "submitter",
-                 "sha256": "<hex digest of the token>"}]}
+                 "sha256": "<hex digest of the token>"},
+                {"name": "oncall", "scope": "platform", "role": "operator",
+                 "sha256": "<hex digest>"}]}
 
 Only digests are stored; :func:`new_token` makes a token and its entry. Roles:
-``viewer`` reads, ``submitter`` also submits and cancels, ``operator`` also replays and
-redrives.
+``viewer`` reads, ``submitter`` also submits and cancels, ``operator`` also acknowledges
+and resolves incidents. A role never widens a token beyond its tenant: a ``tenant`` token
+(the default scope) sees and acts on its own tenant only, whatever its role. Cross-tenant
+access is its own kind of token: ``scope: "platform"`` has no tenant, sees every tenant's
+incidents and executors, acknowledges and resolves platform incidents, and reads no task
+(tasks belong to tenants; a platform operator uses ``vigil replay`` on NATS for those).
 """
 
 from __future__ import annotations
@@ -28,14 +34,24 @@ from vigil.messages import ID_PATTERN
 
 Role = Literal["viewer", "submitter", "operator"]
 ROLES: tuple[str, ...] = ("viewer", "submitter", "operator")
+Scope = Literal["tenant", "platform"]
+PLATFORM_TENANT = "*"  # a platform principal's tenant: matches no tenant's name
 TOKEN_PREFIX = "vgl_"  # noqa: S105 - a prefix that makes leaked tokens greppable
 
 
-class TokenEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TokenEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                 omit_defaults=True):
     name: str
-    tenant: Annotated[str, Meta(pattern=ID_PATTERN)]
+    tenant: Annotated[str, Meta(pattern=ID_PATTERN)] | None = None
     role: Role
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    scope: Scope = "tenant"
+
+    def __post_init__(self) -> None:
+        if self.scope == "tenant" and self.tenant is None:
+            raise ValueError(f"token {self.name!r} needs a tenant (or scope \"platform\")")
+        if self.scope == "platform" and self.tenant is not None:
+            raise ValueError(f"platform token {self.name!r} must not name a tenant")
 
 
 class TokensFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -44,8 +60,13 @@ class TokensFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    tenant: str
+    tenant: str  # PLATFORM_TENANT for a platform token
     role: Role
+    scope: Scope = "tenant"
+
+    @property
+    def platform(self) -> bool:
+        return self.scope == "platform"
 
     def can(self, role: Role) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -97,15 +118,23 @@ class TokenBook:
         # in constant time anyway so no code path depends on secret bytes.
         if entry is None or not hmac.compare_digest(entry.sha256, d):
             return None
-        return Principal(name=entry.name, tenant=entry.tenant, role=entry.role)
+        return Principal(name=entry.name, tenant=entry.tenant or PLATFORM_TENANT,
+                         role=entry.role, scope=entry.scope)
 
 
-def add_token(path: str | Path, name: str, tenant: str, role: Role) -> str:
-    """Create a token, append its digest to ``path`` (created 0600), return the token."""
+def add_token(path: str | Path, name: str, tenant: str | None, role: Role,
+              scope: Scope = "tenant") -> str:
+    """Create a token, append its digest to ``path`` (created 0600), return the token.
+    A ``platform`` token has no tenant; a ``tenant`` one must have one."""
     p = Path(path)
     existing = TokenBook.load(p)._by_digest.values() if p.exists() else []
     token = new_token()
-    entries = [*existing, TokenEntry(name=name, tenant=tenant, role=role, sha256=digest(token))]
+    try:
+        entry = TokenEntry(name=name, tenant=tenant, role=role, sha256=digest(token),
+                           scope=scope)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    entries = [*existing, entry]
     body = json.dumps({"tokens": [msgspec.to_builtins(e) for e in entries]}, indent=2)
     tmp = p.with_suffix(p.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vigil import __version__, auth, cli_config, cli_fleet, cli_replay, cli_tasks
+from vigil import __version__, auth, cli_config, cli_fleet, cli_replay, cli_tasks, ids, subjects
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_INTERRUPTED,
@@ -122,12 +122,13 @@ Logs of each service: {d}/logs/""", flush=True)
 
 async def cmd_nats_config(args: argparse.Namespace) -> int:
     """Render a production nats-server config with Vigil's least-privilege users."""
-    from vigil.natsserver import NatsServer, User
-    from vigil.permissions import service_permissions
+    from vigil import natsusers
+    from vigil.natsserver import NatsServer
+    from vigil.permissions import SERVICES, shipped_users
 
-    users = [User("admin", "$VIGIL_ADMIN_PASSWORD")]
-    for name, (pub, sub) in service_permissions(args.pool).items():
-        users.append(User(name, f"$VIGIL_{name.upper()}_PASSWORD", publish=pub, subscribe=sub))
+    passwords = {name: f"$VIGIL_{name.upper()}_PASSWORD" for name in (*SERVICES, "admin")}
+    tenants = natsusers.load(Path(args.users_file)) if args.users_file else []
+    users = shipped_users(passwords, tenants, pool=args.pool)
     server = NatsServer(store_dir=Path(args.store_dir), port=args.port, host=args.host,
                         sync_always=True, users=users, name=args.server_name,
                         cluster_name=args.cluster_name, cluster_port=args.cluster_port,
@@ -136,7 +137,8 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
         f'"{Path(args.store_dir) / "jetstream"}"', json.dumps(args.store_dir))
     print("# nats-server config for Vigil, from `vigil nats-config`: JetStream on file storage,")
     print("# fsync before every ack (sync_interval: always), one least-privilege user per")
-    print("# service. Passwords come from the server's environment ($VIGIL_*_PASSWORD).")
+    print("# service. Passwords come from the server's environment ($VIGIL_*_PASSWORD);")
+    print("# tenants' users (--users-file) carry their own. Keep this file private (0600).")
     print(text, end="")
     return EXIT_OK
 
@@ -191,8 +193,40 @@ async def cmd_incidents(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_nats_user(args: argparse.Namespace) -> int:
+    """Manage tenants' raw NATS users (see vigil.natsusers)."""
+    from vigil import natsusers
+
+    path = Path(args.file)
+    if args.user_command == "add":
+        user = natsusers.add(path, args.tenant, args.name)
+        host = args.server.split("://", 1)[-1]
+        print(f"nats://{user.name}:{user.password}@{host}")
+        print(f"(connect with inbox_prefix=\"{subjects.tenant_inbox(user.tenant)}\"; it may "
+              f"publish to {subjects.submit(user.tenant)} and "
+              f"{subjects.cancel_request(user.tenant)}, read its tenant's keys "
+              f"{user.tenant}.<id> of {subjects.KV_TASKS} and subscribe to "
+              f"{subjects.EVENTS}.{user.tenant}.>; the password is shown only now and is "
+              f"kept in {path}; a running `vigil up` picks the user up within a second)",
+              file=sys.stderr)
+        return EXIT_OK
+    if args.user_command == "list":
+        for u in natsusers.load(path):
+            print(f"{u.name:<32} tenant {u.tenant}")
+        return EXIT_OK
+    if not natsusers.remove(path, args.name):
+        raise VigilError(f"no NATS user {args.name!r} in {path}")
+    print(f"removed {args.name} (a running `vigil up` reloads nats-server within a second; "
+          "the user's open connections are closed then)")
+    return EXIT_OK
+
+
 async def cmd_token_create(args: argparse.Namespace) -> int:
-    token = auth.add_token(args.file, args.name, args.tenant, args.role)
+    if (args.tenant is None) == (not args.platform):
+        raise VigilError("name the token's tenant (--tenant acme), or make a cross-tenant "
+                         "token with --platform (not both)")
+    token = auth.add_token(args.file, args.name, args.tenant, args.role,
+                           "platform" if args.platform else "tenant")
     print(token)
     print(f"(stored only as a SHA-256 digest in {args.file}; this is the only time the token "
           "is shown)", file=sys.stderr)
@@ -217,6 +251,12 @@ exit status:
   {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
 
 {cli_config.HELP}"""
+
+
+def _tenant_name(value: str) -> str:
+    if not ids.is_valid_id(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a tenant name ([A-Za-z0-9_-]{{1,64}})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     tc = tks.add_parser("create", help="create a token and store its digest",
                         description="Create an API token for the gateway. The token is "
                         "printed once; only its SHA-256 digest is stored.")
-    tc.add_argument("--tenant", required=True)
+    tc.add_argument("--tenant", help="the tenant the token acts for (whatever its role, it "
+                    "sees nothing of other tenants)")
+    tc.add_argument("--platform", action="store_true",
+                    help="a cross-tenant token instead: every tenant's incidents and "
+                    "executors, no tasks (for the platform's own operators)")
     tc.add_argument("--role", choices=auth.ROLES, default="submitter")
     tc.add_argument("--name", default="token", help="a label for the token")
     tc.add_argument("--file", default=".vigil/tokens.json", help="tokens file (VIGIL_TOKENS_FILE)")
@@ -294,14 +338,36 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server config's default
     nc.add_argument("--port", type=int, default=4222)
     nc.add_argument("--store-dir", default="/data", help="JetStream storage directory")
-    nc.add_argument("--pool", default="default", help="executor pool the users may pull")
+    nc.add_argument("--pool", help="the only executor pool the executor user may pull "
+                    "(default: every pool)")
     nc.add_argument("--server-name", default="vigil-1", help="unique per cluster node")
     nc.add_argument("--cluster-name", help="join a JetStream cluster of this name (use 3 "
                     "nodes, and VIGIL_REPLICAS=3 on the services, for R3 streams)")
     nc.add_argument("--cluster-port", type=int, default=6222)
     nc.add_argument("--route", action="append", metavar="URL",
                     help="another node's route URL, nats://host:6222 (repeat)")
+    nc.add_argument("--users-file", help="also the tenants' users from this file (made by "
+                    "`vigil nats-user add --file ...`)")
     nc.set_defaults(func=cmd_nats_config)
+
+    nu = sub.add_parser("nats-user", help="manage tenants' raw NATS users",
+                        description="Each tenant's own NATS user may submit and cancel as that "
+                        "tenant, read that tenant's task states and follow its events: "
+                        "nothing of any other tenant. The server enforces it.",
+                        epilog="example: vigil nats-user add --tenant acme")
+    nus = nu.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    na = nus.add_parser("add", help="add a user for a tenant and print its URL (once)")
+    na.add_argument("--tenant", required=True, type=_tenant_name)
+    na.add_argument("--name", help="the user's name (default tenant-<tenant>)")
+    na.add_argument("--server", default="127.0.0.1:4222",
+                    help="host:port to print in the URL (default 127.0.0.1:4222)")
+    nus.add_parser("list", help="list the users (not their passwords)")
+    nr = nus.add_parser("remove", help="remove a user")
+    nr.add_argument("name")
+    for p_ in nus.choices.values():
+        p_.add_argument("--file", default=".vigil/nats-users.json",
+                        help="the users file (vigil up reads .vigil/nats-users.json)")
+    nu.set_defaults(func=cmd_nats_user)
     return p
 
 

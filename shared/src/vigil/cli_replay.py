@@ -20,11 +20,12 @@ from typing import Any, TextIO
 import structlog
 from nats.js import JetStreamContext
 
-from vigil import rebuild, redrive, replay, timeline
+from vigil import migrate, rebuild, redrive, replay, timeline
 from vigil.cli_config import environ
-from vigil.cli_output import EXIT_OK, out_json
+from vigil.cli_output import EXIT_OK, EXIT_USAGE, out_json
 from vigil.cli_tasks import pairs
 from vigil.errors import VigilError
+from vigil.jetstream import tenants_of
 from vigil.progress import ProgressBar
 
 EXIT_DIFFERS = 1  # differs, not found, not all succeeded
@@ -76,7 +77,22 @@ def _entry(impl: Impl) -> Callable[[argparse.Namespace], Awaitable[int]]:
 # timeline -----------------------------------------------------------------------------------
 async def cmd_timeline(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async with _nats(args) as js:
-        tl = await timeline.build(js, args.task_id, logs=not args.no_logs, issues=args.issues)
+        tenant = args.tenant
+        if tenant is None:
+            # Ids are per tenant: find which tenant(s) have this one.
+            found = await tenants_of(js, args.task_id)
+            if len(found) > 1:
+                err.write(f"vigil: task id {args.task_id!r} exists in tenants "
+                          f"{', '.join(found)}; choose one with --tenant\n")
+                return EXIT_USAGE
+            tenant = found[0] if found else None
+        if tenant is None:
+            err.write(f"vigil: no task {args.task_id!r} in vigil-tasks (wrong id, or it "
+                      "expired); if its events are still kept, name its tenant with "
+                      "--tenant\n")
+            return EXIT_DIFFERS
+        tl = await timeline.build(js, args.task_id, tenant=tenant, logs=not args.no_logs,
+                                  issues=args.issues)
     if not tl.found:
         err.write(f"vigil: no task {args.task_id!r}: not in vigil-tasks and no events in "
                   "VIGIL_EVENTS (wrong id, or its history aged out)\n")
@@ -237,7 +253,8 @@ async def cmd_redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
         out.flush()
         outcomes = await redrive.wait_for(js, tasks, args.timeout)
     failed = 0
-    for task_id, state in outcomes.items():
+    for key, state in outcomes.items():
+        task_id = key.partition(".")[2]  # <tenant>.<id>
         if state is None:
             failed += 1
             out.write(f"{task_id}: did not finish within {args.timeout:g}s\n")
@@ -245,6 +262,35 @@ async def cmd_redrive(args: argparse.Namespace, out: TextIO, err: TextIO) -> int
             failed += state.status != "succeeded"
             out.write(f"{task_id}: {state.status} (attempt {state.attempt})\n")
     return EXIT_DIFFERS if failed else EXIT_OK
+
+
+# migrate-keys ------------------------------------------------------------------------------
+async def cmd_migrate_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    async with _nats(args) as js:
+        found = await migrate.plan(js)
+        for key, why in found.skipped.items():
+            err.write(f"vigil: not moving {key!r}: {why}\n")
+        if not found.moves:
+            out.write("nothing to move: every key of vigil-tasks has the <tenant>.<id> layout\n")
+            return EXIT_OK
+        for m in found.moves[:args.show]:
+            out.write(f"  {m.key}  ->  {m.new_key}  ({m.state.status})\n")
+        if len(found.moves) > args.show:
+            out.write(f"  ... and {len(found.moves) - args.show} more\n")
+        if not args.yes:
+            out.write(f"dry run: would move {len(found.moves)} task key(s) to the per-tenant "
+                      "layout. Add --yes to move them.\n")
+            return EXIT_OK
+        out.flush()
+        result = await migrate.run(js, found.moves, rate=args.rate, err=err)
+    out.write(f"moved {result.moved} key(s)"
+              + (f"; {result.already} had been moved by an earlier run" if result.already
+                 else "") + "\n")
+    if result.changed:
+        out.write(f"{len(result.changed)} key(s) changed while moving and were left: "
+                  f"{', '.join(result.changed[:10])}; run the command again\n")
+        return EXIT_DIFFERS
+    return EXIT_OK
 
 
 # rebuild -----------------------------------------------------------------------------------
@@ -336,7 +382,8 @@ def _parser(sub: Any, name: str, impl: Impl, **kwargs: Any) -> argparse.Argument
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``replay`` command to the ``vigil`` parser."""
     rp = sub.add_parser(
-        "replay", help="operator tools on the streams: timeline, stream, redrive, rebuild",
+        "replay", help="operator tools on the streams: timeline, stream, redrive, rebuild, "
+        "migrate-keys",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Operator tools that talk to NATS directly (as the `operator` NATS user).\n"
         "Reading is harmless; whatever writes is a dry run that says what it would do until "
@@ -354,6 +401,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "  vigil replay timeline t_abc123 --no-logs\n"
                 "  vigil replay timeline t_abc123 --json | jq -r .kind\n\n" + CONNECTION)
     t.add_argument("task_id", metavar="TASK_ID")
+    t.add_argument("--tenant", help="the task's tenant (ids are per tenant; needed only when "
+                   "more than one tenant has a task of that id)")
     t.add_argument("--no-logs", action="store_true", help="leave out the agent's output lines")
     t.add_argument("--issues", action="store_true",
                    help="also scan VIGIL_ISSUES for confessions naming the task (reads the "
@@ -426,6 +475,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long --wait waits (default 600)")
     r.add_argument("--json", action="store_true", help="the chosen tasks as JSON (dry run)")
+
+    m = _parser(rsub, "migrate-keys", cmd_migrate_keys,
+                help="move vigil-tasks to the per-tenant key layout of Vigil 0.2",
+                description="Before 0.2 a task's key in vigil-tasks was its id; since, it is "
+                "<tenant>.<id>\n(ids are per tenant). Moves every old key: creates the new "
+                "one, then deletes the old\none at the revision read (a key written meanwhile "
+                "is left for a rerun). Drain the\nplatform first (see the README's \"Upgrading "
+                "to 0.2\"). Safe to run again.",
+                epilog="examples:\n  vigil replay migrate-keys\n"
+                "  vigil replay migrate-keys --yes\n\n" + CONNECTION)
+    m.add_argument("--yes", action="store_true", help="move the keys (default: a dry run)")
+    m.add_argument("--show", type=int, default=20, metavar="N",
+                   help="list at most N keys to move (default 20)")
+    _rate(m, "keys")
 
     b = _parser(rsub, "rebuild", cmd_rebuild,
                 help="rebuild vigil-tasks from the event log and diff it against the live one",

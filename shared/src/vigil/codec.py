@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 
@@ -62,6 +63,13 @@ def invalid_task_field(error: str) -> str | None:
     if error.startswith("task spec is not valid JSON"):
         return "$"
     return None
+
+
+def spec_digest(spec: TaskSpec) -> str:
+    """``sha256:<hex>`` of ``spec`` as submitted, without its id: the same request body
+    gives the same digest at the gateway and the scheduler (one encoder, fields in order)."""
+    canonical = encode(msgspec.structs.replace(spec, id=None))
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def check_utf8(data: bytes) -> None:

@@ -33,12 +33,13 @@ from typing import Any
 
 import aiohttp
 
-from vigil import auth
+from vigil import auth, natsusers, subjects
 from vigil.errors import VigilError
-from vigil.natsserver import NatsServer, User, check_version, die_with_parent, find_binary
-from vigil.permissions import service_permissions
+from vigil.natsserver import NatsServer, check_version, die_with_parent, find_binary
+from vigil.permissions import shipped_users
 
 SERVICES = ("scheduler", "executor", "auditor", "gateway")
+DEFAULT_TENANT = "default"  # what `vigil up`'s own token and NATS user act as
 START_TIMEOUT_S = 60.0
 
 
@@ -160,8 +161,36 @@ class Stack:
         self.podman_service: PodmanService | None = None
         self.podman_socket: Path | None = None
         self.children: dict[str, Child] = {}
+        self._users_seen: tuple[int, int] | None = None
         self.token = ""
         self.failed: str | None = None
+
+    @property
+    def users_file(self) -> Path:
+        """Tenants' NATS users (``vigil nats-user``); watched while the stack runs."""
+        return self.data / "nats-users.json"
+
+    def _users_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.users_file.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _reload_users(self) -> None:
+        """Tenant users changed (``vigil nats-user add``): reload nats-server's users."""
+        stamp = self._users_stamp()
+        if stamp == self._users_seen or self.nats is None:
+            return
+        self._users_seen = stamp
+        try:
+            users = shipped_users(self._secrets(), natsusers.load(self.users_file))
+        except VigilError as exc:
+            self.say(f"  ! {self.users_file}: {exc}; NATS users not reloaded")
+            return
+        self.nats.users = users
+        self.nats.reload()
+        self.say(f"  ✓ nats      users reloaded from {self.users_file} ({len(users)} users)")
 
     @property
     def gateway_url(self) -> str:
@@ -213,7 +242,7 @@ class Stack:
         else:
             data = {}
         changed = False
-        for name in (*SERVICES, "admin", "submit", "operator"):
+        for name in (*SERVICES, "admin", "operator"):
             if name not in data:
                 data[name] = secrets.token_urlsafe(24)
                 changed = True
@@ -227,13 +256,22 @@ class Stack:
         client: dict[str, Any] = {}
         if client_file.exists():
             client = json.loads(client_file.read_text(encoding="utf-8"))
-        if not tokens_file.exists() or not client.get("token"):
+        if not tokens_file.exists() or not client.get("token") or not client.get(
+                "platform_token"):
             tokens_file.unlink(missing_ok=True)
-            client["token"] = auth.add_token(tokens_file, "vigil-up", "default", "operator")
+            client["token"] = auth.add_token(tokens_file, "vigil-up", DEFAULT_TENANT,
+                                             "operator")
+            # The platform's own operator (cross-tenant: incidents of every tenant).
+            client["platform_token"] = auth.add_token(tokens_file, "vigil-up-platform", None,
+                                                      "operator", "platform")
         client["url"] = self.gateway_url
         client["nats_url"] = self.nats_url
         assert self.nats is not None
-        client["nats_submit_url"] = self.nats.url_for("submit")
+        # The default tenant's own NATS user (see vigil.natsusers): raw clients submit and
+        # read its tasks with it, connecting with its inbox prefix.
+        tenant = natsusers.ensure(self.users_file, DEFAULT_TENANT)
+        client["nats_submit_url"] = self.nats.url_for(tenant.name)
+        client["nats_submit_inbox_prefix"] = subjects.tenant_inbox(DEFAULT_TENANT)
         client["nats_operator_url"] = self.nats.url_for("operator")
         _write_private(client_file, json.dumps(client, indent=2))
         self.token = client["token"]
@@ -241,9 +279,9 @@ class Stack:
     async def _start_nats(self, secrets_: dict[str, str]) -> None:
         binary = find_binary()
         version = check_version(binary)
-        users = [User("admin", secrets_["admin"])]
-        for name, (pub, sub) in service_permissions().items():
-            users.append(User(name, secrets_[name], publish=pub, subscribe=sub))
+        natsusers.ensure(self.users_file, DEFAULT_TENANT)
+        self._users_seen = self._users_stamp()
+        users = shipped_users(secrets_, natsusers.load(self.users_file))
         self.nats = NatsServer(
             store_dir=self.data / "nats", port=self.config.nats_port, host=self.config.host,
             sync_always=self.config.sync_always, users=users, binary=binary,
@@ -336,6 +374,7 @@ class Stack:
             if self.nats is not None and not self.nats.running:
                 self.failed = f"nats-server exited; see {self.nats.log_file}"
                 return
+            self._reload_users()
             if self.podman is not None and not self.podman.alive:
                 self.failed = f"the Podman API service exited; see {self.podman.log_path}"
                 return

@@ -1,14 +1,18 @@
 """How a task gets its id — a public rule, so a raw NATS publisher always knows it.
 
-For a spec published on ``vigil.submit.<tenant>``, the task id is, in order:
+Ids are per tenant: a task is known by (tenant, id), its key in ``vigil-tasks`` is
+``<tenant>.<id>``, and two tenants may use the same id without ever learning of each
+other. For a spec published on ``vigil.submit.<tenant>``, the task id is, in order:
 
 1. the spec's ``id`` field, when present;
-2. else the ``Nats-Msg-Id`` header, when present and a valid id (``[A-Za-z0-9_-]{1,64}``);
+2. else the ``Nats-Msg-Id`` header, when present and a valid user id;
 3. else ``s<seq>``, where ``<seq>`` is the stream sequence in the publisher's PubAck.
 
-Ids are global (they are keys of ``vigil-tasks``), so a submission whose id is already
-taken by another tenant is refused, and a repeat by the same tenant is a duplicate that
-runs nothing.
+Ids the platform makes — ``s<digits>`` (rule 3), and the gateway's ``t_`` + 26 and
+``k_`` + 26 base32 characters (a random id; one derived from an ``Idempotency-Key``) —
+come from a space user-chosen ids cannot enter: a spec ``id`` of one of those shapes is
+refused unless the gateway sent it, and a ``Nats-Msg-Id`` of one of those shapes is not
+taken as the id. A repeat of an existing id by its tenant is a duplicate that runs nothing.
 """
 
 from __future__ import annotations
@@ -16,21 +20,33 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from vigil import messages
 from vigil.messages import ID_RE
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
+PLATFORM_ID_RE = messages.PLATFORM_ID_RE  # the shapes of platform-made ids (see above)
 
 
 def is_valid_id(value: str | None) -> bool:
     return value is not None and ID_RE.fullmatch(value) is not None
 
 
+def is_platform_id(value: str) -> bool:
+    """Whether ``value`` has the shape of an id the platform makes (reserved to it)."""
+    return PLATFORM_ID_RE.fullmatch(value) is not None
+
+
+def reserved_id_error(value: str) -> str:
+    return (f"task id {value!r} has the shape of an id the platform makes (s<digits>, "
+            "t_/k_ + 26 base32 characters); choose another id")
+
+
 def task_id_for(spec_id: str | None, msg_id: str | None, stream_seq: int) -> str:
-    """Apply the rule above. ``spec_id`` must already be validated by the spec decoder."""
+    """Apply the rule above. ``spec_id`` must already be validated (and, from a tenant,
+    checked against :func:`is_platform_id`) by the caller."""
     if spec_id:
         return spec_id
-    if is_valid_id(msg_id):
-        assert msg_id is not None
+    if msg_id is not None and is_valid_id(msg_id) and not is_platform_id(msg_id):
         return msg_id
     return f"s{stream_seq}"
 

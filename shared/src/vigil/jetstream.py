@@ -106,19 +106,31 @@ class TaskStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> TaskStore:
-        return cls(await js.key_value(subjects.KV_TASKS))
+        await js.key_value(subjects.KV_TASKS)  # it exists (or a clear error)
+        # Reads go to the stream's leader (STREAM.MSG.GET), not a direct get that any
+        # replica may answer with a value a write behind: every decision here is a
+        # compare-and-set on the newest revision (see topology.TASKS).
+        return cls(KeyValue(name=subjects.KV_TASKS, stream=f"KV_{subjects.KV_TASKS}",
+                            pre=f"$KV.{subjects.KV_TASKS}.", js=js, direct=False))
 
-    async def get(self, task_id: str) -> tuple[TaskState, int] | None:
+    async def get(self, tenant: str, task_id: str) -> tuple[TaskState, int] | None:
+        """Tenant ``tenant``'s task ``task_id`` and its revision; None if there is none."""
+        key = subjects.task_key(tenant, task_id)
+
         async def once() -> tuple[TaskState, int] | None:
             try:
-                entry = await self._kv.get(task_id)
+                entry = await self._kv.get(key)
             except KeyNotFoundError:
                 return None
             if entry.value is None:
                 return None
             return codec.state_decoder.decode(entry.value), int(entry.revision or 0)
 
-        return await retrying(f"get task {task_id}", once)
+        return await retrying(f"get task {key}", once)
+
+    async def get_state(self, state: TaskState) -> tuple[TaskState, int] | None:
+        """The current state and revision of the task ``state`` is a version of."""
+        return await self.get(state.tenant, state.id)
 
     async def create(self, state: TaskState) -> int | None:
         """Create the task's key; None if it already exists (and is not our own write)."""
@@ -137,47 +149,48 @@ class TaskStore:
             tries += 1
             try:
                 if revision is None:
-                    return int(await self._kv.create(state.id, data))
-                return int(await self._kv.update(state.id, data, last=revision))
+                    return int(await self._kv.create(state.key, data))
+                return int(await self._kv.update(state.key, data, last=revision))
             except KeyWrongLastSequenceError:
                 if tries == 1:
                     return None
                 # A retry after a lost reply: the first try may have landed. If the key
                 # holds exactly what we wrote, that write was ours.
                 try:
-                    entry = await self._kv.get(state.id)
+                    entry = await self._kv.get(state.key)
                 except KeyNotFoundError:
                     return None
                 if entry.value == data:
                     return int(entry.revision or 0)
                 return None
 
-        return await retrying(f"write task {state.id}", once)
+        return await retrying(f"write task {state.key}", once)
 
 
 def event_kind(event: Event) -> str:
     return str(type(event).__struct_config__.tag)
 
 
-def event_msg_id(event: Event, n: int | str | None = None) -> str:
-    """``<task>:<attempt>:<kind>[:<n>]``: what the event means, so a re-publish dedupes.
+def event_msg_id(tenant: str, event: Event, n: int | str | None = None) -> str:
+    """``<tenant>.<task>:<attempt>:<kind>[:<n>]``: what the event means, so a re-publish
+    dedupes (the tenant is part of it: two tenants' tasks may share an id).
 
     ``n`` numbers repeated events of one kind within an attempt (log batches by their first
     line, progress and confessions by their order in the agent's output).
     """
-    base = f"{event.task_id}:{event.attempt}:{event_kind(event)}"
+    base = f"{tenant}.{event.task_id}:{event.attempt}:{event_kind(event)}"
     return base if n is None else f"{base}:{n}"
 
 
 async def publish_event(
-    js: JetStreamContext, event: Event, n: int | str | None = None, *,
+    js: JetStreamContext, tenant: str, event: Event, n: int | str | None = None, *,
     deadline_s: float = 30.0
 ) -> PubAck:
     return await publish(
         js,
-        subjects.event(event.task_id, event_kind(event)),
+        subjects.event(tenant, event.task_id, event_kind(event)),
         codec.encode(event),
-        event_msg_id(event, n),
+        event_msg_id(tenant, event, n),
         deadline_s=deadline_s,
     )
 
@@ -209,6 +222,32 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
     return [data for _, data in found]
 
 
+async def tenants_of(js: JetStreamContext, task_id: str) -> list[str]:
+    """The tenants that have a task ``task_id`` (ids are per tenant), sorted: how an
+    operator's cross-tenant tool (``vigil replay``) finds a task by its id alone."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                            inactive_threshold=10.0)
+    bucket = f"KV_{subjects.KV_TASKS}"
+    sub = await retrying(f"find task {task_id}", lambda: js.subscribe(
+        subjects.task_kv_subject("*", task_id), stream=bucket, ordered_consumer=True,
+        config=config))
+    found: set[str] = set()
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                break
+            if msg.data and (tenant := subjects.token(msg.subject, 2)) is not None:
+                found.add(tenant)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return sorted(found)
+
+
 async def _read_ordered(js: JetStreamContext, stream: str, subject: str,
                         config: ConsumerConfig, *, limit: int, idle_s: float
                         ) -> list[tuple[int, bytes]]:
@@ -232,7 +271,7 @@ async def _read_ordered(js: JetStreamContext, stream: str, subject: str,
     return found
 
 
-async def log_tail(js: JetStreamContext, task_id: str, attempt: int, *,
+async def log_tail(js: JetStreamContext, tenant: str, task_id: str, attempt: int, *,
                    lines: int = TAIL_LINES, line_chars: int = TAIL_LINE_CHARS,
                    idle_s: float = 1.0) -> list[str]:
     """The last ``lines`` output lines attempt ``attempt`` of ``task_id`` published, oldest
@@ -242,7 +281,7 @@ async def log_tail(js: JetStreamContext, task_id: str, attempt: int, *,
     Reads back from the newest log event in growing windows of stream sequence, so a
     long-running task's whole log is not read for its last lines. [] when there are none.
     """
-    subject = subjects.event(task_id, "log")
+    subject = subjects.event(tenant, task_id, "log")
     newest = await _events_from(js, subject, DeliverPolicy.LAST, idle_s=idle_s)
     if not newest:
         return []

@@ -18,6 +18,8 @@ from msgspec import Meta
 # Identifiers: safe as a single NATS subject token and as a KV key.
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_RE = re.compile(ID_PATTERN)
+# Ids the platform makes (vigil.ids): s<stream seq>, and the gateway's t_/k_ ids.
+PLATFORM_ID_RE = re.compile(r"^(?:s[0-9]+|[tk]_[a-z2-7]{26})$")
 TaskId = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9_-]{1,64}")]
 Name = Annotated[str, Meta(pattern=ID_PATTERN)]
 ImageRef = Annotated[
@@ -139,7 +141,15 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """:class:`TaskSpec` for user-facing doors: unknown fields are errors."""
+    """:class:`TaskSpec` for user-facing doors: unknown fields are errors, and an ``id``
+    may not have the shape of an id the platform makes (see :mod:`vigil.ids`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.id is not None and PLATFORM_ID_RE.fullmatch(self.id):
+            raise ValueError(
+                f"task id {self.id!r} has the shape of an id the platform makes (s<digits>, "
+                "t_/k_ + 26 base32 characters); choose another id - at `$.id`")
 
 
 def _member(parent: str, key: str) -> str:
@@ -149,14 +159,19 @@ def _member(parent: str, key: str) -> str:
 
 
 class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
-    """Where a task's newest durable workspace checkpoint is (object store vigil-checkpoints)."""
+    """A durable workspace checkpoint of a task (object store vigil-checkpoints)."""
 
     name: str
     size: int
     digest: str  # "sha256:<hex>" of the tar archive
     attempt: int
-    reason: str  # agent | periodic | drain
+    reason: str  # the kind: agent | periodic | drain
     taken_at: datetime
+    # True when nothing could have been writing the workspace: the agent asked for the
+    # snapshot and waited for it, or (drain) it exited 0 by itself within its grace after
+    # SIGTERM. False for a periodic snapshot, a drain that had to kill the agent, and refs
+    # recorded before this field existed.
+    clean: bool = False
 
 
 class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,6 +183,15 @@ class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: datetime | None = None
     outcome: str  # a final status, or "lost" (executor gone), "handed_back" (drain)
     error: str | None = None
+    # Checkpoints by object name. ``restored``: the one its workspace was restored from
+    # (None: an empty workspace, or not known: a lost attempt). ``saved``: the newest one
+    # it made the task's checkpoint. ``restore_failed``: the one it could not restore
+    # (handed back, or dead). ``rolled_back_from``: after this attempt failed, the task
+    # gave up on that checkpoint and went back to the one before it.
+    restored: str | None = None
+    saved: str | None = None
+    restore_failed: str | None = None
+    rolled_back_from: str | None = None
 
 
 SUMMARY_CHARS = 2_000  # the longest confession summary the contract takes
@@ -200,7 +224,11 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime | None = None
     spec: TaskSpec | None = None
     submit_seq: int = 0
+    # The checkpoint the next attempt restores; ``checkpoints`` is the short history it
+    # heads (newest first, ``checkpoint`` first), kept so that a checkpoint the agent
+    # keeps crashing on can be rolled back to the one before it.
     checkpoint: CheckpointRef | None = None
+    checkpoints: list[CheckpointRef] = []
     # The work message the current attempt holds (stream sequence) and which delivery of
     # it: a late, older delivery (buffered in a frozen executor) must not take over.
     work_seq: int = 0
@@ -220,6 +248,14 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     waiting: str | None = None
     retry_at: datetime | None = None  # a failed attempt's retry is due then
     rejected_by: str | None = None  # the tenant limit that refused it (e.g. max_queued)
+    # sha256 of the submitted spec (canonical JSON, without its id): an Idempotency-Key
+    # reused with a different body is told so instead of being given the first task.
+    spec_digest: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Its key in ``vigil-tasks``: ``<tenant>.<id>`` (ids are per tenant)."""
+        return f"{self.tenant}.{self.id}"
 
     @property
     def terminal(self) -> bool:
@@ -281,6 +317,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True):
     submitted_at: datetime
     submit_seq: int = 0
     revision: int = 0
+    spec_digest: str | None = None  # as in TaskState
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -366,9 +403,10 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     """One problem, however many confessions reported it: the value of its key in
     ``vigil-incidents``, written by the auditor and served by the gateway.
 
-    A token that is not an operator's sees only incidents that touched its tenant, with
+    A tenant's token (whatever its role) sees only incidents that touched its tenant, with
     ``tenants``, the samples and ``tasks`` narrowed to that tenant (``tasks`` from
-    ``tenant_tasks``), and no ``tasks_total`` or ``tenant_tasks``.
+    ``tenant_tasks``), and no ``tasks_total`` or ``tenant_tasks``; a platform token sees
+    them whole.
     """
 
     id: str
@@ -397,6 +435,9 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     acknowledged_by: str | None = None
     resolved_by: str | None = None
     last_seq: int = 0  # the newest confession (stream sequence) applied
+    tenant: str | None = None
+    """The tenant that owns it (an agent's confessions: its operators acknowledge and
+    resolve it); None for a platform incident (platform operators act on those)."""
 
 
 # Events ---------------------------------------------------------------------------------
@@ -441,10 +482,11 @@ class Checkpoint(Event, tag="checkpoint", frozen=True, kw_only=True):
     name: str
     size: int = 0
     digest: str | None = None
-    reason: str = "agent"
+    reason: str = "agent"  # the kind: agent | periodic | drain
     note: dict[str, Any] = {}
     ok: bool = True
     error: str | None = None
+    clean: bool = False  # see CheckpointRef.clean
 
 
 class ConfessionEvent(Event, tag="confession", frozen=True, kw_only=True):

@@ -236,6 +236,12 @@ class NatsServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, sig)
 
+    def reload(self) -> None:
+        """Rewrite the config (e.g. after ``users`` changed) and have the running server
+        reload it (SIGHUP): users and permissions change without dropping connections."""
+        self.config_file.write_text(self.config_text(), encoding="utf-8")
+        self.signal(signal.SIGHUP)
+
     async def restart(self, timeout_s: float = 20.0) -> None:
         """Start again on the same port and store (after stop or kill)."""
         if self.client_port is not None:

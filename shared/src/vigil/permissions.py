@@ -1,14 +1,25 @@
 """Least-privilege NATS users, as data: what each service may publish and subscribe to.
 
 The embedded stack (``vigil up``) and the test suite run nats-server with exactly these
-users, so a service that reaches beyond its role fails in tests, not in production.
-Production deployments can render the same table into their server config
-(``vigil nats-config``).
+users, so a service that reaches beyond its role fails in tests, not in production (the
+tests fail on any ``Permissions Violation`` in the server's log). Production deployments
+render the same table into their server config (``vigil nats-config``).
+
+Besides the services there are two kinds of people's users: ``operator`` (``vigil
+replay``: every tenant, by design) and one user per tenant (:func:`tenant_permissions`,
+made by ``vigil nats-user add --tenant T``): it may submit and cancel as its tenant, read
+its tenant's task states (``vigil-tasks`` keys are ``<tenant>.<id>``) and follow its
+tenant's events, nothing else. Each has its own reply-inbox prefix, so nobody reads
+another's replies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from vigil import subjects, topology
+from vigil.natsserver import User
+from vigil.natsusers import TenantUser
 
 INBOX = "_INBOX.>"
 
@@ -69,8 +80,28 @@ def _ordered(stream: str) -> list[str]:
     ]
 
 
-def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (publish allow, subscribe allow)."""
+def tenant_permissions(tenant: str) -> tuple[list[str], list[str]]:
+    """(publish allow, subscribe allow) of tenant ``tenant``'s raw NATS user.
+
+    Reads are a direct get by subject (``$JS.API.DIRECT.GET.<stream>.<subject>``), the one
+    form a subject permission can scope to the tenant's keys; no stream info, no consumers
+    (a consumer's filter is not in its create subject for ordered consumers), so nothing
+    of other tenants — not even how many tasks there are — can be read.
+    """
+    return (
+        [
+            subjects.submit(tenant),
+            subjects.cancel_request(tenant),
+            f"$JS.API.DIRECT.GET.KV_{subjects.KV_TASKS}.{subjects.task_kv_subject(tenant)}",
+        ],
+        [f"{subjects.tenant_inbox(tenant)}.>", f"{subjects.EVENTS}.{tenant}.>"],
+    )
+
+
+def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (publish allow, subscribe allow). The executor user may pull work of every
+    pool, or of ``pool`` only (a pool is a placement, not a security boundary; a separate
+    executor user per pool is for operators who want one)."""
     common = _topology()
     return {
         "scheduler": (
@@ -89,7 +120,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_kv(subjects.KV_EXECUTORS, write=False),
                 *_kv(subjects.KV_LEASES, write=True),
                 *_read(subjects.STREAM_SUBMIT),  # a redriven task's original spec
-                f"{subjects.CANCEL}.*",
+                f"{subjects.CANCEL}.*.*",
                 f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_WORK}",
                 f"$JS.API.STREAM.MSG.DELETE.{subjects.STREAM_WORK}",
                 *_kv(subjects.KV_TASKS, write=True),
@@ -98,13 +129,14 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
                 f"{subjects.ISSUES}.scheduler.>",
             ],
-            [f"{subjects.inbox('scheduler')}.>", f"{subjects.EVENTS}.*.finished",
-             f"{subjects.EVENTS}.*.retrying"],  # wake the dispatcher when slots free up
+            [f"{subjects.inbox('scheduler')}.>", subjects.events_of_kind("finished"),
+             subjects.events_of_kind("retrying")],  # wake the dispatcher when slots free up
         ),
         "executor": (
             [
                 *common,
-                *_pull(subjects.STREAM_WORK, subjects.consumer_executor(pool)),
+                *_pull(subjects.STREAM_WORK,
+                       "*" if pool is None else subjects.consumer_executor(pool)),
                 *_kv(subjects.KV_TASKS, write=True),
                 *_kv(subjects.KV_EXECUTORS, write=True),
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
@@ -116,7 +148,7 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 f"{subjects.ISSUES}.executor.>",
                 f"{subjects.ISSUES}.agent.>",
             ],
-            [f"{subjects.inbox('executor')}.>", f"{subjects.CANCEL}.*"],
+            [f"{subjects.inbox('executor')}.>", f"{subjects.CANCEL}.*.*"],
         ),
         "auditor": (
             [
@@ -145,12 +177,12 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch
                 *_kv(subjects.KV_DELIVERIES, write=False),
                 *_ordered(subjects.STREAM_EVENTS),
-                f"{subjects.SUBMIT}.>",
+                subjects.submit_via_gateway("*"),  # only it may: see vigil.ids
                 f"{subjects.CONTROL}.cancel.>",
                 f"{subjects.ISSUES}.operator.>",  # incident ack/resolve are confessions
             ],
-            [f"{subjects.inbox('gateway')}.>", f"{subjects.EVENTS}.*.accepted",
-             f"{subjects.EVENTS}.*.finished"],
+            [f"{subjects.inbox('gateway')}.>", subjects.events_of_kind("accepted"),
+             subjects.events_of_kind("finished")],
         ),
         # `vigil replay`: an operator's tool reads every stream, re-publishes ranges, sends
         # redrives and builds scratch buckets. Broad by nature, but no $SYS and no
@@ -159,15 +191,30 @@ def service_permissions(pool: str = "default") -> dict[str, tuple[list[str], lis
             ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>", "vigil.>"],
             [f"{subjects.inbox('operator')}.>"],
         ),
-        # For raw NATS clients (no Vigil code): submit, and read task state. Not a
-        # service: it runs no ensure_topology and sees no events, work or confessions.
-        "submit": (
-            [
-                "$JS.API.INFO",
-                f"{subjects.SUBMIT}.>",
-                f"$JS.API.STREAM.INFO.KV_{subjects.KV_TASKS}",
-                *_kv(subjects.KV_TASKS, write=False),
-            ],
-            [INBOX],
-        ),
     }
+
+
+SERVICES = ("scheduler", "executor", "auditor", "gateway", "operator")
+
+
+def random_passwords() -> dict[str, str]:
+    """A fresh password for ``admin`` and each of :data:`SERVICES` (a throwaway server:
+    benchmarks; ``vigil up`` keeps its own in ``secrets.json``)."""
+    import secrets
+
+    return {name: secrets.token_urlsafe(24) for name in ("admin", *SERVICES)}
+
+
+def shipped_users(passwords: Mapping[str, str], tenants: Iterable[TenantUser] = (), *,
+                  pool: str | None = None, admin: bool = True) -> list[User]:
+    """Every NATS user as Vigil ships them: ``admin`` (unrestricted: for the people who run
+    NATS itself, used by no service), one per service and ``operator`` (``passwords`` has
+    one per name), and one per tenant user. ``vigil up``, ``vigil nats-config`` and the
+    test suite all build their servers from this."""
+    users = [User("admin", passwords["admin"])] if admin else []
+    for name, (pub, sub) in service_permissions(pool).items():
+        users.append(User(name, passwords[name], publish=pub, subscribe=sub))
+    for t in tenants:
+        pub, sub = tenant_permissions(t.tenant)
+        users.append(User(t.name, t.password, publish=pub, subscribe=sub))
+    return users

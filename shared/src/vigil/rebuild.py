@@ -137,16 +137,18 @@ class Fold:
     skipped: int = 0  # duplicates, undecodable or unknown events
     last_seq: int = 0
 
-    def apply(self, event: Event, msg_id: str | None = None) -> None:
-        key = msg_id or _identity(event)
-        if key in self.seen:
+    def apply(self, tenant: str, event: Event, msg_id: str | None = None) -> None:
+        """Apply ``event`` of tenant ``tenant``'s task (the tenant is in the subject)."""
+        seen = msg_id or _identity(tenant, event)
+        if seen in self.seen:
             self.skipped += 1
             return
-        self.seen.add(key)
+        self.seen.add(seen)
         self.applied += 1
-        task = self.tasks.get(event.task_id)
+        key = subjects.task_key(tenant, event.task_id)
+        task = self.tasks.get(key)
         if task is None:
-            task = self.tasks[event.task_id] = Rebuilt(id=event.task_id)
+            task = self.tasks[key] = Rebuilt(id=event.task_id, tenant=tenant)
         if task.updated_at is None or event.time > task.updated_at:
             task.updated_at = event.time
         _RULES.get(type(event), _ignore)(task, event)
@@ -154,30 +156,35 @@ class Fold:
     def apply_raw(self, m: StoredMsg) -> None:
         """Decode and apply one stored message; anything undecodable is skipped."""
         self.last_seq = max(self.last_seq, m.seq)
+        parts = subjects.event_parts(m.subject)
         try:
             event = _folded_event.decode(m.data)
         except msgspec.DecodeError:  # a kind this version does not know, or garbage
             self.skipped += 1
             return
-        self.apply(event, m.headers.get(subjects.MSG_ID))
+        if parts is None or parts[1] != event.task_id:
+            self.skipped += 1  # not where this event belongs: not ours to fold
+            return
+        self.apply(parts[0], event, m.headers.get(subjects.MSG_ID))
 
     def states(self) -> dict[str, TaskState]:
-        return {t.id: t.to_state() for t in self.tasks.values() if t.complete}
+        """Rebuilt states by key (``<tenant>.<id>``, as in ``vigil-tasks``)."""
+        return {key: t.to_state() for key, t in self.tasks.items() if t.complete}
 
     def incomplete(self) -> set[str]:
-        return {t.id for t in self.tasks.values() if not t.complete}
+        return {key for key, t in self.tasks.items() if not t.complete}
 
 
-def _identity(event: Event) -> str:
-    # Without a message id, the event's content is what it means.
-    return "sha:" + codec.encode(event).hex()
+def _identity(tenant: str, event: Event) -> str:
+    # Without a message id, the event's content (and whose it is) is what it means.
+    return f"sha:{tenant}:" + codec.encode(event).hex()
 
 
 def _accepted(task: Rebuilt, e: Event) -> None:
     assert isinstance(e, Accepted)
     if task.accepted:
         return  # re-sent by a resumed admission under another id: nothing new
-    task.tenant, task.created_at, task.submit_seq = e.tenant, e.time, e.submit_seq
+    task.created_at, task.submit_seq = e.time, e.submit_seq
     task.accepted = task.complete = True
 
 
@@ -213,8 +220,8 @@ def _finished(task: Rebuilt, e: Event) -> None:
         task.exit_code, task.error = e.exit_code, e.error
         return
     if not task.complete and e.tenant:
-        # Refused at admission: no accepted event; this one says whose it was.
-        task.tenant, task.submit_seq, task.created_at = e.tenant, e.submit_seq, e.time
+        # Refused at admission: no accepted event; this one says when it was submitted.
+        task.submit_seq, task.created_at = e.submit_seq, e.time
         task.complete = True
     task.status, task.exit_code, task.error, task.finished_at = (
         e.status, e.exit_code, e.error, e.time)
@@ -326,7 +333,7 @@ class RebuildRun:
         first_read = self.fold.last_seq == 0
         reader = RangeReader(
             self.js, subjects.STREAM_EVENTS, Window(from_seq=self.fold.last_seq + 1),
-            filter_subjects=[f"{subjects.EVENTS}.*.{kind}" for kind in FOLDED_KINDS])
+            filter_subjects=[subjects.events_of_kind(kind) for kind in FOLDED_KINDS])
         total = await reader.open()
         bar = ProgressBar("events", total, self.err) if progress and total > 1000 else None
         n = 0

@@ -3,7 +3,8 @@
 A redrive is a :class:`~vigil.messages.RedriveRequest` on ``vigil.control.redrive.<tenant>``
 carrying the KV revision the operator saw; the scheduler acts only if the task is still at
 that revision and finished, so a repeated request (or one that raced another change) does
-nothing. Its ``Nats-Msg-Id`` is ``redrive:<task>:<revision>`` for the same reason.
+nothing. Its ``Nats-Msg-Id`` is ``redrive:<tenant>.<task>:<revision>`` for the same reason.
+Ids are per tenant: an id that more than one tenant has needs ``--tenant``.
 """
 
 from __future__ import annotations
@@ -71,11 +72,21 @@ class Chosen:
 
 def choose(states: Iterable[tuple[TaskState, int]], sel: Selection) -> Chosen:
     """Pure: the candidates in ``states`` that ``sel`` picks, oldest finish first."""
-    by_id = {s.id: (s, rev) for s, rev in states}
+    by_key: dict[str, tuple[TaskState, int]] = {}
+    by_id: dict[str, list[tuple[TaskState, int]]] = {}
+    for s, rev in states:
+        by_key[s.key] = (s, rev)
+        if sel.tenant is None or s.tenant == sel.tenant:
+            by_id.setdefault(s.id, []).append((s, rev))
     refused: dict[str, str] = {}
     for task_id in sel.ids:
-        got = by_id.get(task_id)
-        if got is None:
+        found = by_id.get(task_id, [])
+        got = found[0] if len(found) == 1 else None
+        if len(found) > 1:
+            tenants = ", ".join(sorted(s.tenant for s, _ in found))
+            refused[task_id] = f"tenants {tenants} each have a task of that id; choose one " \
+                               "with --tenant"
+        elif got is None:
             refused[task_id] = "no such task in vigil-tasks"
         elif got[0].status not in REDRIVABLE:
             refused[task_id] = f"it is {got[0].status}; only {', '.join(REDRIVABLE)} tasks " \
@@ -84,7 +95,7 @@ def choose(states: Iterable[tuple[TaskState, int]], sel: Selection) -> Chosen:
             refused[task_id] = "it has no spec (refused at admission): submit it again, fixed"
         elif not sel.matches(got[0]):
             refused[task_id] = f"it is {got[0].status}, not {'/'.join(sel.wanted_statuses())}"
-    chosen = [Candidate(s, rev) for s, rev in by_id.values()
+    chosen = [Candidate(s, rev) for s, rev in by_key.values()
               if s.id not in refused and s.spec is not None and sel.matches(s)]
     chosen.sort(key=lambda c: (c.state.finished_at or c.state.updated_at, c.state.id))
     return Chosen(chosen, refused)
@@ -100,8 +111,8 @@ async def load_states(js: JetStreamContext) -> list[tuple[TaskState, int]]:
     return out
 
 
-def redrive_msg_id(task_id: str, revision: int) -> str:
-    return f"redrive:{task_id}:{revision}"
+def redrive_msg_id(tenant: str, task_id: str, revision: int) -> str:
+    return f"redrive:{tenant}.{task_id}:{revision}"
 
 
 @dataclass
@@ -121,7 +132,8 @@ async def send(js: JetStreamContext, tasks: list[Candidate], *, reason: str | No
             request = RedriveRequest(task_id=c.state.id, reason=reason,
                                      requested_by=REQUESTED_BY, expect_revision=c.revision)
             ack = await publish(js, subjects.redrive_request(c.state.tenant),
-                                codec.encode(request), redrive_msg_id(c.state.id, c.revision))
+                                codec.encode(request),
+                                redrive_msg_id(c.state.tenant, c.state.id, c.revision))
             if ack.duplicate:
                 sent.duplicates += 1
             else:
@@ -134,22 +146,23 @@ async def send(js: JetStreamContext, tasks: list[Candidate], *, reason: str | No
 
 async def wait_for(js: JetStreamContext, tasks: list[Candidate], timeout_s: float
                    ) -> dict[str, TaskState | None]:
-    """Each task's state once it ended again after the redrive (None: not in time)."""
+    """Each task's state once it ended again after the redrive (None: not in time), by
+    its key (``<tenant>.<id>``)."""
     kv = await js.key_value(subjects.KV_TASKS)
-    pending = {c.state.id: c for c in tasks}
+    pending = {c.state.key: c for c in tasks}
     done: dict[str, TaskState | None] = {}
     deadline = time.monotonic() + timeout_s
     delay = 0.1
     while pending and time.monotonic() < deadline:
-        for task_id, c in list(pending.items()):
-            entry = await kv.get(task_id)
+        for key, c in list(pending.items()):
+            entry = await kv.get(key)
             if not entry.value or int(entry.revision or 0) <= c.revision:
                 continue
             state = codec.state_decoder.decode(entry.value)
             # Past the chosen revision the redrive made it scheduled: terminal again = done.
             if state.terminal:
-                done[task_id] = state
-                del pending[task_id]
+                done[key] = state
+                del pending[key]
         if pending:
             await asyncio.sleep(delay)  # polling the KV: a watch per task costs more
             delay = min(delay * 2, 1.0)

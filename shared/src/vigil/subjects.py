@@ -9,13 +9,13 @@ from __future__ import annotations
 # Subject prefixes -------------------------------------------------------------------------
 SUBMIT = "vigil.submit"  # vigil.submit.<tenant>            task specs from users
 WORK = "vigil.work"  # vigil.work.<pool>                  work items for executors
-EVENTS = "vigil.events"  # vigil.events.<task_id>.<kind>  a task's timeline
+EVENTS = "vigil.events"  # vigil.events.<tenant>.<task_id>.<kind>  a task's timeline
 ISSUES = "vigil.issues"  # vigil.issues.<source>.<severity>   confessions
 ALERTS = "vigil.alerts"  # vigil.alerts.<severity>            escalations (auditor)
 CONTROL = "vigil.control"  # vigil.control.<verb>.<tenant>   cancel / redrive requests
-CANCEL = "vigil.cancel"  # vigil.cancel.<task_id>  core NATS: "stop it now" to executors
+CANCEL = "vigil.cancel"  # vigil.cancel.<tenant>.<task_id>  core NATS: "stop it now" to executors
 QUEUE = "vigil.queue"  # vigil.queue.<pool>.<tenant>.<priority>  admitted, not yet dispatched
-TIMERS = "vigil.timer"  # vigil.timer.<kind>.<task_id>   not_before, queue timeouts
+TIMERS = "vigil.timer"  # vigil.timer.<kind>.<tenant>.<task_id>   not_before, queue timeouts
 
 # Streams, buckets, object stores ------------------------------------------------------------
 STREAM_SUBMIT = "VIGIL_SUBMIT"
@@ -58,12 +58,39 @@ def inbox(service: str) -> str:
     return f"_INBOX_{service}"
 
 
+def tenant_inbox(tenant: str) -> str:
+    """The reply-subject prefix a tenant's raw NATS user must connect with
+    (``inbox_prefix``): it may subscribe only there, so no tenant reads another's replies."""
+    return f"_INBOX_T.{tenant}"
+
+
+def task_key(tenant: str, task_id: str) -> str:
+    """The task's key in ``vigil-tasks``: ids are per tenant, and the key's first token
+    lets subject-scoped permissions give a tenant's NATS user its own tasks only."""
+    return f"{tenant}.{task_id}"
+
+
+def task_kv_subject(tenant: str, task_id: str = ">") -> str:
+    """The subject a task's key is stored under (``>``: all of a tenant's tasks)."""
+    return f"$KV.{KV_TASKS}.{tenant}.{task_id}"
+
+
 # Header names -----------------------------------------------------------------------------
 MSG_ID = "Nats-Msg-Id"
 
 
 def submit(tenant: str) -> str:
     return f"{SUBMIT}.{tenant}"
+
+
+GATEWAY_ORIGIN = "gateway"
+
+
+def submit_via_gateway(tenant: str) -> str:
+    """Where the gateway publishes a tenant's submissions. Only the gateway's NATS user may
+    publish here, so the scheduler knows these ids were made by the platform (see
+    :mod:`vigil.ids`); a tenant's own NATS user publishes on :func:`submit`."""
+    return f"{SUBMIT}.{tenant}.{GATEWAY_ORIGIN}"
 
 
 def cancel_request(tenant: str) -> str:
@@ -76,30 +103,43 @@ def redrive_request(tenant: str) -> str:
     return f"{CONTROL}.redrive.{tenant}"
 
 
-def cancel_notice(task_id: str) -> str:
-    """Core NATS nudge to the executor running ``task_id`` (the KV state is the truth)."""
-    return f"{CANCEL}.{task_id}"
+def cancel_notice(tenant: str, task_id: str) -> str:
+    """Core NATS nudge to the executor running the task (the KV state is the truth)."""
+    return f"{CANCEL}.{tenant}.{task_id}"
 
 
 def queue(pool: str, tenant: str, priority: int) -> str:
     return f"{QUEUE}.{pool}.{tenant}.{priority}"
 
 
-def timer(kind: str, task_id: str) -> str:
-    return f"{TIMERS}.{kind}.{task_id}"
+def timer(kind: str, tenant: str, task_id: str) -> str:
+    return f"{TIMERS}.{kind}.{tenant}.{task_id}"
 
 
 def work(pool: str) -> str:
     return f"{WORK}.{pool}"
 
 
-def event(task_id: str, kind: str) -> str:
-    return f"{EVENTS}.{task_id}.{kind}"
+def event(tenant: str, task_id: str, kind: str) -> str:
+    return f"{EVENTS}.{tenant}.{task_id}.{kind}"
 
 
-def task_events(task_id: str) -> str:
+def task_events(tenant: str, task_id: str) -> str:
     """Filter matching every event of one task."""
-    return f"{EVENTS}.{task_id}.>"
+    return f"{EVENTS}.{tenant}.{task_id}.>"
+
+
+def events_of_kind(kind: str) -> str:
+    """Filter matching one kind of event of every task of every tenant."""
+    return f"{EVENTS}.*.*.{kind}"
+
+
+def event_parts(subject: str) -> tuple[str, str, str] | None:
+    """(tenant, task id, kind) of an event subject, or None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENTS:
+        return None
+    return parts[2], parts[3], parts[4]
 
 
 def issue(source: str, severity: str) -> str:

@@ -116,33 +116,32 @@ def _entry(m: StoredMsg, kind: str) -> Entry:
     return Entry(m.time, m.stream, m.seq, m.subject, kind, summarize(kind, data), data)
 
 
-async def build(js: JetStreamContext, task_id: str, *, logs: bool = True,
+async def build(js: JetStreamContext, task_id: str, *, tenant: str, logs: bool = True,
                 issues: bool = False) -> Timeline:
-    state, revision = await _state(js, task_id)
+    """Tenant ``tenant``'s task ``task_id`` (see :func:`vigil.jetstream.tenants_of` to find
+    the tenant of an id)."""
+    state, revision = await _state(js, tenant, task_id)
     entries: list[Entry] = []
     submit_seq = state.submit_seq if state is not None else 0
-    tenant = state.tenant if state is not None else None
-    for m in await _read(js, subjects.STREAM_EVENTS, subjects.task_events(task_id)):
-        kind = subjects.token(m.subject, 3) or "?"
+    for m in await _read(js, subjects.STREAM_EVENTS, subjects.task_events(tenant, task_id)):
+        kind = subjects.token(m.subject, 4) or "?"
         if kind == "log" and not logs:
             continue
         entry = _entry(m, kind)
         entries.append(entry)
         if kind in ("accepted", "finished") and isinstance(entry.data, dict):
             submit_seq = submit_seq or int(entry.data.get("submit_seq") or 0)
-            tenant = tenant or entry.data.get("tenant")
     if submit_seq:
         entries += await _submission(js, submit_seq)
-    # Control requests are per tenant; without one (a task never admitted), all of them.
-    control = f"{subjects.CONTROL}.*.{tenant}" if tenant else f"{subjects.CONTROL}.>"
-    for m in await _read(js, subjects.STREAM_CONTROL, control):
+    for m in await _read(js, subjects.STREAM_CONTROL, f"{subjects.CONTROL}.*.{tenant}"):
         entry = _entry(m, subjects.token(m.subject, 2) or "control")
         if isinstance(entry.data, dict) and entry.data.get("task_id") == task_id:
             entries.append(entry)
     if issues:
         for m in await _read(js, subjects.STREAM_ISSUES, f"{subjects.ISSUES}.>"):
             entry = _entry(m, "issue")
-            if isinstance(entry.data, dict) and entry.data.get("task_id") == task_id:
+            if (isinstance(entry.data, dict) and entry.data.get("task_id") == task_id
+                    and entry.data.get("tenant") in (tenant, None)):
                 entries.append(entry)
     entries.sort(key=lambda e: (e.time, _ORDER.get(e.stream, 9), e.seq))
     return Timeline(task_id, entries, state, revision)
@@ -154,10 +153,12 @@ async def _read(js: JetStreamContext, stream: str, subject: str) -> list[StoredM
     return [m async for m in reader]
 
 
-async def _state(js: JetStreamContext, task_id: str) -> tuple[TaskState | None, int]:
+async def _state(js: JetStreamContext, tenant: str, task_id: str
+                 ) -> tuple[TaskState | None, int]:
     kv = await js.key_value(subjects.KV_TASKS)
+    key = subjects.task_key(tenant, task_id)
     try:
-        entry = await retrying(f"get task {task_id}", lambda: kv.get(task_id))
+        entry = await retrying(f"get task {key}", lambda: kv.get(key))
     except KeyNotFoundError:
         return None, 0
     if not entry.value:

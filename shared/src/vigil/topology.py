@@ -75,6 +75,11 @@ class Bucket:
     max_value_size: int = 1024 * 1024
     max_bytes: int = -1
     description: str = ""
+    # Direct gets ($JS.API.DIRECT.GET.<stream>.<subject>): the read whose subject names the
+    # key, so a subject permission can scope it (a tenant's user reads its own tasks).
+    # Services still read the leader (vigil.jetstream.TaskStore): a replica answering a
+    # direct get may lag a write, and their compare-and-set flows need the newest value.
+    direct: bool = False
 
     def config(self, replicas: int) -> KeyValueConfig:
         return KeyValueConfig(
@@ -86,6 +91,7 @@ class Bucket:
             max_bytes=self.max_bytes,
             storage=StorageType.FILE,
             replicas=replicas,
+            direct=self.direct,
         )
 
     @property
@@ -103,6 +109,7 @@ class Bucket:
             "max_bytes": self.max_bytes,
             "duplicate_window": min(self.ttl_s, 120.0) if self.ttl_s else 120.0,
             "num_replicas": replicas,
+            "allow_direct": self.direct,
         }
 
 
@@ -137,15 +144,20 @@ class ObjectStore:
         }
 
 
-# Submissions are kept (limits retention) so they can be replayed; the duplicate window
-# makes a re-publish with the same Nats-Msg-Id a no-op. Idempotency beyond the window comes
-# from the task id: the scheduler never creates a task whose id exists.
+# JetStream's duplicate window is stream-wide, not per tenant: within it, tenant B's
+# publish with a Nats-Msg-Id that tenant A just used would be dropped, and B's PubAck
+# would say "duplicate" — one tenant squatting, and learning of, another's submission. So
+# the streams tenants publish to keep the shortest window the server allows (100 ms), and
+# idempotency comes from the task id instead: the scheduler never creates a task whose id
+# exists in its tenant (ADR 3).
+TENANT_DUPLICATE_WINDOW_S = 0.1
+# Submissions are kept (limits retention) so they can be replayed.
 SUBMIT = Stream(
     name=subjects.STREAM_SUBMIT,
     subjects=(f"{subjects.SUBMIT}.>",),
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
-    duplicate_window_s=600.0,
+    duplicate_window_s=TENANT_DUPLICATE_WINDOW_S,
     max_msg_size=256 * 1024,  # a task spec; its state (spec + history) must fit the KV
     description="Task submissions, kept 7 days for replay",
 )
@@ -199,7 +211,7 @@ CONTROL = Stream(
     subjects=(f"{subjects.CONTROL}.>",),
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
-    duplicate_window_s=600.0,
+    duplicate_window_s=TENANT_DUPLICATE_WINDOW_S,  # tenants publish here too (see SUBMIT)
     max_msg_size=16 * 1024,
     description="Cancel and redrive requests for the scheduler",
 )
@@ -241,7 +253,8 @@ TASKS = Bucket(
     name=subjects.KV_TASKS,
     history=1,
     ttl_s=30 * DAY,
-    description="Task state by task id (compare-and-set on revision)",
+    description="Task state by <tenant>.<task id> (compare-and-set on revision)",
+    direct=True,
 )
 CONFESSIONS = Bucket(
     name=subjects.KV_CONFESSIONS,

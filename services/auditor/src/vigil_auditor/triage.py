@@ -1,7 +1,10 @@
 """Triage: from confessions to incidents, as pure functions (the service adds I/O).
 
 **Fingerprint** — two confessions are "the same problem" when they come from the same
-source, in the same category, about the same image, and their summaries are equal once
+source, in the same category, about the same image (and, for an agent's confession, of the
+same tenant: what a tenant's agents complain of is that tenant's incident, which its own
+operators manage; the platform's confessions make incidents shared by the tenants they
+hit, which only platform operators act on), and their summaries are equal once
 everything that varies between occurrences is masked: first the ids the confession names
 itself — its task id (``<task>``) and its node (``<node>``), each only as a whole token
 (not inside a longer word or id: letters, digits, ``_`` and ``-`` do not border it) and
@@ -95,8 +98,19 @@ def normalize(summary: str, task_id: str | None = None, node: str | None = None)
     return _SPACE.sub(" ", text).strip()
 
 
-def fingerprint(source: str, category: str | None, image: str | None, title: str) -> str:
-    return f"{source}|{category or '-'}|{image or '-'}|{title}"
+def fingerprint(source: str, category: str | None, image: str | None, title: str,
+                tenant: str | None = None) -> str:
+    base = f"{source}|{category or '-'}|{image or '-'}|{title}"
+    return base if tenant is None else f"{base}|tenant={tenant}"
+
+
+AGENT = "agent"
+
+
+def owner_of(record: ConfessionRecord, c: Confession) -> str | None:
+    """The tenant an incident belongs to: an agent's confession's tenant; None (a
+    platform incident) for everything else."""
+    return c.tenant if record.source == AGENT and c.tenant else None
 
 
 def incident_id(fp: str) -> str:
@@ -127,7 +141,8 @@ def _identify(record: ConfessionRecord, c: Confession) -> tuple[str, str | None,
     """(fingerprint, image, title) of a confession."""
     image = c.data.get("image") if isinstance(c.data.get("image"), str) else None
     title = normalize(c.summary, c.task_id, c.node)
-    return fingerprint(record.source, c.category, image, title), image, title
+    return (fingerprint(record.source, c.category, image, title, owner_of(record, c)),
+            image, title)
 
 
 def key_of(record: ConfessionRecord) -> str | None:
@@ -160,7 +175,7 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
         current = Incident(
             id=incident_id(fp), fingerprint=fp, source=record.source, category=c.category,
             image=image, title=title, severity=c.severity, first_seen=at, last_seen=at,
-            window_start=at,
+            window_start=at, tenant=owner_of(record, c),
         )
     reason: str | None = None
     status = current.status

@@ -8,7 +8,11 @@
 - **Run**: create the container; if an earlier attempt left a checkpoint, restore the
   workspace into it first (``VIGIL_RESUMED=1``); start it; keep the lease.
 - **Checkpoint** on the agent's request, periodically if configured, and on drain: the
-  workspace archive goes to the object store and the state points to it (CAS).
+  workspace archive goes to the object store and the state points to it (CAS), at the
+  head of a short history. A snapshot the agent did not vouch for (periodic, or a drain
+  that had to kill it) never replaces one it did; an agent that keeps failing right
+  after restoring the same checkpoint rolls back to the one before it (see
+  :mod:`vigil_executor.checkpoint_rules`).
 - **Record** the outcome with compare-and-set on the revision this attempt last wrote, so a
   stale attempt (a frozen or partitioned executor) can never overwrite a newer one; ack
   the work message only after the outcome and every event are durable.
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from structlog.contextvars import bound_contextvars
@@ -63,6 +68,7 @@ from vigil.messages import (
     WorkItem,
     utcnow,
 )
+from vigil_executor import checkpoint_rules
 from vigil_executor.agentio import (
     AgentOutput,
     ConfessionLimiter,
@@ -79,8 +85,8 @@ from vigil_executor.checkpoint import (
     archive_problem,
     object_name,
     restore_failure,
-    restore_failures,
 )
+from vigil_executor.checkpoint_rules import Rollback, drain_was_clean, may_replace
 from vigil_executor.claim import (
     HandBack,
     LeaseClock,
@@ -100,8 +106,8 @@ from vigil_executor.retry import (
     after_failure,
     image_missing_delay,
 )
-from vigil_executor.runtime import Container, ContainerSpec, ExitInfo
-from vigil_executor.sandbox import container_spec, workspace_volume
+from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
+from vigil_executor.sandbox import container_spec
 from vigil_executor.sink import EventSink
 
 if TYPE_CHECKING:
@@ -110,6 +116,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vigil.executor")
 
 OUTPUT_GRACE_S = 10.0
+# After a drain's stop has returned, how long the runtime may take to report the agent's
+# exit code (it is known by then; a runtime that does not say counts as not clean).
+EXIT_REPORT_S = 5.0
 RUNTIME_RETRY_DELAY_S = 5.0
 LABELS_RETRY_DELAY_S = 0.5
 # A redelivery this close to its retry_at runs now: server timers and clocks are not exact.
@@ -124,6 +133,7 @@ class Attempt:
         self.state: TaskState | None = None
         self.revision = 0
         self.container: Container | None = None
+        self.volume: str | None = None  # the attempt's workspace volume, once it may exist
         self.sink = EventSink(ex.js)
         self.output: AgentOutput | None = None
         self.confessions = ConfessionLimiter(ex.settings.max_confessions,
@@ -137,6 +147,10 @@ class Attempt:
         self._lease_done = asyncio.Event()
         self._write_lock = asyncio.Lock()  # one state write (and checkpoint) at a time
         self._checkpoints = 0
+        # What this attempt did with checkpoints, for its AttemptRecord (by object name).
+        self._restored: str | None = None
+        self._restore_failed: str | None = None
+        self._saved: str | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._pump_task: asyncio.Task[None] | None = None  # the agent's output, once started
 
@@ -147,6 +161,7 @@ class Attempt:
         except msgspec.DecodeError as exc:
             await self._poison(f"undecodable work item: {exc}")
             return
+        self.sink.tenant = self.work.tenant
         with bound_contextvars(task_id=self.work.task_id, executor=self.ex.settings.node_id):
             missing = _missing_labels(self.work.spec.node_labels, self.ex.settings.label_map)
             if missing:
@@ -170,7 +185,9 @@ class Attempt:
                 # (or this one) retries the task. Nothing is acked, nothing is lost.
                 log.error("nats_unavailable_mid_task", error=str(exc))
             except Exception as exc:
-                # A bug of ours must not lose the task: give it back for another try (the
+                # A bug of ours must not lose the task, nor be charged to the agent or the
+                # node: hand it back as the attempt's record (not left `running`, which
+                # the next delivery would count as a lost node) for another try (the
                 # consumer's max deliveries bound the loop) and say so loudly.
                 log.exception("attempt_failed_unexpectedly")
                 with contextlib.suppress(Exception):
@@ -178,7 +195,9 @@ class Attempt:
                                         f"executor failed handling the task: {exc!r}")
                 if await self._may_hand_back():
                     with contextlib.suppress(Exception):
-                        await self.msg.nak(delay=RUNTIME_RETRY_DELAY_S)
+                        await self._hand_back(HandBack(
+                            f"executor error: {clip(repr(exc), 300)}", RUNTIME_RETRY_DELAY_S,
+                            kind="executor error"))
                 else:
                     # A newer delivery holds the task: our nak would redeliver the message
                     # under its feet (ADR 7). Its lease is not ours to touch; do nothing.
@@ -187,7 +206,7 @@ class Attempt:
                 for task in self._background:
                     task.cancel()
                 self.sink.cancel()
-                await self._cleanup()
+                await self.cleanup()
 
     def stop(self, reason: str) -> None:
         """Ask this attempt to hand its task back (executor draining)."""
@@ -215,7 +234,7 @@ class Attempt:
             if rev is not None:
                 self.state, self.revision = updated, rev
                 return updated
-            got = await self.ex.store.get(self.state.id)
+            got = await self.ex.store.get_state(self.state)
             if got is None or not _same_attempt(got[0], self.state):
                 return None
             self.state, self.revision = got
@@ -259,7 +278,7 @@ class Attempt:
         if await self._claim_fresh():
             return True
         for _ in range(10):
-            got = await store.get(self.work.task_id)
+            got = await store.get(self.work.tenant, self.work.task_id)
             if got is None:
                 await self._poison(f"work item for unknown task {self.work.task_id}")
                 return False
@@ -349,7 +368,7 @@ class Attempt:
     async def _run_agent(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
         ex, work = self.ex, self.work
-        self.control = ex.control_dir(work.task_id, attempt)
+        self.control = ex.control_dir(work.tenant, work.task_id, attempt)
         spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control))
         t0 = time.perf_counter()
         resumed = False
@@ -357,12 +376,15 @@ class Attempt:
             if not await ex.runtime.image_exists(spec.image):
                 raise ImageNotFound(f"image {spec.image} is not present")
             with tempfile.TemporaryFile() as archive:
-                resumed = await self._fetch_checkpoint(archive)
+                restoring = await self._fetch_checkpoint(archive)
+                resumed = restoring is not None
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
                                       resumed=resumed)
+                self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
-                if resumed:
-                    await self._unpack(spec, archive)
+                if restoring is not None:
+                    await self._unpack(spec, archive, restoring)
+                    self._restored = restoring.name
             await self.container.start()
         except ImageNotFound as exc:
             # The node's problem, not the task's: another node may have the image (or this
@@ -381,9 +403,13 @@ class Attempt:
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except ContainerError as exc:
+            # Raised by create or by start: the host's failure is handed back, the task's
+            # own (its command, its settings) fails it.
+            return await self._start_failed(exc, None)
         except VigilError as exc:
-            # The runtime refused this container (a bad mount, an invalid setting): a
-            # clear failure of this task, not a crash that would loop through redelivery.
+            # Any other refusal of ours: a clear failure of this task, not a crash that
+            # would loop through redelivery.
             error = f"could not start the container on {ex.settings.node_id}: {exc}"
             await self._confess("error", "container_start_failed", error)
             return Outcome("failed", None, error)
@@ -427,13 +453,14 @@ class Attempt:
             elif waiter not in done:
                 if stopper in done:
                     # SIGTERM gives the agent its grace period to checkpoint on its own;
-                    # then the stopped agent's workspace is snapshotted (consistent: nothing
-                    # writes it any more) while the lease is still kept, and handed back.
+                    # then the stopped agent's workspace is snapshotted (nothing writes it
+                    # any more, though a killed agent may have left a file half written)
+                    # while the lease is still kept, and handed back.
                     await self.container.stop(ex.settings.stop_grace_s)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(pump, OUTPUT_GRACE_S)
                     output.flush()
-                    await self._checkpoint("drain", {})
+                    await self._drain_snapshot(waiter)
                     raise HandBack(self._stopping or "executor stopping")
                 timed_out = True
                 log.warning("time_limit_exceeded", timeout_s=spec.timeout_s)
@@ -461,51 +488,76 @@ class Attempt:
             return Outcome("cancelled", exit_info.exit_code, reason or "cancelled")
         return await self._judge(exit_info, output, timed_out, spec.timeout_s)
 
-    async def _fetch_checkpoint(self, into: IO[bytes]) -> bool:
-        """Download the newest checkpoint, if any; False when there is none or it failed."""
-        state = self.state
-        assert state is not None
-        ref = state.checkpoint
-        if ref is None:
-            return False
-        try:
-            size = await self.ex.checkpoints.load(ref.name, into)
-        except NatsUnavailable as exc:
-            # Passing trouble: starting from an empty workspace would lose the progress.
-            raise HandBack(f"could not download checkpoint {ref.name}: {exc}",
-                           RESTORE_HAND_BACK_S, kind="restore failed") from exc
-        except CheckpointError as exc:
-            # The object is gone (expired, deleted by hand): nothing to wait for.
-            await self._restore_failed(str(exc))
-            return False
-        problem = await asyncio.to_thread(archive_problem, into, ref.digest)
-        if problem is not None:
-            await self._checkpoint_corrupt(ref, problem)
-            return False
-        into.seek(0)
-        log.info("checkpoint_fetched", checkpoint=ref.name, size=size)
-        return True
+    async def _fetch_checkpoint(self, into: IO[bytes]) -> CheckpointRef | None:
+        """Download the newest checkpoint of the task's history that can be restored;
+        None for an empty workspace (there is none, or none is left).
 
-    async def _checkpoint_corrupt(self, ref: CheckpointRef, problem: str) -> None:
-        """The checkpoint can never be restored, here or anywhere: handing the task back
-        would only loop. Say so once (the id names the checkpoint), stop pointing at it,
-        and let the agent start from an empty workspace (``VIGIL_RESUMED=0``)."""
+        One that can never be restored, here or anywhere (gone from the store, or not
+        the archive that was saved), is confessed, dropped from the history, and the one
+        before it is tried: handing the task back would only loop. Passing trouble
+        (NATS unreachable) hands the task back instead: the progress is not given up."""
         assert self.state is not None
-        log.error("checkpoint_corrupt", checkpoint=ref.name, problem=problem)
-        await self._confess(
-            "critical", "checkpoint_corrupt",
-            f"checkpoint {ref.name} of task {self.state.id} (attempt {ref.attempt}, "
-            f"{ref.reason}) is corrupt: {problem}; the agent starts from an empty "
-            "workspace, the progress it saved is lost",
-            hint="the object in vigil-checkpoints was damaged or replaced after it was "
-            "saved; check who writes to the store. The object is kept until it expires",
-            confession_id=f"executor-{ref.name.replace('/', '-')}-corrupt")
+        for ref in checkpoint_rules.history(self.state):
+            into.seek(0)
+            into.truncate()
+            try:
+                size = await self.ex.checkpoints.load(ref.name, into)
+            except (NatsUnavailable, nats.errors.Error, TimeoutError) as exc:
+                # The platform's trouble (NATS away, a permission it lacks), not the
+                # agent's nor this node's: starting from an empty workspace would lose the
+                # progress, and spending an attempt would charge the agent. Hand back.
+                error = (f"could not download checkpoint {ref.name}: "
+                         f"{str(exc) or type(exc).__name__}")
+                await self._confess("error", "restore_unavailable",
+                                    f"{error}; handed the task back (no attempt spent)",
+                                    hint="the platform could not read the object store; "
+                                    "check NATS and the executor's NATS permissions")
+                raise HandBack(error, RESTORE_HAND_BACK_S, kind="restore failed") from exc
+            except CheckpointError as exc:
+                # The object is gone (expired, deleted by hand): nothing to wait for.
+                await self._unrestorable(ref, str(exc), corrupt=False)
+                continue
+            problem = await asyncio.to_thread(archive_problem, into, ref.digest)
+            if problem is not None:
+                await self._unrestorable(ref, problem, corrupt=True)
+                continue
+            into.seek(0)
+            log.info("checkpoint_fetched", checkpoint=ref.name, size=size)
+            return ref
+        return None
+
+    async def _unrestorable(self, ref: CheckpointRef, problem: str, *, corrupt: bool) -> None:
+        """Say once (the id names the checkpoint) that ``ref`` can never be restored, and
+        drop it from the task's history (the object stays until the store's TTL ends it);
+        the caller falls back to the checkpoint before it, or an empty workspace."""
+        assert self.state is not None
+        refs = checkpoint_rules.history(self.state)
+        rest = checkpoint_rules.without(refs, ref.name)
+        then = (f"the agent resumes from the checkpoint before it, {rest[0].name} "
+                f"(attempt {rest[0].attempt}, {rest[0].reason}), and loses the progress "
+                "saved since" if rest else
+                "the agent starts from an empty workspace, the progress it saved is lost")
+        log.error("checkpoint_unrestorable", checkpoint=ref.name, problem=problem,
+                  fallback=rest[0].name if rest else None)
+        if corrupt:
+            await self._confess(
+                "critical", "checkpoint_corrupt",
+                f"checkpoint {ref.name} of task {self.state.id} (attempt {ref.attempt}, "
+                f"{ref.reason}) is corrupt: {problem}; {then}",
+                hint="the object in vigil-checkpoints was damaged or replaced after it was "
+                "saved; check who writes to the store. The object is kept until it expires",
+                confession_id=f"executor-{ref.name.replace('/', '-')}-corrupt")
+        else:
+            await self._confess("error", "restore_failed",
+                                f"could not restore checkpoint {ref.name}: {problem}; {then}",
+                                confession_id=f"executor-{ref.name.replace('/', '-')}-gone")
         async with self._write_lock:
             now = utcnow()
-            await self._cas(lambda s: msgspec.structs.replace(s, checkpoint=None, updated_at=now)
-                            if s.checkpoint == ref else s)
+            await self._cas(lambda s: checkpoint_rules.with_history(
+                s, checkpoint_rules.without(checkpoint_rules.history(s), ref.name), now))
 
-    async def _unpack(self, spec: ContainerSpec, archive: IO[bytes]) -> None:
+    async def _unpack(self, spec: ContainerSpec, archive: IO[bytes],
+                      ref: CheckpointRef) -> None:
         """Unpack the checkpoint into the created container, or hand the task back.
 
         An import that fails is tried again (after a short backoff) on a fresh container
@@ -516,8 +568,8 @@ class Attempt:
         ``RESTORE_DELIVERIES``-th delivery that fails on the same checkpoint ends the task
         ``dead`` (RestoreGaveUp), the checkpoint kept as evidence (ADR 8).
         """
-        assert self.state is not None and self.state.checkpoint is not None
-        name = self.state.checkpoint.name
+        assert self.state is not None
+        name = ref.name
         errors: list[str] = []
         for n in range(1, RESTORE_TRIES + 1):
             if n > 1:
@@ -539,7 +591,8 @@ class Attempt:
             return
         error = restore_failure(name, self.ex.settings.node_id, RESTORE_TRIES,
                                 clip(errors[-1], 600))
-        failed = restore_failures(self.state, name) + 1
+        self._restore_failed = name  # on this attempt's record, where the count is kept
+        failed = checkpoint_rules.restore_failures(self.state, name) + 1
         if failed >= RESTORE_DELIVERIES:
             # Handing back again would loop until the consumer's max deliveries, each time
             # with nothing new to show; starting empty would lose the progress silently.
@@ -559,11 +612,29 @@ class Attempt:
         raise HandBack(f"{error}; handing the task back", RESTORE_HAND_BACK_S,
                        kind="restore failed")
 
-    async def _restore_failed(self, why: str) -> None:
-        ref = self.state.checkpoint if self.state else None
-        await self._confess("error", "restore_failed",
-                            f"could not restore checkpoint {ref.name if ref else '?'}: {why}; "
-                            "the agent starts from an empty workspace")
+    async def _start_failed(self, exc: ContainerError, exit_code: int | None) -> Outcome:
+        """The container could not start the agent (the runtime refused it, or its init
+        could not fork or exec the command). The host's failure (``exc.retryable``: no
+        processes or memory left, broken storage, the runtime's 5xx) is the platform's:
+        confessed, and the task handed back with a growing delay (the one a missing image
+        gets) and no attempt spent; the work consumer's max deliveries bound the loop.
+        The task's own (a command the image lacks) fails it, not retried: a retry would
+        find the same image."""
+        node = self.ex.settings.node_id
+        if exc.retryable:
+            delay = image_missing_delay(self.msg.metadata.num_delivered)
+            error = (f"the container could not start on node {node} for a host reason "
+                     f"({exc.cause}): {exc}")
+            await self._confess(
+                "error", "container_start_infra", f"{error}; handed back, no attempt spent",
+                hint=f"node {node} is short of processes, memory or storage, or its Podman "
+                f"is failing: check `podman info` and the Podman service log there; the task "
+                f"runs again in {delay:g}s, on any node")
+            raise HandBack(f"{error}; handing the task back", delay,
+                           kind="container start infra") from exc
+        error = f"could not start the container on {node}: {exc}"
+        await self._confess("error", "container_start_failed", error)
+        return Outcome("failed", exit_code, error)
 
     async def _judge(self, exit_info: ExitInfo, output: AgentOutput, timed_out: bool,
                      timeout_s: float) -> Outcome:
@@ -572,6 +643,8 @@ class Attempt:
             error = f"killed after exceeding its time limit of {timeout_s:g}s"
             await self._confess("warning", "time_limit", error)
             return Outcome("timed_out", code, error)
+        if exit_info.start_error is not None:
+            return await self._start_failed(exit_info.start_error, code)
         if code == 0:
             return Outcome("succeeded", 0, None)
         if exit_info.oom_killed:
@@ -598,9 +671,9 @@ class Attempt:
         tail = self._tail()
         status = outcome.status  # the task's; the attempt's stays outcome.status
         if outcome.retryable_cause is not None:
-            verdict = self._verdict(outcome)
+            verdict, rollback = self._verdict(outcome, now)
             if verdict.retry:
-                await self._schedule_retry(outcome, verdict, now, tail)
+                await self._schedule_retry(outcome, verdict, now, tail, rollback)
                 return verdict.delay_s
             outcome = Outcome(outcome.status, outcome.exit_code,
                               f"{outcome.error}; {verdict.why}")
@@ -608,33 +681,33 @@ class Attempt:
                 status = "dead"  # it kept failing: this attempt failed, the task is dead
         if outcome.dead:
             status = "dead"
+        succeeded = outcome.status == "succeeded"
 
         def finish(state: TaskState) -> TaskState:
             # A cancel's reason is in the state the scheduler marked (who, and why).
             error = (state.cancel_reason or outcome.error if outcome.status == "cancelled"
                      else outcome.error)
-            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
-                                   started_at=state.started_at, ended_at=now,
-                                   outcome=outcome.status, error=error)
-            return msgspec.structs.replace(
+            record = self._attempt_record(state, now, outcome.status, error)
+            ended = msgspec.structs.replace(
                 state, status=status, exit_code=outcome.exit_code,
                 error=error, finished_at=now, updated_at=now,
                 history=[*state.history, record][-HISTORY_KEPT:],
                 # An agent that never started printed nothing: the evidence is still the
                 # last run's output.
                 tail=tail if self.output is not None else state.tail,
-                # A failed task keeps its last checkpoint as evidence; a finished one
-                # needs it no more.
-                checkpoint=None if outcome.status == "succeeded" else state.checkpoint,
             )
+            # A failed task keeps its checkpoints as evidence; a finished one needs them
+            # no more.
+            return checkpoint_rules.with_history(ended, [], now) if succeeded else ended
 
         async with self._write_lock:
-            checkpoint = self.state.checkpoint
+            leftovers = checkpoint_rules.leftovers(self.state)
             final = await self._cas(finish)
             if final is None:
                 raise LeaseLost("a newer attempt owns the task; not recording this outcome")
-        if outcome.status == "succeeded" and checkpoint is not None:
-            self.ex.checkpoints.delete_later(checkpoint.name)
+        if succeeded:
+            for name in leftovers:
+                self.ex.checkpoints.delete_later(name)
         self.ex.metrics.tasks.labels(final.status).inc()
         if final.status == "dead":
             await self._confess_dead(final)
@@ -651,47 +724,105 @@ class Attempt:
                  image=self.work.spec.image)
         return None
 
-    def _verdict(self, outcome: Outcome) -> Verdict:
+    def _attempt_record(self, state: TaskState, now: datetime, outcome: str,
+                        error: str | None, *, rolled_back_from: str | None = None
+                        ) -> AttemptRecord:
+        """This attempt as its history records it, however it ended."""
+        return AttemptRecord(attempt=state.attempt, executor=state.executor,
+                             started_at=state.started_at, ended_at=now, outcome=outcome,
+                             error=error, restored=self._restored, saved=self._saved,
+                             restore_failed=self._restore_failed,
+                             rolled_back_from=rolled_back_from)
+
+    def _verdict(self, outcome: Outcome, now: datetime) -> tuple[Verdict, Rollback | None]:
+        """Retry or not, and whether the retry rolls the task's checkpoint back: this
+        failure may be the one that shows the checkpoint is poisoning the task. A rollback
+        refunds the failures on that checkpoint, so the older one gets its try whatever
+        is left of the budget; it happens only with the retry it is for."""
         assert self.state is not None and self.work is not None
         if self.state.cancel_requested_at is not None:
-            return Verdict(False, "not retried: the task was cancelled")
-        spec = self.state.spec or self.work.spec
-        return after_failure(
-            spec.retry, exit_code=outcome.exit_code,
-            failures=spent_attempts(self.state) + 1,  # this attempt is not in history yet
-            max_attempts=spec.max_attempts or 1,
-        )
+            return Verdict(False, "not retried: the task was cancelled"), None
+        state = self.state
+        spec = state.spec or self.work.spec
+        record = self._attempt_record(state, now, "failed", outcome.error)
+        rollback = checkpoint_rules.rollback(checkpoint_rules.history(state),
+                                             [*state.history, record], state.budget_from)
+        max_attempts = spec.max_attempts or 1
 
-    async def _schedule_retry(self, outcome: Outcome, verdict: Verdict,
-                              now: datetime, tail: list[str]) -> None:
-        """Back to ``scheduled`` with the failure on record; the caller naks the message
-        with the delay once the lease has stopped (see _run)."""
+        def spent(record: AttemptRecord) -> int:
+            return spent_attempts(msgspec.structs.replace(
+                state, history=[*state.history, record]))
+
+        if rollback is not None:
+            refunded = spent(msgspec.structs.replace(
+                record, rolled_back_from=rollback.poisoned.name))
+            # The backoff counts retries from 1, even when every failure was refunded.
+            rolled = after_failure(spec.retry, exit_code=outcome.exit_code,
+                                   failures=max(1, refunded), max_attempts=max_attempts)
+            if rolled.retry:
+                return Verdict(True, f"({refunded} of {max_attempts} attempts spent: the "
+                               "failures on that checkpoint do not count); retrying in "
+                               f"{rolled.delay_s:.1f}s", rolled.delay_s), rollback
+        return after_failure(spec.retry, exit_code=outcome.exit_code, failures=spent(record),
+                             max_attempts=max_attempts), None
+
+    async def _schedule_retry(self, outcome: Outcome, verdict: Verdict, now: datetime,
+                              tail: list[str], rollback: Rollback | None) -> None:
+        """Back to ``scheduled`` with the failure on record (and the checkpoint rolled
+        back, if ``rollback``); the caller naks the message with the delay once the lease
+        has stopped (see _run)."""
         assert self.state is not None
         retry_at = now + timedelta(seconds=verdict.delay_s)
+        poisoned = rollback.poisoned.name if rollback is not None else None
 
         def again(state: TaskState) -> TaskState:
-            record = AttemptRecord(attempt=state.attempt, executor=state.executor,
-                                   started_at=state.started_at, ended_at=now,
-                                   outcome="failed", error=outcome.error)
+            record = self._attempt_record(state, now, "failed", outcome.error,
+                                          rolled_back_from=poisoned)
             # exit_code and error stay visible until the next attempt starts; the
             # checkpoint stays too: the next attempt resumes from it, like any other.
-            return msgspec.structs.replace(
+            retried = msgspec.structs.replace(
                 state, status="scheduled", executor=None, exit_code=outcome.exit_code,
                 error=outcome.error, updated_at=now, retry_at=retry_at,
                 history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
             )
+            if poisoned is None:
+                return retried
+            # ... unless it is the one the task rolls back from: its object is kept (no
+            # longer restored) as evidence until the task succeeds or the TTL ends it.
+            return checkpoint_rules.with_history(
+                retried, checkpoint_rules.without(checkpoint_rules.history(state), poisoned),
+                now)
 
         async with self._write_lock:
             written = await self._cas(again)
             if written is None:
                 raise LeaseLost("a newer attempt owns the task; not scheduling a retry")
         self.ex.metrics.retries.inc()
+        reason = f"{outcome.retryable_cause} {verdict.why}"
+        if rollback is not None:
+            reason += f"; {_rolled_back_to(rollback)}"
+            await self._confess_rollback(rollback, outcome)
         self.sink.emit(Retrying(
-            task_id=written.id, attempt=written.attempt, time=now,
-            reason=f"{outcome.retryable_cause} {verdict.why}",
+            task_id=written.id, attempt=written.attempt, time=now, reason=reason,
             delay_s=round(verdict.delay_s, 3), exit_code=outcome.exit_code, error=outcome.error,
         ), once=True)  # once: one per attempt, so the id <task>:<attempt>:retrying is unique
         await self.sink.drain()
+
+    async def _confess_rollback(self, rollback: Rollback, outcome: Outcome) -> None:
+        """The platform says what it did to the task's workspace, and why."""
+        assert self.state is not None
+        bad = rollback.poisoned
+        tried = ", ".join(str(a) for a in rollback.attempts)
+        await self._confess(
+            "warning", "checkpoint_rollback",
+            f"task {self.state.id}: attempts {tried} failed right after restoring checkpoint "
+            f"{bad.name} (attempt {bad.attempt}, {bad.reason}"
+            f"{'' if checkpoint_rules.vouched(bad) else ', not vouched for by the agent'}) "
+            f"without saving a newer one (last: {outcome.error}); "
+            f"{_rolled_back_to(rollback)}",
+            hint=f"the workspace in {bad.name} likely holds a state the agent cannot start "
+            "from (a file cut short?); it is kept in vigil-checkpoints until the task "
+            "succeeds or the object expires. Those attempts did not spend max_attempts")
 
     async def _finished_again(self, state: TaskState) -> None:
         """Re-publish a finished task's ``finished`` event (same id: a no-op if it is
@@ -732,7 +863,8 @@ class Attempt:
         """``::vigil::checkpoint``: snapshot now; the agent waits for the reply file."""
         seq = payload.get("seq")
         note = payload.get("note") if isinstance(payload.get("note"), dict) else {}
-        ok, error = await self._checkpoint("agent", note or {})
+        # Clean: the agent blocks until the reply, so nothing writes the workspace.
+        ok, error = await self._checkpoint("agent", note or {}, clean=True)
         if isinstance(seq, int) and self.control is not None:
             self._reply(f"checkpoint-{seq}.json", {"ok": ok, "error": error})
 
@@ -742,18 +874,43 @@ class Attempt:
             return
         while True:
             await asyncio.sleep(every)
-            await self._checkpoint("periodic", {})
+            # Taken while the agent writes: never clean (ADR 8).
+            await self._checkpoint("periodic", {}, clean=False)
 
-    async def _checkpoint(self, reason: str, note: dict[str, Any]) -> tuple[bool, str | None]:
-        """Snapshot the workspace and point the task's state at it. Never raises: a failed
-        checkpoint is an event and a confession, and the agent carries on."""
+    async def _drain_snapshot(self, waiter: asyncio.Task[ExitInfo]) -> None:
+        """The drain's snapshot of the stopped agent's workspace. Clean only when the
+        agent exited 0 by itself within its grace (it handled SIGTERM and saved its
+        state); an agent that had to be killed may have left a file half written, and
+        such a snapshot must not replace the checkpoint the agent vouched for."""
+        exit_info: ExitInfo | None = None
+        try:
+            exit_info = await asyncio.wait_for(asyncio.shield(waiter), EXIT_REPORT_S)
+        except Exception as exc:  # not learnt, for whatever reason: not clean
+            log.warning("drain_exit_unknown", error=str(exc) or type(exc).__name__)
+        await self._checkpoint("drain", {}, clean=drain_was_clean(exit_info),
+                               exit_code=exit_info.exit_code if exit_info else None)
+
+    async def _checkpoint(self, reason: str, note: dict[str, Any], *, clean: bool,
+                          exit_code: int | None = None) -> tuple[bool, str | None]:
+        """Snapshot the workspace and make it the head of the task's checkpoint history.
+        Never raises: a failed checkpoint is an event and a confession, and the agent
+        carries on. A snapshot that may not replace the head (checkpoint_rules.
+        may_replace) is not taken at all: it would only be deleted again."""
         container, work = self.container, self.work
         if container is None or work is None or self.state is None:
             return False, "no running container"
         async with self._write_lock:
             state = self.state
+            head = state.checkpoint
+            if not may_replace(clean, head):
+                assert head is not None
+                # Periodic skips repeat every interval: logged only when debugging.
+                (log.debug if reason == "periodic" else log.info)(
+                    "checkpoint_skipped", reason=reason, exit_code=exit_code, kept=head.name,
+                    why="not clean, and the task's checkpoint is one the agent vouched for")
+                return False, f"not taken: checkpoint {head.name} is kept"
             self._checkpoints += 1
-            name = object_name(work.task_id, state.attempt, self._checkpoints)
+            name = object_name(work.tenant, work.task_id, state.attempt, self._checkpoints)
             try:
                 saved = await self.ex.checkpoints.save(
                     name, container.export_workspace(),
@@ -764,7 +921,7 @@ class Attempt:
                 error = str(exc)
                 self.sink.emit(Checkpoint(
                     task_id=work.task_id, attempt=state.attempt, time=utcnow(), name=name,
-                    reason=reason, note=note, ok=False, error=error,
+                    reason=reason, note=note, ok=False, error=error, clean=clean,
                 ))
                 await self._confess("error", "checkpoint_failed",
                                     f"checkpoint ({reason}) failed: {error}")
@@ -772,22 +929,30 @@ class Attempt:
                 return False, error
             now = utcnow()
             ref = CheckpointRef(name=saved.name, size=saved.size, digest=saved.digest,
-                                attempt=state.attempt, reason=reason, taken_at=now)
-            previous = state.checkpoint
-            updated_ = await self._cas(
-                lambda s: msgspec.structs.replace(s, checkpoint=ref, updated_at=now))
+                                attempt=state.attempt, reason=reason, taken_at=now,
+                                clean=clean)
+            fell_off: list[CheckpointRef] = []
+
+            def record(s: TaskState) -> TaskState:
+                kept, dropped = checkpoint_rules.pushed(checkpoint_rules.history(s), ref)
+                fell_off[:] = dropped  # of the state actually written (_cas may retry)
+                return checkpoint_rules.with_history(s, kept, now)
+
+            updated_ = await self._cas(record)
             if updated_ is None:
                 # Fenced: a newer attempt owns the task. Its state must not point here.
                 self.ex.checkpoints.delete_later(saved.name)
                 return False, "this attempt no longer owns the task"
             updated = updated_
-        if previous is not None:
-            self.ex.checkpoints.delete_later(previous.name)
+            self._saved = saved.name
+        for old in fell_off:
+            self.ex.checkpoints.delete_later(old.name)
         self.sink.emit(Checkpoint(
             task_id=work.task_id, attempt=updated.attempt, time=now, name=saved.name,
-            size=saved.size, digest=saved.digest, reason=reason, note=note,
+            size=saved.size, digest=saved.digest, reason=reason, note=note, clean=clean,
         ))
-        log.info("checkpoint_saved", reason=reason, name=saved.name, size=saved.size)
+        log.info("checkpoint_saved", reason=reason, name=saved.name, size=saved.size,
+                 clean=clean, exit_code=exit_code)
         return True, None
 
     def _reply(self, name: str, body: dict[str, Any]) -> None:
@@ -825,7 +990,7 @@ class Attempt:
         tail if they cannot be read in time."""
         try:
             return await asyncio.wait_for(
-                log_tail(self.ex.js, state.id, state.attempt),
+                log_tail(self.ex.js, state.tenant, state.id, state.attempt),
                 self.ex.settings.ack_wait_s / 2)
         except Exception as exc:
             log.warning("tail_unread", error=str(exc) or type(exc).__name__)
@@ -861,9 +1026,7 @@ class Attempt:
             tail = self._tail()
 
             def back(s: TaskState) -> TaskState:
-                record = AttemptRecord(attempt=s.attempt, executor=s.executor,
-                                       started_at=s.started_at, ended_at=now,
-                                       outcome="handed_back", error=exc.reason)
+                record = self._attempt_record(s, now, "handed_back", exc.reason)
                 return msgspec.structs.replace(
                     s, status="scheduled", executor=None, updated_at=now,
                     # An attempt that printed nothing (its agent never ran: the image is
@@ -899,7 +1062,7 @@ class Attempt:
         assert self.work is not None
         meta = self.msg.metadata
         try:
-            got = await asyncio.wait_for(self.ex.store.get(self.work.task_id),
+            got = await asyncio.wait_for(self.ex.store.get(self.work.tenant, self.work.task_id),
                                          self.ex.settings.heartbeat_s)
         except Exception:
             return False
@@ -930,15 +1093,16 @@ class Attempt:
         with contextlib.suppress(Exception):
             await self.msg.term()
 
-    async def _cleanup(self) -> None:
+    async def cleanup(self) -> None:
+        """However the attempt ended: its container and its volume go (the workspace
+        lives on in the checkpoint, not in this node's volume). Needs only the runtime,
+        not NATS. Idempotent: a drain that ran out of time calls it too (Executor._drain)."""
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
-        if self.work is not None and self.state is not None:
-            # The workspace lives on in the checkpoint, not in this node's volume.
+        if self.volume is not None:
             with contextlib.suppress(Exception):
-                await self.ex.runtime.remove_volume(workspace_volume(
-                    self.ex.settings.node_id, self.work.task_id, self.state.attempt))
+                await self.ex.runtime.remove_volume(self.volume)
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
 
@@ -1014,7 +1178,8 @@ class Attempt:
         """The task's state, raising LeaseLost if another attempt holds it now; None when
         it cannot be read within a heartbeat (the lease timing decides then)."""
         try:
-            got = await asyncio.wait_for(self.ex.store.get(task_id),
+            assert self.work is not None
+            got = await asyncio.wait_for(self.ex.store.get(self.work.tenant, task_id),
                                          self.ex.settings.heartbeat_s)
         except (TimeoutError, NatsUnavailable):
             return None
@@ -1137,6 +1302,14 @@ class Attempt:
 
 def dead_confession_id(task_id: str, attempt: int) -> str:
     return f"executor-{task_id}-a{attempt}-dead"
+
+
+def _rolled_back_to(rollback: Rollback) -> str:
+    to = rollback.to
+    where = (f"checkpoint {to.name} (attempt {to.attempt}, {to.reason})" if to is not None
+             else "an empty workspace (no older checkpoint is kept)")
+    return (f"rolled back from checkpoint {rollback.poisoned.name}: the next attempt "
+            f"restores {where}")
 
 
 def _retry_not_due(state: TaskState, now: datetime) -> float:

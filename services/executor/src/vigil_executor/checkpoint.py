@@ -2,14 +2,16 @@
 
 A checkpoint is the workspace as a tar archive (the runtime exports it), spooled to a
 temporary file while its size and SHA-256 are counted, then uploaded in chunks. The
-object is named ``<task>/a<attempt>-<n>``; the task's state points to the newest one
-(written with compare-and-set, so a stale attempt cannot replace a newer checkpoint), and
-the previous object is deleted once the new one is recorded.
+object is named ``<tenant>/<task>/a<attempt>-<n>``; the task's state points to it (written
+with compare-and-set, so a stale attempt cannot replace a newer checkpoint) at the head of a
+short history, and an object is deleted once it falls off that history. Which snapshot may
+head it, and when a task rolls back, is :mod:`vigil_executor.checkpoint_rules`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import tarfile
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO
 
+import nats.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
@@ -25,9 +28,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from vigil import subjects
-from vigil.errors import VigilError
+from vigil.errors import NatsUnavailable, VigilError
 from vigil.jetstream import retrying
-from vigil.messages import TaskState
 from vigil_executor.runtime import ArchiveTooLarge
 
 log = structlog.get_logger("vigil.executor.checkpoint")
@@ -41,6 +43,7 @@ RESTORE_HAND_BACK_S = 5.0
 # Deliveries that may fail to restore one checkpoint (each after RESTORE_TRIES tries)
 # before the task is dead instead of handed back again (ADR 8).
 RESTORE_DELIVERIES = 3
+CHUNK_WAIT_S = 10.0  # the longest a download waits for its next chunk
 
 
 class CheckpointError(VigilError):
@@ -62,8 +65,8 @@ def mib(n: int) -> str:
     return f"{n / (1024 * 1024):g} MiB"
 
 
-def object_name(task_id: str, attempt: int, n: int) -> str:
-    return f"{task_id}/a{attempt}-{n}"
+def object_name(tenant: str, task_id: str, attempt: int, n: int) -> str:
+    return f"{tenant}/{task_id}/a{attempt}-{n}"
 
 
 class CheckpointStore:
@@ -116,11 +119,46 @@ class CheckpointStore:
                 "large or rebuildable files out of the workspace, or raise the limit")
 
     async def load(self, name: str, into: IO[bytes]) -> int:
-        """Download ``name`` into ``into`` (verified against the store's digest)."""
+        """Download ``name`` into ``into``, verified against the store's digest.
+
+        Not nats-py's ``ObjectStore.get``: it subscribes to the chunks without naming their
+        stream, so the client asks the server which stream holds them
+        (``$JS.API.STREAM.NAMES``), a call the executor's least-privilege NATS user may not
+        make. Here the stream is named, and the chunks are read by an ordered consumer.
+        """
+        store = self.store
         try:
-            await self.store.get(name, writeinto=into)  # type: ignore[arg-type]
+            info = await store.get_info(name)
         except (ObjectNotFoundError, NotFoundError) as exc:
             raise CheckpointError(f"checkpoint {name} is not in the object store") from exc
+        if not info.nuid:
+            raise CheckpointError(f"checkpoint {name} has no chunks on record (bad metadata)")
+        size = 0
+        found = hashlib.sha256()
+        if info.size:
+            bucket = subjects.OBJ_CHECKPOINTS
+            sub = await self._js.subscribe(f"$O.{bucket}.C.{info.nuid}",
+                                           stream=f"OBJ_{bucket}", ordered_consumer=True)
+            try:
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=CHUNK_WAIT_S)
+                    except nats.errors.TimeoutError:
+                        raise NatsUnavailable(
+                            f"checkpoint {name}: no chunk arrived for {CHUNK_WAIT_S:g}s after "
+                            f"{size} of {info.size} bytes") from None
+                    await asyncio.to_thread(into.write, msg.data)
+                    found.update(msg.data)
+                    size += len(msg.data)
+                    if msg.metadata.num_pending == 0:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        recorded = (info.digest or "").partition("=")[2]
+        if base64.urlsafe_b64encode(found.digest()).decode() != recorded or size != info.size:
+            raise CheckpointError(f"checkpoint {name} did not download whole: {size} of "
+                                  f"{info.size} bytes, or a digest that does not match")
         into.flush()
         return into.tell()
 
@@ -168,16 +206,8 @@ def archive_problem(archive: IO[bytes], digest: str) -> str | None:
 
 
 def restore_failure(name: str, node: str, tries: int, last_error: str) -> str:
-    """The error of a delivery that could not restore checkpoint ``name``: the reason its
-    hand-back records in the task's history, where :func:`restore_failures` counts it."""
+    """The error of a delivery that could not restore checkpoint ``name`` (its hand-back
+    also names the checkpoint in the typed ``AttemptRecord.restore_failed``, which is
+    what checkpoint_rules.restore_failures counts)."""
     return (f"could not restore checkpoint {name} on {node} ({tries} tries; last error: "
             f"{last_error})")
-
-
-def restore_failures(state: TaskState, name: str) -> int:
-    """Earlier deliveries handed back because checkpoint ``name`` would not restore, since
-    the task's newest operator redrive (which gives fresh tries, like a fresh budget)."""
-    prefix = f"could not restore checkpoint {name} on "
-    return sum(1 for h in state.history
-               if h.outcome == "handed_back" and h.attempt > state.budget_from
-               and (h.error or "").startswith(prefix))

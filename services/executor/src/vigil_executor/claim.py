@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from vigil.messages import TaskState, WorkItem
+from vigil_executor.checkpoint_rules import set_aside
 
 
 class HandBack(Exception):
@@ -51,6 +52,7 @@ def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int 
         id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
         created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
         submit_seq=work.submit_seq, work_seq=work_seq, delivery=1,
+        spec_digest=work.spec_digest,
     )
 
 
@@ -88,9 +90,14 @@ def may_hand_back(state: TaskState | None, work_seq: int, delivery: int) -> bool
 def spent_attempts(state: TaskState) -> int:
     """Attempts that count against ``max_attempts``: the agent's own failures (``failed``)
     since the task's newest operator redrive. Lost attempts (the node died), hand-backs
-    (drain, a missing image, Podman trouble) are the platform's problem, not the agent's."""
+    (drain, a missing image, Podman trouble) are the platform's problem, not the agent's.
+    Neither are failures right after restoring a checkpoint the task then rolled back
+    from: the checkpoint was at fault, and an older one must get its try however small
+    the budget (checkpoint_rules.rollback)."""
+    poisoned = set_aside(state)
     return sum(1 for h in state.history
-               if h.outcome == "failed" and h.attempt > state.budget_from)
+               if h.outcome == "failed" and h.attempt > state.budget_from
+               and (h.restored is None or h.restored not in poisoned))
 
 
 def lost_attempts(state: TaskState) -> int:

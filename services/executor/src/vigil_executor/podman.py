@@ -23,15 +23,27 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import structlog
 
-from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
+from vigil.errors import RuntimeUnavailable
 from vigil.messages import MAX_ADVERTISED_IMAGES
+from vigil_executor.archive import END_OF_ARCHIVE, relative_tar, tar_end
+from vigil_executor.podman_errors import (
+    INIT_FAILED_EXIT,
+    INIT_LINES,
+    INIT_OUTPUT_WAIT_S,
+    PodmanConflict,
+    PodmanError,
+    error_of,
+    init_failure,
+)
 from vigil_executor.runtime import (
     CONTROL_PATH,
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
     LABEL_MANAGED,
     LABEL_TASK,
+    LABEL_TENANT,
     ArchiveTooLarge,
+    ContainerError,
     ContainerSpec,
     ExitInfo,
     Leftover,
@@ -44,10 +56,6 @@ log = structlog.get_logger("vigil.executor.podman")
 API = "/v4.0.0/libpod"
 STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
 RAW_SLACK = 64 * 1024  # see PodmanContainer.export_workspace
-
-
-class PodmanError(VigilError):
-    pass
 
 
 def socket_path(url: str) -> str:
@@ -66,6 +74,11 @@ class PodmanContainer:
         self._max_line = max_line
         self._workspace = workspace
         self._max_archive = max_archive
+        # The first output lines and the count, kept to tell an init that could not start
+        # the agent (its messages are all there is) from an agent that ran; see wait().
+        self._head: list[str] = []
+        self._lines = 0
+        self._output_ended = asyncio.Event()
 
     async def start(self) -> None:
         await self._rt.call("POST", f"/containers/{self.id}/start")
@@ -135,13 +148,23 @@ class PodmanContainer:
                 # Seen in the soak: an empty body when the container stopped under the
                 # request. A failed checkpoint (the agent is told), not a crashed attempt.
                 raise PodmanError(f"Podman's archive of the workspace is unreadable "
-                                  f"({read} bytes): {exc}") from exc
+                                  f"({read} bytes): {exc}", cause="archive_unreadable") from exc
             clean.seek(0)
             while data := await asyncio.to_thread(clean.read, 256 * 1024):
                 yield data
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
         """Demultiplex the attach stream: 8-byte headers (stream, 0, 0, 0, uint32 size)."""
+        try:
+            async for stream, line in self._demultiplexed():
+                self._lines += 1
+                if len(self._head) < INIT_LINES:
+                    self._head.append(line.decode(errors="replace"))
+                yield stream, line
+        finally:
+            self._output_ended.set()
+
+    async def _demultiplexed(self) -> AsyncIterator[tuple[Stream, bytes]]:
         splitters: dict[Stream, LineSplitter] = {
             "stdout": LineSplitter(self._max_line), "stderr": LineSplitter(self._max_line)}
         reader = self._attach.content
@@ -172,7 +195,21 @@ class PodmanContainer:
         code = int(data) if isinstance(data, int | str) else -1
         info = await self._rt.call("GET", f"/containers/{self.id}/json")
         state = info.get("State", {}) if isinstance(info, dict) else {}
-        return ExitInfo(exit_code=code, oom_killed=bool(state.get("OOMKilled")))
+        start_error = await self._init_failure() if code == INIT_FAILED_EXIT else None
+        return ExitInfo(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
+                        start_error=start_error)
+
+    async def _init_failure(self) -> ContainerError | None:
+        """Whether the init failed to start the agent: the container's whole output, once
+        the attach stream has ended (it may trail the exit a little), is the init's own
+        messages. Not the container's log: Podman 4.3 answered ``tail=3`` with a bare
+        newline in about one of three tries, catatonit writing its message and the
+        newline apart."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._output_ended.wait(), INIT_OUTPUT_WAIT_S)
+        if not self._output_ended.is_set() or self._lines > len(self._head):
+            return None  # unknown, or the agent printed more than an init would
+        return init_failure(self._head)
 
     async def stop(self, grace_s: float) -> None:
         with contextlib.suppress(PodmanError):
@@ -273,7 +310,7 @@ class PodmanRuntime:
             ) as resp:
                 body = await resp.read()
                 if resp.status not in ok:
-                    raise _error(resp.status, body, path)
+                    raise error_of(resp.status, body, path)
                 if not body:
                     return None
                 if resp.content_type == "application/json":
@@ -298,7 +335,7 @@ class PodmanRuntime:
                 timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
             ) as resp:
                 if resp.status != 200:
-                    raise _error(resp.status, await resp.read(), path)
+                    raise error_of(resp.status, await resp.read(), path)
                 async for data in resp.content.iter_chunked(chunk):
                     yield data
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
@@ -327,19 +364,28 @@ class PodmanRuntime:
             "labels": {**spec.labels, LABEL_MANAGED: "1"},
             "hostname": "agent",
             "work_dir": spec.workspace_path,
-            # The sandbox: no network, read-only root (tmpfs /tmp, /run), no capabilities,
-            # no privilege escalation, runc (crun fails on hybrid cgroups here).
+            # The sandbox: no network, read-only root with private writable tmpfs scratch
+            # (spec.tmpfs), no capabilities, no privilege escalation, runc (crun fails on
+            # hybrid cgroups here).
             "netns": {"nsmode": "none"},
             "read_only_filesystem": True,
-            "read_only_tmpfs": True,
+            # Podman 4.3's API ignores this (its CLI adds the mounts itself; measured
+            # here, /tmp and /run stayed read-only either way): the tmpfs mounts below are
+            # explicit and sized, and a Podman that honours it adds no others.
+            "read_only_tmpfs": False,
             "cap_drop": ["all"],
             "no_new_privileges": True,
             "oci_runtime": self._oci_runtime,
             "volumes": [{"Name": spec.workspace_volume, "Dest": spec.workspace_path}],
-            "mounts": [] if spec.control_dir is None else [{
-                "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
-                "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
-            }],
+            "mounts": [
+                *({"destination": path, "source": "tmpfs", "type": "tmpfs",
+                   "options": ["rw", "nosuid", "nodev", f"size={spec.tmpfs_mb}m",
+                               "mode=1777"]} for path in spec.tmpfs),
+                *([] if spec.control_dir is None else [{
+                    "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+                }]),
+            ],
             "log_configuration": {"driver": "k8s-file"},
             "stop_timeout": max(1, int(spec.stop_grace_s)),
             # An init as PID 1 (catatonit) forwards SIGTERM to the agent: an agent with no
@@ -371,11 +417,10 @@ class PodmanRuntime:
 
     async def create(self, spec: ContainerSpec) -> PodmanContainer:
         body = self.create_body(spec)
+        await self._create_volume(spec)
         try:
             created = await self.call("POST", "/containers/create", body=body)
-        except PodmanError as exc:
-            if "already in use" not in str(exc):
-                raise
+        except PodmanConflict:
             # A container of that name: left by a crashed earlier life of this node's
             # executor (the name holds node, task and attempt). Remove it only if its
             # labels say so; never someone else's.
@@ -396,7 +441,7 @@ class PodmanRuntime:
             if attach.status != 200:
                 text = await attach.text()
                 attach.release()
-                raise _error(attach.status, text.encode(), "attach")
+                raise error_of(attach.status, text.encode(), "attach")
         except TimeoutError:
             with contextlib.suppress(Exception):
                 await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})
@@ -407,6 +452,36 @@ class PodmanRuntime:
             raise
         return PodmanContainer(self, cid, attach, self._max_line, spec.workspace_path,
                                self._max_archive)
+
+    async def _create_volume(self, spec: ContainerSpec) -> None:
+        """The workspace volume, created before its container and labelled like it. Podman
+        would create it implicitly, without labels: then a volume whose container was gone
+        (the executor killed between removing the one and the other, or before creating
+        the container) was nobody's, for ever. Labelled, a restarted executor finds it."""
+        body = {"Name": spec.workspace_volume, "Label": {**spec.labels, LABEL_MANAGED: "1"}}
+        try:
+            await self.call("POST", "/volumes/create", body=body)
+        except PodmanConflict:
+            # Left by an earlier life of this node (the name holds node, task and attempt;
+            # an older executor made it without labels). A workspace is only ever carried
+            # by a checkpoint, never by a leftover volume: replace it, if it is ours.
+            other = await self.call("GET", f"/volumes/{quote(spec.workspace_volume)}/json")
+            owner = ((other or {}).get("Labels") or {}).get(LABEL_EXECUTOR)
+            if owner not in (None, spec.labels.get(LABEL_EXECUTOR)):
+                raise
+            await self.call("DELETE", f"/volumes/{quote(spec.workspace_volume)}",
+                            params={"force": "true"}, ok=(204, 404))
+            await self.call("POST", "/volumes/create", body=body)
+
+    async def find_volumes(self, node_id: str) -> list[str]:
+        # One label in the filter, and both checked here: Podman 4.3 ORs the label
+        # filters of volumes (it ANDs those of containers), so managed=1 plus executor=X
+        # listed every node's volumes, and a starting executor removed them all, live
+        # agents' included (a forced volume removal removes its container too).
+        filters = json.dumps({"label": [f"{LABEL_EXECUTOR}={node_id}"]})
+        data = await self.call("GET", "/volumes/json", params={"filters": filters})
+        return [str(v["Name"]) for v in data or []
+                if _ours(v.get("Labels"), node_id) and v.get("Name")]
 
     async def remove_volume(self, name: str) -> None:
         with contextlib.suppress(PodmanError):
@@ -421,10 +496,12 @@ class PodmanRuntime:
         found = []
         for c in data or []:
             labels = c.get("Labels") or {}
+            if not _ours(labels, node_id):
+                continue  # never trust a filter's semantics with a removal
             found.append(Leftover(
                 id=c.get("Id", ""), task_id=labels.get(LABEL_TASK, ""),
                 attempt=int(labels.get(LABEL_ATTEMPT, "0") or 0),
-                state=str(c.get("State", "")),
+                state=str(c.get("State", "")), tenant=labels.get(LABEL_TENANT, ""),
             ))
         return found
 
@@ -433,39 +510,10 @@ class PodmanRuntime:
                         ok=(200, 204, 404))
 
 
-END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
-
-
-def tar_end(archive: BinaryIO) -> int | None:
-    """Where the last member of the tar at ``archive``'s position ends (its end-of-archive
-    marker starts there), as a file offset; None when it cannot be read as a tar (then
-    the whole body goes, and Podman says what is wrong with it). Moves the file position."""
-    try:
-        with tarfile.open(fileobj=archive, mode="r:") as tar:
-            for _ in tar:
-                pass
-            return tar.offset
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-
-
-def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
-    """Copy a tar, renaming members to be relative to the archived directory itself."""
-    prefix: str | None = None  # decided by the first member: the directory's own entry
-    with tarfile.open(fileobj=src, mode="r:") as tin, tarfile.open(fileobj=dst, mode="w") as tout:
-        for member in tin:
-            name = member.name.lstrip("/")
-            if prefix is None:
-                prefix = dirname + "/" if name == dirname else ""
-                if name in ("", ".", dirname):
-                    continue  # the directory itself: the workspace mount already exists
-            if prefix and name.startswith(prefix):
-                name = name[len(prefix):]
-            if not name or name == ".":
-                continue
-            member.name = name
-            data = tin.extractfile(member) if member.isreg() else None
-            tout.addfile(member, data)
+def _ours(labels: Any, node_id: str) -> bool:
+    """Whether an object's labels say this node's executor made it."""
+    return (isinstance(labels, dict) and labels.get(LABEL_MANAGED) == "1"
+            and labels.get(LABEL_EXECUTOR) == node_id)
 
 
 def image_names(listing: list[dict[str, Any]]) -> list[str] | None:
@@ -479,16 +527,3 @@ def image_names(listing: list[dict[str, Any]]) -> list[str] | None:
                     note="advertising none: placement will not judge this node by image")
         return None
     return sorted(names)
-
-
-def _error(status: int, body: bytes, what: str) -> VigilError:
-    try:
-        message = json.loads(body).get("message") or body.decode(errors="replace")
-    except (ValueError, AttributeError):
-        message = body.decode(errors="replace")
-    if "image not known" in message or "failed to find image" in message:
-        return ImageNotFound(
-            f"{message}; images are not pulled from registries: build or load it on this node "
-            "(the default agent image comes from scripts/build-agent-image.sh)"
-        )
-    return PodmanError(f"Podman API {what}: HTTP {status}: {message}")

@@ -163,6 +163,9 @@ class ProcessRuntime:
     async def find_containers(self, node_id: str) -> list[Leftover]:
         return []  # child processes die with the executor (their session is killed)
 
+    async def find_volumes(self, node_id: str) -> list[str]:
+        return []  # unsafe, for benchmarks: its workspaces live in a temp directory
+
     async def remove_container(self, cid: str) -> None:
         pass
 
@@ -228,6 +231,9 @@ class NullRuntime:
         pass
 
     async def find_containers(self, node_id: str) -> list[Leftover]:
+        return []
+
+    async def find_volumes(self, node_id: str) -> list[str]:
         return []
 
     async def remove_container(self, cid: str) -> None:

@@ -17,6 +17,7 @@ Stream = Literal["stdout", "stderr"]
 
 # Labels every Vigil container carries: how a restarted executor finds its orphans.
 LABEL_TASK = "dev.vigil.task-id"
+LABEL_TENANT = "dev.vigil.tenant"
 LABEL_ATTEMPT = "dev.vigil.attempt"
 LABEL_EXECUTOR = "dev.vigil.executor"
 LABEL_MANAGED = "dev.vigil.managed"
@@ -43,6 +44,9 @@ class ContainerSpec:
     workspace_volume: str
     workspace_path: str = "/workspace"
     control_dir: str | None = None  # host dir, read-only inside at CONTROL_PATH
+    # Private writable tmpfs mounts (the root filesystem is read-only), each tmpfs_mb big.
+    tmpfs: tuple[str, ...] = ()
+    tmpfs_mb: int = 256
     limits: Limits = field(default_factory=Limits)
     timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
     stop_grace_s: float = 10.0
@@ -58,10 +62,29 @@ class ArchiveTooLarge(VigilError):
         self.limit = limit
 
 
+class ContainerError(VigilError):
+    """The runtime refused or failed a container operation, classified once where the
+    runtime's error is read (for Podman: ``vigil_executor.podman.classify``).
+
+    ``retryable``: the host's failure, not the task's (no processes or memory left, full or
+    broken storage, the runtime's own 5xx): the task is handed back, no attempt spent.
+    Otherwise the request itself is wrong (a command the image lacks, an invalid setting
+    of the task): retrying cannot help. ``cause`` is a short, bounded name for it
+    (``eagain``, ``storage_full``, ``command_not_runnable`` ...), for confessions and
+    metrics."""
+
+    def __init__(self, message: str, *, cause: str, retryable: bool) -> None:
+        super().__init__(message, retryable=retryable)
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class ExitInfo:
     exit_code: int
     oom_killed: bool = False
+    # Set when the agent never ran: the container's init could not start it (it failed
+    # to fork or to exec the command), so the exit code is the init's, not the agent's.
+    start_error: ContainerError | None = None
 
 
 CONTROL_PATH = "/run/vigil"
@@ -75,6 +98,7 @@ class Leftover:
     task_id: str
     attempt: int
     state: str
+    tenant: str = ""
 
 
 class Container(Protocol):
@@ -134,6 +158,11 @@ class Runtime(Protocol):
     async def remove_volume(self, name: str) -> None: ...
 
     async def find_containers(self, node_id: str) -> list[Leftover]: ...
+
+    async def find_volumes(self, node_id: str) -> list[str]:
+        """Workspace volumes this node's executor created, by label, with or without a
+        container (an executor killed between removing the one and the other)."""
+        ...
 
     async def remove_container(self, cid: str) -> None: ...
 

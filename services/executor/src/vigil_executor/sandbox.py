@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from vigil.messages import WorkItem
 from vigil_executor.runtime import (
     CONTROL_PATH,
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
     LABEL_TASK,
+    LABEL_TENANT,
     ContainerSpec,
     Limits,
 )
 from vigil_executor.settings import ExecutorSettings
 
 WORKSPACE = "/workspace"
+# Writable scratch on a read-only root. Without them an agent's temp files went where
+# Python's tempfile (and most tools) fall back when /tmp is not writable: the current
+# directory, the workspace, and from there into every checkpoint.
+SCRATCH = ("/tmp", "/var/tmp")  # noqa: S108 - the container's own private tmpfs mounts
+# A home here is left as the task set it: a tmpfs would hide what the sandbox provides.
+KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH)
 
 
-def container_name(node_id: str, task_id: str, attempt: int) -> str:
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def tmpfs_paths(home: str) -> tuple[str, ...]:
+    """The private tmpfs mounts of an agent whose ``$HOME`` is ``home``: the scratch
+    directories, and the home itself when a task puts it elsewhere. A relative home, or
+    one in the workspace, the control mount or a kernel filesystem, gets none: writable
+    or not, it is where the task asked for it."""
+    if not home.startswith("/"):
+        return SCRATCH
+    path = "/" + posixpath.normpath(home).lstrip("/")  # normpath keeps a leading "//"
+    if path == "/" or any(_within(path, p) for p in (*SCRATCH, *KEEP)):
+        return SCRATCH
+    return (*SCRATCH, path)
+
+
+def container_name(node_id: str, tenant: str, task_id: str, attempt: int) -> str:
     # The node is in the name: two executors (or two `vigil up` stacks) sharing one
-    # Podman never collide, even on the same task id.
-    return f"vigil-{node_id}-{task_id}-a{attempt}"
+    # Podman never collide, even on the same task id; so is the tenant (ids are per
+    # tenant), after a dot, which neither a tenant nor an id can hold.
+    return f"vigil-{node_id}-{tenant}.{task_id}-a{attempt}"
 
 
-def workspace_volume(node_id: str, task_id: str, attempt: int) -> str:
+def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> str:
     """One volume per attempt: the checkpoint, not a node's leftover volume, carries the
     workspace from one attempt to the next (and an orphan never shares a live volume)."""
-    return f"vigil-ws-{node_id}-{task_id}-a{attempt}"
+    return f"vigil-ws-{node_id}-{tenant}.{task_id}-a{attempt}"
 
 
 def container_spec(
@@ -46,18 +73,21 @@ def container_spec(
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
     }
     return ContainerSpec(
-        name=container_name(conf.node_id, work.task_id, attempt),
+        name=container_name(conf.node_id, work.tenant, work.task_id, attempt),
         image=spec.image,
         command=list(spec.command),
         env=env,
         labels={
             LABEL_TASK: work.task_id,
+            LABEL_TENANT: work.tenant,
             LABEL_ATTEMPT: str(attempt),
             LABEL_EXECUTOR: conf.node_id,
         },
-        workspace_volume=workspace_volume(conf.node_id, work.task_id, attempt),
+        workspace_volume=workspace_volume(conf.node_id, work.tenant, work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
+        tmpfs=tmpfs_paths(env["HOME"]),
+        tmpfs_mb=conf.tmpfs_mb,
         limits=Limits(
             pids=conf.pids_limit,
             memory_mb=conf.memory_mb,

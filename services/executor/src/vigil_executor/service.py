@@ -41,6 +41,10 @@ from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
 
+# How long a drain that ran out of time waits to remove its attempts' containers and
+# volumes (two Podman calls each, normally milliseconds).
+CLEANUP_WAIT_S = 30.0
+
 
 def make_runtime(conf: ExecutorSettings) -> Runtime:
     if conf.runtime == "podman":
@@ -130,7 +134,7 @@ class Executor:
                 capacity=s.slots, max_batch=s.slots, heartbeat_s=min(5.0, s.heartbeat_s),
             )
             await self._consumer.start()
-            await self._nc.subscribe(f"{subjects.CANCEL}.*", cb=self._on_cancel_notice)
+            await self._nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel_notice)
             self._advertiser = Advertiser(
                 self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
                 runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants,
@@ -159,9 +163,10 @@ class Executor:
     async def _on_cancel_notice(self, msg: Msg) -> None:
         """The scheduler marked a task cancelled: stop it now if it runs here (the
         heartbeat's state check catches a notice this node missed)."""
-        task_id = subjects.token(msg.subject, 2)
+        tenant, task_id = subjects.token(msg.subject, 2), subjects.token(msg.subject, 3)
         for attempt in self._attempts.values():
-            if attempt.work is not None and attempt.work.task_id == task_id:
+            work = attempt.work
+            if work is not None and (work.tenant, work.task_id) == (tenant, task_id):
                 attempt.cancel()
 
     async def _open_runtime(self) -> None:
@@ -229,8 +234,8 @@ class Executor:
             "each executor its own VIGIL_STATE_DIR (or leave it unset: the default is one "
             "per node id)")))
 
-    def control_dir(self, task_id: str, attempt: int) -> Path:
-        d = self.state_dir / "control" / f"{task_id}-a{attempt}"
+    def control_dir(self, tenant: str, task_id: str, attempt: int) -> Path:
+        d = self.state_dir / "control" / f"{tenant}.{task_id}-a{attempt}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(mode=0o755)
         os.chmod(d, 0o755)  # noqa: S103 - read by the agent's uid, written only by us
@@ -254,8 +259,10 @@ class Executor:
             return
         for c in leftovers:
             await self.runtime.remove_container(c.id)
+            # Named, for volumes an older executor made without labels.
             with contextlib.suppress(Exception):
-                await self.runtime.remove_volume(workspace_volume(node, c.task_id, c.attempt))
+                await self.runtime.remove_volume(
+                    workspace_volume(node, c.tenant, c.task_id, c.attempt))
             log.warning("orphan_removed", container=c.id[:12], task_id=c.task_id,
                         attempt=c.attempt, state=c.state)
             await self.publish_confession(Confession(
@@ -263,11 +270,23 @@ class Executor:
                 summary=f"node {node} restarted and found attempt {c.attempt} of task "
                 f"{c.task_id} still in a container ({c.state}); removed it",
                 severity="warning", category="node_lost", task_id=c.task_id or None,
-                attempt=c.attempt, detail="the executor on this node died without handing "
-                "its tasks back (killed, crashed or rebooted); NATS redelivers them after the "
-                "ack wait and they resume from their last checkpoint",
+                tenant=c.tenant or None, attempt=c.attempt,
+                detail="the executor on this node died without handing its tasks back "
+                "(killed, crashed or rebooted); NATS redelivers them after the ack wait and "
+                "they resume from their last checkpoint",
                 source="executor", node=node, component="executor", time=utcnow(),
             ))
+        # Volumes whose container is gone already: the earlier life died between
+        # removing the one and the other, or before it created the container. Nothing
+        # of a task is lost with them: a workspace lives on in its checkpoint.
+        try:
+            volumes = await self.runtime.find_volumes(node)
+        except RuntimeUnavailable as exc:
+            log.warning("orphan_scan_failed", error=str(exc))
+            return
+        for name in volumes:
+            await self.runtime.remove_volume(name)
+            log.warning("orphan_volume_removed", volume=name)
 
     async def _confess_limits(self) -> None:
         note = self.runtime.limits_note
@@ -324,7 +343,25 @@ class Executor:
             log.info("draining", running=len(self._attempts))
             for attempt in self._attempts.values():
                 attempt.stop("executor draining")
-            await asyncio.wait(set(self._attempts), timeout=self.settings.stop_grace_s + 60)
+            _, late = await asyncio.wait(set(self._attempts),
+                                         timeout=self.settings.stop_grace_s + 60)
+            if late:
+                # Past the drain's wait: NATS is gone or slow, so neither the drain's
+                # checkpoint nor the hand-back gets through (the lease lapses and the
+                # server redelivers the task instead). Their containers and volumes must
+                # not outlive us: their own cleanup used to run only once the loop ended,
+                # after the runtime was closed, and removed nothing. Cancel them, then
+                # clean up here, while the runtime is open (their finally blocks still
+                # wait on NATS a little: the lease, the output).
+                log.warning("drain_timed_out", running=len(late))
+                attempts = [self._attempts[task] for task in late if task in self._attempts]
+                for task in late:
+                    task.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(
+                        *(a.cleanup() for a in attempts), return_exceptions=True),
+                        CLEANUP_WAIT_S)
+                await asyncio.wait(late, timeout=1)
 
     async def _close(self) -> None:
         if self._nc is not None:

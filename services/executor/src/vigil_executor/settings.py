@@ -103,6 +103,12 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     checkpoint_interval_s: Annotated[float, Meta(ge=0)] = 0.0
     """Also checkpoint every this many seconds while an agent runs (0 = only on request
     and on drain). Such snapshots are taken while the agent writes: best effort."""
+    tmpfs_mb: Annotated[int, Meta(ge=1, le=65_536)] = 256
+    """Size of each private, writable tmpfs in an agent's container, in MiB: ``/tmp``,
+    ``/var/tmp``, and ``$HOME`` when a task sets it elsewhere (it defaults to ``/tmp``).
+    The root filesystem stays read-only; these hold the agent's scratch files, which are
+    not in checkpoints (only the workspace is). tmpfs lives in memory (or swap) and is
+    gone when the container is."""
 
     @property
     def checkpoint_max_bytes(self) -> int:

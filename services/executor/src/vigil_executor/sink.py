@@ -21,8 +21,9 @@ MAX_PENDING = 512
 
 
 class EventSink:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, tenant: str = "") -> None:
         self._js = js
+        self.tenant = tenant  # whose task: events go to vigil.events.<tenant>.<task>.<kind>
         self._pending: set[asyncio.Task[object]] = set()
         self._counters: defaultdict[str, int] = defaultdict(int)
         self._events: dict[asyncio.Task[object], tuple[Event, int | None]] = {}
@@ -41,7 +42,8 @@ class EventSink:
         else:
             n = self._counters[kind]
             self._counters[kind] += 1
-        task: asyncio.Task[object] = asyncio.create_task(publish_event(self._js, event, n))
+        task: asyncio.Task[object] = asyncio.create_task(
+            publish_event(self._js, self.tenant, event, n))
         self._events[task] = (event, n)
         self._pending.add(task)
         task.add_done_callback(self._done)
@@ -69,7 +71,7 @@ class EventSink:
             await asyncio.wait(set(self._pending))
         failed, self._failed = self._failed, []
         for event, n in failed:
-            await publish_event(self._js, event, n)
+            await publish_event(self._js, self.tenant, event, n)
 
     def cancel(self) -> None:
         for task in self._pending:

@@ -24,8 +24,9 @@ VERDICTS = ("accepted", "finished")
 class Verdict:
     """``await verdict.wait(timeout)`` -> "accepted" | "finished" | None (no verdict yet)."""
 
-    def __init__(self, nc: NATS, task_id: str) -> None:
+    def __init__(self, nc: NATS, tenant: str, task_id: str) -> None:
         self._nc = nc
+        self._tenant = tenant
         self._task_id = task_id
         self._future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._subs: list[Subscription] = []
@@ -33,7 +34,8 @@ class Verdict:
     async def __aenter__(self) -> Verdict:
         for kind in VERDICTS:
             self._subs.append(await self._nc.subscribe(
-                subjects.event(self._task_id, kind), cb=self._on_event, max_msgs=1))
+                subjects.event(self._tenant, self._task_id, kind), cb=self._on_event,
+                max_msgs=1))
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -30,6 +30,7 @@ QUIET_TICKS = 2
 async def follow_task(
     js: JetStreamContext,
     store: TaskStore,
+    tenant: str,
     task_id: str,
     *,
     tick_s: float,
@@ -46,7 +47,7 @@ async def follow_task(
     if after > 0:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = after + 1
-    sub = await js.subscribe(subjects.task_events(task_id), stream=subjects.STREAM_EVENTS,
+    sub = await js.subscribe(subjects.task_events(tenant, task_id), stream=subjects.STREAM_EVENTS,
                              ordered_consumer=True, config=config)
     quiet = 0
     try:
@@ -57,7 +58,7 @@ async def follow_task(
                 if not follow:
                     return
                 yield None
-                current = await store.get(task_id)
+                current = await store.get(tenant, task_id)
                 if current is None or current[0].terminal:
                     quiet += 1
                     if quiet >= QUIET_TICKS:
@@ -85,7 +86,7 @@ async def stream_events(
     response = await open_stream(request, "text/event-stream")
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
-        async for msg in follow_task(js, store, state.id, tick_s=keepalive_s,
+        async for msg in follow_task(js, store, state.tenant, state.id, tick_s=keepalive_s,
                                      stopping=stopping, after=after):
             if msg is None:
                 await response.write(b": keep-alive\n\n")
@@ -118,9 +119,11 @@ def _is_final(data: bytes) -> bool:
     return not isinstance(event, dict) or event.get("final", True) is not False
 
 
-async def task_confessions(js: JetStreamContext, task_id: str) -> list[dict[str, object]]:
+async def task_confessions(js: JetStreamContext, tenant: str, task_id: str
+                           ) -> list[dict[str, object]]:
     """The confessions on a task's timeline (agent's and platform's), oldest first."""
-    stored = await read_stored(js, subjects.STREAM_EVENTS, subjects.event(task_id, "confession"),
+    stored = await read_stored(js, subjects.STREAM_EVENTS,
+                               subjects.event(tenant, task_id, "confession"),
                                limit=200, idle_s=0.5)
     events = [codec.any_decoder.decode(data) for data in stored]
     return [e for e in events if isinstance(e, dict)]

@@ -2,10 +2,13 @@
 resolve are published as operator confessions (the auditor applies them in order, so the
 issues stream stays the single source of truth and a replay rebuilds the same state).
 
-Tenant isolation: an incident can span tenants. A non-operator sees only incidents that
-touched its tenant, with samples, tenants and tasks narrowed to its own: its tasks are the
-incident's ``tenant_tasks`` entry for that tenant (every task of the tenant it hit, up to
-the auditor's bound), never other tenants' tasks or the overall ``tasks_total``.
+Tenant isolation: a platform incident can span tenants. A tenant's token — whatever its
+role — sees only incidents that touched its tenant, with samples, tenants and tasks
+narrowed to its own: its tasks are the incident's ``tenant_tasks`` entry for that tenant
+(every task of the tenant it hit, up to the auditor's bound), never other tenants' tasks
+or the overall ``tasks_total``. Its operators acknowledge and resolve only its tenant's
+own incidents (what its agents confessed); the platform's incidents are acted on by
+platform tokens, which see every incident whole (see vigil.auth).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ WAIT_S = 5.0
 
 
 def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
-    if who.can("operator"):
+    if who.platform:
         return incident
     if who.tenant not in incident.get("tenants", []):
         return None
@@ -100,6 +103,17 @@ def _problem(status: int, code: str, message: str, field: str | None = None) -> 
 async def list_incidents(request: web.Request, store: Incidents, who: Principal) -> web.Response:
     q = request.query
     status, severity, tenant = q.get("status"), q.get("severity"), q.get("tenant")
+    known = {"status", "severity", "tenant"}
+    for name in q:
+        if name not in known:
+            return _problem(400, "invalid_query", f"unknown query parameter {name!r}; known: "
+                            f"{', '.join(sorted(known))}", name)
+    if tenant is not None and not ids.is_valid_id(tenant):
+        return _problem(400, "invalid_query", "tenant must be a tenant name "
+                        "([A-Za-z0-9_-]{1,64})", "tenant")
+    if tenant is not None and not who.platform and tenant != who.tenant:
+        return _problem(403, "forbidden", f"your token is for tenant {who.tenant!r}; it "
+                        f"cannot list tenant {tenant!r}", "tenant")
     if status is not None and status not in STATUSES:
         return _problem(400, "invalid_query", f"status must be one of {', '.join(STATUSES)}",
                         "status")
@@ -136,9 +150,13 @@ async def change(request: web.Request, store: Incidents, who: Principal,
     incident = await store.get(incident_id)
     if incident is None or visible(incident, who) is None:
         return _problem(404, "not_found", f"no incident {incident_id!r}")
+    if not who.platform and incident.get("tenant") != who.tenant:
+        return _problem(403, "forbidden", "this is a platform incident (its source is "
+                        f"{incident.get('source')!r}, not your agents): the platform's "
+                        "operators acknowledge and resolve it")
     target = "acknowledged" if action == "incident_ack" else "resolved"
     if incident["status"] == target:
-        return web.json_response(incident)
+        return web.json_response(visible(incident, who))
     if action == "incident_ack" and incident["status"] == "resolved":
         return _problem(409, "conflict", "the incident is resolved; it reopens by itself if "
                         "the problem recurs")
@@ -148,8 +166,9 @@ async def change(request: web.Request, store: Incidents, who: Principal,
     while loop.time() < deadline:
         current = await store.get(incident_id)
         if current is not None and current["status"] == target:
-            return web.json_response(current)
+            return web.json_response(visible(current, who))
         await asyncio.sleep(0.05)
-    return web.json_response({**incident, "note": "accepted; the auditor has not applied it "
-                              "yet"}, status=202)
+    return web.json_response({**(visible(incident, who) or {}),
+                              "note": "accepted; the auditor has not applied it yet"},
+                             status=202)
 

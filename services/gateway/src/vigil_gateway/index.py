@@ -89,27 +89,31 @@ class Query:
 
 @dataclass
 class TaskIndex:
-    """Summaries by id, and per tenant the keys in creation order."""
+    """Summaries by task key (``<tenant>.<id>``: ids are per tenant), and per tenant the
+    (creation time, id) keys in creation order."""
 
-    by_id: dict[str, TaskSummary] = field(default_factory=dict)
+    by_key: dict[str, TaskSummary] = field(default_factory=dict)
     by_tenant: dict[str, list[Key]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.by_id)
+        return len(self.by_key)
+
+    def get(self, tenant: str, task_id: str) -> TaskSummary | None:
+        return self.by_key.get(subjects.task_key(tenant, task_id))
 
     def put(self, state: TaskState) -> TaskSummary:
         summary = TaskSummary.of(state)
-        old = self.by_id.get(state.id)
-        if old is not None and (_key(old) != _key(summary) or old.tenant != summary.tenant):
-            self.remove(state.id)
+        old = self.by_key.get(state.key)
+        if old is not None and _key(old) != _key(summary):
+            self.remove(state.key)
             old = None
-        self.by_id[state.id] = summary
+        self.by_key[state.key] = summary
         if old is None:
             bisect.insort(self.by_tenant.setdefault(summary.tenant, []), _key(summary))
         return summary
 
-    def remove(self, task_id: str) -> None:
-        old = self.by_id.pop(task_id, None)
+    def remove(self, task_key: str) -> None:
+        old = self.by_key.pop(task_key, None)
         if old is None:
             return
         key = _key(old)
@@ -121,9 +125,9 @@ class TaskIndex:
     def prune(self, older_than: datetime) -> int:
         """Drop tasks not updated since ``older_than``: the bucket's TTL has expired them,
         and an expiry sends watchers no delete marker."""
-        gone = [i for i, t in self.by_id.items() if t.updated_at < older_than]
-        for task_id in gone:
-            self.remove(task_id)
+        gone = [k for k, t in self.by_key.items() if t.updated_at < older_than]
+        for task_key in gone:
+            self.remove(task_key)
         return len(gone)
 
     def query(self, q: Query) -> tuple[list[TaskSummary], Key | None]:
@@ -131,7 +135,7 @@ class TaskIndex:
         keys = self.by_tenant.get(q.tenant, [])
         out: list[TaskSummary] = []
         for key in self._walk(keys, q):
-            summary = self.by_id.get(key[1])
+            summary = self.get(q.tenant, key[1])
             if summary is None or not q.matches(summary):
                 continue
             if len(out) == q.limit:
@@ -181,15 +185,17 @@ class IndexWatcher:
             await self._sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
-        task_id = msg.subject[len(f"$KV.{subjects.KV_TASKS}."):]
+        task_key = msg.subject[len(f"$KV.{subjects.KV_TASKS}."):]
         op = msg.headers.get("KV-Operation") if msg.headers else None
         if op in ("DEL", "PURGE"):
-            self.index.remove(task_id)
+            self.index.remove(task_key)
         else:
             try:
-                self.index.put(codec.state_decoder.decode(msg.data))
+                state = codec.state_decoder.decode(msg.data)
+                if state.key == task_key:  # a value under another key is not a task's
+                    self.index.put(state)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("index_undecodable_state", task_id=task_id, error=str(exc))
+                log.warning("index_undecodable_state", key=task_key, error=str(exc))
         now = time.monotonic()
         if now - self._pruned_at > PRUNE_EVERY_S:
             self._pruned_at = now
@@ -199,23 +205,24 @@ class IndexWatcher:
         if not self.ready.is_set() and msg.metadata.num_pending == 0:
             log.info("task_index_ready", tasks=len(self.index))
             self.ready.set()
-        for event in self._waiters.pop(task_id, []):
+        for event in self._waiters.pop(task_key, []):
             event.set()
 
-    async def wait_for(self, task_id: str, done: Callable[[TaskSummary], bool],
+    async def wait_for(self, tenant: str, task_id: str, done: Callable[[TaskSummary], bool],
                        timeout_s: float) -> TaskSummary | None:
         """Wait until the task's summary satisfies ``done``; the last one seen on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        task_key = subjects.task_key(tenant, task_id)
         while True:
-            current = self.index.by_id.get(task_id)
+            current = self.index.by_key.get(task_key)
             if current is not None and done(current):
                 return current
             left = deadline - loop.time()
             if left <= 0:
                 return current
             event = asyncio.Event()
-            waiting = self._waiters.setdefault(task_id, [])
+            waiting = self._waiters.setdefault(task_key, [])
             waiting.append(event)
             try:
                 await asyncio.wait_for(event.wait(), left)
@@ -223,4 +230,4 @@ class IndexWatcher:
                 with contextlib.suppress(ValueError):
                     waiting.remove(event)
                 if not waiting:
-                    self._waiters.pop(task_id, None)
+                    self._waiters.pop(task_key, None)

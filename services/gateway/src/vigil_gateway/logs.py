@@ -36,12 +36,13 @@ async def stream_logs(
     if not follow:
         # Nothing stored yet: answer at once instead of waiting out a tick.
         info = await js.stream_info(subjects.STREAM_EVENTS,
-                                    subjects_filter=subjects.event(state.id, "log"))
+                                    subjects_filter=subjects.event(state.tenant, state.id, "log"))
         if not info.state.subjects:
             await response.write_eof()
             return response
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        async for msg in follow_task(js, store, state.id, stopping=stopping, follow=follow,
+        async for msg in follow_task(js, store, state.tenant, state.id, stopping=stopping,
+                                     follow=follow,
                                      tick_s=tick_s if follow else min(tick_s, 2.0)):
             if msg is None or not msg.subject.endswith(".log"):
                 continue

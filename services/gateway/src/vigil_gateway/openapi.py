@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from vigil import api
+from vigil import api, ids
 from vigil.messages import (
     ID_PATTERN,
     RESERVED_ENV_PREFIX,
@@ -33,6 +33,7 @@ Json = dict[str, Any]
 
 VERSION = "1"
 SCHEMAS = "#/components/schemas/{name}"
+PLATFORM_ID_RE = ids.PLATFORM_ID_RE
 MAX_LABELS = 64  # TaskSpec.__post_init__; not expressible as a msgspec constraint
 
 _TYPES: tuple[Any, ...] = (
@@ -110,6 +111,10 @@ def _schemas() -> Json:
         props = components[name]["properties"]
         props["env"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
         props["labels"]["maxProperties"] = MAX_LABELS
+    # Ids of the shapes the platform makes are not the user's to choose (vigil.ids).
+    for option in components["TaskSpecStrict"]["properties"]["id"]["anyOf"]:
+        if option.get("type") == "string":
+            option["not"] = {"pattern": PLATFORM_ID_RE.pattern}
     _mark_datetimes(components)
     return dict(sorted(components.items()))
 
@@ -192,8 +197,10 @@ def _op(operation_id: str, summary: str, responses: Json, *, public: bool = Fals
         description = f"Needs a token with the {roles} role or above. {description}"
     if description:
         op["description"] = description.strip()
-        # (400: every /v1 route refuses a query parameter it does not declare.)
-        responses = {"400": _problem("BadRequest"), **responses,
+        # 400: every /v1 route refuses a query parameter it does not declare; 403: a role
+        # too low, or a token of the wrong kind (a platform token on a tenant's tasks; a
+        # tenant naming another tenant).
+        responses = {"400": _problem("BadRequest"), "403": _problem("Forbidden"), **responses,
                      "401": _problem("Unauthorized"), "429": _problem("RateLimited"),
                      "503": _problem("Unavailable")}
     if parameters:
@@ -364,7 +371,8 @@ def _incident_paths() -> Json:
             {"name": "severity", "in": "query",
              "schema": {"type": "string", "enum": list(SEVERITIES)}},
             {"name": "tenant", "in": "query", "description": "Only incidents that touched "
-             "this tenant.", "schema": {"type": "string"}},
+             "this tenant (a tenant's token may name only its own: 403).",
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}},
         ],
         responses={"200": _json(_ref("IncidentList"), "The incidents this token may see."),
                    "400": _problem("BadRequest")},

@@ -47,7 +47,7 @@ from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
-from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskState, utcnow
+from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskSpec, TaskState, utcnow
 from vigil.ops import OpsServer, add_ops_routes
 from vigil_gateway import incidents, openapi
 from vigil_gateway.acceptance import Verdict
@@ -230,10 +230,15 @@ class Gateway:
         return await handler(request)
 
     @staticmethod
-    def principal(request: web.Request, role: Role) -> Principal:
+    def principal(request: web.Request, role: Role, *, tasks: bool = True) -> Principal:
+        """The caller, if its token has ``role``; for ``tasks`` (a tenant's own data), a
+        tenant's token: a platform token reads no tenant's tasks (see vigil.auth)."""
         p: Principal = request[PRINCIPAL]
         if not p.can(role):
             raise _Forbidden(f"this needs the {role} role; your token has {p.role}")
+        if tasks and p.platform:
+            raise _Forbidden("a platform token sees incidents and executors, not a tenant's "
+                             "tasks; use a token of that tenant (or `vigil replay` on NATS)")
         return p
 
     # handlers -------------------------------------------------------------------------------
@@ -261,70 +266,77 @@ class Gateway:
             self.metrics.submissions.labels("invalid").inc()
             return error(status, "invalid_json" if status == 400 else "invalid_field",
                          str(exc), field=exc.field)
+        if spec.id is not None and ids.is_platform_id(spec.id):
+            self.metrics.submissions.labels("invalid").inc()
+            return error(422, "invalid_field", ids.reserved_id_error(spec.id), field="$.id")
         if spec.id is not None:
             task_id = spec.id
         elif key is not None:
             task_id = ids.idempotent_task_id(who.tenant, key)
         else:
             task_id = ids.new_task_id()
-        existing = await self.store.get(task_id)
-        msg_id = task_id
-        if existing is not None:
-            if not (existing[0].tenant == who.tenant and existing[0].refused_at_admission):
-                return self._existing(existing[0], who, key)
-            # Refused at admission (a tenant limit, a spec the scheduler would not take): a
-            # retry under the same id or Idempotency-Key, which the scheduler lets take the
-            # id over. Its message id names the refusal it retries, so that concurrent
-            # retries still make one submission, and the first one's id (deduplicated
-            # for the stream's window) does not swallow it.
-            msg_id = f"{task_id}:after:{existing[0].submit_seq}"
-        spec = msgspec.structs.replace(spec, id=task_id)
-        async with Verdict(self.nc, task_id) as verdict:
-            ack = await publish(self.js, subjects.submit(who.tenant), codec.encode(spec), msg_id,
+        digest = codec.spec_digest(spec)
+        existing = await self.store.get(who.tenant, task_id)
+        if existing is not None and not existing[0].refused_at_admission:
+            return self._existing(existing[0], who, key, digest)
+        # New, or refused at admission (a tenant limit, a spec the scheduler would not
+        # take), which a later submission of the id takes over (the scheduler's rule).
+        # As a plain TaskSpec: the id may now be one the platform made, which the strict
+        # type (a user's request) refuses.
+        spec = TaskSpec(**{**msgspec.structs.asdict(spec), "id": task_id})
+        async with Verdict(self.nc, who.tenant, task_id) as verdict:
+            ack = await publish(self.js, subjects.submit_via_gateway(who.tenant),
+                                codec.encode(spec), f"{who.tenant}.{task_id}:{digest[7:23]}",
                                 deadline_s=10.0)
-            if ack.duplicate:
-                # A concurrent identical request got there first: answer with its task.
-                found = await self._wait_state(task_id, ack.seq)
-                if found is not None:
-                    return self._existing(found, who, key)
-                return self._accepted(task_id, who, None, 202)
             kind = await verdict.wait(self.settings.submit_wait_s)
+        found = await self._wait_state(who.tenant, task_id, ack.seq, wait=kind is not None)
+        if found is not None and found.submit_seq != ack.seq:
+            # Another submission of the id got there first (a concurrent request with the
+            # same Idempotency-Key): ours is the duplicate; answer with that task.
+            return self._existing(found, who, key, digest)
         self.metrics.submissions.labels(kind or "pending").inc()
-        state = await self.store.get(task_id) if kind is not None else None
         log.info("task_submitted", task_id=task_id, tenant=who.tenant, verdict=kind)
-        if state is not None and state[0].rejected_by is not None:
+        if found is not None and found.rejected_by is not None:
             # Over a tenant limit: try again later, unlike an invalid spec.
-            return error(429, "quota_exceeded", state[0].error or "over a tenant limit",
+            return error(429, "quota_exceeded", found.error or "over a tenant limit",
                          headers={"Retry-After": "5"})
-        if state is not None and state[0].status == "failed" and state[0].attempt == 0:
+        if found is not None and found.status == "failed" and found.attempt == 0:
             # Failed before any attempt: the scheduler refused the spec itself (this
             # gateway's checks passed it: a scheduler of another version, say).
-            reason = state[0].error or "the scheduler rejected the task"
+            reason = found.error or "the scheduler rejected the task"
             return error(422, "rejected", f"the scheduler rejected the task: {reason}",
                          field=codec.invalid_task_field(reason))
-        return self._accepted(task_id, who, state[0] if state else None, 202)
+        return self._accepted(task_id, who, found, 202)
 
-    async def _wait_state(self, task_id: str, seq: int) -> TaskState | None:
-        """The state of ``task_id`` once submission ``seq`` (or a later one) is in it, or
-        whatever else holds the id; not a refusal that the submission retries."""
-        deadline = asyncio.get_running_loop().time() + self.settings.submit_wait_s
+    async def _wait_state(self, tenant: str, task_id: str, seq: int, *,
+                          wait: bool) -> TaskState | None:
+        """The task's state once submission ``seq`` is recorded in it, or whatever other
+        submission holds the id (not a refusal that ``seq`` retries). Without ``wait``
+        (no verdict came), one look."""
+        deadline = asyncio.get_running_loop().time() + (self.settings.submit_wait_s
+                                                         if wait else 0.0)
         while True:
-            found = await self.store.get(task_id)
+            found = await self.store.get(tenant, task_id)
             if found is not None and (found[0].submit_seq >= seq
                                       or not found[0].refused_at_admission):
                 return found[0]
-            if asyncio.get_running_loop().time() > deadline:
+            if asyncio.get_running_loop().time() >= deadline:
                 return None
             await asyncio.sleep(0.05)
 
-    def _existing(self, state: TaskState, who: Principal, key: str | None) -> web.Response:
-        if state.tenant != who.tenant:
-            return error(409, "id_taken", f"task id {state.id!r} is taken; choose another")
-        if key is not None:
-            # The same Idempotency-Key again: the same answer, not a second task.
-            return self._accepted(state.id, who, state, 200)
-        return error(409, "exists", f"task {state.id} already exists",
-                     field="$.id")
+    def _existing(self, state: TaskState, who: Principal, key: str | None,
+                  digest: str) -> web.Response:
+        if key is None:
+            return error(409, "exists", f"task {state.id} already exists", field="$.id")
+        if state.spec_digest is not None and state.spec_digest != digest:
+            # Reusing a key with another body is a client bug: answering with the first
+            # task would hide that its second request did not run.
+            return error(409, "idempotency_key_reused",
+                         f"Idempotency-Key {key!r} was already used for task {state.id} with "
+                         "a different request body; use a new key for a different task",
+                         field="Idempotency-Key")
+        # The same Idempotency-Key and body again: the same answer, not a second task.
+        return self._accepted(state.id, who, state, 200)
 
     def _accepted(self, task_id: str, who: Principal, state: TaskState | None,
                   status: int) -> web.Response:
@@ -347,8 +359,10 @@ class Gateway:
         task_id = request.match_info["id"]
         if not ids.is_valid_id(task_id):
             return error(404, "not_found", f"no task {task_id!r}")
-        found = await self.store.get(task_id)
-        if found is None or not _sees(who, found[0].tenant):
+        # Ids are per tenant: the key holds the token's tenant, so another tenant's task
+        # of the same id is never even read.
+        found = await self.store.get(who.tenant, task_id)
+        if found is None:
             return error(404, "not_found", f"no task {task_id!r}")
         return found
 
@@ -367,7 +381,7 @@ class Gateway:
         if "confessions" not in include:
             return web.Response(body=codec.encode(state), content_type="application/json")
         body = msgspec.to_builtins(state)
-        body["confessions"] = await task_confessions(self.js, state.id)
+        body["confessions"] = await task_confessions(self.js, state.tenant, state.id)
         return web.json_response(body)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -437,13 +451,14 @@ class Gateway:
                                  requested_by=f"{who.name} ({who.role})")
         # One cancel per state revision: a second cancel after a redrive is a new request.
         await publish(self.js, subjects.cancel_request(state.tenant), codec.encode(request_),
-                      f"cancel:{state.id}:{found[1]}", deadline_s=10.0)
+                      f"cancel:{state.key}:{found[1]}", deadline_s=10.0)
         self.metrics.cancels.inc()
         log.info("task_cancel_requested", task_id=state.id, tenant=state.tenant,
                  by=who.name, status=state.status)
         assert self._index is not None
         seen = await self._index.wait_for(
-            state.id, lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,
+            state.tenant, state.id,
+            lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,
             self.settings.submit_wait_s)
         if seen is not None and seen.status in TERMINAL and seen.status != "cancelled":
             return error(409, "finished", f"task {state.id} finished ({seen.status}) before "
@@ -474,11 +489,12 @@ class Gateway:
 
     async def list_executors(self, request: web.Request) -> web.StreamResponse:
         try:
-            who = self.principal(request, "viewer")
+            who = self.principal(request, "viewer", tasks=False)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         infos = await read_executors(self.js)
-        body = ExecutorList(executors=[ExecutorView.of(i, who.tenant) for i in infos])
+        tenant = None if who.platform else who.tenant
+        body = ExecutorList(executors=[ExecutorView.of(i, tenant) for i in infos])
         return web.Response(body=codec.encode(body), content_type="application/json")
 
     # incidents -----------------------------------------------------------------------------
@@ -489,28 +505,28 @@ class Gateway:
 
     async def list_incidents(self, request: web.Request) -> web.StreamResponse:
         try:
-            who = self.principal(request, "viewer")
+            who = self.principal(request, "viewer", tasks=False)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         return await incidents.list_incidents(request, self._incidents_store(), who)
 
     async def get_incident(self, request: web.Request) -> web.StreamResponse:
         try:
-            who = self.principal(request, "viewer")
+            who = self.principal(request, "viewer", tasks=False)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         return await incidents.get_incident(request, self._incidents_store(), who)
 
     async def ack_incident(self, request: web.Request) -> web.StreamResponse:
         try:
-            who = self.principal(request, "operator")
+            who = self.principal(request, "operator", tasks=False)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         return await incidents.change(request, self._incidents_store(), who, "incident_ack")
 
     async def resolve_incident(self, request: web.Request) -> web.StreamResponse:
         try:
-            who = self.principal(request, "operator")
+            who = self.principal(request, "operator", tasks=False)
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         return await incidents.change(request, self._incidents_store(), who,
@@ -538,10 +554,6 @@ async def _query_mw(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 _cancel_body_decoder = msgspec.json.Decoder(CancelBody)
-
-
-def _sees(who: Principal, tenant: str) -> bool:
-    return who.tenant == tenant
 
 
 def _token_book(settings: GatewaySettings) -> TokenBook | None:

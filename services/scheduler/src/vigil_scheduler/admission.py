@@ -34,11 +34,20 @@ class Reject:
 
 
 def tenant_of(subject: str) -> str | None:
-    """``vigil.submit.<tenant>`` -> tenant, or None when the subject is malformed."""
+    """``vigil.submit.<tenant>`` (or the gateway's ``vigil.submit.<tenant>.gateway``) ->
+    tenant, or None when the subject is malformed."""
     parts = subject.split(".")
-    if len(parts) != 3 or f"{parts[0]}.{parts[1]}" != subjects.SUBMIT:
+    if len(parts) not in (3, 4) or f"{parts[0]}.{parts[1]}" != subjects.SUBMIT:
+        return None
+    if len(parts) == 4 and parts[3] != subjects.GATEWAY_ORIGIN:
         return None
     return parts[2] if ids.is_valid_id(parts[2]) else None
+
+
+def via_gateway(subject: str) -> bool:
+    """Published by the gateway (only its NATS user may publish on that subject): its
+    spec ids are ones the platform made (see :mod:`vigil.ids`)."""
+    return subject.endswith(f".{subjects.GATEWAY_ORIGIN}")
 
 
 def admit(
@@ -69,6 +78,10 @@ def admit(
             error=str(exc),
             field=exc.field,
         )
+    if spec.id is not None and ids.is_platform_id(spec.id) and not via_gateway(subject):
+        return Reject(task_id=fallback_id, tenant=tenant,
+                      error=f"invalid task spec: {ids.reserved_id_error(spec.id)} (at $.id)",
+                      field="$.id")
     task_id = ids.task_id_for(spec.id, msg_id, seq)
     resolved = msgspec.structs.replace(
         spec,
@@ -85,9 +98,11 @@ def admit(
         updated_at=now,
         spec=resolved,
         submit_seq=seq,
+        spec_digest=codec.spec_digest(spec),
     )
     work = WorkItem(
-        task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq
+        task_id=task_id, tenant=tenant, spec=resolved, submitted_at=now, submit_seq=seq,
+        spec_digest=state.spec_digest,
     )
     return Admit(state=state, work=work)
 
@@ -113,7 +128,7 @@ def _salvage_id(data: bytes) -> str | None:
         return None
     if isinstance(raw, dict):
         value = raw.get("id")
-        if isinstance(value, str) and ids.is_valid_id(value):
+        if isinstance(value, str) and ids.is_valid_id(value) and not ids.is_platform_id(value):
             return value
     return None
 

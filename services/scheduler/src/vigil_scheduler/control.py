@@ -118,14 +118,13 @@ class Control:
 
     async def _find(self, msg: Msg, task_id: str, tenant: str
                     ) -> tuple[TaskState, int] | str:
-        got = await self.store.get(task_id)
+        # Ids are per tenant: the request's subject names the tenant, so another
+        # tenant's task of the same id is never even read.
+        got = await self.store.get(tenant, task_id)
         if got is None:
             if msg.metadata.num_delivered < UNKNOWN_TASK_DELIVERIES:
                 await msg.nak(delay=RETRY_DELAY_S)
                 return "waiting"
-            return await self._refuse(msg, f"no task {task_id!r}", task_id)
-        if got[0].tenant != tenant:
-            # Another tenant's task is as good as missing; never touch it.
             return await self._refuse(msg, f"no task {task_id!r} for tenant {tenant!r}",
                                       task_id)
         return got
@@ -152,7 +151,7 @@ class Control:
                         cancel_requested_at=now, cancel_reason=why)
                     if await self.store.cas(final, rev) is None:
                         continue  # an executor claimed it meanwhile: the running case
-                    await publish_event(self.js, Finished(
+                    await publish_event(self.js, state.tenant, Finished(
                         task_id=state.id, attempt=state.attempt, time=now, status="cancelled",
                         error=why))
                     await msg.ack()
@@ -163,10 +162,10 @@ class Control:
                                                      cancel_reason=why)
                     if await self.store.cas(marked, rev) is None:
                         continue
-                    await publish_event(self.js, Cancelling(
+                    await publish_event(self.js, state.tenant, Cancelling(
                         task_id=state.id, attempt=state.attempt, time=now, reason=why))
                 # Best effort and fast; the executor's heartbeat reads the mark anyway.
-                await self.nc.publish(subjects.cancel_notice(state.id), b"")
+                await self.nc.publish(subjects.cancel_notice(state.tenant, state.id), b"")
                 await msg.ack()
                 log.info("task_cancelling", executor=state.executor)
                 return "cancelling"
@@ -223,16 +222,19 @@ class Control:
         # Events before the work item (one connection, in order): the timeline shows the
         # redrive before the new attempt's `started`.
         n = f"redrive{state.redriven}"  # not the same event as a hand-back's `retrying`
-        await publish_event(self.js, Retrying(task_id=state.id, attempt=state.attempt,
-                                              time=state.updated_at, reason=reason), n)
-        await publish_event(self.js, Scheduled(task_id=state.id, attempt=state.attempt,
-                                               time=state.updated_at, pool=state.spec.pool), n)
+        await publish_event(self.js, state.tenant,
+                            Retrying(task_id=state.id, attempt=state.attempt,
+                                     time=state.updated_at, reason=reason), n)
+        await publish_event(self.js, state.tenant,
+                            Scheduled(task_id=state.id, attempt=state.attempt,
+                                      time=state.updated_at, pool=state.spec.pool), n)
         # revision=0: the claim must read the state (attempt count, budget), not build
         # attempt 1 from the work item.
         work = WorkItem(task_id=state.id, tenant=state.tenant, spec=state.spec,
+                        spec_digest=state.spec_digest,
                         submitted_at=state.created_at, submit_seq=state.submit_seq)
         await publish(self.js, subjects.work(state.spec.pool), codec.encode(work),
-                      f"{state.id}:work:redrive:{state.redriven}")
+                      f"{state.key}:work:redrive:{state.redriven}")
 
 
 def _redriven_unclaimed(state: TaskState) -> bool:

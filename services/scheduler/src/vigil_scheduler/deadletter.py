@@ -92,7 +92,7 @@ class DeadLetters:
 
     async def _bury(self, task_id: str, tenant: str, seq: int, deliveries: int) -> None:
         for _ in range(10):
-            got = await self._store.get(task_id)
+            got = await self._store.get(tenant, task_id)
             if got is None or got[0].terminal:
                 return
             state, rev = got
@@ -113,14 +113,14 @@ class DeadLetters:
                 continue
             where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
             await publish_confession(self._js, Confession(
-                id=f"scheduler-max-deliveries-{task_id}-{seq}",
+                id=f"scheduler-max-deliveries-{tenant}.{task_id}-{seq}",
                 summary=f"task {task_id} is dead: {error}{where}", severity="error",
                 category="max_deliveries", task_id=task_id, tenant=tenant,
                 attempt=state.attempt, source="scheduler", node=self._node,
                 component="scheduler", time=now,
                 data={"work_seq": seq, "deliveries": deliveries},
             ))
-            await publish_event(self._js, Finished(
+            await publish_event(self._js, tenant, Finished(
                 task_id=task_id, attempt=state.attempt, time=now, status="dead", error=error,
                 executor=state.executor,
             ))
@@ -134,7 +134,7 @@ class DeadLetters:
         """The running attempt's last output lines (its executor, which knew them, is not
         answering); the state's older tail if the events cannot be read in time."""
         try:
-            return await asyncio.wait_for(log_tail(self._js, state.id, state.attempt),
+            return await asyncio.wait_for(log_tail(self._js, state.tenant, state.id, state.attempt),
                                           TAIL_READ_S)
         except Exception as exc:
             log.warning("tail_unread", error=str(exc) or type(exc).__name__)

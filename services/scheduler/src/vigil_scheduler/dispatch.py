@@ -300,10 +300,10 @@ class Dispatcher:
                     assert entry.seq is not None
                     seq, budget = entry.seq + 1, budget - 1
                     try:
-                        task_id = codec.work_decoder.decode(entry.data or b"").task_id
+                        queued = codec.work_decoder.decode(entry.data or b"")
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         continue
-                    got = await self.store.get(task_id)
+                    got = await self.store.get(queued.tenant, queued.task_id)
                     if got is None or got[0].status != "queued":
                         await delete_msg(self.nc, subjects.STREAM_QUEUE, entry.seq)
                         removed += 1
@@ -351,7 +351,7 @@ class Dispatcher:
                 await self._release(scheduled, work, new_rev)
                 return True
         for _ in range(10):
-            got = await self.store.get(work.task_id)
+            got = await self.store.get(work.tenant, work.task_id)
             if got is None:
                 return False
             state, rev = got
@@ -376,11 +376,12 @@ class Dispatcher:
         # The event goes out first on this connection, so the server stores it before the
         # work item: no `started` can precede `scheduled` in the timeline.
         event = asyncio.ensure_future(publish_event(
-            self.js, Scheduled(task_id=state.id, time=state.updated_at, pool=work.spec.pool)))
+            self.js, state.tenant,
+            Scheduled(task_id=state.id, time=state.updated_at, pool=work.spec.pool)))
         await asyncio.sleep(0)
         await publish(self.js, subjects.work(work.spec.pool),
                       codec.encode(msgspec.structs.replace(work, revision=rev)),
-                      f"{state.id}:work:{state.submit_seq}")
+                      f"{state.key}:work:{state.submit_seq}")
         await event
 
     async def _unservable(self, pool: str, depth: int) -> None:
@@ -415,4 +416,5 @@ def queued_state_of(work: WorkItem) -> TaskState:
     """The ``queued`` state admission writes for ``work``, field for field."""
     return TaskState(id=work.task_id, tenant=work.tenant, status="queued",
                      created_at=work.submitted_at, updated_at=work.submitted_at,
-                     spec=work.spec, submit_seq=work.submit_seq)
+                     spec=work.spec, submit_seq=work.submit_seq,
+                     spec_digest=work.spec_digest)

@@ -131,8 +131,8 @@ class Scheduler:
                     tenant = codec.any_decoder.decode(msg.data).get("tenant")
             dispatcher.on_slot_freed(tenant if isinstance(tenant, str) else None)
 
-        await self._nc.subscribe(f"{subjects.EVENTS}.*.finished", cb=slot_freed)
-        await self._nc.subscribe(f"{subjects.EVENTS}.*.retrying", cb=slot_freed)
+        await self._nc.subscribe(subjects.events_of_kind("finished"), cb=slot_freed)
+        await self._nc.subscribe(subjects.events_of_kind("retrying"), cb=slot_freed)
         self._timers = Timers(self._nc, self._on_timer)
         dead_letters = asyncio.create_task(
             DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
@@ -281,14 +281,14 @@ class Scheduler:
                          self.settings)
         if isinstance(decision, Reject):
             return
-        got = await self._store.get(decision.state.id)
+        got = await self._store.get_state(decision.state)
         if got is None or got[0].submit_seq != seq or got[0].terminal:
             return
         now = utcnow()
         failed = msgspec.structs.replace(got[0], status="failed", error=why, finished_at=now,
                                          updated_at=now)
         if await self._store.cas(failed, got[1]) is not None:
-            await self._event(Finished(task_id=failed.id, time=now, status="failed",
+            await self._event(failed.tenant, Finished(task_id=failed.id, time=now, status="failed",
                                        error=why))
             log.error("task_failed_by_scheduler", task_id=failed.id, error=why)
 
@@ -303,7 +303,7 @@ class Scheduler:
                                             rejected_by=over[0])
         rev = await self._store.create(state)
         if rev is None:
-            existing = await self._store.get(state.id)
+            existing = await self._store.get_state(state)
             if existing is None:
                 # Deleted between our create and get (TTL expiry): treat as new next time.
                 raise NatsUnavailable(f"task {state.id} vanished while admitting; retrying")
@@ -317,7 +317,7 @@ class Scheduler:
                 if new_rev is None:
                     raise NatsUnavailable(f"task {state.id} changed while re-admitting it")
                 current, rev = state, new_rev
-            if current.submit_seq != state.submit_seq or current.tenant != state.tenant:
+            if current.submit_seq != state.submit_seq:
                 await self._on_duplicate(state, current)
                 return "duplicate"
             # Our own earlier attempt at this submission got partway: carry on from there
@@ -331,10 +331,9 @@ class Scheduler:
         # Events are sent before the work item on this one connection, so the server
         # stores them first: no executor's `started` can precede them in the timeline. A
         # resumed submission sends them again; their ids make that a no-op if stored.
-        pending: list[Awaitable[object]] = [asyncio.ensure_future(self._event(Accepted(
-            task_id=state.id, time=state.created_at, tenant=state.tenant,
-            submit_seq=state.submit_seq,
-        )))]
+        pending: list[Awaitable[object]] = [asyncio.ensure_future(self._event(
+            state.tenant, Accepted(task_id=state.id, time=state.created_at,
+                                   tenant=state.tenant, submit_seq=state.submit_seq)))]
         await asyncio.sleep(0)  # the accepted event is sent before anything below
         try:
             if state.status == "queued":
@@ -356,7 +355,7 @@ class Scheduler:
         now = utcnow()
         if admitting and spec.queue_timeout_s:
             start = max(state.created_at, spec.not_before or state.created_at)
-            await set_timer(self._js, "queue_timeout", state.id,
+            await set_timer(self._js, "queue_timeout", state.tenant, state.id,
                             later(start, spec.queue_timeout_s))
         # (A fired start timer is due whatever this node's clock says about not_before:
         # setting the same timer again would be dropped as a duplicate.)
@@ -364,7 +363,7 @@ class Scheduler:
             waiting = f"not before {spec.not_before.isoformat()}"
             if state.waiting != waiting:
                 await self._store.cas(msgspec.structs.replace(state, waiting=waiting), rev)
-            await set_timer(self._js, "start", state.id, spec.not_before)
+            await set_timer(self._js, "start", state.tenant, state.id, spec.not_before)
             log.info("task_delayed", not_before=spec.not_before.isoformat())
             return "delayed"
         why = self._fleet.unservable(spec.pool, spec.node_labels, spec.image)
@@ -381,7 +380,7 @@ class Scheduler:
             log.info("task_scheduled", pool=spec.pool, path="direct")
             return "scheduled"
         await publish(self._js, subjects.queue(spec.pool, state.tenant, spec.priority),
-                      codec.encode(entry), f"{state.id}:queue:{state.submit_seq}")
+                      codec.encode(entry), f"{state.key}:queue:{state.submit_seq}")
         self._dispatcher.wake.set()
         log.info("task_queued", pool=spec.pool, priority=spec.priority)
         return "queued"
@@ -405,7 +404,7 @@ class Scheduler:
         if spec.image is not None and self._fleet.serves(spec.pool, spec.node_labels):
             data["image"] = spec.image  # the image is what is missing (an incident each)
         await self._confess(Confession(
-            id=f"scheduler-unservable-{state.id}", summary=f"task cannot run: {why}",
+            id=f"scheduler-unservable-{state.key}", summary=f"task cannot run: {why}",
             severity="warning", category="unservable", task_id=state.id, tenant=state.tenant,
             hint="start an executor for that pool/labels, or build or load the image on "
             "one, or cancel the task; it waits queued (a queue_timeout_s would end it)",
@@ -432,13 +431,14 @@ class Scheduler:
         self.metrics.tasks.labels("failed").inc()
         # Numbered by submission: a retried id may be refused again, and that is news.
         n = f"s{state.submit_seq}"
-        await self._event(Rejected(task_id=state.id, time=state.updated_at,
+        await self._event(state.tenant, Rejected(task_id=state.id, time=state.updated_at,
                                    reason=state.error, limit=state.rejected_by), n)
-        await self._event(Finished(task_id=state.id, time=state.finished_at or state.updated_at,
+        await self._event(state.tenant, Finished(
+            task_id=state.id, time=state.finished_at or state.updated_at,
                                    status="failed", error=state.error, tenant=state.tenant,
                                    submit_seq=state.submit_seq), n)
         await self._confess(Confession(
-            id=f"scheduler-quota-{state.id}-{state.submit_seq}",
+            id=f"scheduler-quota-{state.key}-{state.submit_seq}",
             summary=f"submission rejected: tenant {state.tenant!r} is over its "
             f"{state.rejected_by} limit", severity="warning", category="quota_rejected",
             detail=state.error, task_id=state.id, tenant=state.tenant,
@@ -448,7 +448,10 @@ class Scheduler:
 
     async def _on_timer(self, timer: Timer) -> None:
         assert self._store is not None
-        got = await self._store.get(timer.task_id)
+        if not timer.tenant:
+            log.warning("timer_without_tenant", note="set before ids were per tenant; dropped")
+            return
+        got = await self._store.get(timer.tenant, timer.task_id)
         if got is None:
             return
         state, rev = got
@@ -457,6 +460,7 @@ class Scheduler:
             if spec is None:
                 return
             work = WorkItem(task_id=state.id, tenant=state.tenant, spec=spec,
+                            spec_digest=state.spec_digest,
                             submitted_at=state.created_at, submit_seq=state.submit_seq)
             if scheduled_unreleased(state):
                 # Fired before, and died between scheduling and the work item.
@@ -484,10 +488,10 @@ class Scheduler:
             if await self._store.cas(final, rev) is None:
                 raise NatsUnavailable("task changed while timing it out; retrying")
             self.metrics.tasks.labels("timed_out").inc()
-            await self._event(Finished(task_id=state.id, time=now, status="timed_out",
+            await self._event(state.tenant, Finished(task_id=state.id, time=now, status="timed_out",
                                        error=error))
             await self._confess(Confession(
-                id=f"scheduler-queue-timeout-{state.id}", summary=f"task {state.id} timed out "
+                id=f"scheduler-queue-timeout-{state.key}", summary=f"task {state.id} timed out "
                 "in the queue", severity="warning", category="queue_timeout", detail=error,
                 task_id=state.id, tenant=state.tenant,
                 hint="add executors to its pool, lower its priority's competition, or raise "
@@ -496,20 +500,7 @@ class Scheduler:
             log.warning("task_queue_timeout", error=error)
 
     async def _on_duplicate(self, state: TaskState, current: TaskState) -> None:
-        if current.tenant != state.tenant:
-            # Ids are global; another tenant's task already has this one. Say so.
-            await self._confess(
-                Confession(
-                    id=f"scheduler-id-taken-{state.submit_seq}",
-                    summary=f"task id {state.id!r} is already used by another tenant; "
-                    "submission ignored",
-                    severity="warning",
-                    category="invalid_submission",
-                    tenant=state.tenant,
-                    hint="choose another id (or omit it to get one assigned)",
-                    data={"submit_seq": state.submit_seq},
-                )
-            )
+        # Ids are per tenant (the key holds the tenant): this is the same tenant's task.
         log.info("submission_duplicate", existing_seq=current.submit_seq, status=current.status)
 
     async def _reject(self, reject: Reject, seq: int, msg_id: str | None) -> None:
@@ -521,7 +512,7 @@ class Scheduler:
         if state is not None:
             rev = await self._store.create(state)
             if rev is None:
-                existing = await self._store.get(state.id)
+                existing = await self._store.get_state(state)
                 if existing is not None and existing[0].submit_seq == seq:
                     # Ours from an earlier delivery of this very submission: finish the
                     # job (the finished event may not have gone out before a crash).
@@ -537,7 +528,7 @@ class Scheduler:
                 recorded_as = state.id
                 self.metrics.tasks.labels("failed").inc()
                 # Numbered by submission: each refused try of an id is its own news.
-                await self._event(Finished(
+                await self._event(state.tenant, Finished(
                     task_id=state.id, time=state.finished_at or now, status="failed",
                     error=reject.error, tenant=state.tenant, submit_seq=state.submit_seq,
                 ), f"s{seq}")
@@ -551,19 +542,17 @@ class Scheduler:
                 severity="warning",
                 category="invalid_submission",
                 detail=reject.error,
-                hint="fix the task spec and submit it again (the same id may be reused; "
-                "under a new Nats-Msg-Id if you set one, as the old one is deduplicated "
-                f"for {topology.SUBMIT.duplicate_window_s / 60:g} minutes); see the error "
-                "for the field",
+                hint="fix the task spec and submit it again (the same id may be reused); "
+                "see the error for the field",
                 task_id=recorded_as,
                 tenant=reject.tenant,
                 data={"submit_seq": seq, "field": reject.field, "msg_id": msg_id},
             )
         )
 
-    async def _event(self, event: Event, n: int | str | None = None) -> None:
+    async def _event(self, tenant: str, event: Event, n: int | str | None = None) -> None:
         assert self._js is not None
-        await publish_event(self._js, event, n)
+        await publish_event(self._js, tenant, event, n)
 
     async def _confess(self, confession: Confession) -> None:
         assert self._js is not None
@@ -572,9 +561,9 @@ class Scheduler:
             time=confession.time or utcnow(),
         )
         await publish_confession(self._js, full)
-        if full.task_id is not None and full.id is not None:
+        if full.task_id is not None and full.id is not None and full.tenant is not None:
             # On the task's own timeline too, so its view shows why it waits or failed.
-            await publish_event(self._js, ConfessionEvent(
+            await publish_event(self._js, full.tenant, ConfessionEvent(
                 task_id=full.task_id, attempt=full.attempt or 0, time=full.time or utcnow(),
                 confession_id=full.id, summary=full.summary, severity=full.severity,
                 source="scheduler"), full.id)

@@ -1,6 +1,6 @@
 """Durable timers for delayed starts (``not_before``) and queue timeouts.
 
-A timer is a message on ``vigil.timer.<kind>.<task_id>`` (work-queue stream). The
+A timer is a message on ``vigil.timer.<kind>.<tenant>.<task_id>`` (work-queue stream). The
 ``scheduler-timers`` consumer receives it and, while it is not due, naks it with a delay
 of exactly the time left: the server keeps every pending timer and redelivers it when
 due, so timers survive scheduler restarts and cost the scheduler no memory. Firing is
@@ -53,15 +53,17 @@ class Timer(msgspec.Struct, frozen=True, kw_only=True):
     kind: TimerKind
     task_id: str
     due: datetime
+    tenant: str = ""  # "" only in timers set before ids were per tenant
 
 
 _decoder = msgspec.json.Decoder(Timer)
 
 
-async def set_timer(js: JetStreamContext, kind: TimerKind, task_id: str, due: datetime) -> None:
-    await publish(js, subjects.timer(kind, task_id),
-                  codec.encode(Timer(kind=kind, task_id=task_id, due=due)),
-                  f"{task_id}:timer:{kind}")
+async def set_timer(js: JetStreamContext, kind: TimerKind, tenant: str, task_id: str,
+                    due: datetime) -> None:
+    await publish(js, subjects.timer(kind, tenant, task_id),
+                  codec.encode(Timer(kind=kind, tenant=tenant, task_id=task_id, due=due)),
+                  f"{tenant}.{task_id}:timer:{kind}")
 
 
 class Timers:
@@ -103,7 +105,7 @@ class Timers:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(left, MAX_NAK_DELAY_S))
             return
-        with bound_contextvars(task_id=timer.task_id, timer=timer.kind):
+        with bound_contextvars(task_id=timer.task_id, tenant=timer.tenant, timer=timer.kind):
             async with nak_on_error(msg, log, "timer", retry_s=2.0, failed_s=10.0):
                 await self._on_fire(timer)
                 await msg.ack()
