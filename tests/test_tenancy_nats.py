@@ -196,3 +196,26 @@ async def test_ids_the_platform_makes_are_not_a_tenants_to_choose(
     mine = await eventually(lambda: beta.state("nightly-7"), what="beta's nightly-7")
     assert mine["tenant"] == "beta"
     assert (await acme.state("nightly-7"))["tenant"] == "acme"
+
+
+async def test_two_tenants_tasks_of_one_id_confess_apart(platform: Platform) -> None:
+    """Everything keyed by a task names its tenant too: two tenants' tasks ``twin`` that
+    fail alike make two confessions (one per tenant, neither deduplicated away by the
+    stream or the auditor) and two tenant-owned incident entries."""
+    await platform.scheduler()
+    await platform.executor()
+    await platform.auditor()
+    for tenant in ("acme", "beta"):
+        await platform.publish_spec({"id": "twin", "command": ["sh", "-c", "exit 5"],
+                                     "max_attempts": 1}, tenant=tenant)
+    for tenant in ("acme", "beta"):
+        state = await platform.final_state("twin", tenant=tenant)
+        assert state.status == "failed" and state.tenant == tenant
+
+    async def both() -> list[dict[str, Any]] | None:
+        found = await platform.confessions("silent_failure")
+        return found if len(found) == 2 else None
+
+    confessed = await eventually(both, what="a silent-failure confession per tenant")
+    assert sorted(c["tenant"] for c in confessed) == ["acme", "beta"]
+    assert len({c["id"] for c in confessed}) == 2

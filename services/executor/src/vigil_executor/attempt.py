@@ -327,7 +327,7 @@ class Attempt:
                     f"attempt {state.attempt} of task {state.id} lost its executor "
                     f"{state.executor}; running attempt {state.attempt + 1} here",
                     task_id=state.id, tenant=state.tenant, attempt=state.attempt,
-                    confession_id=f"{state.id}-a{state.attempt}-lost",
+                    confession_id=f"{state.key}-a{state.attempt}-lost",
                 )
             running = msgspec.structs.replace(
                 state, status="running", attempt=state.attempt + 1,
@@ -852,7 +852,7 @@ class Attempt:
                             hint="see its history and tail; `vigil replay redrive` runs it "
                             "again with a fresh budget once the cause is fixed",
                             task_id=state.id, tenant=state.tenant, attempt=state.attempt,
-                            confession_id=dead_confession_id(state.id, state.attempt))
+                            confession_id=dead_confession_id(state.key, state.attempt))
 
     def _tail(self) -> list[str]:
         # Evidence, not a log: short lines, so the state stays well under the KV's limit.
@@ -1201,7 +1201,7 @@ class Attempt:
                             per_min=self.confessions.per_min)
             return  # counted; reported once when the agent's output ends (_output_ended)
         n = self.confessions.accepted
-        cid = f"{self.state.id}-a{self.state.attempt}-c{n}"
+        cid = f"{self.state.key}-a{self.state.attempt}-c{n}"
         full = msgspec.structs.replace(
             confession, id=cid, source="agent", task_id=self.state.id, tenant=self.state.tenant,
             attempt=self.state.attempt, node=self.ex.settings.node_id, component="agent",
@@ -1224,7 +1224,7 @@ class Attempt:
                 f"agent {error}; it was refused (the line is kept as log)",
                 hint="keep the summary short and the evidence in `detail` (cut at 8,000 "
                 "characters with a marker); the whole line must fit the limit",
-                confession_id=f"executor-{self.state.id}-a{self.state.attempt}-"
+                confession_id=f"executor-{self.state.key}-a{self.state.attempt}-"
                 f"c{self.confessions.accepted}-too-large")
             return
         await self._confess("warning", "malformed_control_line",
@@ -1252,8 +1252,11 @@ class Attempt:
                        confession_id: str | None = None) -> None:
         state, work = self.state, self.work
         task_id = task_id or (state.id if state else work.task_id if work else None)
+        tenant = tenant or (state.tenant if state else work.tenant if work else None)
         attempt = attempt if attempt is not None else (state.attempt if state else None)
-        cid = confession_id or f"executor-{task_id}-a{attempt}-{category}"
+        # Ids are per tenant: the confession's id names the tenant too, or two tenants'
+        # tasks of one id would share confession ids (and the auditor count one of them).
+        cid = confession_id or f"executor-{tenant}.{task_id}-a{attempt}-{category}"
         # The image is part of the auditor's fingerprint (one incident per image's problem).
         image = work.spec.image if work is not None else None
         summary = clip(summary, SUMMARY_CHARS)  # a runtime's error can be long
@@ -1300,8 +1303,9 @@ class Attempt:
         return task
 
 
-def dead_confession_id(task_id: str, attempt: int) -> str:
-    return f"executor-{task_id}-a{attempt}-dead"
+def dead_confession_id(task_key: str, attempt: int) -> str:
+    """The ``task_dead`` confession's id, from the task's key (``<tenant>.<id>``)."""
+    return f"executor-{task_key}-a{attempt}-dead"
 
 
 def _rolled_back_to(rollback: Rollback) -> str:
