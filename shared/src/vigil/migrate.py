@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from vigil import codec, subjects
 from vigil.jetstream import retrying
 from vigil.messages import TaskState
-from vigil.progress import ProgressBar, TokenBucket
+from vigil.progress import paced
 from vigil.replay import read_bucket
 
 
@@ -74,22 +74,15 @@ async def plan(js: JetStreamContext) -> Plan:
 async def run(js: JetStreamContext, moves: list[OldKey], *, rate: float,
               err: TextIO) -> Result:
     kv = await js.key_value(subjects.KV_TASKS)
-    bucket = TokenBucket(rate)
-    bar = ProgressBar("migrate", len(moves), err)
     result = Result()
-    try:
-        for m in moves:
-            await bucket.take()
-            outcome = await _move(kv, m)
-            if outcome == "changed":
-                result.changed.append(m.key)
-            elif outcome == "moved":
-                result.moved += 1
-            else:
-                result.already += 1
-            bar.advance()
-    finally:
-        bar.close()
+    async for m in paced(moves, "migrate", rate, err):
+        outcome = await _move(kv, m)
+        if outcome == "changed":
+            result.changed.append(m.key)
+        elif outcome == "moved":
+            result.moved += 1
+        else:
+            result.already += 1
     return result
 
 

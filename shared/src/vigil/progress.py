@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 class TokenBucket:
@@ -98,3 +100,17 @@ class ProgressBar:
     def close(self) -> None:
         if self.tty or self._shown_done != self.done:  # a plain line only if it says more
             self._show(self.clock(), end="\n" if self.tty else "")
+
+
+async def paced(items: Sequence[T], label: str, rate: float, err: TextIO) -> AsyncIterator[T]:
+    """Each of ``items`` in turn, at most ``rate`` a second (a :class:`TokenBucket`), with a
+    :class:`ProgressBar` on ``err`` that advances once the caller is done with each."""
+    bucket = TokenBucket(rate)
+    bar = ProgressBar(label, len(items), err)
+    try:
+        for item in items:
+            await bucket.take()
+            yield item
+            bar.advance()
+    finally:
+        bar.close()

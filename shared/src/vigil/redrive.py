@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from vigil import codec, subjects
 from vigil.jetstream import publish
 from vigil.messages import RedriveRequest, TaskState
-from vigil.progress import ProgressBar, TokenBucket
+from vigil.progress import paced
 from vigil.replay import read_bucket
 
 REDRIVABLE: tuple[str, ...] = ("dead", "failed", "timed_out", "cancelled")
@@ -123,24 +123,17 @@ class Sent:
 
 async def send(js: JetStreamContext, tasks: list[Candidate], *, reason: str | None,
                rate: float, err: TextIO) -> Sent:
-    bucket = TokenBucket(rate)
-    bar = ProgressBar("redrive", len(tasks), err)
     sent = Sent()
-    try:
-        for c in tasks:
-            await bucket.take()
-            request = RedriveRequest(task_id=c.state.id, reason=reason,
-                                     requested_by=REQUESTED_BY, expect_revision=c.revision)
-            ack = await publish(js, subjects.redrive_request(c.state.tenant),
-                                codec.encode(request),
-                                redrive_msg_id(c.state.tenant, c.state.id, c.revision))
-            if ack.duplicate:
-                sent.duplicates += 1
-            else:
-                sent.published += 1
-            bar.advance()
-    finally:
-        bar.close()
+    async for c in paced(tasks, "redrive", rate, err):
+        request = RedriveRequest(task_id=c.state.id, reason=reason,
+                                 requested_by=REQUESTED_BY, expect_revision=c.revision)
+        ack = await publish(js, subjects.redrive_request(c.state.tenant),
+                            codec.encode(request),
+                            redrive_msg_id(c.state.tenant, c.state.id, c.revision))
+        if ack.duplicate:
+            sent.duplicates += 1
+        else:
+            sent.published += 1
     return sent
 
 
