@@ -41,6 +41,10 @@ TOOLS: list[tuple[str, str, str, str]] = [
     ("VIGIL_TOKEN", "from client.json", "`vigil` task and executors commands",
      "Bearer token, when `--token` is not given; never sent to a gateway other than the "
      "one its source names."),
+    ("VIGIL_PLATFORM_TOKEN", "from client.json", "`vigil incidents --platform`",
+     "A platform (cross-tenant) token (`vigil token create --platform --role operator`): "
+     "every tenant's incidents, and ack/resolve of the platform's own; else the "
+     "`platform_token` that `vigil up` wrote."),
     ("VIGIL_CLIENT_CONFIG", "~/.config/vigil/config.toml",
      "`vigil` task and executors commands",
      "TOML file with `gateway_url` and `token` (`$XDG_CONFIG_HOME/vigil/config.toml` by "

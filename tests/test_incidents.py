@@ -644,6 +644,10 @@ async def test_incident_api_isolates_tenants_filters_and_drives_the_lifecycle(
             assert mine[registry]["tasks"] == [f"acme-{n}" for n in range(1, 7)]
             assert mine[registry]["tenant"] == "acme" and mine[disk]["tenant"] is None
             assert mine[disk]["tasks"] == ["acme-9"] and mine[disk]["tenants"] == ["acme"]
+            # Its own count and times, nothing of how busy the others were.
+            assert mine[disk]["count"] == 1 and mine[registry]["count"] == 6
+            for key in ("last_seq", "window_count", "alerted", "tenant_stats", "reopened"):
+                assert key not in mine[disk], key
             for view in mine.values():
                 assert "tasks_total" not in view and "tenant_tasks" not in view
             assert "globex" not in json.dumps(mine)

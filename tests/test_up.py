@@ -176,6 +176,15 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
 
         listed = eventually_sync(incidents, timeout=10, what="the silent failure's incident")
         assert "executor: agent exited with code <n> without any output" in listed
+        # A platform incident (the executor's): the tenant's operator sees it but does not
+        # act on it; the platform's operator (the token vigil up wrote) does.
+        silent = next(line.split()[0] for line in listed.splitlines()
+                      if "without any output" in line)
+        refused = run_cli("incidents", "ack", silent, data_dir=data)
+        assert refused.returncode == 2 and "platform" in refused.stderr, refused.stderr
+        acked = run_cli("incidents", "ack", silent, "--platform", data_dir=data)
+        assert acked.returncode == 0, acked.stderr
+        assert "acknowledged" in acked.stdout or "ack recorded" in acked.stdout
 
         sub = run_cli("submit", "--json", "--", "true", data_dir=data)
         task_id = json.loads(sub.stdout)["id"]

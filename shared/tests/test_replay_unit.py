@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vigil import codec, progress, rebuild, redrive, replay
+from vigil import codec, ids, progress, rebuild, redrive, replay
 from vigil.messages import (
     Accepted,
     Cancelling,
@@ -206,11 +206,15 @@ def test_replay_ids_are_stable_and_message_ids_derive_from_source_and_replay() -
     a = replay.replay_id_for("VIGIL_ISSUES", window, "vigil.issues.replay.info")
     assert a == replay.replay_id_for("VIGIL_ISSUES", dict(window), "vigil.issues.replay.info")
     assert a != replay.replay_id_for("VIGIL_ISSUES", window, "vigil.issues.other.info")
-    assert replay.replay_msg_id(a, "VIGIL_ISSUES", 42) == f"replay:{a}:VIGIL_ISSUES:42"
+    assert replay.replay_msg_id(a, "VIGIL_ISSUES", 42) == f"rp-{a}-VIGIL_ISSUES-42"
     headers = replay.replay_headers({"Nats-Msg-Id": "orig", "Nats-Expected-Stream": "X",
                                      "Trace": "1"}, a, "VIGIL_ISSUES", 42)
     assert headers == {"Trace": "1", "Vigil-Replay-Of": "VIGIL_ISSUES:42",
-                       "Nats-Msg-Id": f"replay:{a}:VIGIL_ISSUES:42"}
+                       "Nats-Msg-Id": f"rp-{a}-VIGIL_ISSUES-42"}
+    # Always a valid task id (a replayed submission's, by the id rule), never a platform one.
+    long_id = replay.replay_msg_id("x" * 64, "VIGIL_SUBMIT", 10**12)
+    assert ids.is_valid_id(long_id) and not ids.is_platform_id(long_id)
+    assert long_id == replay.replay_msg_id("x" * 64, "VIGIL_SUBMIT", 10**12)
 
 
 def test_parse_time_takes_iso_or_a_duration_back() -> None:

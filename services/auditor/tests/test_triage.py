@@ -142,7 +142,22 @@ def test_agents_incidents_are_their_tenants_own() -> None:
                rec(3, "registry unreachable", task="a-2", tenant="acme")]
     incidents, _ = run(records)
     owners = {inc.tenant: (inc.tenants, inc.tasks) for inc in incidents.values()}
-    assert owners == {"acme": (["acme"], ["a-1", "a-2"]), "globex": (["globex"], ["g-1"])}
+    # Tasks are listed by key (<tenant>.<id>): ids are per tenant.
+    assert owners == {"acme": (["acme"], ["acme.a-1", "acme.a-2"]),
+                      "globex": (["globex"], ["globex.g-1"])}
+    stats = {inc.tenant: inc.tenant_stats for inc in incidents.values()}
+    assert stats["acme"]["acme"].count == 2 and stats["globex"]["globex"].count == 1
+
+
+def test_two_tenants_tasks_of_one_id_are_two_tasks_and_each_tenant_counts_its_own() -> None:
+    shared, _ = run([rec(1, "node disk full", source="executor", task="job1", tenant="acme"),
+                     rec(2, "node disk full", source="executor", task="job1",
+                         tenant="globex"),
+                     rec(3, "node disk full", source="executor", task="job1", tenant="acme")])
+    (inc,) = shared.values()
+    assert inc.tasks == ["acme.job1", "globex.job1"] and inc.tasks_total == 2
+    assert {t: (s.count, s.first_seen <= s.last_seen) for t, s in inc.tenant_stats.items()} \
+        == {"acme": (2, True), "globex": (1, True)}
     # The platform's own confession about the same two tenants' tasks: one shared incident.
     shared, _ = run([rec(1, "registry unreachable", source="executor", task="a-1"),
                      rec(2, "registry unreachable", source="executor", task="g-1",

@@ -62,7 +62,19 @@ def test_rejection_of_bad_id_falls_back_to_rule() -> None:
 
 def test_tenant_of() -> None:
     assert tenant_of("vigil.submit.acme") == "acme"
+    assert tenant_of("vigil.submit.acme.gateway") == "acme"
+    assert tenant_of("vigil.submit.acme.other") is None
     assert tenant_of("vigil.submit.") is None
+
+
+def test_only_the_gateways_subject_may_bring_platform_shaped_ids() -> None:
+    platform_id = b'{"id": "s5", "command": ["true"]}'
+    assert isinstance(admit(platform_id, "vigil.submit.acme.gateway", None, 9, NOW,
+                            SchedulerSettings()), Admit)
+    # Not a tenant's own subject, even a tenant called "gateway".
+    for subject in ("vigil.submit.acme", "vigil.submit.gateway"):
+        refused = admit(platform_id, subject, None, 9, NOW, SchedulerSettings())
+        assert isinstance(refused, Reject) and refused.field == "$.id", subject
 
 
 def test_invalid_utf8_is_refused_under_the_rule_s_id_as_not_json() -> None:

@@ -144,7 +144,7 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
 
 
 async def cmd_incidents(args: argparse.Namespace) -> int:
-    async with open_client(args) as client:
+    async with open_client(args, platform=args.platform) as client:
         if args.action == "list":
             found = await client.incidents(status=args.status or "",
                                            severity=args.severity or "",
@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--severity", choices=("info", "warning", "error", "critical"))
     inc.add_argument("--tenant")
     inc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    inc.add_argument("--platform", action="store_true",
+                     help="as the platform's operator (cross-tenant: every tenant's incidents, "
+                     "and ack/resolve of the platform's own), with the platform token "
+                     "(VIGIL_PLATFORM_TOKEN, or the one `vigil up` wrote)")
     add_client_flags(inc)
     inc.set_defaults(func=cmd_incidents)
 

@@ -176,12 +176,23 @@ def _same(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def open_client(args: argparse.Namespace) -> Client:
-    """A :class:`Client` configured from ``args``; prints config warnings to stderr."""
+def open_client(args: argparse.Namespace, *, platform: bool = False) -> Client:
+    """A :class:`Client` configured from ``args``; prints config warnings to stderr.
+    With ``platform``, the cross-tenant platform token instead of the tenant's: from
+    ``VIGIL_PLATFORM_TOKEN``, else the ``platform_token`` that `vigil up` wrote."""
     config = resolve(args)
     for warning in config.warnings:
         print(f"vigil: warning: {warning}", file=sys.stderr)
-    return Client(config.require_url(), config.token)
+    token = config.token
+    if platform:
+        env = environ()
+        token = env.get("VIGIL_PLATFORM_TOKEN") or _client_json(
+            config.data_dir / "client.json").get("platform_token")
+        if not token:
+            raise VigilError("no platform token: set VIGIL_PLATFORM_TOKEN (one comes from "
+                             "`vigil token create --platform --role operator`), or run "
+                             "`vigil up`, which writes one")
+    return Client(config.require_url(), token)
 
 
 def mask(token: str) -> str:

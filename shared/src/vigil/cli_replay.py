@@ -415,7 +415,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 "and/or a time window.\nWithout --to, print each message as a JSON line "
                 "{stream, seq, subject, time, headers, data}.\nWith --to, re-publish the range "
                 "to a subject: a dry run until --yes; each copy carries\nNats-Msg-Id "
-                "replay:<replay id>:<stream>:<seq>, and progress is kept in the vigil-replays\n"
+                "rp-<replay id>-<stream>-<seq>, and progress is kept in the vigil-replays\n"
                 "bucket, so running the same command again publishes nothing twice and a "
                 "replay that\nwas interrupted resumes. Messages re-published to vigil.submit.* "
                 "are new submissions:\na spec without an id gets a new task.",

@@ -399,6 +399,15 @@ class IncidentSample(msgspec.Struct, frozen=True, kw_only=True):
     time: datetime
 
 
+class TenantStat(msgspec.Struct, frozen=True, kw_only=True):
+    """One tenant's share of an incident: what a tenant's view shows as the incident's
+    count and times, so it learns nothing of other tenants' activity."""
+
+    count: int = 0
+    first_seen: datetime
+    last_seen: datetime
+
+
 class Incident(msgspec.Struct, frozen=True, kw_only=True):
     """One problem, however many confessions reported it: the value of its key in
     ``vigil-incidents``, written by the auditor and served by the gateway.
@@ -438,6 +447,8 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str | None = None
     """The tenant that owns it (an agent's confessions: its operators acknowledge and
     resolve it); None for a platform incident (platform operators act on those)."""
+    tenant_stats: dict[str, TenantStat] = {}
+    """Per tenant it hit (the first 1,000): its own count and first/last seen."""
 
 
 # Events ---------------------------------------------------------------------------------

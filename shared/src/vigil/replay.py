@@ -8,7 +8,7 @@ NATS user. This module holds what its subcommands share, and ``vigil replay stre
   the end is fixed when the read starts, so a replay into its own stream cannot chase its
   tail.
 - Idempotent re-publishing: every re-published message carries
-  ``Nats-Msg-Id: replay:<replay id>:<stream>:<seq>`` (the target stream's duplicate window
+  ``Nats-Msg-Id: rp-<replay id>-<stream>-<seq>`` (the target stream's duplicate window
   drops a repeat), and the replay's progress (the last source sequence done) is kept in the
   ``vigil-replays`` bucket, so running the same replay again publishes nothing new even
   after that window, and a replay killed midway resumes where it stopped. The replay id
@@ -290,8 +290,17 @@ def replay_id_for(stream: str, window_args: dict[str, Any], target: str) -> str:
 
 
 def replay_msg_id(replay_id: str, stream: str, seq: int) -> str:
-    """The ``Nats-Msg-Id`` of a re-published message: same source, same replay = same id."""
-    return f"replay:{replay_id}:{stream}:{seq}"
+    """The ``Nats-Msg-Id`` of a re-published message: same source, same replay = same id.
+
+    It is also a valid task id (``rp-<replay id>-<stream>-<seq>``, or ``rp-`` and a hash of
+    those when that would pass 64 characters): a submission replayed into
+    ``vigil.submit.*`` without an ``id`` of its own takes it as its task id (the id rule),
+    so a batch re-published after a crash is a duplicate by id there, where the stream's
+    duplicate window is only 100 ms (ADR 11)."""
+    readable = f"rp-{replay_id}-{stream}-{seq}"
+    if ID_RE.fullmatch(readable):
+        return readable
+    return "rp-" + hashlib.sha256(f"{replay_id}:{stream}:{seq}".encode()).hexdigest()[:40]
 
 
 def replay_headers(source: dict[str, str], replay_id: str, stream: str, seq: int
@@ -411,7 +420,8 @@ async def run_replay(js: JetStreamContext, plan: ReplayPlan, *, rate: float, err
 
     Progress is written after each fully acknowledged batch (compare-and-set: a second run
     of the same replay at the same time is stopped, not interleaved). A crash repeats at
-    most the batch in flight, and the target's duplicate window drops those repeats. The
+    most the batch in flight, and the target's duplicate window drops those repeats (for
+    submissions, the task id the message id becomes: see :func:`replay_msg_id`). The
     default batch is a tenth of a second's worth (at most 64), so a slow replay records its
     progress often.
     """

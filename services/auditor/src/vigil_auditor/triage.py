@@ -44,12 +44,14 @@ from vigil.messages import (
     Incident,
     IncidentSample,
     Severity,
+    TenantStat,
 )
 
 ESCALATE_COUNT = 10
 ESCALATE_WINDOW_S = 600.0
 MAX_TASKS = 100
 MAX_TENANTS = 50
+MAX_TENANT_STATS = 1_000  # tenants whose own count a shared incident keeps (bounded size)
 FIRST_SAMPLES = 3
 LAST_SAMPLES = 2
 OPERATOR = "operator"
@@ -192,10 +194,18 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     elif window_count >= ESCALATE_COUNT and window_count % ESCALATE_COUNT == 0:
         severity = max(severity, _raise(current.severity), key=_level)
     tasks, tasks_total = list(current.tasks), current.tasks_total
-    if c.task_id and c.task_id not in tasks:
+    # Tasks by key (<tenant>.<id>): ids are per tenant, two tenants' "job1" are two tasks.
+    task_key = f"{c.tenant}.{c.task_id}" if c.tenant and c.task_id else c.task_id
+    if task_key and task_key not in tasks:
         tasks_total += 1
         if len(tasks) < MAX_TASKS:
-            tasks.append(c.task_id)
+            tasks.append(task_key)
+    tenant_stats = current.tenant_stats
+    if c.tenant and (c.tenant in tenant_stats or len(tenant_stats) < MAX_TENANT_STATS):
+        had = tenant_stats.get(c.tenant)
+        tenant_stats = {**tenant_stats, c.tenant: TenantStat(
+            count=(had.count if had else 0) + 1,
+            first_seen=had.first_seen if had else at, last_seen=at)}
     tenants = list(current.tenants)
     if c.tenant and c.tenant not in tenants and len(tenants) < MAX_TENANTS:
         tenants.append(c.tenant)
@@ -219,7 +229,7 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
         current, severity=severity, status=status, count=current.count + 1, last_seen=at,
         window_start=window_start, window_count=window_count, tasks=tasks,
         tasks_total=tasks_total, tenants=tenants, tenant_tasks=tenant_tasks,
-        first_samples=first, last_samples=last,
+        first_samples=first, last_samples=last, tenant_stats=tenant_stats,
         alerted=alerted, reopened=reopened, last_seq=record.stream_seq,
         resolved_by=None if status == "open" else current.resolved_by,
         acknowledged_by=None if reason == "reopened" else current.acknowledged_by,

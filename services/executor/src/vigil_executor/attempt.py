@@ -546,11 +546,11 @@ class Attempt:
                 f"{ref.reason}) is corrupt: {problem}; {then}",
                 hint="the object in vigil-checkpoints was damaged or replaced after it was "
                 "saved; check who writes to the store. The object is kept until it expires",
-                confession_id=f"executor-{ref.name.replace('/', '-')}-corrupt")
+                confession_id=f"executor-{_dotted(ref.name)}-corrupt")
         else:
             await self._confess("error", "restore_failed",
                                 f"could not restore checkpoint {ref.name}: {problem}; {then}",
-                                confession_id=f"executor-{ref.name.replace('/', '-')}-gone")
+                                confession_id=f"executor-{_dotted(ref.name)}-gone")
         async with self._write_lock:
             now = utcnow()
             await self._cas(lambda s: checkpoint_rules.with_history(
@@ -1301,6 +1301,12 @@ class Attempt:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+def _dotted(object_name: str) -> str:
+    """A checkpoint's object name (``<tenant>/<task>/a<n>-<m>``) as part of an id: dots,
+    which neither a tenant nor a task id can hold, keep the parts apart."""
+    return object_name.replace("/", ".")
 
 
 def dead_confession_id(task_key: str, attempt: int) -> str:

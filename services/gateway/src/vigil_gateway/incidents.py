@@ -30,10 +30,20 @@ STATUSES = ("open", "acknowledged", "resolved")
 WAIT_S = 5.0
 
 
+# What a tenant's view of an incident drops: they describe every tenant's activity (how
+# often, when, the stream position, the escalation window), where the view shows the
+# tenant's own (from tenant_stats).
+_PLATFORM_WIDE = ("tasks_total", "tenant_tasks", "tenant_stats", "window_start",
+                  "window_count", "last_seq", "alerted")
+
+
 def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
+    """``incident`` as ``who`` may see it, or None when it is none of its business."""
     if who.platform:
         return incident
-    if who.tenant not in incident.get("tenants", []):
+    stats = incident.get("tenant_stats") or {}
+    mine = stats.get(who.tenant) if isinstance(stats, dict) else None
+    if who.tenant not in incident.get("tenants", []) and mine is None:
         return None
     narrowed = dict(incident)
     narrowed["tenants"] = [who.tenant]
@@ -45,8 +55,17 @@ def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
     sampled = {s["task_id"] for k in ("first_samples", "last_samples") for s in narrowed[k]
                if s.get("task_id")}
     narrowed["tasks"] = tasks + sorted(sampled - set(tasks))
-    narrowed.pop("tasks_total", None)
-    narrowed.pop("tenant_tasks", None)
+    if isinstance(mine, dict):
+        narrowed["count"] = mine.get("count", 0)
+        narrowed["first_seen"] = mine.get("first_seen", incident.get("first_seen"))
+        narrowed["last_seen"] = mine.get("last_seen", incident.get("last_seen"))
+    else:  # written before counts were kept per tenant: what the tenant's tasks tell
+        narrowed["count"] = len(narrowed["tasks"])
+    if incident.get("tenant") != who.tenant:
+        narrowed.pop("reopened", None)  # a shared incident's lifecycle is the platform's
+    for key in _PLATFORM_WIDE:
+        narrowed.pop(key, None)
+    narrowed["window_start"] = narrowed["first_seen"]  # required by the type; the tenant's
     return narrowed
 
 

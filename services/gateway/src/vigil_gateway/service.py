@@ -290,10 +290,13 @@ class Gateway:
                                 deadline_s=10.0)
             kind = await verdict.wait(self.settings.submit_wait_s)
         found = await self._wait_state(who.tenant, task_id, ack.seq, wait=kind is not None)
-        if found is not None and found.submit_seq != ack.seq:
+        if found is not None and found.submit_seq != ack.seq and found.spec_digest != digest:
             # Another submission of the id got there first (a concurrent request with the
-            # same Idempotency-Key): ours is the duplicate; answer with that task.
+            # same Idempotency-Key or id) with another body: ours is the duplicate.
             return self._existing(found, who, key, digest)
+        # The same body under a later sequence: this very request's publish, retried after
+        # a lost ack (stored twice: the stream's duplicate window is 100 ms, ADR 11), or an
+        # identical concurrent request. Either way its task is this one.
         self.metrics.submissions.labels(kind or "pending").inc()
         log.info("task_submitted", task_id=task_id, tenant=who.tenant, verdict=kind)
         if found is not None and found.rejected_by is not None:

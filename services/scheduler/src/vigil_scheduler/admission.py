@@ -47,7 +47,8 @@ def tenant_of(subject: str) -> str | None:
 def via_gateway(subject: str) -> bool:
     """Published by the gateway (only its NATS user may publish on that subject): its
     spec ids are ones the platform made (see :mod:`vigil.ids`)."""
-    return subject.endswith(f".{subjects.GATEWAY_ORIGIN}")
+    parts = subject.split(".")
+    return len(parts) == 4 and parts[3] == subjects.GATEWAY_ORIGIN
 
 
 def admit(

@@ -151,9 +151,11 @@ class Control:
                         cancel_requested_at=now, cancel_reason=why)
                     if await self.store.cas(final, rev) is None:
                         continue  # an executor claimed it meanwhile: the running case
+                    # Numbered by redrive: a redriven task ends again at the same attempt,
+                    # and the same message id would be dropped as the earlier finish.
                     await publish_event(self.js, state.tenant, Finished(
                         task_id=state.id, attempt=state.attempt, time=now, status="cancelled",
-                        error=why))
+                        error=why), f"cancel{state.redriven}" if state.redriven else None)
                     await msg.ack()
                     log.info("task_cancelled", was=state.status)
                     return "cancelled"
