@@ -326,7 +326,7 @@ async def test_a_corrupt_checkpoint_is_confessed_once_and_the_one_before_it_rest
     # Once per corrupt checkpoint, naming it.
     names = [head.name, *(r.name for r in held["shattered"].checkpoints)]
     assert sorted(c["id"] for c in corrupt) == sorted(
-        f"executor-{n.replace('/', '-')}-corrupt" for n in names)
+        f"executor-{n.replace('/', '.')}-corrupt" for n in names)
     assert all(c["severity"] == "critical" and c["attempt"] == 2
                and c["node"] == b.settings.node_id for c in corrupt)
     (first,) = [c for c in corrupt if c["task_id"] == "fragile"]
@@ -336,7 +336,7 @@ async def test_a_corrupt_checkpoint_is_confessed_once_and_the_one_before_it_rest
     assert first["summary"].endswith(
         f"the agent resumes from the checkpoint before it, {before.name} (attempt 1, agent), "
         "and loses the progress saved since")
-    last = next(c for c in corrupt if c["id"] == names[-1].replace("/", "-").join(
+    last = next(c for c in corrupt if c["id"] == names[-1].replace("/", ".").join(
         ("executor-", "-corrupt")))
     assert last["summary"].endswith(
         "the agent starts from an empty workspace, the progress it saved is lost")
@@ -401,7 +401,7 @@ async def test_a_checkpoint_that_never_restores_ends_the_task_dead_with_evidence
     restore_failed = await platform.confessions(category="restore_failed")
     assert sorted(c["attempt"] for c in restore_failed) == [2, 3, 4]
     (dead,) = await platform.confessions(category="task_dead")
-    assert dead["id"] == "executor-linked-a4-dead" and dead["node"] == node
+    assert dead["id"] == "executor-acme.linked-a4-dead" and dead["node"] == node
     assert dead["summary"] == (f"task linked is dead: {state.error}; last checkpoint "
                                f"{held.checkpoint.name}")
     finished = platform.events.of("linked", "finished")

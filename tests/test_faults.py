@@ -486,7 +486,7 @@ async def test_a_redelivery_resends_a_lost_task_dead_confession(
     await platform.executor(workspace_root=str(tmp_path / "ws"), state_dir=str(tmp_path / "st"))
     (confession,) = await eventually(lambda: _confessed(platform, "task_dead", "buried"),
                                      what="the task_dead confession")
-    assert confession["id"] == "executor-buried-a2-dead" and confession["attempt"] == 2
+    assert confession["id"] == "executor-acme.buried-a2-dead" and confession["attempt"] == 2
     assert confession["summary"] == ("task buried is dead: agent exited with code 1; "
                                      "2 of 2 attempts failed")
     (finished,) = await platform.events.wait_for("buried", "finished")

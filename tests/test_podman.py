@@ -201,7 +201,7 @@ async def test_helper_confess_reaches_the_issues_stream(
     assert c["hint"] == "install frobnicator in the image"
     assert c["task_id"] == "confessor" and c["tenant"] == "acme" and c["attempt"] == 1
     assert c["component"] == "agent" and c["node"] == ex.settings.node_id
-    assert c["id"] == "confessor-a1-c1"
+    assert c["id"] == "acme.confessor-a1-c1"  # the task key names the tenant
     (event,) = platform.events.of("confessor", "confession")
     assert event["source"] == "agent" and event["confession_id"] == c["id"]
     lines = [line for e in platform.events.of("confessor", "log") for line in e["lines"]]

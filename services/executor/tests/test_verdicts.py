@@ -74,7 +74,7 @@ async def test_an_oom_killed_agent_fails_retryably_and_the_platform_confesses() 
     assert (c.category, c.severity, c.source, c.component) == ("oom", "error", "executor",
                                                                "executor")
     assert (c.task_id, c.tenant, c.attempt, c.node) == ("t-oom", "acme", 2, "node-7")
-    assert c.summary == outcome.error and c.id == "executor-t-oom-a2-oom"
+    assert c.summary == outcome.error and c.id == "executor-acme.t-oom-a2-oom"
     assert c.data == {"image": "img:7"}  # the auditor's fingerprint names the image
     (event,) = rec.events  # and it is on the task's timeline
     assert event.confession_id == c.id and event.source == "executor"
