@@ -298,7 +298,7 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_acked_and_can_be
     info = await platform.js.consumer_info(subjects.STREAM_ISSUES, subjects.CONSUMER_AUDITOR)
     assert info.ack_floor.stream_seq > healthy_seq  # the confession of the failure, too
     assert failure["source"] == "auditor" and failure["severity"] == "error"
-    assert failure["count"] == 1 and failure["tasks"] == ["poisoned-1"]
+    assert failure["count"] == 1 and failure["tasks"] == ["acme.poisoned-1"]  # by key
     assert failure["title"] == "a confession from agent could not be triaged"
     confessions = await platform.js.key_value(subjects.KV_CONFESSIONS)
     record = json.loads((await confessions.get("agent.p1")).value)
@@ -321,7 +321,7 @@ async def test_a_confession_that_cannot_be_triaged_is_confessed_acked_and_can_be
         return found.get(unreadable) if await drained(platform) else None
 
     incident = await eventually(triaged, timeout=30, what="the re-published confession")
-    assert incident["count"] == 1 and incident["tasks"] == ["poisoned-1"]
+    assert incident["count"] == 1 and incident["tasks"] == ["acme.poisoned-1"]
     record = json.loads((await confessions.get("agent.p1")).value)
     assert record["error"] is None and record["stream_seq"] > healthy_seq  # the copy's
     # A further copy of it is a repeat again: counted nothing.
