@@ -83,10 +83,12 @@ _VIOLATION = re.compile(r'"\$G/user:(?P<user>[^"]*)" - (?P<kind>\w+) Violation -
                         r'Subject "(?P<subject>[^"]*)"')
 
 
-def violations(server: NatsServer) -> list[str]:
-    """Every permissions violation in ``server``'s log, as ``user: kind subject``."""
+def violations(server: NatsServer | Any) -> list[str]:
+    """Every permissions violation in ``server``'s log (or the log file at that path), as
+    ``user: kind subject``."""
+    path = server.log_file if isinstance(server, NatsServer) else server
     try:
-        text = server.log_file.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
     found = [f"{m['user']}: {m['kind'].lower()} {m['subject']}"

@@ -41,7 +41,14 @@ from schemathesis.checks import CHECKS
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.parameters import ParameterLocation
 
-from support import Platform, eventually, session_node_id, shipped_server, start_platform
+from support import (
+    Platform,
+    assert_no_violations,
+    eventually,
+    session_node_id,
+    shipped_server,
+    start_platform,
+)
 from vigil import auth, subjects
 from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS
 from vigil_gateway import openapi
@@ -93,6 +100,8 @@ class LiveStack:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=60)
         assert not self._thread.is_alive(), "the stack did not stop within 60 s"
+        if self._error is not None:  # e.g. a permission violation found at its teardown
+            raise self._error
 
     def _main(self) -> None:
         try:
@@ -128,6 +137,7 @@ class LiveStack:
                 await platform.stop()
                 await platform.nc.close()
             await server.stop()
+        assert_no_violations(server)
 
 
 async def _seed(platform: Platform) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import eventually, eventually_sync
+from support import eventually, eventually_sync, violations
 
 pytestmark = [pytest.mark.e2e, pytest.mark.podman, pytest.mark.slow]
 
@@ -229,9 +229,12 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
             raise
     assert proc.returncode == 0, out
     assert "nothing left running" in out
-    # Least privilege held: no service reached for a subject its NATS user may not use.
+    # Least privilege held: no service reached for a subject its NATS user may not use
+    # (the server says; only the raw client's deliberate tries above are refused there).
     for log in (data / "logs").glob("*.log"):
         assert "permissions violation" not in log.read_text().lower(), log.name
+    refused = violations(data / "nats" / "nats-server.log")
+    assert refused and all(v.startswith("tenant-default: ") for v in refused), refused
     eventually_sync(lambda: not any(alive(k) for k in kids), timeout=10,
                     what="vigil up's children to exit (children survived vigil up)")
     assert leftover_containers(data) == [], "containers survived vigil up"
