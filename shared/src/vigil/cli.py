@@ -116,7 +116,9 @@ Submit more tasks (Ctrl-C stops everything):
   {vigil} submit{extra} --wait -- python3 -c 'print("hello")'
   curl -H "Authorization: Bearer $(jq -r .token {d}/client.json)" \\
        -d '{{"command": ["echo", "hi"]}}' {stack.gateway_url}/v1/tasks
-  raw NATS: publish a JSON task spec to vigil.submit.<tenant> (credentials in {d}/client.json)
+  raw NATS: as tenant default's own user (nats_submit_url in {d}/client.json, with its
+    inbox prefix nats_submit_inbox_prefix) publish a JSON task spec to vigil.submit.default;
+    another tenant's user: vigil nats-user add --tenant acme
 Logs of each service: {d}/logs/""", flush=True)
 
 
