@@ -11,7 +11,6 @@ whether an ``acme`` task exists.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -160,8 +159,10 @@ async def test_a_tenant_reads_and_writes_only_its_own_tasks(
         return found is not None and found["status"] == "cancelled"
 
     await eventually(cancelled, timeout=30, what="acme's cancel of its own task")
-    await eventually(lambda: asyncio.sleep(0, result=any(
-        s.endswith(".finished") for s in seen)), what="acme to see its finished event")
+    async def saw_finished() -> bool:
+        return any(s.endswith(".finished") for s in seen)
+
+    await eventually(saw_finished, what="acme to see its finished event")
     assert all(s.startswith(f"{subjects.EVENTS}.acme.") for s in seen)
     assert acme.errors == []  # acme did nothing it may not
 

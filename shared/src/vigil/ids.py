@@ -36,9 +36,7 @@ def is_platform_id(value: str) -> bool:
     return PLATFORM_ID_RE.fullmatch(value) is not None
 
 
-def reserved_id_error(value: str) -> str:
-    return (f"task id {value!r} has the shape of an id the platform makes (s<digits>, "
-            "t_/k_ + 26 base32 characters); choose another id")
+reserved_id_error = messages.platform_id_error
 
 
 def task_id_for(spec_id: str | None, msg_id: str | None, stream_seq: int) -> str:

@@ -17,6 +17,7 @@ import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import (
@@ -219,7 +220,7 @@ async def read_stored(js: JetStreamContext, stream: str, subject: str, *, limit:
     policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL
     config = ConsumerConfig(deliver_policy=policy, inactive_threshold=10.0)
     found = await _read_ordered(js, stream, subject, config, limit=limit, idle_s=idle_s)
-    return [data for _, data in found]
+    return [m.data for m in found]
 
 
 async def tenants_of(js: JetStreamContext, task_id: str) -> list[str]:
@@ -227,42 +228,29 @@ async def tenants_of(js: JetStreamContext, task_id: str) -> list[str]:
     operator's cross-tenant tool (``vigil replay``) finds a task by its id alone."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
                             inactive_threshold=10.0)
-    bucket = f"KV_{subjects.KV_TASKS}"
-    sub = await retrying(f"find task {task_id}", lambda: js.subscribe(
-        subjects.task_kv_subject("*", task_id), stream=bucket, ordered_consumer=True,
-        config=config))
-    found: set[str] = set()
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except nats.errors.TimeoutError:
-                break
-            if msg.data and (tenant := subjects.token(msg.subject, 2)) is not None:
-                found.add(tenant)
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return sorted(found)
+    keys = await _read_ordered(js, f"KV_{subjects.KV_TASKS}",
+                               subjects.task_kv_subject("*", task_id), config,
+                               limit=1_000_000, idle_s=0.5)
+    # $KV.vigil-tasks.<tenant>.<id>; a deleted key's marker has no value.
+    return sorted({tenant for m in keys
+                   if m.data and (tenant := subjects.token(m.subject, 2)) is not None})
 
 
 async def _read_ordered(js: JetStreamContext, stream: str, subject: str,
                         config: ConsumerConfig, *, limit: int, idle_s: float
-                        ) -> list[tuple[int, bytes]]:
-    """(stream sequence, payload) read by an ordered consumer until nothing is pending,
-    ``limit`` are read, or nothing comes for ``idle_s``."""
+                        ) -> list[Msg]:
+    """The messages an ordered consumer reads until nothing is pending, ``limit`` are
+    read, or nothing comes for ``idle_s``."""
     sub = await retrying(f"read {subject}", lambda: js.subscribe(
         subject, stream=stream, ordered_consumer=True, config=config))
-    found: list[tuple[int, bytes]] = []
+    found: list[Msg] = []
     try:
         while len(found) < limit:
             try:
                 msg = await sub.next_msg(timeout=idle_s)
             except nats.errors.TimeoutError:
                 break
-            found.append((msg.metadata.sequence.stream, msg.data))
+            found.append(msg)
             if msg.metadata.num_pending == 0:
                 break
     finally:
@@ -314,8 +302,9 @@ async def _events_from(js: JetStreamContext, subject: str, policy: DeliverPolicy
     """(stream sequence, payload) of the events on ``subject`` from ``policy`` on."""
     config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq,
                             inactive_threshold=10.0)
-    return await _read_ordered(js, subjects.STREAM_EVENTS, subject, config,
-                               limit=1_000_000, idle_s=idle_s)
+    found = await _read_ordered(js, subjects.STREAM_EVENTS, subject, config,
+                                limit=1_000_000, idle_s=idle_s)
+    return [(m.metadata.sequence.stream, m.data) for m in found]
 
 
 async def delete_msg(nc: NATS, stream: str, seq: int, *, timeout_s: float = 5.0) -> bool:

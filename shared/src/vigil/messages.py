@@ -20,6 +20,12 @@ ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_RE = re.compile(ID_PATTERN)
 # Ids the platform makes (vigil.ids): s<stream seq>, and the gateway's t_/k_ ids.
 PLATFORM_ID_RE = re.compile(r"^(?:s[0-9]+|[tk]_[a-z2-7]{26})$")
+
+
+def platform_id_error(value: str) -> str:
+    """Why ``value``, of the shape of an id the platform makes, is refused as a user's."""
+    return (f"task id {value!r} has the shape of an id the platform makes (s<digits>, "
+            "t_/k_ + 26 base32 characters); choose another id")
 TaskId = Annotated[str, Meta(pattern=ID_PATTERN, description="[A-Za-z0-9_-]{1,64}")]
 Name = Annotated[str, Meta(pattern=ID_PATTERN)]
 ImageRef = Annotated[
@@ -147,9 +153,7 @@ class TaskSpecStrict(TaskSpec, frozen=True, kw_only=True, forbid_unknown_fields=
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.id is not None and PLATFORM_ID_RE.fullmatch(self.id):
-            raise ValueError(
-                f"task id {self.id!r} has the shape of an id the platform makes (s<digits>, "
-                "t_/k_ + 26 base32 characters); choose another id - at `$.id`")
+            raise ValueError(f"{platform_id_error(self.id)} - at `$.id`")
 
 
 def _member(parent: str, key: str) -> str:

@@ -266,9 +266,6 @@ class Gateway:
             self.metrics.submissions.labels("invalid").inc()
             return error(status, "invalid_json" if status == 400 else "invalid_field",
                          str(exc), field=exc.field)
-        if spec.id is not None and ids.is_platform_id(spec.id):
-            self.metrics.submissions.labels("invalid").inc()
-            return error(422, "invalid_field", ids.reserved_id_error(spec.id), field="$.id")
         if spec.id is not None:
             task_id = spec.id
         elif key is not None:
