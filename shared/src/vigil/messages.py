@@ -43,6 +43,15 @@ LabelKey = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, Meta(max_length=256, extra_json_schema={"pattern": NO_NUL})]
 Arg = Annotated[str, Meta(min_length=1, max_length=65_536, pattern=NO_NUL)]
 Command = Annotated[list[Arg], Meta(min_length=1, max_length=1_024)]
+# Egress: one host a task's agent may reach through the executor's proxy: ``host``,
+# ``*.domain`` (any name under it, not the domain itself) or either with ``:port`` (without
+# one: 80 and 443). Names are matched case-insensitively; an IPv4 literal is a host too.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+EGRESS_RULE_PATTERN = rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?$"
+EgressRule = Annotated[str, Meta(
+    pattern=EGRESS_RULE_PATTERN, max_length=259,
+    description="host, *.domain, or either with :port (default ports 80 and 443)")]
+SecretName = Annotated[str, Meta(pattern=ID_PATTERN, description="a secret of the tenant")]
 ExitCode = Annotated[int, Meta(ge=0, le=255)]
 """What a process exit status can be (a signal shows as 128 + its number)."""
 
@@ -80,6 +89,21 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     non_retryable_exit_codes: Annotated[list[ExitCode], Meta(max_length=256)] = []
 
 
+class Egress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+             forbid_unknown_fields=True):
+    """Where a task's agent may connect. The container has no network device; its one way
+    out is the executor's HTTP(S) proxy (``HTTPS_PROXY`` in its environment), which allows
+    only these hosts and ports and resolves the names itself. No ``egress``: no way out."""
+
+    allow: Annotated[list[EgressRule], Meta(max_length=64)] = []
+
+    def __post_init__(self) -> None:
+        for i, rule in enumerate(self.allow):
+            _, sep, port = rule.rpartition(":")
+            if sep and not 1 <= int(port) <= 65_535:
+                raise ValueError(f"port {port} is not 1-65535 - at `$.egress.allow[{i}]`")
+
+
 PRIORITY_DEFAULT = 5
 NOT_BEFORE_MAX_AHEAD_DAYS = 365
 """How far ahead of its submission a task's ``not_before`` may be."""
@@ -113,6 +137,15 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     queue_timeout_s: Annotated[float, Meta(gt=0, le=30 * 86_400)] | None = None
     """Give up (``timed_out``) if not started this long after submission (or not_before)."""
     retry: RetryPolicy | None = None
+    egress: Egress | None = None
+    """Hosts the agent may reach through the executor's proxy (none: no network at all)."""
+    secrets: Annotated[dict[EnvName, SecretName], Meta(max_length=64)] = {}
+    """Secrets by reference, ``{ENV_NAME: secret name}``: the executor resolves each at
+    start and gives the agent its value as ``$ENV_NAME`` and ``/run/secrets/ENV_NAME``.
+    Values never enter a stream, the task's state, a log line or an event."""
+    environment: Name | None = None
+    """A persistent environment of the tenant: the task starts from its latest workspace
+    snapshot (and its image, egress and secrets as defaults) and commits back on success."""
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError for the caller.
@@ -122,6 +155,15 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
                     f"env name {name!r} is reserved (the platform sets VIGIL_* inside the "
                     "container) - at `$.env`"
                 )
+        for name in self.secrets:
+            if name.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(
+                    f"env name {name!r} is reserved (the platform sets VIGIL_* inside the "
+                    f"container) - at `{_member('$.secrets', name)}`"
+                )
+            if name in self.env:
+                raise ValueError(f"{name} is set by both env and secrets; keep one - at "
+                                 f"`{_member('$.secrets', name)}`")
         if len(self.labels) > 64:
             raise ValueError("at most 64 labels are allowed - at `$.labels`")
         for where, values in (("env", self.env), ("labels", self.labels),
@@ -535,6 +577,20 @@ class Cancelling(Event, tag="cancelling", frozen=True, kw_only=True):
     reason: str | None = None
 
 
+class EgressEvent(Event, tag="egress", frozen=True, kw_only=True):
+    """One connection the agent asked the executor's proxy for: allowed (with the bytes
+    each way once it closed) or refused (with why)."""
+
+    host: str
+    port: int
+    allowed: bool
+    reason: str | None = None  # why it was refused (not on the list, private address ...)
+    address: str | None = None  # the address the proxy connected to
+    bytes_out: int = 0  # agent -> host
+    bytes_in: int = 0  # host -> agent
+    duration_s: float = 0.0
+
+
 class Finished(Event, tag="finished", frozen=True, kw_only=True):
     status: Status
     exit_code: int | None = None
@@ -549,5 +605,5 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
-    Retrying | Cancelling | Rejected | Finished
+    Retrying | Cancelling | Rejected | EgressEvent | Finished
 )

@@ -35,6 +35,10 @@ KV_DELIVERIES = "vigil-deliveries"
 KV_TASKS = "vigil-tasks"
 KV_CONFESSIONS = "vigil-confessions"
 OBJ_CHECKPOINTS = "vigil-checkpoints"
+KV_SECRETS = "vigil-secrets"  # <tenant>.<name>: a tenant's secret, encrypted (vigil.secrets)
+KV_ENVIRONMENTS = "vigil-environments"  # <tenant>.<name>: a persistent environment
+OBJ_ENVIRONMENTS = "vigil-env-snapshots"  # environments' workspace snapshots
+OBJ_IMAGES = "vigil-images"  # image archives pushed by operators (vigil image push)
 
 # Durable consumers ----------------------------------------------------------------------------
 CONSUMER_SCHEDULER = "scheduler"

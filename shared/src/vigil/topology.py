@@ -299,15 +299,38 @@ LEASES = Bucket(
     ttl_s=5.0,
     description="Leader leases for singleton roles",
 )
+# A tenant's secrets, each value encrypted by vigil.secrets before it is written (the
+# operator's key never reaches NATS). No TTL: a secret lives until it is removed.
+SECRETS = Bucket(
+    name=subjects.KV_SECRETS,
+    history=1,
+    max_value_size=128 * 1024,
+    description="Tenants' secrets by <tenant>.<name>, encrypted (AES-GCM, operator's key)",
+)
+# Persistent environments: image, default egress and secrets, and the revision of the
+# workspace snapshot tasks start from (compare-and-set on commit).
+ENVIRONMENTS = Bucket(
+    name=subjects.KV_ENVIRONMENTS,
+    history=1,
+    description="Persistent environments by <tenant>.<name> (compare-and-set on revision)",
+)
 BUCKETS: tuple[Bucket, ...] = (TASKS, CONFESSIONS, INCIDENTS, DELIVERIES, REPLAYS, EXECUTORS,
-                               LEASES)
+                               LEASES, SECRETS, ENVIRONMENTS)
 
 CHECKPOINTS = ObjectStore(
     name=subjects.OBJ_CHECKPOINTS,
     ttl_s=30 * DAY,
     description="Workspace checkpoints by task id",
 )
-OBJECT_STORES: tuple[ObjectStore, ...] = (CHECKPOINTS,)
+ENV_SNAPSHOTS = ObjectStore(
+    name=subjects.OBJ_ENVIRONMENTS,
+    description="Persistent environments' workspace snapshots, by <tenant>.<name>.<revision>",
+)
+IMAGES = ObjectStore(
+    name=subjects.OBJ_IMAGES,
+    description="Image archives pushed by operators (vigil image push), by image digest",
+)
+OBJECT_STORES: tuple[ObjectStore, ...] = (CHECKPOINTS, ENV_SNAPSHOTS, IMAGES)
 
 
 # Consumers ----------------------------------------------------------------------------------
