@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from vigil.environments import Environment, Snapshot
 from vigil.messages import ExecutorInfo, Status, TaskState
 
 LIST_LIMIT_DEFAULT = 50
@@ -150,3 +151,24 @@ class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
 class ExecutorList(msgspec.Struct, frozen=True, kw_only=True):
     executors: list[ExecutorView]
     """Live executors (an entry not refreshed for 15 s has expired), by pool then node."""
+
+
+class EnvironmentList(msgspec.Struct, frozen=True, kw_only=True):
+    environments: list[Environment]
+    """The tenant's environments, by name."""
+
+
+class EnvironmentHistory(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    revision: int
+    """The current revision (0: never committed)."""
+    history: list[Snapshot]
+    """The snapshots kept, newest (the current one) first."""
+
+
+class RestoreBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/environments/{name}/restore``."""
+
+    revision: Annotated[int, Meta(ge=1)]
+    """A revision the environment's history keeps: its snapshot becomes current again, as
+    a new revision (what came between stays in the history)."""

@@ -220,6 +220,18 @@ class CheckpointRef(msgspec.Struct, frozen=True, kw_only=True):
     clean: bool = False
 
 
+class EnvironmentUse(msgspec.Struct, frozen=True, kw_only=True):
+    """A task's use of its persistent environment (:mod:`vigil.environments`)."""
+
+    name: str
+    base_revision: int
+    """The environment revision its workspace started from: set when an attempt restores
+    the environment's snapshot, kept while later attempts resume from the task's own
+    checkpoints. Its commit is refused once the environment has moved past it."""
+    committed_revision: int | None = None
+    """The revision its success made current (its workspace committed)."""
+
+
 class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One past attempt, kept as evidence: who ran it and how it ended."""
 
@@ -297,6 +309,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     # sha256 of the submitted spec (canonical JSON, without its id): an Idempotency-Key
     # reused with a different body is told so instead of being given the first task.
     spec_digest: str | None = None
+    environment: EnvironmentUse | None = None
+    """Set once an attempt of a task naming an environment has started from it."""
 
     @property
     def key(self) -> str:
@@ -591,6 +605,18 @@ class EgressEvent(Event, tag="egress", frozen=True, kw_only=True):
     duration_s: float = 0.0
 
 
+class EnvironmentEvent(Event, tag="environment", frozen=True, kw_only=True):
+    """The task's workspace and its persistent environment: ``restored`` (the attempt
+    starts from snapshot revision ``revision``) or ``committed`` (its success made
+    ``revision`` the environment's current one)."""
+
+    environment: str
+    step: Literal["restored", "committed"]
+    revision: int
+    snapshot: str | None = None  # the snapshot's object name
+    size: int = 0
+
+
 class Finished(Event, tag="finished", frozen=True, kw_only=True):
     status: Status
     exit_code: int | None = None
@@ -605,5 +631,5 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (
-    Retrying | Cancelling | Rejected | EgressEvent | Finished
+    Retrying | Cancelling | Rejected | EgressEvent | EnvironmentEvent | Finished
 )

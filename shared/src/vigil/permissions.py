@@ -80,6 +80,17 @@ def _ordered(stream: str) -> list[str]:
     ]
 
 
+def _objects(bucket: str, *, write: bool) -> list[str]:
+    """An object store, read (metadata, and chunks through ordered consumers on its named
+    stream: see vigil_executor.checkpoint.CheckpointStore.load) and maybe written (chunks,
+    metadata, and the purge of an object's chunks that a put or delete ends with)."""
+    stream = f"OBJ_{bucket}"
+    allow = [*_read(stream), *_ordered(stream)]
+    if write:
+        allow += [f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.{stream}"]
+    return allow
+
+
 def tenant_permissions(tenant: str) -> tuple[list[str], list[str]]:
     """(publish allow, subscribe allow) of tenant ``tenant``'s raw NATS user.
 
@@ -119,6 +130,7 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_ordered(f"KV_{subjects.KV_EXECUTORS}"),
                 *_kv(subjects.KV_EXECUTORS, write=False),
                 *_kv(subjects.KV_LEASES, write=True),
+                *_kv(subjects.KV_ENVIRONMENTS, write=False),  # a task's environment defaults
                 *_read(subjects.STREAM_SUBMIT),  # a redriven task's original spec
                 f"{subjects.CANCEL}.*.*",
                 f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_WORK}",
@@ -143,6 +155,11 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_read(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_CHECKPOINTS}",
                 *_ordered(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
+                # Environments: the hold (wait policy) and the commit are compare-and-set
+                # writes; snapshots are restored and committed; pushed images only read.
+                *_kv(subjects.KV_ENVIRONMENTS, write=True),
+                *_objects(subjects.OBJ_ENVIRONMENTS, write=True),
+                *_objects(subjects.OBJ_IMAGES, write=False),
                 f"{subjects.EVENTS}.>",
                 *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
                 f"{subjects.ISSUES}.executor.>",
@@ -177,6 +194,12 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch
                 *_kv(subjects.KV_DELIVERIES, write=False),
                 *_ordered(subjects.STREAM_EVENTS),
+                # /v1/environments: create, change, restore, delete (and a deleted one's
+                # snapshots: their metadata and chunks, never another object store's).
+                *_kv(subjects.KV_ENVIRONMENTS, write=True),
+                *_read(f"OBJ_{subjects.OBJ_ENVIRONMENTS}"),
+                f"$O.{subjects.OBJ_ENVIRONMENTS}.M.>",
+                f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_ENVIRONMENTS}",
                 subjects.submit_via_gateway("*"),  # only it may: see vigil.ids
                 f"{subjects.CONTROL}.cancel.>",
                 f"{subjects.ISSUES}.operator.>",  # incident ack/resolve are confessions
@@ -185,10 +208,11 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
              subjects.events_of_kind("finished")],
         ),
         # `vigil replay`: an operator's tool reads every stream, re-publishes ranges, sends
-        # redrives and builds scratch buckets. Broad by nature, but no $SYS and no
-        # impersonation of services' inboxes.
+        # redrives and builds scratch buckets; `vigil image push` writes the image store.
+        # Broad by nature, but no $SYS and no impersonation of services' inboxes.
         "operator": (
-            ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>", "vigil.>"],
+            ["$JS.API.>", "$JS.FC.>", "$JS.ACK.>", "$KV.>", "vigil.>",
+             f"$O.{subjects.OBJ_IMAGES}.>"],
             [f"{subjects.inbox('operator')}.>"],
         ),
     }

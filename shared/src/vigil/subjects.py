@@ -79,6 +79,21 @@ def task_kv_subject(tenant: str, task_id: str = ">") -> str:
     return f"$KV.{KV_TASKS}.{tenant}.{task_id}"
 
 
+def environment_key(tenant: str, name: str) -> str:
+    """An environment's key in ``vigil-environments``: names are per tenant, as task ids."""
+    return f"{tenant}.{name}"
+
+
+def environment_kv_subject(tenant: str, name: str = "*") -> str:
+    """The subject an environment's key is stored under (``*``: all of a tenant's)."""
+    return f"$KV.{KV_ENVIRONMENTS}.{tenant}.{name}"
+
+
+def object_metas(bucket: str) -> str:
+    """The subjects of an object store's metadata records (one per object name)."""
+    return f"$O.{bucket}.M.>"
+
+
 # Header names -----------------------------------------------------------------------------
 MSG_ID = "Nats-Msg-Id"
 

@@ -308,7 +308,7 @@ SECRETS = Bucket(
     description="Tenants' secrets by <tenant>.<name>, encrypted (AES-GCM, operator's key)",
 )
 # Persistent environments: image, default egress and secrets, and the revision of the
-# workspace snapshot tasks start from (compare-and-set on commit).
+# workspace snapshot tasks start from (compare-and-set on commit; vigil.environments).
 ENVIRONMENTS = Bucket(
     name=subjects.KV_ENVIRONMENTS,
     history=1,
@@ -322,13 +322,17 @@ CHECKPOINTS = ObjectStore(
     ttl_s=30 * DAY,
     description="Workspace checkpoints by task id",
 )
+# No TTL: a snapshot lives while its environment's history keeps it (the executor that
+# commits a newer one, and the gateway that deletes the environment, delete it).
 ENV_SNAPSHOTS = ObjectStore(
     name=subjects.OBJ_ENVIRONMENTS,
-    description="Persistent environments' workspace snapshots, by <tenant>.<name>.<revision>",
+    description="Persistent environments' workspace snapshots, by "
+    "<tenant>/<name>/r<revision>-<task>-a<attempt>",
 )
+# No TTL: an image archive lives until an operator removes it (vigil image rm).
 IMAGES = ObjectStore(
     name=subjects.OBJ_IMAGES,
-    description="Image archives pushed by operators (vigil image push), by image digest",
+    description="Image archives pushed by operators (vigil image push), by image name",
 )
 OBJECT_STORES: tuple[ObjectStore, ...] = (CHECKPOINTS, ENV_SNAPSHOTS, IMAGES)
 
