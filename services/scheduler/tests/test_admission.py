@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
+from vigil import codec
+from vigil.environments import Environment
 from vigil_scheduler.admission import Admit, Reject, admit, failed_state, tenant_of, unreadable
+from vigil_scheduler.environments import named
 from vigil_scheduler.settings import SchedulerSettings
 
 pytestmark = pytest.mark.unit
@@ -99,3 +103,36 @@ def test_admission_that_crashes_is_a_rejection_not_a_retry() -> None:
     assert result.task_id == "s12" and result.tenant == "acme"
     assert "KeyError('x')" in result.error and "bug" in result.error
     assert unreadable("vigil.submit", "m", 12, KeyError("x")).task_id is None
+
+
+def _env(**kw: object) -> Environment:
+    base = Environment(name="e", tenant="acme", created_at=NOW, updated_at=NOW)
+    return msgspec.structs.replace(base, **kw)
+
+
+def test_a_task_naming_an_environment_takes_its_defaults() -> None:
+    data = json.dumps({"command": ["true"], "environment": "e", "secrets": {"A": "mine"}})
+    found = {"e": _env(image="localhost/e:1", secrets={"A": "theirs", "B": "b"})}
+    result = admit(data.encode(), "vigil.submit.acme", None, 10, NOW, CONF, found)
+    assert isinstance(result, Admit)
+    spec = result.work.spec
+    assert (spec.image, spec.secrets, spec.environment) == (
+        "localhost/e:1", {"A": "mine", "B": "b"}, "e")
+    # The digest is of the spec as submitted (an Idempotency-Key compares bodies).
+    assert result.state.spec_digest == codec.spec_digest(codec.decode_spec(data.encode()))
+
+
+def test_an_unknown_environment_is_refused_naming_the_field() -> None:
+    result = admit(b'{"command": ["true"], "environment": "nope", "id": "t1"}',
+                   "vigil.submit.acme", None, 10, NOW, CONF, {})
+    assert isinstance(result, Reject) and result.field == "$.environment"
+    assert result.task_id == "t1"
+    assert "tenant acme has no environment 'nope'" in result.error
+
+
+def test_the_environment_a_submission_names_is_peeked_cheaply() -> None:
+    assert named(b'{"command": ["x"], "environment": "e"}') == "e"
+    assert named(b'{"command": ["x"]}') is None
+    assert named(b'{"environment": "no good"}') is None
+    assert named(b'{"environment": 3}') is None
+    assert named(b"\xff not json") is None

@@ -14,6 +14,7 @@ import msgspec
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
 from vigil.messages import TaskState, WorkItem
+from vigil_scheduler import environments
 from vigil_scheduler.settings import SchedulerSettings
 
 
@@ -58,7 +59,10 @@ def admit(
     seq: int,
     now: datetime,
     conf: SchedulerSettings,
+    found: environments.Found | None = None,
 ) -> Admit | Reject:
+    """``found``: the environments the submission may name (see
+    :func:`vigil_scheduler.environments.lookup`)."""
     tenant = tenant_of(subject)
     fallback_id = ids.task_id_for(None, msg_id, seq)
     if tenant is None:
@@ -84,10 +88,13 @@ def admit(
                       error=f"invalid task spec: {ids.reserved_id_error(spec.id)} (at $.id)",
                       field="$.id")
     task_id = ids.task_id_for(spec.id, msg_id, seq)
+    merged = environments.apply(spec, tenant, found or {})
+    if isinstance(merged, str):
+        return Reject(task_id=task_id, tenant=tenant, error=merged, field="$.environment")
     resolved = msgspec.structs.replace(
-        spec,
+        merged,
         id=task_id,
-        image=spec.image or conf.default_image,
+        image=merged.image or conf.default_image,
         timeout_s=spec.timeout_s or conf.default_timeout_s,
         max_attempts=spec.max_attempts or conf.default_max_attempts,
     )

@@ -31,6 +31,7 @@ from structlog.contextvars import bound_contextvars
 from vigil import codec, subjects, topology
 from vigil.conn import connect
 from vigil.consume import PullConsumer
+from vigil.environments import EnvironmentStore
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, publish, publish_confession, publish_event
 from vigil.messages import (
@@ -45,7 +46,15 @@ from vigil.messages import (
     utcnow,
 )
 from vigil.ops import OpsServer, ops_app
-from vigil_scheduler.admission import Admit, Reject, admit, failed_state, unreadable
+from vigil_scheduler import environments
+from vigil_scheduler.admission import (
+    Admit,
+    Reject,
+    admit,
+    failed_state,
+    tenant_of,
+    unreadable,
+)
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
 from vigil_scheduler.dispatch import Dispatcher, queued_state_of, scheduled_unreleased
@@ -72,6 +81,7 @@ class Scheduler:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
+        self._environments: EnvironmentStore | None = None
         self._consumer: PullConsumer | None = None
         self._control: Control | None = None
         self._timers: Timers | None = None
@@ -97,6 +107,7 @@ class Scheduler:
             self._js, subjects.STREAM_SUBMIT, topology.scheduler_consumer()
         )
         self._store = await TaskStore.open(self._js)
+        self._environments = await EnvironmentStore.open(self._js)
         self._consumer = PullConsumer(
             self._nc,
             subjects.STREAM_SUBMIT,
@@ -217,9 +228,10 @@ class Scheduler:
         msg_id = msg.headers.get(subjects.MSG_ID) if msg.headers else None
         with bound_contextvars(submit_seq=seq, subject=msg.subject):
             try:
+                found = await self._environments_of(msg.subject, msg.data)
                 try:
                     decision: Admit | Reject = admit(msg.data, msg.subject, msg_id, seq,
-                                                     utcnow(), self.settings)
+                                                     utcnow(), self.settings, found)
                 except Exception as exc:
                     log.exception("admission_crashed")
                     decision = unreadable(msg.subject, msg_id, seq, exc)
@@ -277,8 +289,9 @@ class Scheduler:
         assert self._js is not None and self._store is not None
         stored = await self._js.get_msg(subjects.STREAM_SUBMIT, seq)
         msg_id = (stored.headers or {}).get(subjects.MSG_ID)
+        found = await self._environments_of(stored.subject or "", stored.data or b"")
         decision = admit(stored.data or b"", stored.subject or "", msg_id, seq, utcnow(),
-                         self.settings)
+                         self.settings, found)
         if isinstance(decision, Reject):
             return
         got = await self._store.get_state(decision.state)
@@ -291,6 +304,11 @@ class Scheduler:
             await self._event(failed.tenant, Finished(task_id=failed.id, time=now, status="failed",
                                        error=why))
             log.error("task_failed_by_scheduler", task_id=failed.id, error=why)
+
+    async def _environments_of(self, subject: str, data: bytes) -> environments.Found:
+        """The environment a submission names, read for admission (which is pure)."""
+        assert self._environments is not None
+        return await environments.lookup(self._environments, tenant_of(subject), data)
 
     async def _schedule(self, admit_: Admit) -> str:
         assert self._store is not None and self._js is not None
