@@ -607,11 +607,12 @@ class EgressEvent(Event, tag="egress", frozen=True, kw_only=True):
 
 class EnvironmentEvent(Event, tag="environment", frozen=True, kw_only=True):
     """The task's workspace and its persistent environment: ``restored`` (the attempt
-    starts from snapshot revision ``revision``) or ``committed`` (its success made
-    ``revision`` the environment's current one)."""
+    starts from snapshot revision ``revision``), ``committed`` (its success made
+    ``revision`` the environment's current one) or ``unchanged`` (it succeeded leaving
+    the workspace as it was: no new revision)."""
 
     environment: str
-    step: Literal["restored", "committed"]
+    step: Literal["restored", "committed", "unchanged"]
     revision: int
     snapshot: str | None = None  # the snapshot's object name
     size: int = 0

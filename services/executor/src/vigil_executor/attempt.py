@@ -62,6 +62,7 @@ from vigil.messages import (
     Confession,
     ConfessionEvent,
     Finished,
+    Progress,
     Retrying,
     Started,
     TaskState,
@@ -99,6 +100,8 @@ from vigil_executor.claim import (
     may_hand_back,
     spent_attempts,
 )
+from vigil_executor.environment import EnvironmentFailed, EnvironmentRun, Hooks
+from vigil_executor.images import ImageRefused
 from vigil_executor.retry import (
     DEFAULT_POLICY,
     IMAGE_MISSING_MAX_DELAY_S,
@@ -153,6 +156,7 @@ class Attempt:
         self._saved: str | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._pump_task: asyncio.Task[None] | None = None  # the agent's output, once started
+        self.env: EnvironmentRun | None = None  # its task's persistent environment, if any
 
     # entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -254,9 +258,14 @@ class Attempt:
             retry_in: float | None = None
             try:
                 outcome = await self._execute(attempt)
+                if self.env is not None:
+                    outcome = await self.env.commit(outcome, self.container,
+                                                    self.msg.metadata.num_delivered)
                 # The lease is kept until the ack: recording can take a while if NATS is
                 # slow, and a lapse now would hand a finished task to someone else.
                 retry_in = await self._record(outcome)
+                if self.env is not None and retry_in is None:
+                    await self.env.release()  # the task ended: the next one may take it
             finally:
                 self._lease_done.set()
                 self._lease.cancel()
@@ -374,10 +383,17 @@ class Attempt:
         resumed = False
         try:
             if not await ex.runtime.image_exists(spec.image):
-                raise ImageNotFound(f"image {spec.image} is not present")
+                await ex.images.ensure(spec.image, self._image_progress)  # or ImageNotFound
+            if work.spec.environment is not None:
+                self.env = EnvironmentRun(ex.environments, ex.snapshots, ex.settings, work,
+                                          attempt, Hooks(self._cas, self._confess, self.sink.emit))
+                await self.env.hold(self.msg.metadata.num_delivered)
+                self._spawn(self.env.keep())
             with tempfile.TemporaryFile() as archive:
                 restoring = await self._fetch_checkpoint(archive)
                 resumed = restoring is not None
+                if self.env is not None:
+                    restoring = await self.env.workspace(self.state, restoring, archive)
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
                                       resumed=resumed)
                 self.volume = spec.workspace_volume
@@ -385,6 +401,8 @@ class Attempt:
                 if restoring is not None:
                     await self._unpack(spec, archive, restoring)
                     self._restored = restoring.name
+                if self.env is not None and not resumed:
+                    self.env.restored(restoring)
             await self.container.start()
         except ImageNotFound as exc:
             # The node's problem, not the task's: another node may have the image (or this
@@ -393,8 +411,8 @@ class Attempt:
             error = f"image {spec.image} not found on node {ex.settings.node_id}"
             delay = image_missing_delay(self.msg.metadata.num_delivered)
             await self._confess("error", "image_missing", error,
-                                hint=f"{exc}; pull it on this node (podman pull {spec.image}) "
-                                "or let a node that has it take the task")
+                                hint=f"{exc}; push it once (vigil image push {spec.image}: "
+                                "every node loads it on first use) or load it on this node")
             raise HandBack(f"{error}; handing the task back", delay,
                            kind="image missing") from exc
         except RuntimeUnavailable as exc:
@@ -403,6 +421,11 @@ class Attempt:
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except (ImageRefused, EnvironmentFailed) as exc:
+            # Never to run (a tampered image; an environment it cannot start from): the
+            # task fails, saying why, and is not retried.
+            await self._confess(exc.severity, exc.category, str(exc))
+            return Outcome("failed", None, str(exc))
         except ContainerError as exc:
             # Raised by create or by start: the host's failure is handed back, the task's
             # own (its command, its settings) fails it.
@@ -487,6 +510,11 @@ class Attempt:
             reason = self.state.cancel_reason if self.state else None
             return Outcome("cancelled", exit_info.exit_code, reason or "cancelled")
         return await self._judge(exit_info, output, timed_out, spec.timeout_s)
+
+    def _image_progress(self, data: dict[str, Any]) -> None:
+        assert self.state is not None
+        self.sink.emit(Progress(task_id=self.state.id, attempt=self.state.attempt,
+                                time=utcnow(), data=data))
 
     async def _fetch_checkpoint(self, into: IO[bytes]) -> CheckpointRef | None:
         """Download the newest checkpoint of the task's history that can be restored;

@@ -16,14 +16,14 @@ import contextlib
 import hashlib
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import IO
 
 import nats.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import ObjectMeta
+from nats.js.api import ObjectInfo, ObjectMeta
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -59,6 +59,7 @@ class Saved:
     name: str
     size: int
     digest: str
+    uploaded: bool = True  # False: the archive was the ``unless`` one, and not stored
 
 
 def mib(n: int) -> str:
@@ -70,22 +71,30 @@ def object_name(tenant: str, task_id: str, attempt: int, n: int) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, js: JetStreamContext, max_bytes: int) -> None:
+    """Workspace archives in an object store: the tasks' checkpoints, or (``bucket``
+    vigil-env-snapshots) the persistent environments' snapshots, under one size limit."""
+
+    def __init__(self, js: JetStreamContext, max_bytes: int,
+                 bucket: str = subjects.OBJ_CHECKPOINTS, what: str = "checkpoint") -> None:
         self._js = js
         self._max = max_bytes
+        self._bucket = bucket
+        self._what = what
         self._store: ObjectStore | None = None
 
     async def open(self) -> None:
-        self._store = await self._js.object_store(subjects.OBJ_CHECKPOINTS)
+        self._store = await self._js.object_store(self._bucket)
 
     @property
     def store(self) -> ObjectStore:
         if self._store is None:
-            raise CheckpointError("checkpoint store is not open")
+            raise CheckpointError(f"{self._what} store is not open")
         return self._store
 
-    async def save(self, name: str, archive: AsyncIterator[bytes], description: str) -> Saved:
+    async def save(self, name: str, archive: AsyncIterator[bytes], description: str, *,
+                   unless: str | None = None) -> Saved:
         """Spool ``archive``, enforce the size limit, upload; return what was stored.
+        Not uploaded when its digest is ``unless`` (the snapshot it would repeat).
 
         The limit bites as bytes arrive: the first chunk past it ends the checkpoint (the
         Podman runtime, given the same limit, stops its own download once past it plus
@@ -102,6 +111,9 @@ class CheckpointStore:
                     await asyncio.to_thread(spool.write, chunk)
             except ArchiveTooLarge as exc:
                 raise CheckpointTooLarge(self._too_large(exc.read)) from None
+            found = f"sha256:{digest.hexdigest()}"
+            if found == unless:
+                return Saved(name=name, size=size, digest=found, uploaded=False)
             spool.seek(0)
             meta = ObjectMeta(name=name, description=description)
             store = self.store
@@ -110,54 +122,25 @@ class CheckpointStore:
                 spool.seek(0)
                 return await store.put(name, spool, meta=meta)  # type: ignore[arg-type]
 
-            await retrying(f"upload checkpoint {name}", upload, deadline_s=60)
-        return Saved(name=name, size=size, digest=f"sha256:{digest.hexdigest()}")
+            await retrying(f"upload {self._what} {name}", upload, deadline_s=60)
+        return Saved(name=name, size=size, digest=found)
 
     def _too_large(self, read: int) -> str:
-        return (f"workspace archive exceeds the checkpoint limit of {mib(self._max)} "
+        return (f"workspace archive exceeds the {self._what} limit of {mib(self._max)} "
                 f"(VIGIL_CHECKPOINT_MAX_MB); stopped reading it after {read} bytes. Keep "
                 "large or rebuildable files out of the workspace, or raise the limit")
 
     async def load(self, name: str, into: IO[bytes]) -> int:
-        """Download ``name`` into ``into``, verified against the store's digest.
-
-        Not nats-py's ``ObjectStore.get``: it subscribes to the chunks without naming their
-        stream, so the client asks the server which stream holds them
-        (``$JS.API.STREAM.NAMES``), a call the executor's least-privilege NATS user may not
-        make. Here the stream is named, and the chunks are read by an ordered consumer.
-        """
+        """Download ``name`` into ``into``, verified against the store's digest."""
         store = self.store
         try:
             info = await store.get_info(name)
         except (ObjectNotFoundError, NotFoundError) as exc:
-            raise CheckpointError(f"checkpoint {name} is not in the object store") from exc
-        if not info.nuid:
-            raise CheckpointError(f"checkpoint {name} has no chunks on record (bad metadata)")
-        size = 0
-        found = hashlib.sha256()
-        if info.size:
-            bucket = subjects.OBJ_CHECKPOINTS
-            sub = await self._js.subscribe(f"$O.{bucket}.C.{info.nuid}",
-                                           stream=f"OBJ_{bucket}", ordered_consumer=True)
-            try:
-                while True:
-                    try:
-                        msg = await sub.next_msg(timeout=CHUNK_WAIT_S)
-                    except nats.errors.TimeoutError:
-                        raise NatsUnavailable(
-                            f"checkpoint {name}: no chunk arrived for {CHUNK_WAIT_S:g}s after "
-                            f"{size} of {info.size} bytes") from None
-                    await asyncio.to_thread(into.write, msg.data)
-                    found.update(msg.data)
-                    size += len(msg.data)
-                    if msg.metadata.num_pending == 0:
-                        break
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            raise CheckpointError(f"{self._what} {name} is not in the object store") from exc
+        size, found = await read_object(self._js, self._bucket, info, into, what=name)
         recorded = (info.digest or "").partition("=")[2]
-        if base64.urlsafe_b64encode(found.digest()).decode() != recorded or size != info.size:
-            raise CheckpointError(f"checkpoint {name} did not download whole: {size} of "
+        if base64.urlsafe_b64encode(found).decode() != recorded or size != info.size:
+            raise CheckpointError(f"{self._what} {name} did not download whole: {size} of "
                                   f"{info.size} bytes, or a digest that does not match")
         into.flush()
         return into.tell()
@@ -180,6 +163,46 @@ class CheckpointStore:
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+async def read_object(js: JetStreamContext, bucket: str, info: ObjectInfo, into: IO[bytes], *,
+                      what: str, on_chunk: Callable[[int], None] | None = None,
+                      ) -> tuple[int, bytes]:
+    """Download the object ``info`` describes into ``into``: its size and SHA-256 (raw).
+    ``on_chunk`` is told the bytes read so far after every chunk.
+
+    Not nats-py's ``ObjectStore.get``: it subscribes to the chunks without naming their
+    stream, so the client asks the server which stream holds them
+    (``$JS.API.STREAM.NAMES``), a call the executor's least-privilege NATS user may not
+    make. Here the stream is named, and the chunks are read by an ordered consumer.
+    """
+    if not info.nuid:
+        raise CheckpointError(f"{what} has no chunks on record (bad metadata)")
+    size = 0
+    found = hashlib.sha256()
+    if not info.size:
+        return size, found.digest()
+    sub = await js.subscribe(f"$O.{bucket}.C.{info.nuid}", stream=f"OBJ_{bucket}",
+                             ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=CHUNK_WAIT_S)
+            except nats.errors.TimeoutError:
+                raise NatsUnavailable(
+                    f"{what}: no chunk arrived for {CHUNK_WAIT_S:g}s after {size} of "
+                    f"{info.size} bytes") from None
+            await asyncio.to_thread(into.write, msg.data)
+            found.update(msg.data)
+            size += len(msg.data)
+            if on_chunk is not None:
+                on_chunk(size)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return size, found.digest()
 
 
 def archive_problem(archive: IO[bytes], digest: str) -> str | None:

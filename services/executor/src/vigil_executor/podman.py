@@ -348,6 +348,33 @@ class PodmanRuntime:
             return False
         return True
 
+    async def image_id(self, image: str) -> str | None:
+        try:
+            data = await self.call("GET", f"/images/{quote(image, safe='')}/json")
+        except PodmanError:
+            return None
+        found = data.get("Id") if isinstance(data, dict) else None
+        return str(found) if found else None
+
+    async def load_image(self, archive: BinaryIO) -> list[str]:
+        """``POST /images/load`` with the archive streamed from the file (an image may be
+        gigabytes); Podman answers with the names it loaded."""
+        archive.seek(0)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while data := await asyncio.to_thread(archive.read, 1024 * 1024):
+                yield data
+
+        answer = await self.call("POST", "/images/load", data=chunks(),
+                                 headers={"Content-Type": "application/x-tar"}, timeout=1800)
+        names = answer.get("Names") if isinstance(answer, dict) else None
+        return [str(n) for n in names or []]
+
+    async def remove_image(self, image: str) -> None:
+        with contextlib.suppress(PodmanError):
+            await self.call("DELETE", f"/images/{quote(image, safe='')}",
+                            params={"force": "true"}, ok=(200, 404))
+
     async def images(self) -> list[str] | None:
         """Every name (``repo:tag``) of every image in this user's storage, sorted; None
         past MAX_ADVERTISED_IMAGES names (then placement does not judge by image)."""

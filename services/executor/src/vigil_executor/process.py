@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from vigil.errors import VigilError
 from vigil.messages import ANY_IMAGE
 from vigil_executor.runtime import ContainerSpec, ExitInfo, Leftover, LineSplitter, Stream
 
@@ -149,6 +150,15 @@ class ProcessRuntime:
     async def image_exists(self, image: str) -> bool:
         return True
 
+    async def image_id(self, image: str) -> str | None:
+        return None  # the image is ignored
+
+    async def load_image(self, archive: BinaryIO) -> list[str]:
+        raise VigilError(f"the {self.name} runtime runs no images; there is nothing to load")
+
+    async def remove_image(self, image: str) -> None:
+        pass
+
     async def images(self) -> list[str]:
         return [ANY_IMAGE]  # the image is ignored: any task's will do
 
@@ -220,6 +230,15 @@ class NullRuntime:
 
     async def image_exists(self, image: str) -> bool:
         return True
+
+    async def image_id(self, image: str) -> str | None:
+        return None  # the image is ignored
+
+    async def load_image(self, archive: BinaryIO) -> list[str]:
+        raise VigilError(f"the {self.name} runtime runs no images; there is nothing to load")
+
+    async def remove_image(self, image: str) -> None:
+        pass
 
     async def images(self) -> list[str]:
         return [ANY_IMAGE]  # the image is ignored: any task's will do

@@ -146,6 +146,18 @@ class Runtime(Protocol):
 
     async def image_exists(self, image: str) -> bool: ...
 
+    async def image_id(self, image: str) -> str | None:
+        """The id of the image ``image`` names here (sha256 hex), None if there is none."""
+        ...
+
+    async def load_image(self, archive: BinaryIO) -> list[str]:
+        """Load an image archive (what ``podman save`` writes); the names it loaded."""
+        ...
+
+    async def remove_image(self, image: str) -> None:
+        """Remove the image ``image`` names (best effort)."""
+        ...
+
     async def images(self) -> list[str] | None:
         """The image names this node holds, for its advertisement; ``[ANY_IMAGE]`` when
         the runtime needs none, None when it cannot tell (see ExecutorInfo.images)."""

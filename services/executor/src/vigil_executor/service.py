@@ -25,12 +25,14 @@ from nats.js import JetStreamContext
 from vigil import subjects, topology
 from vigil.conn import connect
 from vigil.consume import PullConsumer
+from vigil.environments import EnvironmentStore
 from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
+from vigil_executor.images import ImageLoader
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
 from vigil_executor.process import NullRuntime, ProcessRuntime
@@ -79,6 +81,9 @@ class Executor:
         self._naks: set[asyncio.Task[None]] = set()
         self._locks: list[int] = []  # fds holding the node id's and state directory's flocks
         self.checkpoints: CheckpointStore
+        self.snapshots: CheckpointStore  # persistent environments' workspace snapshots
+        self.environments: EnvironmentStore
+        self.images: ImageLoader
         self.ready = asyncio.Event()
 
     @property
@@ -122,6 +127,11 @@ class Executor:
             self._store = await TaskStore.open(self._js)
             self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
+            self.snapshots = CheckpointStore(self._js, s.checkpoint_max_bytes,
+                                             subjects.OBJ_ENVIRONMENTS, "environment snapshot")
+            await self.snapshots.open()
+            self.environments = await EnvironmentStore.open(self._js)
+            self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes, s.node_id)
             self._prepare_state_dir()
             await self._remove_orphans()
             if self.runtime.name != "podman":
@@ -138,7 +148,7 @@ class Executor:
             self._advertiser = Advertiser(
                 self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
                 runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants,
-                images=self.runtime.images)
+                images=self.images.advertised)
             await self._advertiser.refresh_images()
             await self._advertiser.publish()
             advertising = asyncio.create_task(self._advertiser.run(self._stop))

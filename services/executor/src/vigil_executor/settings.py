@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from vigil.imagestore import MAX_MB_DEFAULT
 from vigil.messages import ID_PATTERN
 from vigil.settings import CommonSettings, default_node_id
 
@@ -109,6 +110,21 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     The root filesystem stays read-only; these hold the agent's scratch files, which are
     not in checkpoints (only the workspace is). tmpfs lives in memory (or swap) and is
     gone when the container is."""
+
+    image_max_mb: Annotated[float, Meta(gt=0)] = MAX_MB_DEFAULT
+    """Largest image archive this executor loads from the image store (``vigil image
+    push``), in MiB. A task whose image is missing here but pushed is loaded from the
+    store on first use; an archive over this limit is refused before any byte is
+    downloaded, and the task fails saying so."""
+    environment_lease_s: Annotated[float, Meta(ge=5, le=86_400)] = 60.0
+    """How long a task's hold on a ``wait`` environment lasts without renewal (renewed
+    every heartbeat while it runs): the longest another task of the environment waits
+    after this node dies. Keep it above the ack wait, so that the dead node's task, when
+    redelivered, takes its own hold back before another task gets in."""
+
+    @property
+    def image_max_bytes(self) -> int:
+        return max(1, int(self.image_max_mb * 1024 * 1024))
 
     @property
     def checkpoint_max_bytes(self) -> int:
