@@ -34,7 +34,15 @@ import aiohttp
 import msgspec
 
 from vigil import codec
-from vigil.api import CancelResponse, ExecutorList, TaskList, TaskSummary
+from vigil.api import (
+    CancelResponse,
+    EnvironmentHistory,
+    EnvironmentList,
+    ExecutorList,
+    TaskList,
+    TaskSummary,
+)
+from vigil.environments import Environment, EnvironmentSpec
 from vigil.errors import ApiError, VigilError
 from vigil.messages import TaskSpec, TaskState
 
@@ -382,6 +390,44 @@ class Client:
         if last is not None and last.terminal:
             return last  # it ended just as time ran out
         raise WaitTimeout(task_id, timeout_s, last)
+
+    # environments -----------------------------------------------------------------------------
+    async def environments(self) -> list[Environment]:
+        """The tenant's persistent environments, by name."""
+        _, data = await self._request("GET", "/v1/environments")
+        return msgspec.convert(data, EnvironmentList).environments
+
+    async def environment(self, name: str) -> Environment:
+        """One environment (404 :class:`GatewayError` if the tenant has none of that name)."""
+        _, data = await self._request("GET", f"/v1/environments/{name}")
+        return msgspec.convert(data, Environment)
+
+    async def put_environment(self, name: str, spec: EnvironmentSpec | Mapping[str, Any]
+                              ) -> tuple[Environment, bool]:
+        """Create the environment or change its settings (its workspace is kept); the
+        environment, and whether it was created. Repeating it changes nothing more, so it
+        is retried on 429/503."""
+        body = codec.encode(spec) if isinstance(spec, EnvironmentSpec) else codec.encode(
+            dict(spec))
+        status, data = await self._request("PUT", f"/v1/environments/{name}", body=body,
+                                           idempotent=True)
+        return msgspec.convert(data, Environment), status == 201
+
+    async def environment_history(self, name: str) -> EnvironmentHistory:
+        """Its current revision and the snapshots it keeps, newest first."""
+        _, data = await self._request("GET", f"/v1/environments/{name}/history")
+        return msgspec.convert(data, EnvironmentHistory)
+
+    async def restore_environment(self, name: str, revision: int) -> Environment:
+        """Make the snapshot of ``revision`` current again, as a new revision. Not retried
+        on 429/503 (a repeat would add another revision)."""
+        _, data = await self._request("POST", f"/v1/environments/{name}/restore",
+                                      body=codec.encode({"revision": revision}))
+        return msgspec.convert(data, Environment)
+
+    async def delete_environment(self, name: str) -> None:
+        """Delete the environment and its snapshots (operator role)."""
+        await self._request("DELETE", f"/v1/environments/{name}", idempotent=True)
 
     # fleet ------------------------------------------------------------------------------------
     async def executors(self) -> ExecutorList:

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from vigil import api, ids
+from vigil.environments import Environment, EnvironmentSpec
 from vigil.messages import (
     ID_PATTERN,
     RESERVED_ENV_PREFIX,
@@ -50,6 +51,11 @@ _TYPES: tuple[Any, ...] = (
     openapi_types.Health,
     openapi_types.IncidentAnswer,
     openapi_types.IncidentList,
+    EnvironmentSpec,
+    Environment,
+    api.EnvironmentList,
+    api.EnvironmentHistory,
+    api.RestoreBody,
 )
 
 
@@ -111,6 +117,10 @@ def _schemas() -> Json:
         props = components[name]["properties"]
         props["env"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
         props["labels"]["maxProperties"] = MAX_LABELS
+    for name in ("TaskSpecStrict", "TaskSpec", "EnvironmentSpec"):
+        secrets = components[name]["properties"].get("secrets")
+        if secrets is not None:
+            secrets["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
     # Ids of the shapes the platform makes are not the user's to choose (vigil.ids).
     for option in components["TaskSpecStrict"]["properties"]["id"]["anyOf"]:
         if option.get("type") == "string":
@@ -413,6 +423,74 @@ def _executor_paths() -> Json:
     return {"/v1/executors": {"get": listing}}
 
 
+_NAME_PARAM: Json = {
+    "name": "name", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": ID_PATTERN},
+}
+
+
+def _environment_paths() -> Json:
+    env = _ref("Environment")
+    links = {f"{op[0].upper()}{op[1:]}": {
+        "operationId": op, "parameters": {"name": "$response.body#/name"}}
+        for op in ("getEnvironment", "environmentHistory")}
+    too_large = _json(_ERROR, "The body is too large (`body_too_large`).")
+    listing = _op(
+        "listEnvironments", "The tenant's persistent environments, by name",
+        tags=("environments",),
+        responses={"200": _json(_ref("EnvironmentList"), "The environments.")})
+    one = _op("getEnvironment", "One environment: its settings, revision, current "
+              "snapshot and the task that holds it", tags=("environments",),
+              parameters=[_NAME_PARAM],
+              responses={"200": _json(env, "The environment."), "404": _problem("NotFound")})
+    put = _op(
+        "putEnvironment", "Create an environment, or change its settings",
+        tags=("environments",), roles="submitter", parameters=[_NAME_PARAM],
+        description="Its workspace (revision, snapshots) is kept when its settings change.",
+        body={"required": True, "content": {"application/json": {
+            "schema": _ref("EnvironmentSpec")}}},
+        responses={
+            "201": _json(env, "Created.", {"Location": {
+                "description": "The environment's URL.", "schema": {"type": "string"}}},
+                links),
+            "200": _json(env, "Its settings changed.", links=links),
+            "400": _problem("BadRequest"), "403": _problem("Forbidden"), "413": too_large,
+            "422": _json(_ERROR, "The body is invalid (`invalid_field`; `error.field` is "
+                         "its JSON path)."),
+        })
+    history = _op(
+        "environmentHistory", "The snapshots an environment keeps, newest first",
+        tags=("environments",), parameters=[_NAME_PARAM],
+        responses={"200": _json(_ref("EnvironmentHistory"), "Its history."),
+                   "404": _problem("NotFound")})
+    restore = _op(
+        "restoreEnvironment", "Make a kept revision's snapshot current again",
+        tags=("environments",), roles="submitter", parameters=[_NAME_PARAM],
+        description="As a new revision: the history keeps what it replaced.",
+        body={"required": True, "content": {"application/json": {
+            "schema": _ref("RestoreBody")}}},
+        responses={
+            "200": _json(env, "Restored: the environment at its new revision."),
+            "400": _problem("BadRequest"), "403": _problem("Forbidden"),
+            "404": _problem("NotFound"), "413": too_large,
+            "409": _json(_ERROR, "A task holds the environment (`held`)."),
+            "422": _json(_ERROR, "The body is invalid, or names a revision the history "
+                         "does not keep (`invalid_field`, `$.revision`)."),
+        })
+    delete = _op(
+        "deleteEnvironment", "Delete an environment and its snapshots",
+        tags=("environments",), roles="operator", parameters=[_NAME_PARAM],
+        responses={"204": {"description": "Deleted, with its snapshots."},
+                   "403": _problem("Forbidden"), "404": _problem("NotFound"),
+                   "409": _json(_ERROR, "A task holds the environment (`held`).")})
+    return {
+        "/v1/environments": {"get": listing},
+        "/v1/environments/{name}": {"get": one, "put": put, "delete": delete},
+        "/v1/environments/{name}/history": {"get": history},
+        "/v1/environments/{name}/restore": {"post": restore},
+    }
+
+
 def _ops_paths() -> Json:
     health = _ref("Health")
     return {
@@ -444,11 +522,11 @@ def _document() -> Json:
                            "are always `{\"error\": {\"code\", \"message\", \"field\"}}`. "
                            "A query parameter a route does not declare is refused (400).",
         },
-        "tags": [{"name": "tasks"}, {"name": "incidents"}, {"name": "executors"},
-                 {"name": "ops"}],
+        "tags": [{"name": "tasks"}, {"name": "environments"}, {"name": "incidents"},
+                 {"name": "executors"}, {"name": "ops"}],
         "security": [{"bearer": []}],
-        "paths": {**_ops_paths(), **_task_paths(), **_incident_paths(),
-                  **_executor_paths()},
+        "paths": {**_ops_paths(), **_task_paths(), **_environment_paths(),
+                  **_incident_paths(), **_executor_paths()},
         "components": {
             "schemas": _schemas(),
             "responses": _RESPONSES,

@@ -45,11 +45,12 @@ from vigil.api import (
 )
 from vigil.auth import Principal, Role, TokenBook, digest
 from vigil.conn import connect
+from vigil.environments import EnvironmentStore
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskSpec, TaskState, utcnow
 from vigil.ops import OpsServer, add_ops_routes
-from vigil_gateway import incidents, openapi
+from vigil_gateway import environments, incidents, openapi
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import read_executors, stream_events, task_confessions
@@ -82,6 +83,8 @@ class Gateway:
         self._ops: OpsServer | None = None
         self._stop = asyncio.Event()
         self._incidents: incidents.Incidents | None = None
+        self._environments: EnvironmentStore | None = None
+        self._snapshots: environments.Snapshots | None = None
         self.ready = asyncio.Event()
         self._openapi: bytes | None = None
         self.app = self._make_app()
@@ -108,6 +111,18 @@ class Gateway:
             raise NatsUnavailable("not connected to NATS yet")
         return self._store
 
+    @property
+    def envs(self) -> EnvironmentStore:
+        if self._environments is None:
+            raise NatsUnavailable("not connected to NATS yet")
+        return self._environments
+
+    @property
+    def snapshots(self) -> environments.Snapshots:
+        if self._snapshots is None:
+            raise NatsUnavailable("not connected to NATS yet")
+        return self._snapshots
+
     # lifecycle ------------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
@@ -124,6 +139,8 @@ class Gateway:
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas)
             self._store = await TaskStore.open(self._js)
+            self._environments = await EnvironmentStore.open(self._js)
+            self._snapshots = environments.Snapshots(self._js)
             self._index = IndexWatcher(self._js)
             await self._index.start()
             log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}")
@@ -165,6 +182,17 @@ class Gateway:
         app.router.add_post("/v1/incidents/{id}/ack", self.ack_incident, name="incident_ack")
         app.router.add_post("/v1/incidents/{id}/resolve", self.resolve_incident,
                             name="incident_resolve")
+        app.router.add_get("/v1/environments", self.list_environments, name="environments")
+        app.router.add_get("/v1/environments/{name}", self.get_environment,
+                           name="environment")
+        app.router.add_put("/v1/environments/{name}", self.put_environment,
+                           name="environment_put")
+        app.router.add_delete("/v1/environments/{name}", self.delete_environment,
+                              name="environment_delete")
+        app.router.add_get("/v1/environments/{name}/history", self.environment_history,
+                           name="environment_history")
+        app.router.add_post("/v1/environments/{name}/restore", self.restore_environment,
+                            name="environment_restore")
         return app
 
     @web.middleware
@@ -238,7 +266,8 @@ class Gateway:
             raise _Forbidden(f"this needs the {role} role; your token has {p.role}")
         if tasks and p.platform:
             raise _Forbidden("a platform token sees incidents and executors, not a tenant's "
-                             "tasks; use a token of that tenant (or `vigil replay` on NATS)")
+                             "tasks or environments; use a token of that tenant (or `vigil "
+                             "replay` on NATS)")
         return p
 
     # handlers -------------------------------------------------------------------------------
@@ -266,6 +295,12 @@ class Gateway:
             self.metrics.submissions.labels("invalid").inc()
             return error(status, "invalid_json" if status == 400 else "invalid_field",
                          str(exc), field=exc.field)
+        if spec.environment is not None and await self.envs.get(
+                who.tenant, spec.environment) is None:
+            self.metrics.submissions.labels("invalid").inc()
+            return error(422, "invalid_field", f"tenant {who.tenant} has no environment "
+                         f"{spec.environment!r}; create it first (PUT /v1/environments/"
+                         f"{spec.environment}, or `vigil env create`)", field="$.environment")
         if spec.id is not None:
             task_id = spec.id
         elif key is not None:
@@ -531,6 +566,50 @@ class Gateway:
             return error(403, "forbidden", str(exc))
         return await incidents.change(request, self._incidents_store(), who,
                                       "incident_resolve")
+
+
+    # environments --------------------------------------------------------------------------
+    async def list_environments(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.listing(self.envs, who)
+
+    async def get_environment(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.get(request, self.envs, who)
+
+    async def environment_history(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "viewer")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.history(request, self.envs, who)
+
+    async def put_environment(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "submitter")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.put(request, self.envs, who)
+
+    async def restore_environment(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "submitter")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.restore(request, self.envs, self.snapshots, who)
+
+    async def delete_environment(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self.principal(request, "operator")
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await environments.delete(request, self.envs, self.snapshots, who)
 
 
 class _Forbidden(Exception):
