@@ -8,7 +8,10 @@ pass:
 - the archive's recorded size is within ``VIGIL_IMAGE_MAX_MB`` (before any byte is read)
   and the download stops the moment it would pass it;
 - the downloaded bytes hash to the digest the pusher recorded (and the store's own);
-- the image Podman loaded has the id the pusher recorded.
+- the archive holds the image the pusher recorded (its config is the image id) under its
+  name and no other (a load re-points the names an archive carries: an archive that
+  also named ``localhost/vigil-agent:latest`` would replace every task's default image);
+- and, once loaded, Podman has that image id under that name.
 
 A failed check is an :class:`ImageRefused`: the task fails, and the executor confesses
 (a digest or id that does not match: ``image_tampered``, critical), the loaded image
@@ -23,6 +26,8 @@ goes (``data.image_load``).
 from __future__ import annotations
 
 import asyncio
+import json
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -122,6 +127,10 @@ class ImageLoader:
                     f"and {pushed.digest[:23]}...; it was not loaded",
                     category="image_tampered")
             downloaded = time.monotonic() - started
+            problem = await asyncio.to_thread(archive_problem, archive, pushed)
+            if problem is not None:
+                raise ImageRefused(f"image {name} from the image store: {problem}; it was not "
+                                   "loaded", category="image_tampered")
             progress.step("loading", size)
             try:
                 names = await self._runtime.load_image(archive)
@@ -196,3 +205,37 @@ class _Progress:
                                      "total": self._total,
                                      "percent": round(100 * share, 1), **extra}})
 
+
+
+def archive_problem(archive: IO[bytes], pushed: PushedImage) -> str | None:
+    """Why a ``podman save`` archive (docker-archive) is not the image ``pushed`` records,
+    or None: its ``manifest.json`` names one image, whose config is the recorded id, with
+    the pushed name as its only name. Reads the tar's headers (blocking); leaves the file
+    at its start."""
+    archive.seek(0)
+    try:
+        with tarfile.open(fileobj=archive, mode="r:") as tar:
+            member = next((m for m in tar if m.name in ("manifest.json", "./manifest.json")),
+                          None)
+            found = tar.extractfile(member) if member is not None else None
+            data = found.read() if found is not None else None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"it is not a readable image archive ({exc})"
+    finally:
+        archive.seek(0)
+    if data is None:
+        return "it is not an image archive (no manifest.json; push it with vigil image push)"
+    try:
+        manifest = json.loads(data)
+        (entry,) = manifest
+        config, tags = str(entry["Config"]), list(entry.get("RepoTags") or [])
+    except (ValueError, TypeError, KeyError) as exc:
+        return f"its manifest.json is not one image's ({exc!r})"
+    image_id = config.removeprefix("blobs/sha256/").removesuffix(".json")
+    if image_id != pushed.image_id:
+        return (f"it holds image {image_id[:12]}, not the recorded "
+                f"{pushed.image_id[:12]}")
+    if pushed.name not in tags or set(tags) - {pushed.name}:
+        return (f"it names the image {', '.join(tags) or 'nothing'}, not just {pushed.name} "
+                "(a load would re-point those names to it)")
+    return None

@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import structlog
 
-from vigil.errors import RuntimeUnavailable
+from vigil.errors import ImageNotFound, RuntimeUnavailable
 from vigil.messages import MAX_ADVERTISED_IMAGES
 from vigil_executor.archive import END_OF_ARCHIVE, relative_tar, tar_end
 from vigil_executor.podman_errors import (
@@ -342,16 +342,18 @@ class PodmanRuntime:
             raise RuntimeUnavailable(f"cannot reach the Podman API at {self._url} ({exc})") from exc
 
     async def image_exists(self, image: str) -> bool:
+        # (A missing image is Podman's 404 "failed to find image", which error_of types
+        # as ImageNotFound, not as a PodmanError.)
         try:
             await self.call("GET", f"/images/{quote(image, safe='')}/exists", ok=(204,))
-        except PodmanError:
+        except (PodmanError, ImageNotFound):
             return False
         return True
 
     async def image_id(self, image: str) -> str | None:
         try:
             data = await self.call("GET", f"/images/{quote(image, safe='')}/json")
-        except PodmanError:
+        except (PodmanError, ImageNotFound):
             return None
         found = data.get("Id") if isinstance(data, dict) else None
         return str(found) if found else None
