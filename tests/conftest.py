@@ -13,6 +13,7 @@ from support import (
     USED_NODES,
     Platform,
     assert_no_violations,
+    podman_argv,
     shipped_server,
     start_platform,
 )
@@ -67,16 +68,8 @@ async def podman(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Podm
 
 
 def _podman_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    cmd = ["podman", *args]
-    if os.geteuid() == 0:
-        user = "vigil"
-        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
-                                 check=True).stdout)
-        runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
-            f"/tmp/vigil-runtime-{uid}"
-        cmd = ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}",
-               f"XDG_RUNTIME_DIR={runtime}", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    return subprocess.run([*podman_argv(), *args], capture_output=True, text=True,
+                          check=False, timeout=120)
 
 
 def _managed_containers() -> list[tuple[str, str]]:

@@ -402,6 +402,23 @@ class ServiceProcess:
             self.process.wait()
 
 
+def podman_argv() -> list[str]:
+    """The podman CLI of the rootless Podman the tests use: as user vigil when run as root,
+    with its home and runtime directory (as the podman fixture's API service runs)."""
+    import subprocess
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        return ["podman"]
+    user = "vigil"
+    uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
+                             check=True).stdout)
+    runtime = f"/run/user/{uid}" if Path(f"/run/user/{uid}").is_dir() else \
+        f"/tmp/vigil-runtime-{uid}"
+    return ["runuser", "-u", user, "--", "env", f"HOME=/home/{user}",
+            f"XDG_RUNTIME_DIR={runtime}", "podman"]
+
+
 async def advertise(js: Any, node: str, pool: str = "default", slots: int = 4,
                     labels: dict[str, str] | None = None) -> None:
     """Put an executor entry in vigil-executors, as a test's stand-in executor would."""

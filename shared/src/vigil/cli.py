@@ -19,7 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vigil import __version__, auth, cli_config, cli_fleet, cli_replay, cli_tasks, ids, subjects
+from vigil import (
+    __version__,
+    auth,
+    cli_config,
+    cli_env,
+    cli_fleet,
+    cli_images,
+    cli_replay,
+    cli_tasks,
+    ids,
+    subjects,
+)
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_INTERRUPTED,
@@ -293,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     cli_tasks.register(sub)
+    cli_env.register(sub)
     cli_fleet.register(sub)
 
     inc = sub.add_parser("incidents", help="list, show, acknowledge, resolve incidents",
@@ -315,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     inc.set_defaults(func=cmd_incidents)
 
     cli_replay.register(sub)
+    cli_images.register(sub)
     cli_config.register(sub)
 
     tk = sub.add_parser("token", help="manage gateway API tokens",

@@ -152,7 +152,8 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise VigilError("no command: give one after `--` (e.g. vigil submit -- python3 -c "
                          "'print(1)') or in a task file with -f")
     for key, value in (("image", args.image), ("id", args.id), ("pool", args.pool),
-                       ("timeout_s", args.timeout), ("max_attempts", args.max_attempts)):
+                       ("timeout_s", args.timeout), ("max_attempts", args.max_attempts),
+                       ("environment", args.environment)):
         if value is not None:
             spec[key] = value
     if args.env:
@@ -467,6 +468,9 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
     sm.add_argument("-f", "--file", metavar="FILE",
                     help="task spec as YAML or JSON (`-` for stdin); flags override its fields")
     sm.add_argument("--image", help="container image (default: the platform's agent image)")
+    sm.add_argument("--environment", "-e", metavar="NAME",
+                    help="a persistent environment: start from its workspace, commit it back "
+                    "on success (see `vigil env`)")
     sm.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment (repeat)")
     sm.add_argument("--label", action="append", metavar="KEY=VALUE", help="label (repeat)")
     sm.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit")
