@@ -269,7 +269,8 @@ async def test_history_keeps_each_revision_and_a_restore_makes_an_old_one_curren
                 restored.snapshot.name) == (1, None, history.history[2].name)
         with pytest.raises(GatewayError) as gone:
             await c.restore_environment("e", 9)
-    assert (gone.value.status, gone.value.field) == (422, "$.revision")
+    assert (gone.value.status, gone.value.code, gone.value.field) == (
+        409, "not_kept", "$.revision")
     assert "keeps no snapshot of revision 9 (kept: 4, 3, 2, 1)" in gone.value.message
     assert await workspace_lines(env, "e", "h-read") == ["one"]
     # The history kept what the restore replaced: revision 3 comes back the same way.
@@ -573,7 +574,7 @@ async def test_the_cli_creates_changes_shows_restores_and_removes(process_env: E
     restored = await vigil("env", "restore", "cli-e", "1", role="submitter")
     assert restored.code == 0 and "is at revision 2" in restored.out
     missing = await vigil("env", "restore", "cli-e", "7", role="submitter")
-    assert missing.code == 2 and "keeps no snapshot of revision 7" in missing.err
+    assert missing.code == 2 and "keeps no snapshot of revision 7" in missing.err, missing
     dry = await vigil("env", "rm", "cli-e")
     assert dry.code == 2 and "run again with --yes" in dry.err
     gone = await vigil("env", "rm", "cli-e", "--yes")

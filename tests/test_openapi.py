@@ -50,7 +50,8 @@ from support import (
     start_platform,
 )
 from vigil import auth, subjects
-from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS
+from vigil.environments import EnvironmentSpec, EnvironmentStore, configured
+from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS, utcnow
 from vigil_gateway import openapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -58,6 +59,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 TENANT = "acme"
 SEED_POOL = f"seed-{secrets.token_hex(6)}"  # the only pool that runs real commands
 IDLE_POOL = f"idle-{secrets.token_hex(6)}"  # no executor: tasks stay queued
+SEED_ENVIRONMENT = "seed-env"  # the environment generated tasks name (see flatmap_case)
 MAX_EXAMPLES = 60
 STATEFUL_EXAMPLES = 40  # sequences
 STATEFUL_STEPS = 6  # calls per sequence, at most
@@ -154,6 +156,9 @@ async def _seed(platform: Platform) -> None:
         "seed-queued-2": {"command": ["true"], "pool": IDLE_POOL},
         "seed-null": {"command": ["true"]},
     }
+    environments = await EnvironmentStore.open(platform.js)
+    await environments.create(configured(None, TENANT, SEED_ENVIRONMENT,
+                                         EnvironmentSpec(policy="fail"), utcnow()))
     for task_id, spec in specs.items():
         await platform.publish_spec({"id": task_id, **spec}, tenant=TENANT)
     SEEDS.finished[:] = ["seed-done", "seed-failed", "seed-null"]
@@ -215,6 +220,18 @@ def flatmap_case(ctx: Any, case: Any) -> Any:
     return st.one_of(st.just(case), st.sampled_from(known).map(seeded))
 
 
+def seeded_environment(case: Any) -> Any:
+    """A task's ``environment`` must be one its tenant has, which no schema can say: in a
+    schema-valid submission it is the seeded one. Applied before each call (not as a
+    generation hook: the coverage phase makes cases no hook sees)."""
+    meta = case.meta
+    if (meta is not None and meta.generation.mode is GenerationMode.POSITIVE
+            and case.method == "POST" and case.path == "/v1/tasks"
+            and isinstance(case.body, dict) and isinstance(case.body.get("environment"), str)):
+        case.body = {**case.body, "environment": SEED_ENVIRONMENT}
+    return case
+
+
 def map_query(ctx: Any, query: dict[str, Any] | None) -> dict[str, Any] | None:
     """``follow=1`` streams until the task ends (a queued one never does): dropped here,
     covered on finished tasks by the test below."""
@@ -257,7 +274,7 @@ SETTINGS = hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derando
 @schema.parametrize()
 @SETTINGS
 def test_gateway_conforms_to_its_openapi(case: Any, stack: LiveStack) -> None:
-    case.call_and_validate(base_url=stack.url, timeout=30)
+    seeded_environment(case).call_and_validate(base_url=stack.url, timeout=30)
 
 
 def test_every_check_is_enabled() -> None:
@@ -289,6 +306,9 @@ def test_stateful_sequences_conform(stack: LiveStack) -> None:
 
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"base_url": stack.url, "timeout": 30}
+
+        def before_call(self, case: Any) -> None:
+            seeded_environment(case)
 
         def step(self, input: Any) -> Any:
             if input.transition is not None and input.applied_parameters \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
+from typing import TypeVar
 
 import msgspec
 
@@ -17,6 +18,8 @@ from vigil.messages import (
     TaskState,
     WorkItem,
 )
+
+T = TypeVar("T")
 
 encoder = msgspec.json.Encoder()
 encode = encoder.encode
@@ -92,6 +95,19 @@ def _integral(value: object) -> object:
     if isinstance(value, list):
         return [_integral(v) for v in value]
     return value
+
+
+def decode_body(data: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a request body as ``decoder`` does, taking a whole number written as a float
+    (``2.0``) as an integer, as JSON Schema does; raises msgspec's DecodeError (not
+    UTF-8, not JSON) or ValidationError (naming the field)."""
+    check_utf8(data)
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError:
+        # The slow path, only for a body the fast one refused: it may hold a `2.0`.
+        value: T = msgspec.convert(_integral(any_decoder.decode(data)), decoder.type)
+        return value
 
 
 def decode_spec(data: bytes, *, strict: bool = False, now: datetime | None = None) -> TaskSpec:

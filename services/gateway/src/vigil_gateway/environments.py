@@ -67,8 +67,7 @@ def _held(env: Environment, what: str) -> web.Response | None:
 def _body(raw: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     """The decoded body, or the 400/422 answer naming the field."""
     try:
-        codec.check_utf8(raw)
-        return decoder.decode(raw)
+        return codec.decode_body(raw, decoder)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         message, field = codec.error_field(exc)
         malformed = isinstance(exc, msgspec.DecodeError) and not isinstance(
@@ -141,8 +140,8 @@ async def restore(request: web.Request, store: EnvironmentStore, snapshots: Snap
             return busy
         try:
             updated, dropped = restored(env, body.revision, utcnow())
-        except ValueError as exc:
-            return error(422, "invalid_field", str(exc), field="$.revision")
+        except ValueError as exc:  # a revision it does not keep (now): the state's, not the body's
+            return error(409, "not_kept", str(exc), field="$.revision")
         if await store.cas(updated, rev) is not None:
             snapshots.delete_quietly(dropped)
             log.info("environment_restored", tenant=who.tenant, environment=name,

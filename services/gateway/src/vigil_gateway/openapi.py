@@ -18,6 +18,7 @@ import msgspec
 from vigil import api, ids
 from vigil.environments import Environment, EnvironmentSpec
 from vigil.messages import (
+    EGRESS_RULE_PATTERN,
     ID_PATTERN,
     RESERVED_ENV_PREFIX,
     SEVERITIES,
@@ -36,6 +37,9 @@ VERSION = "1"
 SCHEMAS = "#/components/schemas/{name}"
 PLATFORM_ID_RE = ids.PLATFORM_ID_RE
 MAX_LABELS = 64  # TaskSpec.__post_init__; not expressible as a msgspec constraint
+# 1-65535 in one to five digits (leading zeros allowed, as int() reads them).
+_PORT = ("(?:0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}"
+         "|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 
 _TYPES: tuple[Any, ...] = (
     TaskSpecStrict,
@@ -117,6 +121,10 @@ def _schemas() -> Json:
         props = components[name]["properties"]
         props["env"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
         props["labels"]["maxProperties"] = MAX_LABELS
+    # An egress rule's port is 1-65535 (Egress.__post_init__); the pattern in the type
+    # takes any five digits, so the document spells the range out.
+    allow = components["Egress"]["properties"]["allow"]["items"]
+    allow["pattern"] = EGRESS_RULE_PATTERN.replace("[0-9]{1,5}", _PORT)
     for name in ("TaskSpecStrict", "TaskSpec", "EnvironmentSpec"):
         secrets = components[name]["properties"].get("secrets")
         if secrets is not None:
@@ -473,9 +481,9 @@ def _environment_paths() -> Json:
             "200": _json(env, "Restored: the environment at its new revision."),
             "400": _problem("BadRequest"), "403": _problem("Forbidden"),
             "404": _problem("NotFound"), "413": too_large,
-            "409": _json(_ERROR, "A task holds the environment (`held`)."),
-            "422": _json(_ERROR, "The body is invalid, or names a revision the history "
-                         "does not keep (`invalid_field`, `$.revision`)."),
+            "409": _json(_ERROR, "A task holds the environment (`held`), or its history "
+                         "does not keep that revision (`not_kept`, `$.revision`)."),
+            "422": _json(_ERROR, "The body is invalid (`invalid_field`)."),
         })
     delete = _op(
         "deleteEnvironment", "Delete an environment and its snapshots",
