@@ -144,6 +144,10 @@ async def test_an_image_over_the_limit_is_refused_before_a_byte_moves(
     (told,) = await platform.confessions("image_too_large")
     assert told["task_id"] == "big"
     assert not image_exists(name)
+    removed = await run_vigil(tmp_path, "", "", "image", "rm", name,
+                              VIGIL_NATS_URL=as_user(platform.url, "operator"))
+    assert removed.code == 0 and removed.out.startswith(f"removed {name} "), removed
+    assert await pushed_images(platform.js) == []
 
 
 async def test_an_archive_that_is_not_what_was_pushed_never_runs(

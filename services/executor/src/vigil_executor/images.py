@@ -68,12 +68,10 @@ class _TooLarge(Exception):
 
 
 class ImageLoader:
-    def __init__(self, js: JetStreamContext, runtime: Runtime, max_bytes: int,
-                 node: str) -> None:
+    def __init__(self, js: JetStreamContext, runtime: Runtime, max_bytes: int) -> None:
         self._js = js
         self._runtime = runtime
         self._max = max_bytes
-        self._node = node
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def pushed(self) -> list[PushedImage]:

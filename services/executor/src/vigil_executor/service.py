@@ -131,7 +131,7 @@ class Executor:
                                              subjects.OBJ_ENVIRONMENTS, "environment snapshot")
             await self.snapshots.open()
             self.environments = await EnvironmentStore.open(self._js)
-            self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes, s.node_id)
+            self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes)
             self._prepare_state_dir()
             await self._remove_orphans()
             if self.runtime.name != "podman":
