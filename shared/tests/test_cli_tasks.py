@@ -53,6 +53,23 @@ timeout_s: 600
     assert cli_tasks.spec_from_args(args)["command"] == ["echo", "hi"]
 
 
+def test_egress_secrets_and_environment_flags_add_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("""\
+command: [python3, agent.py]
+egress: {allow: [api.example.com]}
+secrets: {API_KEY: llm-key}
+""")
+    args = parse("submit", "-f", str(path), "--egress", "*.pypi.org:443", "--egress",
+                 "api.example.com", "--secret", "GH_TOKEN=gh", "--environment", "repo-a")
+    spec = cli_tasks.spec_from_args(args)
+    assert spec["egress"] == {"allow": ["api.example.com", "*.pypi.org:443"]}
+    assert spec["secrets"] == {"API_KEY": "llm-key", "GH_TOKEN": "gh"}
+    assert spec["environment"] == "repo-a"
+    with pytest.raises(VigilError, match="--secret takes KEY=VALUE"):
+        cli_tasks.spec_from_args(parse("submit", "--secret", "GH_TOKEN", "--", "true"))
+
+
 def test_json_task_file(tmp_path: Path) -> None:
     path = tmp_path / "task.json"
     path.write_text(json.dumps({"command": ["true"], "max_attempts": 2}))

@@ -159,6 +159,15 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         spec["env"] = {**spec.get("env", {}), **pairs(args.env, "--env")}
     if args.label:
         spec["labels"] = {**spec.get("labels", {}), **pairs(args.label, "--label")}
+    if args.secret:
+        spec["secrets"] = {**spec.get("secrets", {}), **pairs(args.secret, "--secret")}
+    if args.egress:
+        egress = dict(spec.get("egress") or {})
+        allow = list(egress.get("allow", []))
+        allow += [host for host in args.egress if host not in allow]
+        spec["egress"] = {**egress, "allow": allow}
+    if args.environment:
+        spec["environment"] = args.environment
     if args.node_label:
         spec["node_labels"] = {**spec.get("node_labels", {}),
                                **pairs(args.node_label, "--node-label")}
@@ -468,6 +477,15 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
                     help="task spec as YAML or JSON (`-` for stdin); flags override its fields")
     sm.add_argument("--image", help="container image (default: the platform's agent image)")
     sm.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment (repeat)")
+    sm.add_argument("--secret", action="append", metavar="ENV=SECRET",
+                    help="give the agent the tenant's secret SECRET as $ENV and "
+                    "/run/secrets/ENV (repeat; see `vigil secret`)")
+    sm.add_argument("--egress", action="append", metavar="HOST[:PORT]",
+                    help="let the agent reach HOST (or *.DOMAIN) through the executor's "
+                    "proxy; without a port 80 and 443 (repeat; default: no network)")
+    sm.add_argument("--environment", metavar="NAME",
+                    help="run in the persistent environment NAME: start from its workspace, "
+                    "commit back on success (see `vigil env`)")
     sm.add_argument("--label", action="append", metavar="KEY=VALUE", help="label (repeat)")
     sm.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit")
     sm.add_argument("--max-attempts", type=int, metavar="N",
