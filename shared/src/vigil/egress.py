@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from vigil.messages import EGRESS_RULE_PATTERN
 
 DEFAULT_PORTS: frozenset[int] = frozenset({80, 443})
+PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "NO_PROXY", "no_proxy")
+"""What the platform sets in the container of a task with egress (the executor's proxy);
+admission refuses a task with egress that sets one of them itself."""
 ANY = "*"
 _RULE = re.compile(EGRESS_RULE_PATTERN)
 _ANY_ON_PORT = re.compile(r"^\*:([0-9]{1,5})$")

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from vigil.egress import Rule, parse_rules
+from vigil.egress import PROXY_ENV, Rule, parse_rules
 from vigil.errors import VigilError
 from vigil.messages import Confession, EgressEvent, Event, WorkItem, utcnow
 from vigil_executor.egress_rules import (
@@ -60,8 +60,6 @@ SOCKET_NAME = "egress.sock"
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 NO_PROXY = "localhost,127.0.0.1,::1"
-# The variables the platform sets when a task has egress; a task may not set them itself.
-PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "NO_PROXY", "no_proxy")
 HEAD_TIMEOUT_S = 10.0  # for the agent to send its request head
 BACKLOG = 1024  # above the relay's 256 connections at once: its connect never waits
 CHUNK = 256 * 1024
@@ -97,10 +95,9 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 
 def proxy_env(socket_path: str) -> dict[str, str]:
-    """The agent's environment when its task has egress."""
-    return {"HTTPS_PROXY": PROXY_URL, "HTTP_PROXY": PROXY_URL, "https_proxy": PROXY_URL,
-            "http_proxy": PROXY_URL, "NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY,
-            "VIGIL_EGRESS_SOCKET": socket_path}
+    """The agent's environment when its task has egress (vigil.egress.PROXY_ENV)."""
+    env = {name: NO_PROXY if name.lower() == "no_proxy" else PROXY_URL for name in PROXY_ENV}
+    return {**env, "VIGIL_EGRESS_SOCKET": socket_path}
 
 
 @dataclass(frozen=True)
