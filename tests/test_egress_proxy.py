@@ -113,6 +113,8 @@ async def test_an_allowed_tunnel_relays_tls_and_is_recorded(
         assert rec.confessions == []
         metrics = proxy._metrics
         assert metrics.egress_connections.labels("allowed")._value.get() == 1
+        assert metrics.egress_bytes.labels("in")._value.get() == event.bytes_in
+        assert metrics.egress_bytes.labels("out")._value.get() == event.bytes_out
 
 
 async def _aw(value: Any) -> Any:
@@ -227,14 +229,24 @@ async def test_a_flood_is_capped_in_events_and_in_connections(
     assert [c["category"] for c in rec.confessions] == ["egress_refused", "egress_events_capped"]
     assert "more than 3 connections" in rec.confessions[1]["summary"]
     assert metrics.egress_connections.labels("refused")._value.get() == 5
-    # Two connections held open (silent: no head yet): the third is answered 503 at once.
+    # Two connections held open (silent: no head yet) take both slots: the third waits
+    # in the socket's backlog, costing the executor nothing, until one is free.
     held = [await asyncio.open_unix_connection(str(sock)) for _ in range(2)]
     await eventually(lambda: _aw(len(proxy._open) == 2), what="two open")
-    status, _, reader, _ = await ask(sock, b"CONNECT api.example.com:443 HTTP/1.1\r\n\r\n")
-    assert status == 503 and b"too many connections at once (limit 2)" in await reader.read()
-    # The silent ones are answered 400 when their head does not come in time.
-    for r, _ in held:
-        assert (await asyncio.wait_for(r.read(), 10)).startswith(b"HTTP/1.1 400 ")
+    third = asyncio.create_task(ask(sock, b"CONNECT nope.example:443 HTTP/1.1\r\n\r\n"))
+    answers = [asyncio.create_task(r.read()) for r, _ in held]
+    # The silent ones are answered 400 when their head does not come in time ...
+    done, _ = await asyncio.wait({third, *answers}, timeout=15,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    assert third not in done
+    for answer in answers:
+        assert (await asyncio.wait_for(answer, 10)).startswith(b"HTTP/1.1 400 ")
+    # ... and then the third gets its turn.
+    status, _, _, writer = await asyncio.wait_for(third, 10)
+    assert status == 403
+    writer.close()
+    for _, w in held:
+        w.close()
 
 
 async def test_close_cuts_open_tunnels_and_records_them(proxy_for: Any) -> None:

@@ -81,6 +81,7 @@ def test_malformed_requests(head: bytes, status: int, why: str) -> None:
     ("198.51.100.1", 443, "address_not_listed"),
     ("2001:db8::1", 443, "ipv6_literal"),
     ("127.1", 443, "invalid_host"),
+    ("_dmarc.example.com", 443, "invalid_host"),  # cannot be listed: no "add it" hint
 ])
 def test_judge(host: str, port: int, kind: str | None) -> None:
     refusal = judge(RULES, Request(host=host, port=port, tunnel=True))

@@ -61,10 +61,12 @@ PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 NO_PROXY = "localhost,127.0.0.1,::1"
 HEAD_TIMEOUT_S = 10.0  # for the agent to send its request head
-BACKLOG = 1024  # above the relay's 256 connections at once: its connect never waits
+# Connections waiting for one of the attempt's slots: above the relay's 256 at once.
+BACKLOG = 1024
 CHUNK = 256 * 1024
 CLOSE_WAIT_S = 5.0  # for the connections cut at close to record their events
 LINGER_S = 2.0  # after an answer, for the agent to read it and close
+ACCEPT_BACKOFF_S = 0.1  # after a failed accept (no descriptor left), before the next
 
 
 class EgressUnavailable(VigilError):
@@ -177,7 +179,14 @@ class EgressNode:
                 RELAY_HINT)
         proxy = EgressProxy(work, attempt, parse_rules(rules), self, emit=emit,
                             confess=confess, mount=EgressMount(relay=str(relay)))
-        await proxy.start(control)
+        try:
+            await proxy.start(control)
+        except OSError as exc:  # the control directory is gone, or full: the node's fault
+            raise EgressUnavailable(
+                f"node {self.settings.node_id} cannot listen for the task's egress in "
+                f"{control}: {exc.strerror or exc}",
+                "check the executor's state directory (VIGIL_STATE_DIR): its disk, its "
+                "owner, and that no one else removes it") from exc
         return proxy
 
 
@@ -226,7 +235,8 @@ class EgressProxy:
         self._emit = emit
         self._confess = confess
         self._resolve = resolver
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._path: Path | None = None
         self._open: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -240,7 +250,7 @@ class EgressProxy:
         agent's uid on the host is not ours (rootless Podman maps it into the user's
         subordinate ids). The directory is the attempt's own, mounted into its
         container alone; see docs/decisions/0013 for who else could connect."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         path = directory / SOCKET_NAME
         # A unix socket's path is at most 107 bytes; node, tenant and task ids can make
         # the control directory's longer. Bound through the directory's descriptor.
@@ -250,14 +260,13 @@ class EgressProxy:
             os.chmod(path, 0o666)  # noqa: S103 - see the docstring
             sock.listen(BACKLOG)
             sock.setblocking(False)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock,
-                                                           limit=MAX_HEAD)
         except BaseException:
             sock.close()
             raise
         finally:
             os.close(fd)
-        self._path = path
+        self._sock, self._path = sock, path
+        self._acceptor = asyncio.create_task(self._accept(sock))
         log.info("egress_proxy_started", rules=[r.text for r in self._rules])
 
     async def close(self) -> None:
@@ -265,8 +274,11 @@ class EgressProxy:
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.wait({self._acceptor})
+        if self._sock is not None:
+            self._sock.close()  # connections still in the backlog are refused
         for task in self._open:
             task.cancel()
         if self._open:
@@ -277,12 +289,34 @@ class EgressProxy:
         if self._background:  # confessions still being published
             await asyncio.wait(set(self._background), timeout=CLOSE_WAIT_S)
 
+    async def _accept(self, sock: socket.socket) -> None:
+        """Take connections while fewer than ``egress_max_connections`` are open. More
+        wait in the kernel's backlog, and past it their connect fails: a flood of
+        connections costs the executor no descriptor and no memory of its own."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self._conf.egress_max_connections)
+        while True:
+            await slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:  # out of descriptors, say: the node's trouble
+                slots.release()
+                log.warning("egress_accept_failed", error=str(exc))
+                await asyncio.sleep(ACCEPT_BACKOFF_S)
+                continue
+            task = asyncio.create_task(self._serve(conn))
+            self._open.add(task)
+            task.add_done_callback(self._open.discard)
+            task.add_done_callback(lambda _: slots.release())
+
     # one connection ---------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._open.add(task)
+    async def _serve(self, sock: socket.socket) -> None:
         conn = _Connection(started=time.monotonic())
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_HEAD)
+        except BaseException:
+            sock.close()
+            raise
         try:
             await self._handle(reader, writer, conn)
         except asyncio.CancelledError:
@@ -291,15 +325,11 @@ class EgressProxy:
         except Exception as exc:  # a bug of ours must not take the proxy down
             log.exception("egress_connection_failed", error=repr(exc))
         finally:
-            self._open.discard(task)
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       conn: _Connection) -> None:
         io = (reader, writer, conn)
-        if len(self._open) > self._conf.egress_max_connections:
-            return await self._fail(*io, 503, "busy", "too many connections at once (limit "
-                                    f"{self._conf.egress_max_connections})")
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
             conn.request = request = parse_head(head[:-4])
@@ -371,13 +401,18 @@ class EgressProxy:
                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
                      conn: _Connection) -> None:
         """Both directions until both ended (a half-close is passed on) or one broke."""
+        counted = self._metrics.egress_bytes
+
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, out: bool) -> None:
+            # Counted as relayed: a tunnel may stay open as long as the agent runs.
+            metric = counted.labels("out" if out else "in")
             while data := await src.read(CHUNK):
                 dst.write(data)
                 if out:
                     conn.bytes_out += len(data)
                 else:
                     conn.bytes_in += len(data)
+                metric.inc(len(data))
                 await dst.drain()
             if dst.can_write_eof():
                 dst.write_eof()
@@ -441,8 +476,6 @@ class EgressProxy:
         """The connection's metrics and its one event (within the attempt's cap)."""
         metrics = self._metrics
         metrics.egress_connections.labels(outcome).inc()
-        metrics.egress_bytes.labels("out").inc(conn.bytes_out)
-        metrics.egress_bytes.labels("in").inc(conn.bytes_in)
         request = conn.request
         if self._events >= self._conf.egress_max_events:
             self._dropped += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from vigil.egress import Rule, first_match, is_ipv4, normal_host, numeric_name
+from vigil.egress import Rule, first_match, is_ipv4, normal_host, numeric_name, parse_rule
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -147,6 +147,12 @@ def judge(rules: Sequence[Rule], request: Request) -> Refusal | None:
     if first_match(rules, host, port) is not None:
         return None
     rule = f"{host}:{port}"
+    try:
+        parse_rule(rule)
+    except ValueError:
+        return Refusal("invalid_host", f"{request.target}: not on the task's egress list",
+                       "this name cannot be listed (egress rules take letters, digits, "
+                       "hyphens and dots); ask for the host by another name")
     if is_ipv4(host):
         return Refusal(
             "address_not_listed", f"{request.target}: an address is reached only if it is "

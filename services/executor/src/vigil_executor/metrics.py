@@ -45,7 +45,7 @@ class Metrics:
             "vigil_executor_egress_connections_total",
             "Connections agents asked the egress proxy for, by outcome: allowed, refused "
             "(the rules, a non-public address), failed (resolution, connect), invalid "
-            "(a malformed request), busy (too many at once)", ["outcome"], registry=r,
+            "(a malformed request)", ["outcome"], registry=r,
         )
         self.egress_bytes = Counter(
             "vigil_executor_egress_bytes_total",

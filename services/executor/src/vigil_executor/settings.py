@@ -127,8 +127,8 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     counted (``vigil_executor_egress_events_dropped_total``) and the executor says so
     once, in an ``egress_events_capped`` confession."""
     egress_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 256
-    """Connections one attempt may have open through its egress proxy at once; more are
-    answered 503."""
+    """Connections one attempt may have open through its egress proxy at once; more wait
+    for a free one (up to 1,024 in the socket's backlog; past that they are refused)."""
     egress_connect_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
     """Time for the egress proxy to resolve a host and connect to it (502/504 after)."""
 
