@@ -7,7 +7,8 @@ either with ``:port``; without a port it allows 80 and 443. Names compare
 case-insensitively, without a trailing dot. A canonical IPv4 address is a host too, and
 matches only itself (never a ``*.`` rule). A name whose last label is numeric is neither
 a DNS name nor an IPv4 address (``127.1``, ``010.0.0.1``: resolvers read those as
-addresses, each its own way) and is refused.
+addresses, each its own way): the proxy refuses to connect to one, so a rule naming one
+allows nothing (it is not refused at admission: the contract's schema admits it).
 
 A tenant's maximum (a scheduler setting) may also hold ``*`` (anything: any host, any
 port) and ``*:port`` (any host on that port).
@@ -102,9 +103,6 @@ def parse_rule(text: str, *, maximum: bool = False) -> Rule:
     ports = frozenset({_port(port, text)}) if sep else DEFAULT_PORTS
     wildcard = name.startswith("*.")
     host = normal_host(name[2:] if wildcard else name)
-    if numeric_name(host) or (wildcard and is_ipv4(host)):
-        raise ValueError(f"{text!r} is neither a host name nor an IPv4 address (a name's "
-                         "last label cannot be a number; write an address as a.b.c.d)")
     return Rule(text=text, host=host, wildcard=wildcard, ports=ports,
                 address=not wildcard and is_ipv4(host))
 
