@@ -305,3 +305,19 @@ async def test_a_node_without_its_relay_hands_egress_tasks_back(
     lines = [line for e in platform.events.of("egress-later", "log") for line in e["lines"]]
     result = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
     assert result["https"] == {"status": 200, "body": BODY.decode()}
+
+
+async def test_a_command_the_image_lacks_fails_as_the_relay_s_exec(
+    platform: Platform, podman: PodmanService, agent_image: str,
+) -> None:
+    """With egress the relay runs the command (exec in its place): one the image lacks is
+    exit 127 with the relay's line, as a shell says it (docs/decisions/0013)."""
+    await platform.scheduler()
+    await podman_executor(platform, podman)
+    await platform.publish_spec({"id": "no-cmd", "command": ["no-such-command", "x"],
+                                 "egress": {"allow": ["example.com"]}, "max_attempts": 1})
+    state = await platform.final_state("no-cmd", timeout=90)
+    assert (state.status, state.exit_code) == ("failed", 127)
+    assert state.error == ("agent exited with code 127; last output: vigil-relay: cannot run "
+                           "no-such-command: No such file or directory; 1 of 1 attempts "
+                           "failed")
