@@ -299,9 +299,11 @@ class EgressProxy:
             await slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:  # out of descriptors, say: the node's trouble
+            except Exception as exc:  # out of descriptors, say: the node's trouble
+                # Never end the loop: the agent's connections would wait in the backlog
+                # for ever. Try again shortly.
                 slots.release()
-                log.warning("egress_accept_failed", error=str(exc))
+                log.warning("egress_accept_failed", error=repr(exc))
                 await asyncio.sleep(ACCEPT_BACKOFF_S)
                 continue
             task = asyncio.create_task(self._serve(conn))
