@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -82,10 +82,6 @@ class EgressUnavailable(VigilError):
 
 Confess = Callable[..., Awaitable[None]]
 """``Attempt._confess``: (severity, category, summary, *, hint, confession_id)."""
-
-
-class Resolver(Protocol):
-    async def __call__(self, host: str, port: int) -> list[IPAddress]: ...
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
@@ -223,8 +219,8 @@ class EgressProxy:
     and every connection through it; both are the attempt's to call."""
 
     def __init__(self, work: WorkItem, attempt: int, rules: list[Rule], node: EgressNode, *,
-                 emit: Callable[[Event], None], confess: Confess, mount: EgressMount,
-                 resolver: Resolver = resolve) -> None:
+                 emit: Callable[[Event], None], confess: Confess, mount: EgressMount
+                 ) -> None:
         self.mount = mount
         self._work = work
         self._attempt = attempt
@@ -234,7 +230,6 @@ class EgressProxy:
         self._metrics = node.metrics
         self._emit = emit
         self._confess = confess
-        self._resolve = resolver
         self._sock: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._path: Path | None = None
@@ -368,7 +363,7 @@ class EgressProxy:
         answer the agent (403, 502, 504) and return None."""
         deadline = time.monotonic() + self._conf.egress_connect_timeout_s
         try:
-            addresses = await asyncio.wait_for(self._resolve(request.host, request.port),
+            addresses = await asyncio.wait_for(resolve(request.host, request.port),
                                                self._conf.egress_connect_timeout_s)
         except (OSError, TimeoutError) as exc:
             await self._fail(reader, writer, conn, 502, "failed",
