@@ -99,6 +99,7 @@ from vigil_executor.claim import (
     may_hand_back,
     spent_attempts,
 )
+from vigil_executor.egress import EgressProxy, EgressUnavailable
 from vigil_executor.retry import (
     DEFAULT_POLICY,
     IMAGE_MISSING_MAX_DELAY_S,
@@ -139,6 +140,7 @@ class Attempt:
         self.confessions = ConfessionLimiter(ex.settings.max_confessions,
                                              ex.settings.confessions_per_min)
         self.control: Path | None = None
+        self.egress: EgressProxy | None = None  # the attempt's proxy, if its task has egress
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
@@ -364,6 +366,8 @@ class Attempt:
             return await self._run_agent(attempt)
         finally:
             await self._output_ended()
+            if self.egress is not None:  # its last events go out before the outcome
+                await self.egress.close()
 
     async def _run_agent(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
@@ -375,11 +379,15 @@ class Attempt:
         try:
             if not await ex.runtime.image_exists(spec.image):
                 raise ImageNotFound(f"image {spec.image} is not present")
+            self.egress = await ex.egress.open(work, attempt, self.control,
+                                               runtime=ex.runtime.name, emit=self.sink.emit,
+                                               confess=self._confess)
+            mount = self.egress.mount if self.egress is not None else None
             with tempfile.TemporaryFile() as archive:
                 restoring = await self._fetch_checkpoint(archive)
                 resumed = restoring is not None
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
-                                      resumed=resumed)
+                                      resumed=resumed, egress=mount)
                 self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
                 if restoring is not None:
@@ -397,6 +405,10 @@ class Attempt:
                                 "or let a node that has it take the task")
             raise HandBack(f"{error}; handing the task back", delay,
                            kind="image missing") from exc
+        except EgressUnavailable as exc:  # the node's problem, as a missing image is
+            await self._confess("error", "egress_unavailable", str(exc), hint=exc.hint)
+            raise HandBack(f"{exc}; handing the task back", image_missing_delay(
+                self.msg.metadata.num_delivered), kind="egress unavailable") from exc
         except RuntimeUnavailable as exc:
             await self._confess("error", "runtime_unavailable", str(exc))
             raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S,
@@ -1097,6 +1109,8 @@ class Attempt:
         """However the attempt ended: its container and its volume go (the workspace
         lives on in the checkpoint, not in this node's volume). Needs only the runtime,
         not NATS. Idempotent: a drain that ran out of time calls it too (Executor._drain)."""
+        if self.egress is not None:
+            await self.egress.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()

@@ -42,6 +42,7 @@ from vigil_executor.runtime import (
     LABEL_MANAGED,
     LABEL_TASK,
     LABEL_TENANT,
+    RELAY_PATH,
     ArchiveTooLarge,
     ContainerError,
     ContainerSpec,
@@ -384,6 +385,11 @@ class PodmanRuntime:
                 *([] if spec.control_dir is None else [{
                     "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
                     "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+                }]),
+                # The egress relay: a program, so not noexec (nor in the control mount).
+                *([] if spec.relay is None else [{
+                    "destination": RELAY_PATH, "source": spec.relay, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev"],
                 }]),
             ],
             "log_configuration": {"driver": "k8s-file"},

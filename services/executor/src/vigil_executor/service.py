@@ -31,6 +31,7 @@ from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
+from vigil_executor.egress import EgressNode
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
 from vigil_executor.process import NullRuntime, ProcessRuntime
@@ -68,6 +69,7 @@ class Executor:
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.runtime: Runtime = runtime or make_runtime(settings)
+        self.egress = EgressNode(settings, self.metrics)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
@@ -123,6 +125,8 @@ class Executor:
             self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
             self._prepare_state_dir()
+            if self.runtime.name == "podman":
+                await self.egress.prepare(self.state_dir, self.publish_confession)
             await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,

@@ -14,6 +14,7 @@ import msgspec
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
 from vigil.messages import TaskState, WorkItem
+from vigil_scheduler import egress_policy
 from vigil_scheduler.settings import SchedulerSettings
 
 
@@ -84,12 +85,18 @@ def admit(
                       error=f"invalid task spec: {ids.reserved_id_error(spec.id)} (at $.id)",
                       field="$.id")
     task_id = ids.task_id_for(spec.id, msg_id, seq)
+    limits = conf.limits_for(tenant)
+    try:
+        egress = egress_policy.effective(spec, tenant, limits.egress_default, limits.egress_max)
+    except InvalidTask as exc:  # a valid spec the tenant's limits refuse: its id is known
+        return Reject(task_id=task_id, tenant=tenant, error=str(exc), field=exc.field)
     resolved = msgspec.structs.replace(
         spec,
         id=task_id,
         image=spec.image or conf.default_image,
         timeout_s=spec.timeout_s or conf.default_timeout_s,
         max_attempts=spec.max_attempts or conf.default_max_attempts,
+        egress=egress,
     )
     state = TaskState(
         id=task_id,
