@@ -42,6 +42,7 @@ from vigil_executor.runtime import (
     LABEL_MANAGED,
     LABEL_TASK,
     LABEL_TENANT,
+    SECRETS_PATH,
     ArchiveTooLarge,
     ContainerError,
     ContainerSpec,
@@ -383,6 +384,10 @@ class PodmanRuntime:
                                "mode=1777"]} for path in spec.tmpfs),
                 *([] if spec.control_dir is None else [{
                     "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+                }]),
+                *([] if spec.secrets_dir is None else [{
+                    "destination": SECRETS_PATH, "source": spec.secrets_dir, "type": "bind",
                     "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
                 }]),
             ],

@@ -11,9 +11,11 @@ from vigil_executor.runtime import (
     LABEL_EXECUTOR,
     LABEL_TASK,
     LABEL_TENANT,
+    SECRETS_PATH,
     ContainerSpec,
     Limits,
 )
+from vigil_executor.secrets import NO_SECRETS, AttemptSecrets
 from vigil_executor.settings import ExecutorSettings
 
 WORKSPACE = "/workspace"
@@ -22,7 +24,7 @@ WORKSPACE = "/workspace"
 # directory, the workspace, and from there into every checkpoint.
 SCRATCH = ("/tmp", "/var/tmp")  # noqa: S108 - the container's own private tmpfs mounts
 # A home here is left as the task set it: a tmpfs would hide what the sandbox provides.
-KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH)
+KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH, SECRETS_PATH)
 
 
 def _within(path: str, root: str) -> bool:
@@ -57,12 +59,13 @@ def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> s
 
 def container_spec(
     work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False,
-    control_dir: str | None = None,
+    control_dir: str | None = None, secrets: AttemptSecrets = NO_SECRETS,
 ) -> ContainerSpec:
     spec = work.spec
     assert spec.image is not None, "the scheduler resolves the image"
     env = {
         **spec.env,
+        **secrets.env,  # never also in spec.env (TaskSpec refuses that), never VIGIL_*
         "VIGIL_TASK_ID": work.task_id,
         "VIGIL_TENANT": work.tenant,
         "VIGIL_ATTEMPT": str(attempt),
@@ -72,6 +75,9 @@ def container_spec(
         # The root filesystem is read-only; /tmp is a private tmpfs.
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
     }
+    secrets_dir = str(secrets.directory) if secrets.directory is not None else None
+    if secrets_dir is not None:
+        env["VIGIL_SECRETS_DIR"] = SECRETS_PATH
     return ContainerSpec(
         name=container_name(conf.node_id, work.tenant, work.task_id, attempt),
         image=spec.image,
@@ -86,6 +92,7 @@ def container_spec(
         workspace_volume=workspace_volume(conf.node_id, work.tenant, work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
+        secrets_dir=secrets_dir,
         tmpfs=tmpfs_paths(env["HOME"]),
         tmpfs_mb=conf.tmpfs_mb,
         limits=Limits(

@@ -29,6 +29,7 @@ from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
+from vigil.secrets import Keyring, SecretStore
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
 from vigil_executor.metrics import Metrics
@@ -37,6 +38,7 @@ from vigil_executor.process import NullRuntime, ProcessRuntime
 from vigil_executor.registry import Advertiser
 from vigil_executor.runtime import Runtime
 from vigil_executor.sandbox import workspace_volume
+from vigil_executor.secrets import Secrets
 from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
@@ -79,6 +81,8 @@ class Executor:
         self._naks: set[asyncio.Task[None]] = set()
         self._locks: list[int] = []  # fds holding the node id's and state directory's flocks
         self.checkpoints: CheckpointStore
+        self.secrets = Secrets(settings, Keyring.load(settings.secrets_key_file,
+                                                      settings.secrets_key))
         self.ready = asyncio.Event()
 
     @property
@@ -123,6 +127,7 @@ class Executor:
             self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
             self._prepare_state_dir()
+            self.secrets.prepare(SecretStore(self._js))  # also clears an earlier life's files
             await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,
@@ -144,7 +149,9 @@ class Executor:
             advertising = asyncio.create_task(self._advertiser.run(self._stop))
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
                      runtime=self.runtime.name, http_port=self._ops.port,
-                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
+                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s,
+                     secrets_key=self.secrets.keyring.current_id if self.secrets.keyring
+                     else None)
             self.ready.set()
             await self._loop()
             await self._advertiser.withdraw()
