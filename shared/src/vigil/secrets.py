@@ -7,8 +7,8 @@ data is ``tenant + "\\0" + name``: a ciphertext copied under another tenant's (o
 key does not decrypt. NATS only ever holds ciphertext; the key never reaches it.
 
 Keys come from the operator, never from NATS: ``VIGIL_SECRETS_KEY_FILE`` (a file) and/or
-``VIGIL_SECRETS_KEY`` (the same text, for container platforms that inject secrets as
-environment), one key per line::
+``VIGIL_SECRETS_KEY`` (the same text, or the lines separated by commas, for container
+platforms that inject secrets as environment), one key per line::
 
     # id:base64 of 32 random bytes (`vigil secret keygen` prints one)
     k2:9Jp0...=
@@ -29,8 +29,8 @@ import binascii
 import os
 import re
 import secrets as random
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -173,7 +173,9 @@ class Keyring:
                                     f"{reason}") from None
             keys += cls.parse(text, f"VIGIL_SECRETS_KEY_FILE {key_file}").keys
         if key:
-            for key_id, material in cls.parse(key, "VIGIL_SECRETS_KEY").keys:
+            # Commas separate keys too: an env file cannot hold a newline.
+            for key_id, material in cls.parse(key.replace(",", "\n"),
+                                               "VIGIL_SECRETS_KEY").keys:
                 same = [m for k, m in keys if k == key_id]
                 if same and same[0] != material:
                     raise SettingsError(f"key id {key_id!r} names two different keys in "
@@ -330,3 +332,50 @@ class SecretStore:
         found = await asyncio.gather(*(self.get(t, n) for t, n in
                                        (parts for parts in names if len(parts) == 2)))
         return sorted((s for s in found if s is not None), key=lambda s: (s.tenant, s.name))
+
+
+@dataclass
+class Rotation:
+    """What :func:`rotate` found and did."""
+
+    total: int = 0
+    current: int = 0  # sealed with the current key already
+    resealed: int = 0  # (or, in a dry run, would be)
+    failed: list[str] = field(default_factory=list)  # "<tenant>.<name>: why"
+
+
+async def rotate(store: SecretStore, keyring: Keyring, *, dry_run: bool,
+                 on_progress: Callable[[Rotation], None] = lambda _: None) -> Rotation:
+    """Re-seal every secret of every tenant that is not sealed with the current key.
+
+    Each write is a compare-and-set on the revision read: a secret set meanwhile (sealed
+    with the current key by then, if the gateway has it) is read again, never overwritten
+    with an older value. Running it again re-seals nothing more. A secret that cannot be
+    opened (a key this keyring lacks, an altered value) is left as it is and reported."""
+    done = Rotation()
+    found = await store.all()
+    done.total = len(found)
+    for stored in found:
+        where = key_name(stored.tenant, stored.name)
+        for _ in range(5):
+            if stored.sealed.key_id == keyring.current_id:
+                done.current += 1
+                break
+            try:
+                sealed = keyring.reseal(stored.tenant, stored.name, stored.sealed)
+            except SecretError as exc:
+                done.failed.append(f"{where}: {exc}")
+                break
+            if dry_run or await store.put(stored.tenant, stored.name, sealed,
+                                          stored.revision) is not None:
+                done.resealed += 1
+                break
+            again = await store.get(stored.tenant, stored.name)
+            if again is None:  # removed meanwhile: nothing to re-seal
+                done.total -= 1
+                break
+            stored = again
+        else:
+            done.failed.append(f"{where}: it kept changing while being re-sealed; run again")
+        on_progress(done)
+    return done

@@ -114,8 +114,9 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     the first one seals, every one decrypts; ``vigil secret keygen`` prints a line).
     Without it (or VIGIL_SECRETS_KEY), a task naming a secret fails, saying so."""
     secrets_key: str = ""
-    """The same text as VIGIL_SECRETS_KEY_FILE, inline (for container platforms that
-    inject secrets as environment); the file's keys come first when both are set."""
+    """The same text as VIGIL_SECRETS_KEY_FILE, inline, its lines also separable by
+    commas (for container platforms that inject secrets as environment); the file's keys
+    come first when both are set."""
     secrets_dir: str = ""
     """Host directory (on tmpfs: secrets never touch the disk) for the per-attempt
     directories mounted read-only at ``/run/secrets`` in agents. Default:

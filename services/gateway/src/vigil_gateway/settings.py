@@ -40,8 +40,9 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     the first one seals, every one decrypts; ``vigil secret keygen`` prints a line).
     Without it (or VIGIL_SECRETS_KEY), setting a secret is refused, saying so."""
     secrets_key: str = ""
-    """The same text as VIGIL_SECRETS_KEY_FILE, inline (for container platforms that
-    inject secrets as environment); the file's keys come first when both are set."""
+    """The same text as VIGIL_SECRETS_KEY_FILE, inline, its lines also separable by
+    commas (for container platforms that inject secrets as environment); the file's keys
+    come first when both are set."""
 
     def __post_init__(self) -> None:
         if self.auth == "tokens" and not self.tokens_file and not self.tokens:
