@@ -48,7 +48,8 @@ rotating the key:
   1. vigil secret keygen --id k2        and put its line FIRST in the key file (keep k1)
   2. restart the gateway and the executors (they now seal with k2, and open k1 and k2)
   3. vigil secret rotate --yes          re-seals every tenant's secrets with k2
-  4. drop the k1 line, restart them again (`vigil secret list` shows KEY k2 everywhere)"""
+  4. `vigil secret rotate` (a dry run) now finds nothing to re-seal: drop the k1 line,
+     and restart them again"""
 
 
 def _name(value: str) -> str:

@@ -322,6 +322,9 @@ class Secrets:
             except NatsUnavailable as exc:
                 raise HandBack(f"could not read secret {name!r}: {exc}",
                                SECRETS_UNREADABLE_DELAY_S, kind="secrets unreadable") from exc
+            except SecretError as exc:  # not an envelope at all
+                raise SecretRefused(str(exc), category="secret_corrupt",
+                                    hint=f"set it again (`vigil secret set {name}`)") from exc
             if found is None:
                 raise SecretRefused(
                     f"secret {name!r} (for ${env_name}) does not exist in tenant "
@@ -342,5 +345,13 @@ class Secrets:
                 raise SecretRefused(str(exc), category="secret_corrupt",
                                     hint="set the secret again; if it recurs, check who "
                                     "writes to vigil-secrets") from exc
-        directory = self.files.write(f"{work.tenant}.{work.task_id}-a{attempt}", values)
+        try:
+            directory = self.files.write(f"{work.tenant}.{work.task_id}-a{attempt}", values)
+        except OSError as exc:  # the node's trouble (tmpfs full ...), not the task's
+            error = (f"could not write the secrets' files in {self.files.root} on node "
+                     f"{self.conf.node_id}: {exc.strerror or exc}")
+            await confess("error", "secret_files_failed", f"{error}; handed the task back",
+                          "check the space and permissions of VIGIL_SECRETS_DIR's tmpfs")
+            raise HandBack(error, image_missing_delay(delivery),
+                           kind="secret files failed") from exc
         return AttemptSecrets(env=values, directory=directory, masker=Masker(values.values()))

@@ -26,6 +26,7 @@ from vigil.secrets import (
     NAME_RE,
     SETTINGS_HINT,
     Keyring,
+    SecretError,
     SecretStore,
     Stored,
 )
@@ -127,7 +128,11 @@ async def delete(request: web.Request, store: SecretStore, who: Principal) -> we
 async def missing(store: SecretStore, tenant: str, spec: TaskSpec) -> web.Response | None:
     """A 422 naming the first secret ``spec`` refers to that ``tenant`` does not have."""
     for env_name, name in spec.secrets.items():
-        if await store.get(tenant, name) is None:
+        try:
+            found = await store.get(tenant, name)
+        except SecretError:  # there, if unreadable: the executor fails the task saying so
+            continue
+        if found is None:
             return error(422, "invalid_field",
                          f"secret {name!r} (for ${env_name}) does not exist in this tenant; "
                          f"set it first: `vigil secret set {name}`",
