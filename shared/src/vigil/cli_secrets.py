@@ -151,7 +151,8 @@ def operator_keyring(args: argparse.Namespace) -> Keyring:
         found = Keyring.load(env.get("VIGIL_SECRETS_KEY_FILE", ""),
                              env.get("VIGIL_SECRETS_KEY", ""))
         if found is None:
-            path = Path(args.data_dir or env.get("VIGIL_DATA_DIR") or DEFAULT_DATA_DIR)
+            path = Path(getattr(args, "data_dir", None) or env.get("VIGIL_DATA_DIR")
+                        or DEFAULT_DATA_DIR)
             if (path / KEY_FILE).exists():
                 found = Keyring.load(key_file=str(path / KEY_FILE))
     if found is None:
@@ -162,8 +163,8 @@ def operator_keyring(args: argparse.Namespace) -> Keyring:
 
 @contextlib.asynccontextmanager
 async def _nats(args: argparse.Namespace) -> AsyncIterator[JetStreamContext]:
-    nc = await replay.operator_connect(replay.operator_url(args.nats_url, args.data_dir,
-                                                          environ()))
+    nc = await replay.operator_connect(replay.operator_url(
+        args.nats_url, getattr(args, "data_dir", None), environ()))
     try:
         yield nc.jetstream(timeout=5.0)
     finally:
@@ -220,6 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil submit --wait -f task.yaml          (with secrets: {ANTHROPIC_API_KEY: llm-key})
 
 """ + KEYS_HELP)
+    add_client_flags(sec)  # also before the action: `vigil secret --data-dir D set NAME`
     actions = sec.add_subparsers(dest="secret_command", metavar="ACTION", required=True)
 
     st = actions.add_parser(
@@ -273,5 +275,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rt.add_argument("--yes", action="store_true", help="write (without it: count only)")
     rt.add_argument("--key-file", metavar="PATH", help="the key file (see below)")
     rt.add_argument("--nats-url", metavar="URL", help="NATS with the operator's credentials")
-    rt.add_argument("--data-dir", metavar="DIR", help="a `vigil up` data directory")
+    rt.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                    help="a `vigil up` data directory")
     rt.set_defaults(func=cmd_rotate)
