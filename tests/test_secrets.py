@@ -19,6 +19,7 @@ import contextvars
 import hashlib
 import json
 import os
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,6 +647,11 @@ async def test_a_secret_reaches_a_podman_agent_and_its_value_is_nowhere_else(
         assert st.st_uid == os.stat(podman.url.removeprefix("unix://")).st_uid
         await eventually(lambda: _empty(root), timeout=15,
                          what="the attempt's secret files to be removed")
+        # A clean stop takes the node's (empty) directory with it.
+        executor = procs[2]
+        executor.signal(signal.SIGTERM)
+        assert await executor.exited() == 0
+        assert not await asyncio.to_thread(root.exists)
     finally:
         for proc in procs:
             proc.kill()

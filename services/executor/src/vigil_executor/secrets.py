@@ -25,6 +25,7 @@ masked in everything that comes back, and gone when the attempt ends.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -301,6 +302,13 @@ class Secrets:
         if self.keyring is not None:
             self.files = SecretFiles.for_settings(self.conf)
             self.files.prepare()
+
+    def close(self) -> None:
+        """At a clean stop: the node's directory goes too, if no attempt left files in it
+        (one that did is cleared when the executor starts again)."""
+        if self.files is not None:
+            with contextlib.suppress(OSError):
+                self.files.root.rmdir()
 
     async def open(self, work: WorkItem, attempt: int, delivery: int,
                    confess: Confess) -> AttemptSecrets:

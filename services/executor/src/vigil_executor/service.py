@@ -376,6 +376,7 @@ class Executor:
                 await self._nc.drain()
         with contextlib.suppress(Exception):
             await self.runtime.close()
+        self.secrets.close()
         if self._ops is not None:
             await self._ops.stop()
         while self._locks:
