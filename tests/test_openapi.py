@@ -51,6 +51,7 @@ from support import (
 )
 from vigil import auth, subjects
 from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS
+from vigil.secrets import Keyring, SecretStore, new_key_line
 from vigil_gateway import openapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -63,6 +64,11 @@ STATEFUL_EXAMPLES = 40  # sequences
 STATEFUL_STEPS = 6  # calls per sequence, at most
 # Known before collection: schemathesis builds some cases (and asks for auth) then.
 TOKEN = auth.new_token()
+SECRETS_KEY = new_key_line("fuzz")
+# Tasks' `secrets` name this one (a generated name would be a 422 for a schema-valid
+# spec); generated paths never target it. SEED_SECRET is what paths are drawn from.
+TASK_SECRET = f"fuzz-task-secret-{secrets.token_hex(6)}"
+SEED_SECRET = "seed-secret"
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Seeds:
     tasks: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
 
 
 SEEDS = Seeds()
@@ -124,10 +131,12 @@ class LiveStack:
             tokens.write_bytes(msgspec.json.encode(auth.TokensFile(tokens=[entry])))
             await platform.scheduler()
             await platform.auditor()
-            await platform.executor(runtime="null", node_id=session_node_id(), slots=8)
+            await platform.executor(runtime="null", node_id=session_node_id(), slots=8,
+                                    secrets_key=SECRETS_KEY)
             await platform.executor(runtime="process", pool=SEED_POOL, node_id=session_node_id())
             gateway = await platform.gateway(auth="tokens", tokens_file=str(tokens),
-                                             rate_limit_rps=0, sse_keepalive_s=0.5)
+                                             rate_limit_rps=0, sse_keepalive_s=0.5,
+                                             secrets_key=SECRETS_KEY)
             self.url = f"http://127.0.0.1:{gateway.http_port}"
             await _seed(platform)
             self._started.set()
@@ -141,7 +150,11 @@ class LiveStack:
 
 
 async def _seed(platform: Platform) -> None:
-    """Tasks in every interesting state, and an incident, for the fuzzer to find."""
+    """Tasks in every interesting state, an incident and secrets, for the fuzzer to find."""
+    store, ring = SecretStore(platform.js), Keyring.parse(SECRETS_KEY, "fuzz")
+    for name in (TASK_SECRET, SEED_SECRET):
+        await store.put(TENANT, name, ring.seal(TENANT, name, "fuzz-value"), None)
+    SEEDS.secrets[:] = [SEED_SECRET]
     confess = json.dumps({"summary": "fuzz seed: cache unreachable", "severity": "error",
                           "category": "seed"})
     script = f"echo out-1; echo err-1 >&2; echo '::vigil::confess {confess}'; echo out-2"
@@ -191,6 +204,13 @@ def flatmap_case(ctx: Any, case: Any) -> Any:
     meta = case.meta
     if meta is None:
         return st.just(case)
+    if "name" in (case.path_parameters or {}) and not meta.is_negative_at(
+            ParameterLocation.PATH):
+        def named(secret: str) -> Any:
+            case.path_parameters = {**case.path_parameters, "name": secret}
+            return case
+
+        return st.one_of(st.just(case), st.sampled_from(SEEDS.secrets).map(named))
     if meta.generation.mode is GenerationMode.POSITIVE:
         if case.query and "cursor" in case.query:
             case.query = {k: v for k, v in case.query.items() if k != "cursor"}
@@ -224,6 +244,23 @@ def map_query(ctx: Any, query: dict[str, Any] | None) -> dict[str, Any] | None:
     return query
 
 
+def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    """Every phase (the coverage phase applies no flatmap hook): a positive submission
+    names the seeded secret, since one its tenant lacks is refused (422, documented), and
+    drops a secret whose env name ``env`` sets too (refused: a rule JSON Schema cannot
+    say); that secret is never removed."""
+    if case.method == "DELETE" and (case.path_parameters or {}).get("name") == TASK_SECRET:
+        # The stateful phase finds the name in GET /v1/secrets and follows it to DELETE.
+        case.path_parameters = {**case.path_parameters, "name": SEED_SECRET}
+    positive = case.meta is None or case.meta.generation.mode is GenerationMode.POSITIVE
+    body = case.body
+    if positive and (case.method, case.path) == ("POST", "/v1/tasks") \
+            and isinstance(body, dict) and isinstance(body.get("secrets"), dict):
+        env = body.get("env") if isinstance(body.get("env"), dict) else {}
+        case.body = {**body, "secrets": {k: TASK_SECRET for k in body["secrets"]
+                                         if k not in env}}
+
+
 class Bearer:
     """The fuzzer's operator token. Given as auth (not as a plain header) so schemathesis
     knows it is one: it also checks that requests without it, or with a bad one, get 401."""
@@ -247,6 +284,7 @@ for check in (schema.config.checks.negative_data_rejection,
     check.expected_statuses = [*check.expected_statuses, "413"]
 schema.hook(flatmap_case)
 schema.hook(map_query)
+schemathesis.hook(before_call)  # a global hook (no schema scope): it checks the route
 schema.auth()(Bearer)
 
 

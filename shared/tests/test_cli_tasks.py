@@ -36,16 +36,18 @@ env:
   STEPS: 3
   MODE: fast
 labels: {team: ml, run: 1}
+secrets: {API_KEY: llm-key, DB: 42}
 timeout_s: 600
 """)
     args = parse("submit", "-f", str(path), "--env", "MODE=slow", "--label", "run=2",
-                 "--timeout", "60")
+                 "--timeout", "60", "--secret", "DB=db-password")
     spec = cli_tasks.spec_from_args(args)
     assert spec == {
         "command": ["python3", "agent.py", "3"],  # YAML's integers become text again
         "image": "localhost/agent:1",
         "env": {"STEPS": "3", "MODE": "slow"},
         "labels": {"team": "ml", "run": "2"},
+        "secrets": {"API_KEY": "llm-key", "DB": "db-password"},  # names, not values
         "timeout_s": 60.0,
     }
     # A command after -- replaces the file's.

@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vigil import __version__, auth, cli_config, cli_fleet, cli_replay, cli_tasks, ids, subjects
+from vigil import (
+    __version__,
+    auth,
+    cli_config,
+    cli_fleet,
+    cli_replay,
+    cli_secrets,
+    cli_tasks,
+    ids,
+    subjects,
+)
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_INTERRUPTED,
@@ -119,6 +129,9 @@ Submit more tasks (Ctrl-C stops everything):
   raw NATS: as tenant default's own user (nats_submit_url in {d}/client.json, with its
     inbox prefix nats_submit_inbox_prefix) publish a JSON task spec to vigil.submit.default;
     another tenant's user: vigil nats-user add --tenant acme
+Secrets by reference (sealed with the key in {d}/secrets.key; back it up):
+  printf %s "$ANTHROPIC_API_KEY" | {vigil} secret set llm-key{extra}
+  then name it in a task: "secrets": {{"ANTHROPIC_API_KEY": "llm-key"}}
 Logs of each service: {d}/logs/""", flush=True)
 
 
@@ -315,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     inc.set_defaults(func=cmd_incidents)
 
     cli_replay.register(sub)
+    cli_secrets.register(sub)
     cli_config.register(sub)
 
     tk = sub.add_parser("token", help="manage gateway API tokens",

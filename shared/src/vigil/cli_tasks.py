@@ -134,7 +134,7 @@ def _stringify(spec: dict[str, Any], label: str) -> dict[str, Any]:
     out = dict(spec)
     if isinstance(out.get("command"), list):
         out["command"] = [fix(v, f"command[{i}]") for i, v in enumerate(out["command"])]
-    for key in ("env", "labels"):
+    for key in ("env", "labels", "secrets"):
         if isinstance(out.get(key), dict):
             out[key] = {str(k): fix(v, f"{key}.{k}") for k, v in out[key].items()}
     return out
@@ -461,10 +461,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil submit -- python3 -c 'print("hello")'
   vigil submit --wait --env DEMO_STEPS=3 --label team=ml -- python3 /opt/vigil/demo_agent.py
   vigil submit -f task.yaml --label run=42
+  vigil submit --secret ANTHROPIC_API_KEY=llm-key -- python3 agent.py
 
 a task file (YAML or JSON; `-f -` reads stdin):
   command: [python3, /opt/vigil/demo_agent.py]
   env: {DEMO_STEPS: "3"}
+  secrets: {ANTHROPIC_API_KEY: llm-key}     (the tenant's secrets, by name)
   labels: {team: ml}
   timeout_s: 600
   max_attempts: 3

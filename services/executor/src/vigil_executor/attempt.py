@@ -109,6 +109,7 @@ from vigil_executor.retry import (
 )
 from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
 from vigil_executor.sandbox import container_spec
+from vigil_executor.secrets import NO_SECRETS, SecretRefused
 from vigil_executor.sink import EventSink
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Attempt:
                                              ex.settings.confessions_per_min)
         self.control: Path | None = None
         self.egress: EgressProxy | None = None  # the attempt's proxy, if its task has egress
+        self.secrets = NO_SECRETS  # what the agent was given (vigil_executor.secrets)
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
@@ -231,7 +233,7 @@ class Attempt:
         """
         assert self.state is not None
         for _ in range(5):
-            updated = change(self.state)
+            updated = self.secrets.masker.state(change(self.state))
             rev = await self.ex.store.cas(updated, self.revision)
             if rev is not None:
                 self.state, self.revision = updated, rev
@@ -383,11 +385,14 @@ class Attempt:
                                                runtime=ex.runtime.name, emit=self.sink.emit,
                                                confess=self._confess)
             mount = self.egress.mount if self.egress is not None else None
+            self.secrets = await ex.secrets.open(work, attempt, self.msg.metadata.num_delivered,
+                                                 self._confess_secrets)
+            self.secrets.guard(self.sink)
             with tempfile.TemporaryFile() as archive:
                 restoring = await self._fetch_checkpoint(archive)
                 resumed = restoring is not None
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
-                                      resumed=resumed, egress=mount)
+                                      resumed=resumed, egress=mount, secrets=self.secrets)
                 self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
                 if restoring is not None:
@@ -415,6 +420,9 @@ class Attempt:
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except SecretRefused as exc:
+            await self._confess("error", exc.category, str(exc), hint=exc.hint)
+            return Outcome("failed", None, f"{exc}; {exc.hint}")
         except ContainerError as exc:
             # Raised by create or by start: the host's failure is handed back, the task's
             # own (its command, its settings) fails it.
@@ -436,7 +444,7 @@ class Attempt:
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
             on_checkpoint=self._checkpoint_request,
-            on_malformed=self._malformed,
+            on_malformed=self._malformed, masker=self.secrets.masker,
         )
         pump = self._pump_task = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
@@ -1119,6 +1127,7 @@ class Attempt:
                 await self.ex.runtime.remove_volume(self.volume)
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
+        self.secrets.remove()
 
     # lease ------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -1227,6 +1236,10 @@ class Attempt:
             confession_id=cid, summary=full.summary, severity=full.severity, source="agent",
         ))
 
+    async def _confess_secrets(self, severity: str, category: str, summary: str,
+                               hint: str | None) -> None:
+        await self._confess(severity, category, summary, hint=hint)
+
     async def _malformed(self, error: ControlError) -> None:
         if isinstance(error, ConfessionTooLarge):
             # The agent's confession, refused: it spends a token like one that got through.
@@ -1273,7 +1286,8 @@ class Attempt:
         cid = confession_id or f"executor-{tenant}.{task_id}-a{attempt}-{category}"
         # The image is part of the auditor's fingerprint (one incident per image's problem).
         image = work.spec.image if work is not None else None
-        summary = clip(summary, SUMMARY_CHARS)  # a runtime's error can be long
+        # A runtime's error can be long, and hold what the agent printed.
+        summary = clip(self.secrets.masker.mask(summary), SUMMARY_CHARS)
         confession = Confession(
             id=cid, summary=summary, severity=severity, category=category,  # type: ignore[arg-type]
             hint=hint, task_id=task_id, tenant=tenant or (work.tenant if work else None),

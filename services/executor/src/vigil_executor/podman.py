@@ -43,6 +43,7 @@ from vigil_executor.runtime import (
     LABEL_TASK,
     LABEL_TENANT,
     RELAY_PATH,
+    SECRETS_PATH,
     ArchiveTooLarge,
     ContainerError,
     ContainerSpec,
@@ -390,6 +391,10 @@ class PodmanRuntime:
                 *([] if spec.relay is None else [{
                     "destination": RELAY_PATH, "source": spec.relay, "type": "bind",
                     "options": ["ro", "rbind", "nosuid", "nodev"],
+                }]),
+                *([] if spec.secrets_dir is None else [{
+                    "destination": SECRETS_PATH, "source": spec.secrets_dir, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
                 }]),
             ],
             "log_configuration": {"driver": "k8s-file"},

@@ -13,9 +13,11 @@ from vigil_executor.runtime import (
     LABEL_TASK,
     LABEL_TENANT,
     RELAY_PATH,
+    SECRETS_PATH,
     ContainerSpec,
     Limits,
 )
+from vigil_executor.secrets import NO_SECRETS, AttemptSecrets
 from vigil_executor.settings import ExecutorSettings
 
 WORKSPACE = "/workspace"
@@ -24,7 +26,7 @@ WORKSPACE = "/workspace"
 # directory, the workspace, and from there into every checkpoint.
 SCRATCH = ("/tmp", "/var/tmp")  # noqa: S108 - the container's own private tmpfs mounts
 # A home here is left as the task set it: a tmpfs would hide what the sandbox provides.
-KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH, RELAY_PATH)
+KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH, RELAY_PATH, SECRETS_PATH)
 
 
 def _within(path: str, root: str) -> bool:
@@ -60,6 +62,7 @@ def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> s
 def container_spec(
     work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False,
     control_dir: str | None = None, egress: EgressMount | None = None,
+    secrets: AttemptSecrets = NO_SECRETS,
 ) -> ContainerSpec:
     """The container of one attempt. With ``egress`` (its task has egress rules), the
     relay runs the command and the proxy variables point at it; they win over the task's
@@ -69,6 +72,7 @@ def container_spec(
     assert spec.image is not None, "the scheduler resolves the image"
     env = {
         **spec.env,
+        **secrets.env,  # never also in spec.env (TaskSpec refuses that), never VIGIL_*
         "VIGIL_TASK_ID": work.task_id,
         "VIGIL_TENANT": work.tenant,
         "VIGIL_ATTEMPT": str(attempt),
@@ -79,6 +83,9 @@ def container_spec(
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
         **(proxy_env(egress.socket) if egress is not None else {}),
     }
+    secrets_dir = str(secrets.directory) if secrets.directory is not None else None
+    if secrets_dir is not None:
+        env["VIGIL_SECRETS_DIR"] = SECRETS_PATH
     return ContainerSpec(
         name=container_name(conf.node_id, work.tenant, work.task_id, attempt),
         image=spec.image,
@@ -94,6 +101,7 @@ def container_spec(
         workspace_path=WORKSPACE,
         control_dir=control_dir,
         relay=egress.relay if egress is not None else None,
+        secrets_dir=secrets_dir,
         tmpfs=tmpfs_paths(env["HOME"]),
         tmpfs_mb=conf.tmpfs_mb,
         limits=Limits(

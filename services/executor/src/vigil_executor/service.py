@@ -29,6 +29,7 @@ from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
+from vigil.secrets import Keyring, SecretStore
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
 from vigil_executor.egress import EgressNode
@@ -38,6 +39,7 @@ from vigil_executor.process import NullRuntime, ProcessRuntime
 from vigil_executor.registry import Advertiser
 from vigil_executor.runtime import Runtime
 from vigil_executor.sandbox import workspace_volume
+from vigil_executor.secrets import Secrets
 from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
@@ -81,6 +83,8 @@ class Executor:
         self._naks: set[asyncio.Task[None]] = set()
         self._locks: list[int] = []  # fds holding the node id's and state directory's flocks
         self.checkpoints: CheckpointStore
+        self.secrets = Secrets(settings, Keyring.load(settings.secrets_key_file,
+                                                      settings.secrets_key))
         self.ready = asyncio.Event()
 
     @property
@@ -127,6 +131,7 @@ class Executor:
             self._prepare_state_dir()
             if self.runtime.name == "podman":
                 await self.egress.prepare(self.state_dir, self.publish_confession)
+            self.secrets.prepare(SecretStore(self._js))  # also clears an earlier life's files
             await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,
@@ -148,7 +153,9 @@ class Executor:
             advertising = asyncio.create_task(self._advertiser.run(self._stop))
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
                      runtime=self.runtime.name, http_port=self._ops.port,
-                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
+                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s,
+                     secrets_key=self.secrets.keyring.current_id if self.secrets.keyring
+                     else None)
             self.ready.set()
             await self._loop()
             await self._advertiser.withdraw()
@@ -373,6 +380,7 @@ class Executor:
                 await self._nc.drain()
         with contextlib.suppress(Exception):
             await self.runtime.close()
+        self.secrets.close()
         if self._ops is not None:
             await self._ops.stop()
         while self._locks:

@@ -110,6 +110,19 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     The root filesystem stays read-only; these hold the agent's scratch files, which are
     not in checkpoints (only the workspace is). tmpfs lives in memory (or swap) and is
     gone when the container is."""
+    secrets_key_file: str = ""
+    """File of the keys that seal tenants' secrets (``id:base64`` lines of 32-byte keys,
+    the first one seals, every one decrypts; ``vigil secret keygen`` prints a line).
+    Without it (or VIGIL_SECRETS_KEY), a task naming a secret fails, saying so."""
+    secrets_key: str = ""
+    """The same text as VIGIL_SECRETS_KEY_FILE, inline, its lines also separable by
+    commas (for container platforms that inject secrets as environment); the file's keys
+    come first when both are set."""
+    secrets_dir: str = ""
+    """Host directory (on tmpfs: secrets never touch the disk) for the per-attempt
+    directories mounted read-only at ``/run/secrets`` in agents. Default:
+    ``/run/user/<Podman's uid>/vigil-secrets-<node id>`` when that is a tmpfs, else
+    ``/dev/shm/vigil-secrets-<node id>``; made 0700 for Podman's user."""
 
     egress_relay: str = "/usr/local/libexec/vigil/vigil-relay"
     """The static ``vigil-relay`` program (built by scripts/setup-host.sh from
