@@ -11,7 +11,10 @@ ROOTFS_VERSION=1   # bump to rebuild the rootfs (e.g. to add a package)
 BASE_IMAGE="localhost/vigil-agent-base:bookworm-$ROOTFS_VERSION"
 IMAGE="${VIGIL_AGENT_IMAGE:-localhost/vigil-agent:latest}"
 ctx="$VIGIL_ROOT/images/agent"
-hash="$(cd "$ctx" && sha256sum Containerfile ./*.py | sha256sum | cut -c1-16)"
+# The example agent (examples/chat-agent) ships in the image, so the README can run it.
+example="$VIGIL_ROOT/examples/chat-agent/chat_agent.py"
+hash="$( (cd "$ctx" && sha256sum Containerfile ./*.py; sha256sum <"$example") \
+        | sha256sum | cut -c1-16)"
 HASHED="localhost/vigil-agent:$hash"
 
 if as_podman_user podman image exists "$HASHED"; then
@@ -53,7 +56,7 @@ say "building $IMAGE ($hash)"
 # The build context must be readable by the Podman user: copy it somewhere it can read.
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-cp "$ctx"/Containerfile "$ctx"/*.py "$tmp"/
+cp "$ctx"/Containerfile "$ctx"/*.py "$example" "$tmp"/
 chmod -R a+rX "$tmp"
 as_podman_user podman build --quiet --build-arg "BASE=$BASE_IMAGE" \
   --label "dev.vigil.image-hash=$hash" -t "$HASHED" -t "$IMAGE" "$tmp" >/dev/null

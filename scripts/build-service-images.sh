@@ -10,6 +10,10 @@ PY=/usr/bin/python3   # Debian's 3.11: the same interpreter as in the image
 for svc in scheduler executor auditor gateway; do
   tmp="$(mktemp -d)"
   cp "$VIGIL_ROOT/services/$svc/Containerfile" "$tmp/"
+  if [ "$svc" = executor ]; then
+    # The egress relay, where VIGIL_EGRESS_RELAY looks by default (docs/decisions/0013).
+    cp "$("$VIGIL_ROOT/scripts/build-relay.sh")" "$tmp/vigil-relay"
+  fi
   say "installing vigil-$svc for $($PY --version)"
   (cd "$VIGIL_ROOT" && "$UV" export --frozen --no-dev --no-emit-workspace --package "vigil-$svc" \
       --no-hashes -q > "$tmp/requirements.txt")

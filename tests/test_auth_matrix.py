@@ -39,12 +39,14 @@ from support import (
     start_platform,
 )
 from vigil import auth, subjects
+from vigil.secrets import Keyring, SecretStore, new_key_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 A, B = "acme", "globex"
 IDLE_POOL = "nobody-runs-this-pool"
 ROLES: tuple[auth.Role, ...] = ("viewer", "submitter", "operator")
+SECRETS_KEY = new_key_line("matrix")
 
 
 @dataclass
@@ -82,7 +84,8 @@ class GatewayProcess:
         self.env = {**os.environ, "VIGIL_NATS_URL": as_user(nats_url, "gateway"),
                     "VIGIL_HTTP_PORT": "0",
                     "VIGIL_TOKENS_FILE": str(tokens_file), "VIGIL_LOG_FORMAT": "json",
-                    "VIGIL_LOG_LEVEL": "debug", "VIGIL_SSE_KEEPALIVE_S": "0.5"}
+                    "VIGIL_LOG_LEVEL": "debug", "VIGIL_SSE_KEEPALIVE_S": "0.5",
+                    "VIGIL_SECRETS_KEY": SECRETS_KEY}
         self.process: subprocess.Popen[bytes] | None = None
 
     def log(self) -> list[dict[str, Any]]:
@@ -179,6 +182,11 @@ async def _seed(w: World) -> None:
         await p.publish_spec({"id": "matrix-twin",
                               "command": ["sh", "-c", f"echo twin of {tenant}"]},
                              tenant=tenant)
+    # Secrets of A, to read and to remove (set as the gateway would: sealed).
+    store, ring = SecretStore(p.js), Keyring.parse(SECRETS_KEY, "matrix")
+    for name, secret in (("A-secret", "matrix-secret"), ("A-secret-2", "matrix-secret-2")):
+        w.ids[name] = secret
+        await store.put(A, secret, ring.seal(A, secret, "matrix-value"), None)
     for name in specs:
         if name != "A-queued":
             await p.final_state(w.ids[name], tenant=specs[name][0])
@@ -235,6 +243,10 @@ ROUTES = [
     Route("GET", "/v1/incidents/{inc-A}", "viewer", "incident"),
     Route("POST", "/v1/incidents/{inc-A}/ack", "operator", "incident"),
     Route("POST", "/v1/incidents/{inc-A-2}/resolve", "operator", "incident"),
+    Route("GET", "/v1/secrets", "operator", None),
+    Route("PUT", "/v1/secrets/matrix-new", "operator", None, b'{"value": "matrix-value"}'),
+    Route("GET", "/v1/secrets/{A-secret}", "operator", "secret"),
+    Route("DELETE", "/v1/secrets/{A-secret-2}", "operator", "secret"),
 ]
 PUBLIC = ["/healthz", "/metrics", "/openapi.json"]
 
@@ -306,7 +318,9 @@ async def test_another_tenants_resource_is_404_like_a_missing_one(
     assert await world.platform.state(world.ids["A-queued"]) == before  # nothing changed
     # Exactly what a missing id answers (apart from the id itself).
     missing = Route(route.method, route.path.replace("{A-done}", "no-such-task")
-                    .replace("{A-queued}", "no-such-task").replace("{inc-A}", "no-such-inc"),
+                    .replace("{A-queued}", "no-such-task").replace("{inc-A}", "no-such-inc")
+                    .replace("{A-secret}", "no-such-secret")
+                    .replace("{A-secret-2}", "no-such-secret"),
                     route.role, route.owned, route.body)
     status_missing, _, body_missing = await call(world, missing, world.token(B, role))
     assert status_missing == 404
@@ -390,9 +404,11 @@ async def test_only_a_platform_token_sees_every_incident_whole(world: World) -> 
     assert status == 200, body_
 
 
-@pytest.mark.parametrize("route", [r for r in ROUTES if r.path.startswith("/v1/tasks")],
+@pytest.mark.parametrize("route", [r for r in ROUTES
+                                   if r.path.startswith(("/v1/tasks", "/v1/secrets"))],
                          ids=str)
 async def test_a_platform_token_reads_no_tenants_tasks(world: World, route: Route) -> None:
+    """Nor any tenant's secrets."""
     status, _, body = await call(world, route, world.tokens["platform-operator"])
     assert status == 403 and error_code(body) == "forbidden", body
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from support import Platform, SchedulerProcess, eventually, session_node_id
 from vigil import ids, subjects
 from vigil.messages import STATUSES
+from vigil.secrets import new_key_line
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,8 @@ async def stack(platform: Platform, tmp_path: Path) -> AsyncIterator[Stack]:
     try:
         await scheduler.ready()
         await platform.executor(runtime="null", node_id=session_node_id())
-        gw = await platform.gateway(sse_keepalive_s=0.2, rate_limit_rps=0)
+        gw = await platform.gateway(sse_keepalive_s=0.2, rate_limit_rps=0,
+                                    secrets_key=new_key_line("fuzz"))
         async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{gw.http_port}") as http:
             for task_id, pool in (("fz-done", "default"), ("fz-queued", "fuzz-idle")):
                 body = json.dumps({"id": task_id, "command": ["true"], "pool": pool})
@@ -139,6 +141,26 @@ async def test_cancel_answers_4xx_or_acts_never_5xx(stack: Stack, body: bytes,
     if status in (400, 422):
         assert refused["error"]["field"], refused
         assert await stream_count(stack.platform, subjects.STREAM_CONTROL) == before
+
+
+SECRET_BODIES = (PAYLOADS | st.fixed_dictionaries({"value": ODD}).map(
+    lambda v: json.dumps(v).encode()))
+
+
+@settings(FUZZ, max_examples=80)
+@given(body=SECRET_BODIES, name=st.sampled_from(["fz-secret", "fz_2"]) | st.text(max_size=8))
+async def test_secret_put_answers_4xx_or_stores_never_5xx(stack: Stack, body: bytes,
+                                                          name: str) -> None:
+    from urllib.parse import quote
+
+    async with stack.http.put(f"/v1/secrets/{quote(name, safe='')}", data=body) as r:
+        refused = await answer(r)
+        status = r.status
+        stored = {} if refused else await r.json()
+    if status in (400, 422):
+        assert refused["error"]["field"], refused
+    if not refused:  # metadata only: no field for the value
+        assert set(stored) == {"name", "size", "key_id", "created_at", "updated_at"}
 
 
 HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,

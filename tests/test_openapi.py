@@ -52,6 +52,7 @@ from support import (
 from vigil import auth, subjects
 from vigil.environments import EnvironmentSpec, EnvironmentStore, configured
 from vigil.messages import NOT_BEFORE_MAX_AHEAD_DAYS, utcnow
+from vigil.secrets import Keyring, SecretStore, new_key_line
 from vigil_gateway import openapi
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -59,12 +60,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 TENANT = "acme"
 SEED_POOL = f"seed-{secrets.token_hex(6)}"  # the only pool that runs real commands
 IDLE_POOL = f"idle-{secrets.token_hex(6)}"  # no executor: tasks stay queued
-SEED_ENVIRONMENT = "seed-env"  # the environment generated tasks name (see flatmap_case)
+SEED_ENVIRONMENT = "seed-env"  # the environment generated tasks name (see before_call)
 MAX_EXAMPLES = 60
 STATEFUL_EXAMPLES = 40  # sequences
 STATEFUL_STEPS = 6  # calls per sequence, at most
 # Known before collection: schemathesis builds some cases (and asks for auth) then.
 TOKEN = auth.new_token()
+SECRETS_KEY = new_key_line("fuzz")
+# Tasks' `secrets` name this one (a generated name would be a 422 for a schema-valid
+# spec); generated paths never target it. SEED_SECRET is what paths are drawn from.
+TASK_SECRET = f"fuzz-task-secret-{secrets.token_hex(6)}"
+SEED_SECRET = "seed-secret"
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Seeds:
     tasks: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
 
 
 SEEDS = Seeds()
@@ -126,10 +133,12 @@ class LiveStack:
             tokens.write_bytes(msgspec.json.encode(auth.TokensFile(tokens=[entry])))
             await platform.scheduler()
             await platform.auditor()
-            await platform.executor(runtime="null", node_id=session_node_id(), slots=8)
+            await platform.executor(runtime="null", node_id=session_node_id(), slots=8,
+                                    secrets_key=SECRETS_KEY)
             await platform.executor(runtime="process", pool=SEED_POOL, node_id=session_node_id())
             gateway = await platform.gateway(auth="tokens", tokens_file=str(tokens),
-                                             rate_limit_rps=0, sse_keepalive_s=0.5)
+                                             rate_limit_rps=0, sse_keepalive_s=0.5,
+                                             secrets_key=SECRETS_KEY)
             self.url = f"http://127.0.0.1:{gateway.http_port}"
             await _seed(platform)
             self._started.set()
@@ -143,7 +152,11 @@ class LiveStack:
 
 
 async def _seed(platform: Platform) -> None:
-    """Tasks in every interesting state, and an incident, for the fuzzer to find."""
+    """Tasks in every interesting state, an incident and secrets, for the fuzzer to find."""
+    store, ring = SecretStore(platform.js), Keyring.parse(SECRETS_KEY, "fuzz")
+    for name in (TASK_SECRET, SEED_SECRET):
+        await store.put(TENANT, name, ring.seal(TENANT, name, "fuzz-value"), None)
+    SEEDS.secrets[:] = [SEED_SECRET]
     confess = json.dumps({"summary": "fuzz seed: cache unreachable", "severity": "error",
                           "category": "seed"})
     script = f"echo out-1; echo err-1 >&2; echo '::vigil::confess {confess}'; echo out-2"
@@ -196,6 +209,13 @@ def flatmap_case(ctx: Any, case: Any) -> Any:
     meta = case.meta
     if meta is None:
         return st.just(case)
+    if "name" in (case.path_parameters or {}) and not meta.is_negative_at(
+            ParameterLocation.PATH):
+        def named(secret: str) -> Any:
+            case.path_parameters = {**case.path_parameters, "name": secret}
+            return case
+
+        return st.one_of(st.just(case), st.sampled_from(SEEDS.secrets).map(named))
     if meta.generation.mode is GenerationMode.POSITIVE:
         if case.query and "cursor" in case.query:
             case.query = {k: v for k, v in case.query.items() if k != "cursor"}
@@ -220,18 +240,6 @@ def flatmap_case(ctx: Any, case: Any) -> Any:
     return st.one_of(st.just(case), st.sampled_from(known).map(seeded))
 
 
-def seeded_environment(case: Any) -> Any:
-    """A task's ``environment`` must be one its tenant has, which no schema can say: in a
-    schema-valid submission it is the seeded one. Applied before each call (not as a
-    generation hook: the coverage phase makes cases no hook sees)."""
-    meta = case.meta
-    if (meta is not None and meta.generation.mode is GenerationMode.POSITIVE
-            and case.method == "POST" and case.path == "/v1/tasks"
-            and isinstance(case.body, dict) and isinstance(case.body.get("environment"), str)):
-        case.body = {**case.body, "environment": SEED_ENVIRONMENT}
-    return case
-
-
 def map_query(ctx: Any, query: dict[str, Any] | None) -> dict[str, Any] | None:
     """``follow=1`` streams until the task ends (a queued one never does): dropped here,
     covered on finished tasks by the test below."""
@@ -239,6 +247,30 @@ def map_query(ctx: Any, query: dict[str, Any] | None) -> dict[str, Any] | None:
             and str(query.get("follow")) in ("1", "true"):
         query = {k: v for k, v in query.items() if k != "follow"}
     return query
+
+
+def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    """Every phase (the coverage phase applies no flatmap hook): a positive submission
+    names the seeded secret, since one its tenant lacks is refused (422, documented), and
+    drops a secret whose env name ``env`` sets too (refused: a rule JSON Schema cannot
+    say); that secret is never removed. Likewise its ``environment`` is the seeded one,
+    which is never deleted either."""
+    if case.method == "DELETE" and (case.path_parameters or {}).get("name") == TASK_SECRET:
+        # The stateful phase finds the name in GET /v1/secrets and follows it to DELETE.
+        case.path_parameters = {**case.path_parameters, "name": SEED_SECRET}
+    if case.method == "DELETE" and case.path == "/v1/environments/{name}" and (
+            case.path_parameters or {}).get("name") == SEED_ENVIRONMENT:
+        case.path_parameters = {**case.path_parameters, "name": f"{SEED_ENVIRONMENT}-spare"}
+    positive = case.meta is None or case.meta.generation.mode is GenerationMode.POSITIVE
+    body = case.body
+    if positive and (case.method, case.path) == ("POST", "/v1/tasks") \
+            and isinstance(body, dict) and isinstance(body.get("secrets"), dict):
+        env = body.get("env") if isinstance(body.get("env"), dict) else {}
+        case.body = body = {**body, "secrets": {k: TASK_SECRET for k in body["secrets"]
+                                                if k not in env}}
+    if positive and (case.method, case.path) == ("POST", "/v1/tasks") \
+            and isinstance(body, dict) and isinstance(body.get("environment"), str):
+        case.body = {**body, "environment": SEED_ENVIRONMENT}
 
 
 class Bearer:
@@ -264,6 +296,7 @@ for check in (schema.config.checks.negative_data_rejection,
     check.expected_statuses = [*check.expected_statuses, "413"]
 schema.hook(flatmap_case)
 schema.hook(map_query)
+schemathesis.hook(before_call)  # a global hook (no schema scope): it checks the route
 schema.auth()(Bearer)
 
 
@@ -274,7 +307,7 @@ SETTINGS = hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derando
 @schema.parametrize()
 @SETTINGS
 def test_gateway_conforms_to_its_openapi(case: Any, stack: LiveStack) -> None:
-    seeded_environment(case).call_and_validate(base_url=stack.url, timeout=30)
+    case.call_and_validate(base_url=stack.url, timeout=30)
 
 
 def test_every_check_is_enabled() -> None:
@@ -306,9 +339,6 @@ def test_stateful_sequences_conform(stack: LiveStack) -> None:
 
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"base_url": stack.url, "timeout": 30}
-
-        def before_call(self, case: Any) -> None:
-            seeded_environment(case)
 
         def step(self, input: Any) -> Any:
             if input.transition is not None and input.applied_parameters \

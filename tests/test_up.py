@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -165,6 +166,21 @@ def test_up_demo_cli_and_clean_stop(tmp_path: Path, agent_image: str) -> None:
         done = run_cli("submit", "--wait", "--", "sh", "-c", "echo via-cli", data_dir=data)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "via-cli" in done.stdout and "succeeded" in done.stdout
+
+        # Secrets work with no setup: `vigil up` made the key (0600) and gave it to the
+        # gateway and the executor; the agent gets the value, its output shows ***.
+        assert stat.S_IMODE((data / "secrets.key").stat().st_mode) == 0o600
+        secret = "up-quickstart-s3cret"
+        done = subprocess.run([VIGIL, "--data-dir", str(data), "secret", "set", "up-key"],
+                              input=secret + "\n", capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        task_file = tmp_path / "secret-task.yaml"
+        task_file.write_text("command: [sh, -c, 'cat /run/secrets/TOKEN; echo; echo $TOKEN']\n"
+                             "secrets: {TOKEN: up-key}\n")
+        done = run_cli("submit", "--wait", "-f", str(task_file), data_dir=data)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert secret not in done.stdout and done.stdout.count("***") >= 2, done.stdout
 
         failed = run_cli("submit", "--wait", "--", "sh", "-c", "exit 4", data_dir=data)
         assert failed.returncode == 1

@@ -36,21 +36,40 @@ env:
   STEPS: 3
   MODE: fast
 labels: {team: ml, run: 1}
+secrets: {API_KEY: llm-key, DB: 42}
 timeout_s: 600
 """)
     args = parse("submit", "-f", str(path), "--env", "MODE=slow", "--label", "run=2",
-                 "--timeout", "60")
+                 "--timeout", "60", "--secret", "DB=db-password")
     spec = cli_tasks.spec_from_args(args)
     assert spec == {
         "command": ["python3", "agent.py", "3"],  # YAML's integers become text again
         "image": "localhost/agent:1",
         "env": {"STEPS": "3", "MODE": "slow"},
         "labels": {"team": "ml", "run": "2"},
+        "secrets": {"API_KEY": "llm-key", "DB": "db-password"},  # names, not values
         "timeout_s": 60.0,
     }
     # A command after -- replaces the file's.
     args = parse("submit", "-f", str(path), "--", "echo", "hi")
     assert cli_tasks.spec_from_args(args)["command"] == ["echo", "hi"]
+
+
+def test_egress_secrets_and_environment_flags_add_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "task.yaml"
+    path.write_text("""\
+command: [python3, agent.py]
+egress: {allow: [api.example.com]}
+secrets: {API_KEY: llm-key}
+""")
+    args = parse("submit", "-f", str(path), "--egress", "*.pypi.org:443", "--egress",
+                 "api.example.com", "--secret", "GH_TOKEN=gh", "--environment", "repo-a")
+    spec = cli_tasks.spec_from_args(args)
+    assert spec["egress"] == {"allow": ["api.example.com", "*.pypi.org:443"]}
+    assert spec["secrets"] == {"API_KEY": "llm-key", "GH_TOKEN": "gh"}
+    assert spec["environment"] == "repo-a"
+    with pytest.raises(VigilError, match="--secret takes KEY=VALUE"):
+        cli_tasks.spec_from_args(parse("submit", "--secret", "GH_TOKEN", "--", "true"))
 
 
 def test_json_task_file(tmp_path: Path) -> None:

@@ -172,3 +172,30 @@ class RestoreBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     revision: Annotated[int, Meta(ge=1)]
     """A revision the environment's history keeps: its snapshot becomes current again, as
     a new revision (what came between stays in the history)."""
+
+
+class SecretBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``PUT /v1/secrets/{name}``: the value, write-only (no answer ever holds it).
+    At most 65,536 bytes of UTF-8, no NUL byte (it reaches a process's environment)."""
+
+    value: Annotated[str, Meta(min_length=1, max_length=65_536,
+                               extra_json_schema={"pattern": "^[^\\x00]*$"})]
+
+
+class SecretInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A secret as the API shows it: its metadata, never its value."""
+
+    name: str
+    size: int
+    """The value's length in bytes."""
+    key_id: str
+    """The operator's key that sealed it (``vigil secret rotate`` moves all to the current
+    one)."""
+    created_at: datetime
+    updated_at: datetime
+    """When the value was last set."""
+
+
+class SecretList(msgspec.Struct, frozen=True, kw_only=True):
+    secrets: list[SecretInfo]
+    """The tenant's secrets, by name."""

@@ -27,6 +27,7 @@ from vigil import (
     cli_fleet,
     cli_images,
     cli_replay,
+    cli_secrets,
     cli_tasks,
     ids,
     subjects,
@@ -130,6 +131,9 @@ Submit more tasks (Ctrl-C stops everything):
   raw NATS: as tenant default's own user (nats_submit_url in {d}/client.json, with its
     inbox prefix nats_submit_inbox_prefix) publish a JSON task spec to vigil.submit.default;
     another tenant's user: vigil nats-user add --tenant acme
+Secrets by reference (sealed with the key in {d}/secrets.key; back it up):
+  printf %s "$ANTHROPIC_API_KEY" | {vigil} secret set llm-key{extra}
+  then name it in a task: "secrets": {{"ANTHROPIC_API_KEY": "llm-key"}}
 Logs of each service: {d}/logs/""", flush=True)
 
 
@@ -328,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_replay.register(sub)
     cli_images.register(sub)
+    cli_secrets.register(sub)
     cli_config.register(sub)
 
     tk = sub.add_parser("token", help="manage gateway API tokens",

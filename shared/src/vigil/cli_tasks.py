@@ -134,7 +134,7 @@ def _stringify(spec: dict[str, Any], label: str) -> dict[str, Any]:
     out = dict(spec)
     if isinstance(out.get("command"), list):
         out["command"] = [fix(v, f"command[{i}]") for i, v in enumerate(out["command"])]
-    for key in ("env", "labels"):
+    for key in ("env", "labels", "secrets"):
         if isinstance(out.get(key), dict):
             out[key] = {str(k): fix(v, f"{key}.{k}") for k, v in out[key].items()}
     return out
@@ -152,14 +152,22 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise VigilError("no command: give one after `--` (e.g. vigil submit -- python3 -c "
                          "'print(1)') or in a task file with -f")
     for key, value in (("image", args.image), ("id", args.id), ("pool", args.pool),
-                       ("timeout_s", args.timeout), ("max_attempts", args.max_attempts),
-                       ("environment", args.environment)):
+                       ("timeout_s", args.timeout), ("max_attempts", args.max_attempts)):
         if value is not None:
             spec[key] = value
     if args.env:
         spec["env"] = {**spec.get("env", {}), **pairs(args.env, "--env")}
     if args.label:
         spec["labels"] = {**spec.get("labels", {}), **pairs(args.label, "--label")}
+    if args.secret:
+        spec["secrets"] = {**spec.get("secrets", {}), **pairs(args.secret, "--secret")}
+    if args.egress:
+        egress = dict(spec.get("egress") or {})
+        allow = list(egress.get("allow", []))
+        allow += [host for host in args.egress if host not in allow]
+        spec["egress"] = {**egress, "allow": allow}
+    if args.environment:
+        spec["environment"] = args.environment
     if args.node_label:
         spec["node_labels"] = {**spec.get("node_labels", {}),
                                **pairs(args.node_label, "--node-label")}
@@ -453,10 +461,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil submit -- python3 -c 'print("hello")'
   vigil submit --wait --env DEMO_STEPS=3 --label team=ml -- python3 /opt/vigil/demo_agent.py
   vigil submit -f task.yaml --label run=42
+  vigil submit --secret ANTHROPIC_API_KEY=llm-key -- python3 agent.py
 
 a task file (YAML or JSON; `-f -` reads stdin):
   command: [python3, /opt/vigil/demo_agent.py]
   env: {DEMO_STEPS: "3"}
+  secrets: {ANTHROPIC_API_KEY: llm-key}     (the tenant's secrets, by name)
   labels: {team: ml}
   timeout_s: 600
   max_attempts: 3
@@ -468,10 +478,16 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
     sm.add_argument("-f", "--file", metavar="FILE",
                     help="task spec as YAML or JSON (`-` for stdin); flags override its fields")
     sm.add_argument("--image", help="container image (default: the platform's agent image)")
-    sm.add_argument("--environment", "-e", metavar="NAME",
-                    help="a persistent environment: start from its workspace, commit it back "
-                    "on success (see `vigil env`)")
     sm.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment (repeat)")
+    sm.add_argument("--secret", action="append", metavar="ENV=SECRET",
+                    help="give the agent the tenant's secret SECRET as $ENV and "
+                    "/run/secrets/ENV (repeat; see `vigil secret`)")
+    sm.add_argument("--egress", action="append", metavar="HOST[:PORT]",
+                    help="let the agent reach HOST (or *.DOMAIN) through the executor's "
+                    "proxy; without a port 80 and 443 (repeat; default: no network)")
+    sm.add_argument("--environment", metavar="NAME",
+                    help="run in the persistent environment NAME: start from its workspace, "
+                    "commit back on success (see `vigil env`)")
     sm.add_argument("--label", action="append", metavar="KEY=VALUE", help="label (repeat)")
     sm.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit")
     sm.add_argument("--max-attempts", type=int, metavar="N",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -39,6 +40,9 @@ from vigil.api import (
     EnvironmentHistory,
     EnvironmentList,
     ExecutorList,
+    SecretBody,
+    SecretInfo,
+    SecretList,
     TaskList,
     TaskSummary,
 )
@@ -436,6 +440,29 @@ class Client:
         caller's own tenant's running tasks. Needs the viewer role."""
         _, data = await self._request("GET", "/v1/executors")
         return msgspec.convert(data, ExecutorList)
+
+    # secrets ----------------------------------------------------------------------------------
+    async def set_secret(self, name: str, value: str) -> SecretInfo:
+        """Create or replace the tenant's secret ``name`` (operator role); the answer is
+        its metadata. The value is sealed by the gateway and never shown again."""
+        body = codec.encode(SecretBody(value=value))
+        _, data = await self._request("PUT", f"/v1/secrets/{quote(name, safe='')}",
+                                      body=body, idempotent=True)
+        return msgspec.convert(data, SecretInfo)
+
+    async def secrets(self) -> SecretList:
+        """The tenant's secrets: names and metadata, never values (operator role)."""
+        _, data = await self._request("GET", "/v1/secrets")
+        return msgspec.convert(data, SecretList)
+
+    async def secret(self, name: str) -> SecretInfo:
+        """One secret's metadata (404 :class:`GatewayError` if the tenant has none)."""
+        _, data = await self._request("GET", f"/v1/secrets/{quote(name, safe='')}")
+        return msgspec.convert(data, SecretInfo)
+
+    async def delete_secret(self, name: str) -> None:
+        """Remove the tenant's secret ``name`` (404 if there is none)."""
+        await self._request("DELETE", f"/v1/secrets/{quote(name, safe='')}", idempotent=True)
 
     # incidents --------------------------------------------------------------------------------
     async def incidents(self, **filters: str) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from vigil import auth, natsusers, subjects
 from vigil.errors import VigilError
 from vigil.natsserver import NatsServer, check_version, die_with_parent, find_binary
 from vigil.permissions import shipped_users
+from vigil.secrets import write_key_file
 
 SERVICES = ("scheduler", "executor", "auditor", "gateway")
 DEFAULT_TENANT = "default"  # what `vigil up`'s own token and NATS user act as
@@ -193,6 +194,10 @@ class Stack:
         self.say(f"  ✓ nats      users reloaded from {self.users_file} ({len(users)} users)")
 
     @property
+    def secrets_key_file(self) -> Path:
+        return self.data / "secrets.key"
+
+    @property
     def gateway_url(self) -> str:
         return f"http://{self.config.host}:{self.config.http_port}"
 
@@ -207,6 +212,9 @@ class Stack:
         os.chmod(self.data, 0o700)
         (self.data / "logs").mkdir(exist_ok=True)
         secrets_ = self._secrets()
+        # The key that seals tenants' secrets (vigil.secrets): made once, kept 0600. It is
+        # what opens every secret stored in this stack: back it up with the data dir.
+        write_key_file(self.secrets_key_file)
         self._check_ports()
         if self.config.runtime == "podman":
             await self._start_podman()
@@ -304,6 +312,9 @@ class Stack:
             "VIGIL_LOG_FORMAT": "json",
             "VIGIL_LOG_LEVEL": c.log_level,
         })
+        if name in ("gateway", "executor") and not (
+                env.get("VIGIL_SECRETS_KEY_FILE") or env.get("VIGIL_SECRETS_KEY")):
+            env["VIGIL_SECRETS_KEY_FILE"] = str(self.secrets_key_file)
         if name == "gateway":
             env["VIGIL_TOKENS_FILE"] = str(self.data / "tokens.json")
             env["VIGIL_AUTH"] = "tokens"

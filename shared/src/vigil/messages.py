@@ -47,7 +47,9 @@ Command = Annotated[list[Arg], Meta(min_length=1, max_length=1_024)]
 # ``*.domain`` (any name under it, not the domain itself) or either with ``:port`` (without
 # one: 80 and 443). Names are matched case-insensitively; an IPv4 literal is a host too.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-EGRESS_RULE_PATTERN = rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?$"
+# 1-65535 without leading zeros, so that the schema says what __post_init__ accepts.
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+EGRESS_RULE_PATTERN = rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*(?::{_PORT})?$"
 EgressRule = Annotated[str, Meta(
     pattern=EGRESS_RULE_PATTERN, max_length=259,
     description="host, *.domain, or either with :port (default ports 80 and 443)")]

@@ -11,6 +11,10 @@ made by ``vigil nats-user add --tenant T``): it may submit and cancel as its ten
 its tenant's task states (``vigil-tasks`` keys are ``<tenant>.<id>``) and follow its
 tenant's events, nothing else. Each has its own reply-inbox prefix, so nobody reads
 another's replies.
+
+``vigil-secrets`` (sealed values, see :mod:`vigil.secrets`) is the gateway's to write and
+the executors' to read; no tenant's user can read it at all, and the operator's (which
+reads every stream by design) sees only ciphertext: ``vigil secret rotate`` re-seals it.
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                        "*" if pool is None else subjects.consumer_executor(pool)),
                 *_kv(subjects.KV_TASKS, write=True),
                 *_kv(subjects.KV_EXECUTORS, write=True),
+                *_kv(subjects.KV_SECRETS, write=False),  # resolved at an attempt's start
                 f"$O.{subjects.OBJ_CHECKPOINTS}.>",
                 *_read(f"OBJ_{subjects.OBJ_CHECKPOINTS}"),
                 f"$JS.API.STREAM.PURGE.OBJ_{subjects.OBJ_CHECKPOINTS}",
@@ -193,6 +198,7 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_kv(subjects.KV_INCIDENTS, write=False),
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch
                 *_kv(subjects.KV_DELIVERIES, write=False),
+                *_kv(subjects.KV_SECRETS, write=True),  # /v1/secrets (sealed values only)
                 *_ordered(subjects.STREAM_EVENTS),
                 # /v1/environments: create, change, restore, delete (and a deleted one's
                 # snapshots: their metadata and chunks, never another object store's).

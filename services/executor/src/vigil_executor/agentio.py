@@ -9,7 +9,9 @@ rather than one per line. A stdout line ``::vigil::<command> <json>`` is a contr
 - ``checkpoint {json}`` -> handed to the checkpoint hook
 
 A malformed control line is kept as an ordinary log line, and the platform confesses it
-once per task attempt. Nothing an agent prints can crash the executor.
+once per task attempt. Nothing an agent prints can crash the executor. The task's secret
+values are masked (``***``, see :class:`~vigil_executor.secrets.Masker`) in every line
+before anything else looks at it.
 
 Limits on confessions: a ``confess`` line longer than ``MAX_CONTROL_BYTES`` is refused
 explicitly (a platform confession "confession too large (N bytes > limit)"), not cut into
@@ -40,6 +42,7 @@ from vigil.messages import (
     utcnow,
 )
 from vigil_executor.runtime import Stream, TruncatedLine
+from vigil_executor.secrets import NO_MASK, Masker
 
 log = structlog.get_logger("vigil.executor.agentio")
 
@@ -188,8 +191,10 @@ class AgentOutput:
         on_confess: OnConfess,
         on_checkpoint: OnCheckpoint,
         on_malformed: OnMalformed,
+        masker: Masker = NO_MASK,
     ) -> None:
         self._task_id = task_id
+        self._masker = masker  # the task's secret values: masked before anything else
         self._attempt = attempt
         self._emit = emit
         self._on_confess = on_confess
@@ -207,6 +212,10 @@ class AgentOutput:
 
     async def feed(self, stream: Stream, raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if self._masker:
+            # Before the line is parsed: a control line's JSON carries a value escaped,
+            # which is one of the forms masked; _dispatch masks the decoded payload too.
+            line = self._masker.line(raw, line)
         if stream == "stdout" and line.startswith(PREFIX):
             if isinstance(raw, TruncatedLine):
                 size, limit = raw.size, min(raw.limit, MAX_CONTROL_BYTES)
@@ -229,6 +238,8 @@ class AgentOutput:
         self._append(stream, line)
 
     async def _dispatch(self, control: Control) -> None:
+        if self._masker:
+            control = Control(control.command, self._masker.mask_any(control.payload))
         if control.command == "confess":
             await self._on_confess(agent_confession(control.payload))
         elif control.command == "progress":

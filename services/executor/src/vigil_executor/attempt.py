@@ -100,6 +100,7 @@ from vigil_executor.claim import (
     may_hand_back,
     spent_attempts,
 )
+from vigil_executor.egress import EgressProxy, EgressUnavailable
 from vigil_executor.environment import EnvironmentFailed, EnvironmentRun, Hooks
 from vigil_executor.images import ImageRefused
 from vigil_executor.retry import (
@@ -111,6 +112,7 @@ from vigil_executor.retry import (
 )
 from vigil_executor.runtime import Container, ContainerError, ContainerSpec, ExitInfo
 from vigil_executor.sandbox import container_spec
+from vigil_executor.secrets import NO_SECRETS, SecretRefused
 from vigil_executor.sink import EventSink
 
 if TYPE_CHECKING:
@@ -142,6 +144,8 @@ class Attempt:
         self.confessions = ConfessionLimiter(ex.settings.max_confessions,
                                              ex.settings.confessions_per_min)
         self.control: Path | None = None
+        self.egress: EgressProxy | None = None  # the attempt's proxy, if its task has egress
+        self.secrets = NO_SECRETS  # what the agent was given (vigil_executor.secrets)
         self._lease_ok = time.monotonic()
         self._stopping: str | None = None  # reason, when the executor drains
         self._stop_event = asyncio.Event()
@@ -233,7 +237,7 @@ class Attempt:
         """
         assert self.state is not None
         for _ in range(5):
-            updated = change(self.state)
+            updated = self.secrets.masker.state(change(self.state))
             rev = await self.ex.store.cas(updated, self.revision)
             if rev is not None:
                 self.state, self.revision = updated, rev
@@ -373,6 +377,8 @@ class Attempt:
             return await self._run_agent(attempt)
         finally:
             await self._output_ended()
+            if self.egress is not None:  # its last events go out before the outcome
+                await self.egress.close()
 
     async def _run_agent(self, attempt: int) -> Outcome:
         assert self.work is not None and self.state is not None
@@ -384,18 +390,25 @@ class Attempt:
         try:
             if not await ex.runtime.image_exists(spec.image):
                 await ex.images.ensure(spec.image, self._image_progress)  # or ImageNotFound
-            if work.spec.environment is not None:
+            if work.spec.environment is not None:  # before the proxy and secrets: may wait
                 self.env = EnvironmentRun(ex.environments, ex.snapshots, ex.settings, work,
                                           attempt, Hooks(self._cas, self._confess, self.sink.emit))
                 await self.env.hold(self.msg.metadata.num_delivered)
                 self._spawn(self.env.keep())
+            self.egress = await ex.egress.open(work, attempt, self.control,
+                                               runtime=ex.runtime.name, emit=self.sink.emit,
+                                               confess=self._confess)
+            mount = self.egress.mount if self.egress is not None else None
+            self.secrets = await ex.secrets.open(work, attempt, self.msg.metadata.num_delivered,
+                                                 self._confess_secrets)
+            self.secrets.guard(self.sink)
             with tempfile.TemporaryFile() as archive:
                 restoring = await self._fetch_checkpoint(archive)
                 resumed = restoring is not None
                 if self.env is not None:
                     restoring = await self.env.workspace(self.state, restoring, archive)
                 spec = container_spec(work, attempt, ex.settings, control_dir=str(self.control),
-                                      resumed=resumed)
+                                      resumed=resumed, egress=mount, secrets=self.secrets)
                 self.volume = spec.workspace_volume
                 self.container = await ex.runtime.create(spec)
                 if restoring is not None:
@@ -415,12 +428,19 @@ class Attempt:
                                 "every node loads it on first use) or load it on this node")
             raise HandBack(f"{error}; handing the task back", delay,
                            kind="image missing") from exc
+        except EgressUnavailable as exc:  # the node's problem, as a missing image is
+            await self._confess("error", "egress_unavailable", str(exc), hint=exc.hint)
+            raise HandBack(f"{exc}; handing the task back", image_missing_delay(
+                self.msg.metadata.num_delivered), kind="egress unavailable") from exc
         except RuntimeUnavailable as exc:
             await self._confess("error", "runtime_unavailable", str(exc))
             raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S,
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
             return Outcome("failed", None, str(exc), dead=True)
+        except SecretRefused as exc:
+            await self._confess("error", exc.category, str(exc), hint=exc.hint)
+            return Outcome("failed", None, f"{exc}; {exc.hint}")
         except (ImageRefused, EnvironmentFailed) as exc:
             # Never to run (a tampered image; an environment it cannot start from): the
             # task fails, saying why, and is not retried.
@@ -447,7 +467,7 @@ class Attempt:
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
             on_checkpoint=self._checkpoint_request,
-            on_malformed=self._malformed,
+            on_malformed=self._malformed, masker=self.secrets.masker,
         )
         pump = self._pump_task = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
@@ -1125,6 +1145,8 @@ class Attempt:
         """However the attempt ended: its container and its volume go (the workspace
         lives on in the checkpoint, not in this node's volume). Needs only the runtime,
         not NATS. Idempotent: a drain that ran out of time calls it too (Executor._drain)."""
+        if self.egress is not None:
+            await self.egress.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self.container.remove()
@@ -1133,6 +1155,7 @@ class Attempt:
                 await self.ex.runtime.remove_volume(self.volume)
         if self.control is not None:
             self.ex.remove_control_dir(self.control)
+        self.secrets.remove()
 
     # lease ------------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -1241,6 +1264,10 @@ class Attempt:
             confession_id=cid, summary=full.summary, severity=full.severity, source="agent",
         ))
 
+    async def _confess_secrets(self, severity: str, category: str, summary: str,
+                               hint: str | None) -> None:
+        await self._confess(severity, category, summary, hint=hint)
+
     async def _malformed(self, error: ControlError) -> None:
         if isinstance(error, ConfessionTooLarge):
             # The agent's confession, refused: it spends a token like one that got through.
@@ -1287,7 +1314,8 @@ class Attempt:
         cid = confession_id or f"executor-{tenant}.{task_id}-a{attempt}-{category}"
         # The image is part of the auditor's fingerprint (one incident per image's problem).
         image = work.spec.image if work is not None else None
-        summary = clip(summary, SUMMARY_CHARS)  # a runtime's error can be long
+        # A runtime's error can be long, and hold what the agent printed.
+        summary = clip(self.secrets.masker.mask(summary), SUMMARY_CHARS)
         confession = Confession(
             id=cid, summary=summary, severity=severity, category=category,  # type: ignore[arg-type]
             hint=hint, task_id=task_id, tenant=tenant or (work.tenant if work else None),

@@ -41,3 +41,19 @@ class Metrics:
             "vigil_tasks_handed_back_total", "Tasks naked back (drain, runtime trouble)",
             ["reason"], registry=r,
         )
+        self.egress_connections = Counter(
+            "vigil_executor_egress_connections_total",
+            "Connections agents asked the egress proxy for, by outcome: allowed, refused "
+            "(the rules, a non-public address), failed (resolution, connect), invalid "
+            "(a malformed request)", ["outcome"], registry=r,
+        )
+        self.egress_bytes = Counter(
+            "vigil_executor_egress_bytes_total",
+            "Bytes relayed by the egress proxy: out (agent to host), in (host to agent)",
+            ["direction"], registry=r,
+        )
+        self.egress_events_dropped = Counter(
+            "vigil_executor_egress_events_dropped_total",
+            "Egress connections past an attempt's event cap (VIGIL_EGRESS_MAX_EVENTS): "
+            "counted here, not recorded as events", registry=r,
+        )

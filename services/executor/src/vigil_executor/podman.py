@@ -42,6 +42,8 @@ from vigil_executor.runtime import (
     LABEL_MANAGED,
     LABEL_TASK,
     LABEL_TENANT,
+    RELAY_PATH,
+    SECRETS_PATH,
     ArchiveTooLarge,
     ContainerError,
     ContainerSpec,
@@ -412,6 +414,15 @@ class PodmanRuntime:
                                "mode=1777"]} for path in spec.tmpfs),
                 *([] if spec.control_dir is None else [{
                     "destination": CONTROL_PATH, "source": spec.control_dir, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
+                }]),
+                # The egress relay: a program, so not noexec (nor in the control mount).
+                *([] if spec.relay is None else [{
+                    "destination": RELAY_PATH, "source": spec.relay, "type": "bind",
+                    "options": ["ro", "rbind", "nosuid", "nodev"],
+                }]),
+                *([] if spec.secrets_dir is None else [{
+                    "destination": SECRETS_PATH, "source": spec.secrets_dir, "type": "bind",
                     "options": ["ro", "rbind", "nosuid", "nodev", "noexec"],
                 }]),
             ],

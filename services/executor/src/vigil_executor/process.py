@@ -56,6 +56,8 @@ class ProcessContainer:
         }
         if spec.control_dir is not None:
             env["VIGIL_CONTROL_DIR"] = spec.control_dir
+        if spec.secrets_dir is not None:  # no mount namespace: the host directory itself
+            env["VIGIL_SECRETS_DIR"] = spec.secrets_dir
         self._proc = await asyncio.create_subprocess_exec(
             *spec.command,
             cwd=self._workspace,

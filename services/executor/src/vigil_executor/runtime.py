@@ -44,6 +44,10 @@ class ContainerSpec:
     workspace_volume: str
     workspace_path: str = "/workspace"
     control_dir: str | None = None  # host dir, read-only inside at CONTROL_PATH
+    # The egress relay (a host file), read-only inside at RELAY_PATH; set when the task
+    # has egress (the command then starts with it: see vigil_executor.egress).
+    relay: str | None = None
+    secrets_dir: str | None = None  # host dir (tmpfs), read-only inside at SECRETS_PATH
     # Private writable tmpfs mounts (the root filesystem is read-only), each tmpfs_mb big.
     tmpfs: tuple[str, ...] = ()
     tmpfs_mb: int = 256
@@ -88,6 +92,8 @@ class ExitInfo:
 
 
 CONTROL_PATH = "/run/vigil"
+RELAY_PATH = "/run/vigil-relay"
+SECRETS_PATH = "/run/secrets"  # a task's secrets as files, one per env name
 
 
 @dataclass(frozen=True)

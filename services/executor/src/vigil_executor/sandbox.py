@@ -5,15 +5,19 @@ from __future__ import annotations
 import posixpath
 
 from vigil.messages import WorkItem
+from vigil_executor.egress import EgressMount, proxy_env
 from vigil_executor.runtime import (
     CONTROL_PATH,
     LABEL_ATTEMPT,
     LABEL_EXECUTOR,
     LABEL_TASK,
     LABEL_TENANT,
+    RELAY_PATH,
+    SECRETS_PATH,
     ContainerSpec,
     Limits,
 )
+from vigil_executor.secrets import NO_SECRETS, AttemptSecrets
 from vigil_executor.settings import ExecutorSettings
 
 WORKSPACE = "/workspace"
@@ -22,7 +26,7 @@ WORKSPACE = "/workspace"
 # directory, the workspace, and from there into every checkpoint.
 SCRATCH = ("/tmp", "/var/tmp")  # noqa: S108 - the container's own private tmpfs mounts
 # A home here is left as the task set it: a tmpfs would hide what the sandbox provides.
-KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH)
+KEEP = ("/proc", "/sys", "/dev", WORKSPACE, CONTROL_PATH, RELAY_PATH, SECRETS_PATH)
 
 
 def _within(path: str, root: str) -> bool:
@@ -57,12 +61,18 @@ def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> s
 
 def container_spec(
     work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False,
-    control_dir: str | None = None,
+    control_dir: str | None = None, egress: EgressMount | None = None,
+    secrets: AttemptSecrets = NO_SECRETS,
 ) -> ContainerSpec:
+    """The container of one attempt. With ``egress`` (its task has egress rules), the
+    relay runs the command and the proxy variables point at it; they win over the task's
+    own ``env`` (admission refuses a task that sets them, so only an older scheduler's
+    spec could)."""
     spec = work.spec
     assert spec.image is not None, "the scheduler resolves the image"
     env = {
         **spec.env,
+        **secrets.env,  # never also in spec.env (TaskSpec refuses that), never VIGIL_*
         "VIGIL_TASK_ID": work.task_id,
         "VIGIL_TENANT": work.tenant,
         "VIGIL_ATTEMPT": str(attempt),
@@ -71,11 +81,15 @@ def container_spec(
         "VIGIL_CONTROL_DIR": CONTROL_PATH,
         # The root filesystem is read-only; /tmp is a private tmpfs.
         "HOME": spec.env.get("HOME", "/tmp"),  # noqa: S108 - the container's private tmpfs
+        **(proxy_env(egress.socket) if egress is not None else {}),
     }
+    secrets_dir = str(secrets.directory) if secrets.directory is not None else None
+    if secrets_dir is not None:
+        env["VIGIL_SECRETS_DIR"] = SECRETS_PATH
     return ContainerSpec(
         name=container_name(conf.node_id, work.tenant, work.task_id, attempt),
         image=spec.image,
-        command=list(spec.command),
+        command=egress.command(spec.command) if egress is not None else list(spec.command),
         env=env,
         labels={
             LABEL_TASK: work.task_id,
@@ -86,6 +100,8 @@ def container_spec(
         workspace_volume=workspace_volume(conf.node_id, work.tenant, work.task_id, attempt),
         workspace_path=WORKSPACE,
         control_dir=control_dir,
+        relay=egress.relay if egress is not None else None,
+        secrets_dir=secrets_dir,
         tmpfs=tmpfs_paths(env["HOME"]),
         tmpfs_mb=conf.tmpfs_mb,
         limits=Limits(

@@ -30,8 +30,10 @@ from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
 from vigil.messages import Confession, utcnow
 from vigil.ops import OpsServer, ops_app
+from vigil.secrets import Keyring, SecretStore
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
+from vigil_executor.egress import EgressNode
 from vigil_executor.images import ImageLoader
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
@@ -39,6 +41,7 @@ from vigil_executor.process import NullRuntime, ProcessRuntime
 from vigil_executor.registry import Advertiser
 from vigil_executor.runtime import Runtime
 from vigil_executor.sandbox import workspace_volume
+from vigil_executor.secrets import Secrets
 from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
@@ -70,6 +73,7 @@ class Executor:
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.runtime: Runtime = runtime or make_runtime(settings)
+        self.egress = EgressNode(settings, self.metrics)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._store: TaskStore | None = None
@@ -84,6 +88,8 @@ class Executor:
         self.snapshots: CheckpointStore  # persistent environments' workspace snapshots
         self.environments: EnvironmentStore
         self.images: ImageLoader
+        self.secrets = Secrets(settings, Keyring.load(settings.secrets_key_file,
+                                                      settings.secrets_key))
         self.ready = asyncio.Event()
 
     @property
@@ -133,6 +139,9 @@ class Executor:
             self.environments = await EnvironmentStore.open(self._js)
             self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes)
             self._prepare_state_dir()
+            if self.runtime.name == "podman":
+                await self.egress.prepare(self.state_dir, self.publish_confession)
+            self.secrets.prepare(SecretStore(self._js))  # also clears an earlier life's files
             await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,
@@ -154,7 +163,9 @@ class Executor:
             advertising = asyncio.create_task(self._advertiser.run(self._stop))
             log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
                      runtime=self.runtime.name, http_port=self._ops.port,
-                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s)
+                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s,
+                     secrets_key=self.secrets.keyring.current_id if self.secrets.keyring
+                     else None)
             self.ready.set()
             await self._loop()
             await self._advertiser.withdraw()
@@ -379,6 +390,7 @@ class Executor:
                 await self._nc.drain()
         with contextlib.suppress(Exception):
             await self.runtime.close()
+        self.secrets.close()
         if self._ops is not None:
             await self._ops.stop()
         while self._locks:

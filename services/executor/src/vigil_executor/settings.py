@@ -12,6 +12,7 @@ from msgspec import Meta
 from vigil.imagestore import MAX_MB_DEFAULT
 from vigil.messages import ID_PATTERN
 from vigil.settings import CommonSettings, default_node_id
+from vigil_executor.egress_rules import parse_cidrs
 
 
 def default_podman_url() -> str:
@@ -110,6 +111,40 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     The root filesystem stays read-only; these hold the agent's scratch files, which are
     not in checkpoints (only the workspace is). tmpfs lives in memory (or swap) and is
     gone when the container is."""
+    secrets_key_file: str = ""
+    """File of the keys that seal tenants' secrets (``id:base64`` lines of 32-byte keys,
+    the first one seals, every one decrypts; ``vigil secret keygen`` prints a line).
+    Without it (or VIGIL_SECRETS_KEY), a task naming a secret fails, saying so."""
+    secrets_key: str = ""
+    """The same text as VIGIL_SECRETS_KEY_FILE, inline, its lines also separable by
+    commas (for container platforms that inject secrets as environment); the file's keys
+    come first when both are set."""
+    secrets_dir: str = ""
+    """Host directory (on tmpfs: secrets never touch the disk) for the per-attempt
+    directories mounted read-only at ``/run/secrets`` in agents. Default:
+    ``/run/user/<Podman's uid>/vigil-secrets-<node id>`` when that is a tmpfs, else
+    ``/dev/shm/vigil-secrets-<node id>``; made 0700 for Podman's user."""
+
+    egress_relay: str = "/usr/local/libexec/vigil/vigil-relay"
+    """The static ``vigil-relay`` program (built by scripts/setup-host.sh from
+    services/executor/relay): inside a container whose task has ``egress`` it listens on
+    127.0.0.1:3128 and relays to the task's proxy. Copied at start into the state
+    directory, from where containers mount it. Without it, tasks with egress are handed
+    back to run on another node (and the executor confesses ``egress_unavailable``)."""
+    egress_allow_cidrs: str = ""
+    """Networks the egress proxy may connect to although they are not public, comma
+    separated (e.g. ``10.20.0.0/16,fd00::/8``). Empty (the default): a task's allowed
+    host that resolves to a loopback, private, link-local, multicast or reserved address
+    is refused, whatever its rules say."""
+    egress_max_events: Annotated[int, Meta(ge=0)] = 1_000
+    """``egress`` events per attempt (one per connection); past it connections are only
+    counted (``vigil_executor_egress_events_dropped_total``) and the executor says so
+    once, in an ``egress_events_capped`` confession."""
+    egress_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 256
+    """Connections one attempt may have open through its egress proxy at once; more wait
+    for a free one (up to 1,024 in the socket's backlog; past that they are refused)."""
+    egress_connect_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    """Time for the egress proxy to resolve a host and connect to it (502/504 after)."""
 
     image_max_mb: Annotated[float, Meta(gt=0)] = MAX_MB_DEFAULT
     """Largest image archive this executor loads from the image store (``vigil image
@@ -136,6 +171,7 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_labels(self.labels)  # a malformed value fails at start, naming the setting
+        parse_cidrs(self.egress_allow_cidrs)
         if self.heartbeat_s * 3 > self.ack_wait_s:
             raise ValueError(
                 f"heartbeat_s ({self.heartbeat_s:g}) must be at most a third of ack_wait_s "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 
@@ -30,9 +31,13 @@ class EventSink:
         self._failed: list[tuple[Event, int | None]] = []
         self._room = asyncio.Event()
         self._room.set()
+        # Set once the attempt's secrets are known: every event passes through it.
+        self.mask: Callable[[Event], Event] | None = None
 
     def emit(self, event: Event, *, once: bool = False) -> None:
         """Publish in the background. ``once`` events (started, finished) carry no counter."""
+        if self.mask is not None:
+            event = self.mask(event)
         kind = event_kind(event)
         n: int | None
         if once:

@@ -18,7 +18,6 @@ import msgspec
 from vigil import api, ids
 from vigil.environments import Environment, EnvironmentSpec
 from vigil.messages import (
-    EGRESS_RULE_PATTERN,
     ID_PATTERN,
     RESERVED_ENV_PREFIX,
     SEVERITIES,
@@ -37,9 +36,6 @@ VERSION = "1"
 SCHEMAS = "#/components/schemas/{name}"
 PLATFORM_ID_RE = ids.PLATFORM_ID_RE
 MAX_LABELS = 64  # TaskSpec.__post_init__; not expressible as a msgspec constraint
-# 1-65535 in one to five digits (leading zeros allowed, as int() reads them).
-_PORT = ("(?:0{0,4}[1-9]|0{0,3}[1-9][0-9]|0{0,2}[1-9][0-9]{2}|0?[1-9][0-9]{3}|[1-5][0-9]{4}"
-         "|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])")
 
 _TYPES: tuple[Any, ...] = (
     TaskSpecStrict,
@@ -60,6 +56,9 @@ _TYPES: tuple[Any, ...] = (
     api.EnvironmentList,
     api.EnvironmentHistory,
     api.RestoreBody,
+    api.SecretBody,
+    api.SecretInfo,
+    api.SecretList,
 )
 
 
@@ -120,15 +119,10 @@ def _schemas() -> Json:
     for name in ("TaskSpecStrict", "TaskSpec"):
         props = components[name]["properties"]
         props["env"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
+        props["secrets"]["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
         props["labels"]["maxProperties"] = MAX_LABELS
-    # An egress rule's port is 1-65535 (Egress.__post_init__); the pattern in the type
-    # takes any five digits, so the document spells the range out.
-    allow = components["Egress"]["properties"]["allow"]["items"]
-    allow["pattern"] = EGRESS_RULE_PATTERN.replace("[0-9]{1,5}", _PORT)
-    for name in ("TaskSpecStrict", "TaskSpec", "EnvironmentSpec"):
-        secrets = components[name]["properties"].get("secrets")
-        if secrets is not None:
-            secrets["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
+    secrets = components["EnvironmentSpec"]["properties"]["secrets"]
+    secrets["propertyNames"]["not"] = {"pattern": f"^{RESERVED_ENV_PREFIX}"}
     # Ids of the shapes the platform makes are not the user's to choose (vigil.ids).
     for option in components["TaskSpecStrict"]["properties"]["id"]["anyOf"]:
         if option.get("type") == "string":
@@ -218,9 +212,9 @@ def _op(operation_id: str, summary: str, responses: Json, *, public: bool = Fals
         # 400: every /v1 route refuses a query parameter it does not declare; 403: a role
         # too low, or a token of the wrong kind (a platform token on a tenant's tasks; a
         # tenant naming another tenant).
-        responses = {"400": _problem("BadRequest"), "403": _problem("Forbidden"), **responses,
+        responses = {"400": _problem("BadRequest"), "403": _problem("Forbidden"),
                      "401": _problem("Unauthorized"), "429": _problem("RateLimited"),
-                     "503": _problem("Unavailable")}
+                     "503": _problem("Unavailable"), **responses}
     if parameters:
         op["parameters"] = parameters
     if body is not None:
@@ -261,7 +255,8 @@ def _task_paths() -> Json:
             "409": _json(_ERROR, "The task id is taken (`exists`, `id_taken`)."),
             "413": _json(_ERROR, "The body is too large (`body_too_large`)."),
             "422": _json(_ERROR, "The spec is invalid (`invalid_field`; `error.field` is its "
-                         "JSON path) or the scheduler refused it (`rejected`)."),
+                         "JSON path; a secret it names that the tenant does not have is "
+                         "`$.secrets.ENV_NAME`) or the scheduler refused it (`rejected`)."),
         },
     )
     # An empty value is no filter (as an HTML form sends an empty field), so "" is allowed.
@@ -499,6 +494,57 @@ def _environment_paths() -> Json:
     }
 
 
+def _secret_paths() -> Json:
+    name_param: Json = {
+        "name": "name", "in": "path", "required": True,
+        "description": "The secret's name, as tasks name it in `secrets`.",
+        "schema": {"type": "string", "pattern": ID_PATTERN},
+    }
+    unavailable = _json(_ERROR, "NATS is unreachable (`unavailable`, with Retry-After), or "
+                        "(PUT) this gateway has no key to seal secrets with "
+                        "(`secrets_not_configured`: set VIGIL_SECRETS_KEY_FILE).",
+                        {"Retry-After": _RETRY_AFTER})
+    about = ("Secrets belong to the token's tenant; a platform token manages none (403). "
+             "No answer ever holds a value.")
+    listing = _op(
+        "listSecrets", "The tenant's secrets (names and metadata, never values)",
+        tags=("secrets",), roles="operator", description=about,
+        responses={"200": _json(_ref("SecretList"), "The tenant's secrets, by name.")},
+    )
+    one = _op(
+        "getSecret", "One secret's metadata (never its value)", tags=("secrets",),
+        roles="operator", description=about, parameters=[name_param],
+        responses={"200": _json(_ref("SecretInfo"), "The secret's metadata."),
+                   "404": _problem("NotFound")},
+    )
+    links = _links("/name", "getSecret", "deleteSecret")
+    links = {k: {**v, "parameters": {"name": "$response.body#/name"}} for k, v in links.items()}
+    put = _op(
+        "putSecret", "Set a secret (create or replace)", tags=("secrets",), roles="operator",
+        description=about + " The value is sealed (AES-256-GCM under the operator's key) "
+        "before it is stored; executors hand it to the agents of tasks that name it.",
+        parameters=[name_param],
+        body={"required": True, "content": {"application/json": {
+            "schema": _ref("SecretBody")}}},
+        responses={
+            "201": _json(_ref("SecretInfo"), "Created.", links=links),
+            "200": _json(_ref("SecretInfo"), "Replaced.", links=links),
+            "409": _json(_ERROR, "Concurrent writes kept changing it (`conflict`); retry."),
+            "413": _json(_ERROR, "The body is too large (`body_too_large`)."),
+            "422": _json(_ERROR, "The body is not a valid SecretBody (`invalid_field`)."),
+            "503": unavailable,
+        },
+    )
+    remove = _op(
+        "deleteSecret", "Remove a secret", tags=("secrets",), roles="operator",
+        description=about + " A task naming it afterwards fails at its start.",
+        parameters=[name_param],
+        responses={"204": {"description": "Removed."}, "404": _problem("NotFound")},
+    )
+    return {"/v1/secrets": {"get": listing},
+            "/v1/secrets/{name}": {"get": one, "put": put, "delete": remove}}
+
+
 def _ops_paths() -> Json:
     health = _ref("Health")
     return {
@@ -531,10 +577,10 @@ def _document() -> Json:
                            "A query parameter a route does not declare is refused (400).",
         },
         "tags": [{"name": "tasks"}, {"name": "environments"}, {"name": "incidents"},
-                 {"name": "executors"}, {"name": "ops"}],
+                 {"name": "executors"}, {"name": "secrets"}, {"name": "ops"}],
         "security": [{"bearer": []}],
         "paths": {**_ops_paths(), **_task_paths(), **_environment_paths(),
-                  **_incident_paths(), **_executor_paths()},
+                  **_incident_paths(), **_executor_paths(), **_secret_paths()},
         "components": {
             "schemas": _schemas(),
             "responses": _RESPONSES,

@@ -50,7 +50,8 @@ from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
 from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskSpec, TaskState, utcnow
 from vigil.ops import OpsServer, add_ops_routes
-from vigil_gateway import environments, incidents, openapi
+from vigil.secrets import Keyring, SecretStore
+from vigil_gateway import environments, incidents, openapi, secrets
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
 from vigil_gateway.events import read_executors, stream_events, task_confessions
@@ -85,6 +86,8 @@ class Gateway:
         self._incidents: incidents.Incidents | None = None
         self._environments: EnvironmentStore | None = None
         self._snapshots: environments.Snapshots | None = None
+        self._secrets: SecretStore | None = None
+        self.keyring = Keyring.load(settings.secrets_key_file, settings.secrets_key)
         self.ready = asyncio.Event()
         self._openapi: bytes | None = None
         self.app = self._make_app()
@@ -143,7 +146,8 @@ class Gateway:
             self._snapshots = environments.Snapshots(self._js)
             self._index = IndexWatcher(self._js)
             await self._index.start()
-            log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}")
+            log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}",
+                     secrets_key=self.keyring.current_id if self.keyring else None)
             self.ready.set()
             await self._stop.wait()
         finally:
@@ -193,6 +197,10 @@ class Gateway:
                            name="environment_history")
         app.router.add_post("/v1/environments/{name}/restore", self.restore_environment,
                             name="environment_restore")
+        app.router.add_get("/v1/secrets", self.list_secrets, name="secrets")
+        app.router.add_get("/v1/secrets/{name}", self.get_secret, name="secret")
+        app.router.add_put("/v1/secrets/{name}", self.put_secret, name="secret_put")
+        app.router.add_delete("/v1/secrets/{name}", self.delete_secret, name="secret_delete")
         return app
 
     @web.middleware
@@ -301,6 +309,10 @@ class Gateway:
             return error(422, "invalid_field", f"tenant {who.tenant} has no environment "
                          f"{spec.environment!r}; create it first (PUT /v1/environments/"
                          f"{spec.environment}, or `vigil env create`)", field="$.environment")
+        if spec.secrets and (refused := await secrets.missing(self._secret_store(), who.tenant,
+                                                              spec)):
+            self.metrics.submissions.labels("invalid").inc()
+            return refused
         if spec.id is not None:
             task_id = spec.id
         elif key is not None:
@@ -610,6 +622,49 @@ class Gateway:
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
         return await environments.delete(request, self.envs, self.snapshots, who)
+
+    # secrets --------------------------------------------------------------------------------
+    def _secret_store(self) -> SecretStore:
+        if self._secrets is None:
+            self._secrets = SecretStore(self.js)
+        return self._secrets
+
+    def _secrets_operator(self, request: web.Request) -> Principal:
+        """An operator of a tenant: secrets belong to tenants, and a platform token
+        manages none (whatever its role)."""
+        who = self.principal(request, "operator", tasks=False)
+        if who.platform:
+            raise _Forbidden("secrets belong to tenants: a platform token sets, lists and "
+                             "removes none; use an operator token of that tenant")
+        return who
+
+    async def list_secrets(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self._secrets_operator(request)
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await secrets.list_secrets(request, self._secret_store(), who)
+
+    async def get_secret(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self._secrets_operator(request)
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await secrets.get(request, self._secret_store(), who)
+
+    async def put_secret(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self._secrets_operator(request)
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await secrets.put(request, self._secret_store(), self.keyring, who)
+
+    async def delete_secret(self, request: web.Request) -> web.StreamResponse:
+        try:
+            who = self._secrets_operator(request)
+        except _Forbidden as exc:
+            return error(403, "forbidden", str(exc))
+        return await secrets.delete(request, self._secret_store(), who)
 
 
 class _Forbidden(Exception):

@@ -35,6 +35,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """Request bodies above this get 413 (at most the submit stream's message size)."""
     sse_keepalive_s: Annotated[float, Meta(gt=0, le=300)] = 15.0
     """Comment lines on idle event streams, so proxies keep them open."""
+    secrets_key_file: str = ""
+    """File of the keys that seal tenants' secrets (``id:base64`` lines of 32-byte keys,
+    the first one seals, every one decrypts; ``vigil secret keygen`` prints a line).
+    Without it (or VIGIL_SECRETS_KEY), setting a secret is refused, saying so."""
+    secrets_key: str = ""
+    """The same text as VIGIL_SECRETS_KEY_FILE, inline, its lines also separable by
+    commas (for container platforms that inject secrets as environment); the file's keys
+    come first when both are set."""
 
     def __post_init__(self) -> None:
         if self.auth == "tokens" and not self.tokens_file and not self.tokens:

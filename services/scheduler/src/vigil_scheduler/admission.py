@@ -14,7 +14,7 @@ import msgspec
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
 from vigil.messages import TaskState, WorkItem
-from vigil_scheduler import environments
+from vigil_scheduler import egress_policy, environments
 from vigil_scheduler.settings import SchedulerSettings
 
 
@@ -88,15 +88,24 @@ def admit(
                       error=f"invalid task spec: {ids.reserved_id_error(spec.id)} (at $.id)",
                       field="$.id")
     task_id = ids.task_id_for(spec.id, msg_id, seq)
+    # The environment's defaults first: the tenant's egress limits judge what the task
+    # will run with, its environment's egress included.
     merged = environments.apply(spec, tenant, found or {})
     if isinstance(merged, str):
         return Reject(task_id=task_id, tenant=tenant, error=merged, field="$.environment")
+    limits = conf.limits_for(tenant)
+    try:
+        egress = egress_policy.effective(merged, tenant, limits.egress_default,
+                                         limits.egress_max)
+    except InvalidTask as exc:  # a valid spec the tenant's limits refuse: its id is known
+        return Reject(task_id=task_id, tenant=tenant, error=str(exc), field=exc.field)
     resolved = msgspec.structs.replace(
         merged,
         id=task_id,
         image=merged.image or conf.default_image,
         timeout_s=spec.timeout_s or conf.default_timeout_s,
         max_attempts=spec.max_attempts or conf.default_max_attempts,
+        egress=egress,
     )
     state = TaskState(
         id=task_id,

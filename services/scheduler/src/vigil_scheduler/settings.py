@@ -11,6 +11,7 @@ from msgspec import Meta
 
 from vigil.messages import ID_PATTERN
 from vigil.settings import CommonSettings, default_node_id
+from vigil_scheduler import egress_policy
 
 
 class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
@@ -35,7 +36,15 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
     """Tasks of one tenant released to executors at once; the rest wait their turn."""
     tenant_limits: str = ""
     """Per-tenant overrides as JSON, e.g. ``{"acme": {"max_queued": 500, "max_running":
-    20}}``."""
+    20, "egress_default": ["pypi.org", "*.pythonhosted.org:443"], "egress_max":
+    ["*.pypi.org", "pypi.org", "*.pythonhosted.org:443"]}}``."""
+    egress_default: str = ""
+    """Egress rules, comma separated, for tasks that name no ``egress`` (a tenant's
+    ``egress_default`` in VIGIL_TENANT_LIMITS replaces it). Empty: no way out."""
+    egress_max: str = "*"
+    """The most a task's ``egress`` may allow, comma separated (a tenant's ``egress_max``
+    replaces it): a rule not within it is rejected naming ``$.egress.allow[i]``. ``*``
+    allows anything, ``*:443`` any host on that port; else rules as in a task."""
     unservable_after_s: Annotated[float, Meta(ge=0, le=600)] = 6.0
     """After start, how long to wait for executors to advertise themselves before saying
     that a task's pool (or labels) has no live executor."""
@@ -43,7 +52,19 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
     """How often the dispatcher looks for capacity when it has nothing else to wake it."""
 
     def __post_init__(self) -> None:
-        self.limits_for("")  # a malformed VIGIL_TENANT_LIMITS fails at start
+        # A malformed VIGIL_TENANT_LIMITS, or egress rules that could never work, fail
+        # at start, naming the setting.
+        fleet = self.limits_for("")
+        egress_policy.check_settings(fleet.egress_default, fleet.egress_max,
+                                     default_name="VIGIL_EGRESS_DEFAULT",
+                                     max_name="VIGIL_EGRESS_MAX")
+        for tenant in _limits_table(self.tenant_limits):
+            limits = self.limits_for(tenant)
+            where = f"VIGIL_TENANT_LIMITS: tenant {tenant!r}"
+            egress_policy.check_settings(limits.egress_default, limits.egress_max,
+                                         default_name=f"{where} egress_default (or "
+                                         "VIGIL_EGRESS_DEFAULT)",
+                                         max_name="its egress_max (or VIGIL_EGRESS_MAX)")
 
     def limits_for(self, tenant: str) -> Limits:
         own = _limits_table(self.tenant_limits).get(tenant)
@@ -51,6 +72,10 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
             max_queued=own.max_queued if own and own.max_queued else self.max_queued_per_tenant,
             max_running=(own.max_running if own and own.max_running
                          else self.max_running_per_tenant),
+            egress_default=(tuple(own.egress_default) if own and own.egress_default is not None
+                            else egress_policy.split(self.egress_default)),
+            egress_max=(tuple(own.egress_max) if own and own.egress_max is not None
+                        else egress_policy.split(self.egress_max)),
         )
 
 
@@ -58,11 +83,17 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
 class Limits:
     max_queued: int
     max_running: int
+    egress_default: tuple[str, ...] = ()
+    egress_max: tuple[str, ...] = ("*",)
 
 
 class TenantLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_queued: Annotated[int, Meta(ge=1)] | None = None
     max_running: Annotated[int, Meta(ge=1)] | None = None
+    egress_default: Annotated[list[str], Meta(max_length=64)] | None = None
+    """Egress rules for the tenant's tasks that name none (replaces VIGIL_EGRESS_DEFAULT)."""
+    egress_max: Annotated[list[str], Meta(max_length=256)] | None = None
+    """The most the tenant's tasks may allow (replaces VIGIL_EGRESS_MAX); ``[]``: nothing."""
 
 
 @functools.lru_cache(maxsize=4)
