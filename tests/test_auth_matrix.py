@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from support import (
@@ -39,6 +40,8 @@ from support import (
     start_platform,
 )
 from vigil import auth, subjects
+from vigil.environments import EnvironmentSpec, EnvironmentStore, Snapshot, configured
+from vigil.messages import utcnow
 from vigil.secrets import Keyring, SecretStore, new_key_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -187,6 +190,15 @@ async def _seed(w: World) -> None:
     for name, secret in (("A-secret", "matrix-secret"), ("A-secret-2", "matrix-secret-2")):
         w.ids[name] = secret
         await store.put(A, secret, ring.seal(A, secret, "matrix-value"), None)
+    # Environments of A, to read, restore (a revision its history keeps) and delete.
+    envs, now = await EnvironmentStore.open(p.js), utcnow()
+    kept = Snapshot(revision=1, name="acme/matrix-env/r1-matrix-a1", size=10,
+                    digest="sha256:0", committed_at=now, task_id="matrix", attempt=1)
+    for name, env_name in (("A-env", "matrix-env"), ("A-env-2", "matrix-env-2")):
+        w.ids[name] = env_name
+        await envs.create(msgspec.structs.replace(
+            configured(None, A, env_name, EnvironmentSpec(), now), revision=1, snapshot=kept,
+            history=[kept]))
     for name in specs:
         if name != "A-queued":
             await p.final_state(w.ids[name], tenant=specs[name][0])
@@ -224,7 +236,7 @@ class Route:
     method: str
     path: str  # {task} / {incident} name a seeded id
     role: str  # the least role that may call it
-    owned: str | None  # "task" / "incident": another tenant's gets 404; None: a list
+    owned: str | None  # "task", "incident", ...: another tenant's gets 404; None: a list
     body: bytes | None = None
 
     def __str__(self) -> str:
@@ -247,6 +259,13 @@ ROUTES = [
     Route("PUT", "/v1/secrets/matrix-new", "operator", None, b'{"value": "matrix-value"}'),
     Route("GET", "/v1/secrets/{A-secret}", "operator", "secret"),
     Route("DELETE", "/v1/secrets/{A-secret-2}", "operator", "secret"),
+    Route("GET", "/v1/environments", "viewer", None),
+    Route("PUT", "/v1/environments/matrix-env-new", "submitter", None, b'{"policy": "fail"}'),
+    Route("GET", "/v1/environments/{A-env}", "viewer", "environment"),
+    Route("GET", "/v1/environments/{A-env}/history", "viewer", "environment"),
+    Route("POST", "/v1/environments/{A-env}/restore", "submitter", "environment",
+          b'{"revision": 1}'),
+    Route("DELETE", "/v1/environments/{A-env-2}", "operator", "environment"),
 ]
 PUBLIC = ["/healthz", "/metrics", "/openapi.json"]
 
@@ -320,7 +339,8 @@ async def test_another_tenants_resource_is_404_like_a_missing_one(
     missing = Route(route.method, route.path.replace("{A-done}", "no-such-task")
                     .replace("{A-queued}", "no-such-task").replace("{inc-A}", "no-such-inc")
                     .replace("{A-secret}", "no-such-secret")
-                    .replace("{A-secret-2}", "no-such-secret"),
+                    .replace("{A-secret-2}", "no-such-secret")
+                    .replace("{A-env-2}", "no-such-env").replace("{A-env}", "no-such-env"),
                     route.role, route.owned, route.body)
     status_missing, _, body_missing = await call(world, missing, world.token(B, role))
     assert status_missing == 404
@@ -404,11 +424,10 @@ async def test_only_a_platform_token_sees_every_incident_whole(world: World) -> 
     assert status == 200, body_
 
 
-@pytest.mark.parametrize("route", [r for r in ROUTES
-                                   if r.path.startswith(("/v1/tasks", "/v1/secrets"))],
-                         ids=str)
+@pytest.mark.parametrize("route", [r for r in ROUTES if r.path.startswith(
+    ("/v1/tasks", "/v1/secrets", "/v1/environments"))], ids=str)
 async def test_a_platform_token_reads_no_tenants_tasks(world: World, route: Route) -> None:
-    """Nor any tenant's secrets."""
+    """Nor any tenant's secrets or environments."""
     status, _, body = await call(world, route, world.tokens["platform-operator"])
     assert status == 403 and error_code(body) == "forbidden", body
 
