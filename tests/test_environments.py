@@ -415,6 +415,8 @@ async def test_bad_input_is_refused_naming_the_field(process_env: Env) -> None:
             ("e", b'{"egress": {"allow": ["bad host"]}}', 422, "$.egress.allow[0]",
              "matching regex"),
             ("e", b'{"secrets": {"VIGIL_X": "s"}}', 422, "$.secrets.VIGIL_X", "reserved"),
+            ("e", b'{"secrets": {"TOKEN": "nope"}}', 422, "$.secrets.TOKEN",
+             "secret 'nope' (for $TOKEN) does not exist in this tenant"),
             ("e", b'{"imgae": "x"}', 422, "$.imgae", "unknown field"),
         ):
             got_status, error = await put(name, body)
@@ -548,7 +550,12 @@ async def test_the_cli_creates_changes_shows_restores_and_removes(process_env: E
     async def vigil(*argv: str, role: str = "operator") -> CliResult:
         return await run_vigil(tmp_path, env.url, env.tokens[f"acme-{role}"], *argv)
 
-    made = await vigil("env", "create", "cli-e", "--policy", "fail", "--secret", "TOKEN=tok",
+    # A secret the tenant does not have is refused as a task naming it is.
+    no_secret = await vigil("env", "create", "cli-e", "--secret", "TOKEN=tok",
+                            role="submitter")
+    assert no_secret.code == 2 and "$.secrets.TOKEN" in no_secret.err, no_secret
+    assert "secret 'tok' (for $TOKEN) does not exist in this tenant" in no_secret.err
+    made = await vigil("env", "create", "cli-e", "--policy", "fail",
                        "--egress", "api.example.com", role="submitter")
     assert made.code == 0 and made.out.strip() == "created environment cli-e (policy fail)"
     again = await vigil("env", "create", "cli-e", role="submitter")
@@ -557,8 +564,9 @@ async def test_the_cli_creates_changes_shows_restores_and_removes(process_env: E
     assert bad.code == 2 and "$.egress.allow[0]" in bad.err
     bad_name = await vigil("env", "show", "a b")
     assert bad_name.code == 2 and "is not an environment name" in bad_name.err
-    changed = await vigil("env", "set", "cli-e", "--policy", "wait", "--unset-secret", "TOKEN",
-                          role="submitter")
+    unset = await vigil("env", "set", "cli-e", "--unset-secret", "NOPE", role="submitter")
+    assert unset.code == 2 and "the environment sets no secret NOPE" in unset.err
+    changed = await vigil("env", "set", "cli-e", "--policy", "wait", role="submitter")
     assert changed.code == 0, changed.err
     shown = (await vigil("env", "show", "cli-e", "--json")).json()
     assert (shown["policy"], shown["secrets"], shown["egress"]) == (

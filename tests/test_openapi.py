@@ -271,6 +271,9 @@ def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
     if positive and (case.method, case.path) == ("POST", "/v1/tasks") \
             and isinstance(body, dict) and isinstance(body.get("environment"), str):
         case.body = {**body, "environment": SEED_ENVIRONMENT}
+    if positive and (case.method, case.path) == ("PUT", "/v1/environments/{name}") \
+            and isinstance(body, dict) and isinstance(body.get("secrets"), dict):
+        case.body = {**body, "secrets": dict.fromkeys(body["secrets"], TASK_SECRET)}
 
 
 class Bearer:

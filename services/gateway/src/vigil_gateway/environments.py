@@ -37,6 +37,8 @@ from vigil.environments import (
 )
 from vigil.jetstream import retrying
 from vigil.messages import utcnow
+from vigil.secrets import SecretStore
+from vigil_gateway import secrets
 from vigil_gateway.errors import error
 
 log = structlog.get_logger("vigil.gateway.environments")
@@ -76,7 +78,8 @@ def _body(raw: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
                      "invalid_field", message, field="$" if malformed else field)
 
 
-async def put(request: web.Request, store: EnvironmentStore, who: Principal) -> web.Response:
+async def put(request: web.Request, store: EnvironmentStore, secret_store: SecretStore,
+              who: Principal) -> web.Response:
     name = request.match_info["name"]
     if not ids.is_valid_id(name):
         return error(400, "invalid_path", "an environment's name is 1-64 of "
@@ -84,6 +87,8 @@ async def put(request: web.Request, store: EnvironmentStore, who: Principal) -> 
     spec = _body(await request.read(), _spec_decoder)
     if isinstance(spec, web.Response):
         return spec
+    if spec.secrets and (refused := await secrets.missing(secret_store, who.tenant, spec)):
+        return refused  # as a task naming it is told
     for _ in range(CAS_TRIES):
         got = await store.get(who.tenant, name)
         env = configured(got[0] if got else None, who.tenant, name, spec, utcnow())

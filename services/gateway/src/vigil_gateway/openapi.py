@@ -459,7 +459,8 @@ def _environment_paths() -> Json:
             "200": _json(env, "Its settings changed.", links=links),
             "400": _problem("BadRequest"), "403": _problem("Forbidden"), "413": too_large,
             "422": _json(_ERROR, "The body is invalid (`invalid_field`; `error.field` is "
-                         "its JSON path)."),
+                         "its JSON path), or names a secret the tenant does not have "
+                         "(`$.secrets.ENV_NAME`)."),
         })
     history = _op(
         "environmentHistory", "The snapshots an environment keeps, newest first",

@@ -20,6 +20,7 @@ from aiohttp import web
 from vigil import codec
 from vigil.api import SecretBody, SecretInfo, SecretList
 from vigil.auth import Principal
+from vigil.environments import EnvironmentSpec
 from vigil.messages import TaskSpec
 from vigil.secrets import (
     MAX_VALUE_BYTES,
@@ -125,8 +126,10 @@ async def delete(request: web.Request, store: SecretStore, who: Principal) -> we
     return web.Response(status=204)
 
 
-async def missing(store: SecretStore, tenant: str, spec: TaskSpec) -> web.Response | None:
-    """A 422 naming the first secret ``spec`` refers to that ``tenant`` does not have."""
+async def missing(store: SecretStore, tenant: str, spec: TaskSpec | EnvironmentSpec
+                  ) -> web.Response | None:
+    """A 422 naming the first secret ``spec`` (a task's, or an environment's defaults)
+    refers to that ``tenant`` does not have."""
     for env_name, name in spec.secrets.items():
         try:
             found = await store.get(tenant, name)

@@ -607,7 +607,7 @@ class Gateway:
             who = self.principal(request, "submitter")
         except _Forbidden as exc:
             return error(403, "forbidden", str(exc))
-        return await environments.put(request, self.envs, who)
+        return await environments.put(request, self.envs, self._secret_store(), who)
 
     async def restore_environment(self, request: web.Request) -> web.StreamResponse:
         try:
