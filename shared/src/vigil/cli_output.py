@@ -111,8 +111,13 @@ class Printer:
                 print(f"  {mark} {line}", file=self.out)
         elif ev.kind == "progress":
             data = d.get("data", {})
-            text = " ".join(f"{k}={v}" for k, v in data.items())
-            print(f"  {self._c('36', '▸ progress')} {text}", file=self.out)
+            load = data.get("image_load") if isinstance(data, dict) else None
+            if isinstance(load, dict):  # the executor loading the image from the store
+                print(f"  {self._c('2', '⬇ image')} {load.get('image')} {load.get('step')} "
+                      f"{load.get('percent')}%", file=self.out)
+            else:
+                text = " ".join(f"{k}={v}" for k, v in data.items())
+                print(f"  {self._c('36', '▸ progress')} {text}", file=self.out)
         elif ev.kind == "started":
             print(f"  {self._c('2', '… started')} attempt {d.get('attempt')} on "
                   f"{d.get('executor')} in {d.get('image')}", file=self.out)
@@ -126,6 +131,9 @@ class Printer:
             print(f"  {self._c('33', '■ cancelling')}{reason}", file=self.out)
         elif ev.kind == "checkpoint":
             print(f"  {self._c('36', '⬇ checkpoint')} {d.get('size')} bytes", file=self.out)
+        elif ev.kind == "environment":
+            print(f"  {self._c('36', '◆ environment')} {d.get('environment')} {d.get('step')} "
+                  f"(revision {d.get('revision')})", file=self.out)
         self.out.flush()
 
     def outcome(self, state: TaskState, expected: str = "succeeded") -> None:

@@ -94,6 +94,10 @@ def summarize(kind: str, d: Any) -> str:
         return f"{g('reason')} checkpoint {g('name')} ({g('size')} bytes)"
     if kind in ("confession", "issue"):
         return _short(f"[{g('severity')}] {g('source') or ''}: {g('summary')}")
+    if kind == "environment":
+        snapshot = f", snapshot {g('snapshot')}" if g("snapshot") else ""
+        return _short(f"environment {g('environment')} {g('step')} at revision "
+                      f"{g('revision')}{snapshot}")
     if kind == "retrying":
         reason = str(g("reason"))
         delay = f" (in {g('delay_s')}s)" if g("delay_s") and " in " not in reason else ""
