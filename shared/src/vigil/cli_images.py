@@ -1,7 +1,7 @@
 """``vigil image``: push an image once; every executor loads it on first use.
 
 No registry is reachable, so an image reaches the executors through the object store
-vigil-images (docs/decisions/0013). `push` saves a local image (`podman save`, as the
+vigil-images (docs/decisions/0015). `push` saves a local image (`podman save`, as the
 rootless Podman user when run as root), refuses one over the limit before uploading a
 byte, and uploads the archive with its image id, SHA-256 and size recorded; an executor
 that lacks a task's image downloads it, checks all three, and loads it.

@@ -1,5 +1,5 @@
 """Persistent environments: a tenant's named image, default egress and secrets, and a
-workspace that outlives tasks (docs/decisions/0013).
+workspace that outlives tasks (docs/decisions/0015).
 
 The record lives in ``vigil-environments`` under ``<tenant>.<name>``; its workspace
 snapshots (tar archives, as checkpoints) in the object store ``vigil-env-snapshots``. A

@@ -1,5 +1,5 @@
 """Image archives in the object store ``vigil-images``: what ``vigil image push`` writes
-and an executor that lacks a task's image loads (docs/decisions/0013).
+and an executor that lacks a task's image loads (docs/decisions/0015).
 
 An object is one image's ``podman save`` archive, named by the image's full name
 (``localhost/agent:v2``). Its metadata headers record what the pusher saw: the image id

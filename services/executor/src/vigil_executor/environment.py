@@ -1,6 +1,6 @@
 """One attempt's use of its task's persistent environment: hold, restore, commit.
 
-The rules are :mod:`vigil.environments`' (docs/decisions/0013); this is their I/O, in the
+The rules are :mod:`vigil.environments`' (docs/decisions/0015); this is their I/O, in the
 order an attempt meets them:
 
 1. **Hold** (:meth:`EnvironmentRun.hold`, before the workspace is made): read the

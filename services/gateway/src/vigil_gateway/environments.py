@@ -1,4 +1,4 @@
-"""``/v1/environments``: a tenant's persistent environments (docs/decisions/0013).
+"""``/v1/environments``: a tenant's persistent environments (docs/decisions/0015).
 
 The records live in ``vigil-environments`` under ``<tenant>.<name>``: the key holds the
 token's tenant, so another tenant's environment of the same name is never even read (it
