@@ -11,6 +11,9 @@ guess.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +28,7 @@ from nats.js.errors import ObjectNotFoundError
 
 from support import (
     CliResult,
+    ExecutorProcess,
     Platform,
     allow_violations,
     as_user,
@@ -37,7 +41,7 @@ from vigil import auth, subjects
 from vigil.client import Client, GatewayError
 from vigil.conn import connect
 from vigil.embedded import PodmanService
-from vigil.environments import EnvironmentStore, Holder
+from vigil.environments import EnvironmentSpec, EnvironmentStore, Holder, configured
 from vigil.errors import NatsUnavailable
 from vigil.messages import TaskState, utcnow
 from vigil.natsserver import NatsServer
@@ -588,3 +592,57 @@ async def test_the_cli_creates_changes_shows_restores_and_removes(process_env: E
     gone = await vigil("env", "rm", "cli-e", "--yes")
     assert gone.code == 0, gone.err
     assert (await vigil("env", "show", "cli-e")).code == 1
+
+
+async def test_a_killed_holder_takes_its_hold_back_and_the_waiting_task_goes_next(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """kill -9 the node whose task holds a wait environment: while the task waits for its
+    redelivery nobody else gets in (its hold outlives the ack wait); its next attempt, on
+    another node, takes its own hold back, commits, and only then does the waiting task
+    run, on that revision. No write is lost or doubled."""
+    await platform.scheduler()
+    store = await EnvironmentStore.open(platform.js)
+    await store.create(configured(None, "acme", "ek", EnvironmentSpec(), utcnow()))
+    pidfile = tmp_path / "agent.pid"
+    a = ExecutorProcess(tmp_path, platform.url, session_node_id(), runtime="process",
+                        unsafe_runtime=1, ack_wait_s=3, heartbeat_s=1,
+                        workspace_root=tmp_path / "ws-a", state_dir=tmp_path / "st-a")
+    first = (f'if [ "$VIGIL_ATTEMPT" = 1 ]; then echo $$ > {pidfile}; exec sleep 60; fi; '
+             'echo k1 >> "$VIGIL_WORKSPACE/lines"')
+    second = {"id": "k2", "environment": "ek", "command": [sys.executable, "-c", AGENT],
+              "env": {"LINE": "k2"}}
+    try:
+        await a.start().ready()
+        await platform.publish_spec({"id": "k1", "environment": "ek",
+                                     "command": ["sh", "-c", first]})
+        await platform.events.wait_for("k1", "started", timeout=30)
+        b = await platform.executor(node_id=session_node_id(), slots=2,
+                                    workspace_root=str(tmp_path / "ws-b"),
+                                    state_dir=str(tmp_path / "st-b"))
+        await platform.publish_spec(second)
+        await platform.events.wait_for("k2", "retrying", timeout=30)
+        a.signal(signal.SIGKILL)
+        await a.exited()
+        k1 = await platform.final_state("k1", timeout=60)
+        k2 = await platform.final_state("k2", timeout=90)
+    finally:
+        a.kill()
+        with contextlib.suppress(Exception):  # the dead node's agent outlived it
+            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    assert k1.status == "succeeded", k1.error
+    assert [(h.attempt, h.executor, h.outcome) for h in k1.history] == [
+        (1, a.node_id, "lost"), (2, b.settings.node_id, "succeeded")]
+    assert k1.environment is not None and k1.environment.committed_revision == 1
+    assert k2.status == "succeeded", k2.error
+    waits = platform.events.of("k2", "retrying")
+    assert waits and all(w["reason"].startswith("waiting for environment ek: task k1 ")
+                         for w in waits)
+    (committed,) = [e for e in platform.events.of("k1", "environment")
+                    if e["step"] == "committed"]
+    (started,) = platform.events.of("k2", "started")
+    assert started["time"] > committed["time"]
+    lines = [ln for e in platform.events.of("k2", "log") for ln in e["lines"]]
+    assert "found k1" in lines
+    got = await store.get("acme", "ek")
+    assert got is not None and got[0].revision == 2 and got[0].holder is None
