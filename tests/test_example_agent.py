@@ -111,3 +111,15 @@ def test_the_example_agent_talks_to_its_model_through_the_proxy(
         return out if "cannot reach the model" in out else None
 
     eventually_sync(confessed, timeout=20, what="the agent's model_unreachable incident")
+
+    # The model's host is not on the task's list: the proxy refuses (an egress event, the
+    # platform's confession) and the agent tells the proxy's 403 from a refused key.
+    refused = run_cli(
+        "submit", "--wait", "--json", "--egress", "api.example.com", "--max-attempts", "1",
+        "--secret", "OPENAI_API_KEY=llm-key", "--env", "CHAT_RETRIES=0",
+        "--env", f"OPENAI_BASE_URL=http://{host}:{port}/v1", "--env", "CHAT_GOAL=x",
+        "--", "python3", AGENT, data_dir=stack)
+    state = json.loads(refused.stdout)
+    assert state["status"] == "failed" and state["exit_code"] == 3, state
+    logs = run_cli("logs", state["id"], data_dir=stack).stdout
+    assert "cannot reach the model" in logs and "not on the task's egress list" in logs, logs

@@ -90,6 +90,9 @@ def ask(messages: list[dict[str, str]]) -> str:
                                     context=tls_context()) as response:
             answer = json.load(response)
     except urllib.error.HTTPError as exc:
+        if exc.headers.get("X-Vigil-Egress"):  # the platform's proxy, not the model
+            reason = exc.read().decode(errors="replace").strip()
+            raise Unreachable(f"{base}: {reason or f'HTTP {exc.code} from the proxy'}") from exc
         if exc.code in (401, 403):
             raise Refused(f"HTTP {exc.code} from {base}") from exc
         raise Unreachable(f"HTTP {exc.code} from {base}") from exc
@@ -182,6 +185,7 @@ def main() -> int:
         try:
             text = ask_with_retries(state["messages"])
         except Unreachable as exc:
+            print(f"error: cannot reach the model: {exc}", file=sys.stderr, flush=True)
             vigil.confess(
                 f"cannot reach the model: {exc}", "error", category="model_unreachable",
                 hint=f"check that the task's egress allows the host of {base} and that the "
@@ -189,6 +193,7 @@ def main() -> int:
             )
             return 3
         except Refused as exc:
+            print(f"error: the model refused the API key: {exc}", file=sys.stderr, flush=True)
             vigil.confess(f"the model refused the API key: {exc}", "error",
                           category="credentials",
                           hint="update the secret: vigil secret set <name>")

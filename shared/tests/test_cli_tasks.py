@@ -264,3 +264,21 @@ def test_scheduling_flags_make_the_spec() -> None:
     args = cli.build_parser().parse_args(
         ["submit", "--not-before", "2030-01-01T00:00:00Z", "--", "true"])
     assert cli_tasks.spec_from_args(args)["not_before"] == "2030-01-01T00:00:00+00:00"
+
+
+def test_follow_prints_egress_connections() -> None:
+    from vigil.cli_output import Printer
+    from vigil.client import StreamEvent
+
+    out = io.StringIO()
+    printer = Printer(out)
+    printer.event(StreamEvent(1, "egress", {
+        "host": "api.example.com", "port": 443, "allowed": True, "address": "93.184.216.34",
+        "bytes_out": 812, "bytes_in": 4096, "duration_s": 0.42}))
+    printer.event(StreamEvent(2, "egress", {
+        "host": "evil.example", "port": 443, "allowed": False,
+        "reason": "evil.example:443: not on the task's egress list"}))
+    assert out.getvalue().splitlines() == [
+        "  ⇄ egress api.example.com:443 (93.184.216.34): 812 bytes out, 4096 in, 0.4s",
+        "  ⇄ egress refused evil.example:443: evil.example:443: not on the task's egress list",
+    ]

@@ -141,7 +141,7 @@ def test_cidrs_setting() -> None:
 def test_answers_and_the_container_side() -> None:
     assert answer(403, "x:1: not on the task's egress list") == (
         b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: 49\r\nConnection: close\r\n\r\n"
+        b"Content-Length: 49\r\nX-Vigil-Egress: proxy\r\nConnection: close\r\n\r\n"
         b"vigil egress: x:1: not on the task's egress list\n")
     mount = EgressMount(relay="/state/relay/vigil-relay")
     assert mount.command(["python3", "-c", "x"]) == [

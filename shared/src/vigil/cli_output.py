@@ -134,7 +134,19 @@ class Printer:
         elif ev.kind == "environment":
             print(f"  {self._c('36', '◆ environment')} {d.get('environment')} {d.get('step')} "
                   f"(revision {d.get('revision')})", file=self.out)
+        elif ev.kind == "egress":
+            self._egress(d)
         self.out.flush()
+
+    def _egress(self, d: dict[str, Any]) -> None:
+        target = f"{d.get('host')}:{d.get('port')}"
+        if d.get("allowed"):
+            print(f"  {self._c('2', '⇄ egress')} {target} ({d.get('address')}): "
+                  f"{d.get('bytes_out', 0)} bytes out, {d.get('bytes_in', 0)} in, "
+                  f"{d.get('duration_s', 0.0):.1f}s", file=self.out)
+        else:
+            print(f"  {self._c('31', '⇄ egress refused')} {target}: {d.get('reason')}",
+                  file=self.out)
 
     def outcome(self, state: TaskState, expected: str = "succeeded") -> None:
         ok = state.status == expected

@@ -214,10 +214,12 @@ def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
 
 
 def answer(status: int, reason: str) -> bytes:
-    """The proxy's own short answer to the agent (a refusal, a failure)."""
+    """The proxy's own short answer to the agent (a refusal, a failure). ``X-Vigil-Egress``
+    tells it from the origin's: a 403 of the proxy is not the API refusing a key."""
     titles = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large",
               502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
     body = f"vigil egress: {reason}\n".encode()
     return (f"HTTP/1.1 {status} {titles.get(status, 'Error')}\r\nContent-Type: text/plain; "
-            f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"charset=utf-8\r\nContent-Length: {len(body)}\r\nX-Vigil-Egress: proxy\r\n"
+            "Connection: close\r\n\r\n"
             ).encode() + body
