@@ -135,6 +135,17 @@ def private_dir(path: Path, uid: int, gid: int) -> Path:
         os.mkdir(path, 0o700)
     except FileExistsError:
         st = os.lstat(path)
+        if (stat.S_ISDIR(st.st_mode) and st.st_uid == uid
+                and st.st_mode & 0o077 and not st.st_mode & 0o066):
+            # Podman itself opens its runtime dir to traversal (0711) when the user runs
+            # `podman build` there: the user's own doing, and nobody else could have made
+            # it so. Close it again, through a descriptor that cannot follow a link.
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+            st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
             raise StackError(
                 f"{path} exists but is not a private directory of uid {uid} (owner "
