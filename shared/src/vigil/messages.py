@@ -386,6 +386,10 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The image names this node holds (Podman's tags, refreshed every few seconds), or
     ``[ANY_IMAGE]``; None when unknown (an executor older than this field, or one with
     more than MAX_ADVERTISED_IMAGES names): placement then does not judge by image."""
+    enforcement: dict[str, str] = {}
+    """How this node enforces each of a task's ``resources`` (``memory_mb``, ``pids``,
+    ``cpus``, ``disk_mb``): ``cgroup``, ``watchdog`` or ``none`` (see ``Started.resources``
+    for one task's)."""
 
     @property
     def free(self) -> int:
