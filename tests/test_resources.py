@@ -7,10 +7,8 @@ a 422 naming the field."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -220,5 +218,3 @@ async def test_how_limits_are_enforced_is_advertised_and_a_task_over_its_maximum
     assert mine["enforcement"]["memory_mb"] == expected
     assert mine["enforcement"]["disk_mb"] == "watchdog"
     assert mine["enforcement"]["cpus"] == ("cgroup" if ex.runtime.limits_enforced else "none")
-    with contextlib.suppress(Exception):
-        time.monotonic()
