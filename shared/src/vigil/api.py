@@ -134,6 +134,9 @@ class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
     tenants: dict[str, int] = {}
     """Running tasks by tenant; a tenant's token sees only its own tenant's count, a
     platform token every tenant's."""
+    enforcement: dict[str, str] = {}
+    """How the node enforces each of a task's ``resources``: ``cgroup`` (the kernel),
+    ``watchdog`` (the executor measures the agent and stops it past a limit) or ``none``."""
 
     @classmethod
     def of(cls, info: ExecutorInfo, tenant: str | None) -> ExecutorView:
@@ -145,7 +148,7 @@ class ExecutorView(msgspec.Struct, frozen=True, kw_only=True):
         return cls(node=info.node, pool=info.pool, labels=dict(info.labels), slots=info.slots,
                    running=info.running, free=info.free, draining=info.draining,
                    runtime=info.runtime, version=info.version, started_at=info.started_at,
-                   seen_at=info.seen_at, tenants=mine)
+                   seen_at=info.seen_at, tenants=mine, enforcement=dict(info.enforcement))
 
 
 class ExecutorList(msgspec.Struct, frozen=True, kw_only=True):

@@ -106,6 +106,29 @@ class Egress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
                 raise ValueError(f"port {port} is not 1-65535 - at `$.egress.allow[{i}]`")
 
 
+class Resources(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
+                forbid_unknown_fields=True):
+    """What one task's agent may use. Unset fields take the tenant's defaults (scheduler
+    settings), and no field may exceed the tenant's maximum. Real cgroup limits where the
+    host delegates them; elsewhere the executor's watchdog measures and stops the agent.
+    Crossing one ends the task ``failed`` with ``limit`` naming which and the peak."""
+
+    memory_mb: Annotated[int, Meta(ge=16, le=1_048_576)] | None = None
+    """All the agent's processes together (PSS), MiB."""
+    disk_mb: Annotated[int, Meta(ge=1, le=16_777_216)] | None = None
+    """The workspace's size, MiB."""
+    pids: Annotated[int, Meta(ge=8, le=1_048_576)] | None = None
+    """Processes and threads at once."""
+    cpus: Annotated[float, Meta(gt=0, le=1_024)] | None = None
+    """CPU time as cores (1.5 = one and a half), where the host can enforce it."""
+    output_mb: Annotated[int, Meta(ge=1, le=65_536)] | None = None
+    """stdout + stderr stored, MiB; beyond it output is dropped with a marker, the agent
+    keeps running."""
+
+
+LimitName = Literal["memory_limit", "disk_limit", "pids_limit", "output_limit"]
+
+
 PRIORITY_DEFAULT = 5
 NOT_BEFORE_MAX_AHEAD_DAYS = 365
 """How far ahead of its submission a task's ``not_before`` may be."""
@@ -145,6 +168,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Secrets by reference, ``{ENV_NAME: secret name}``: the executor resolves each at
     start and gives the agent its value as ``$ENV_NAME`` and ``/run/secrets/ENV_NAME``.
     Values never enter a stream, the task's state, a log line or an event."""
+    resources: Resources | None = None
+    """Per-task limits (memory, disk, processes, CPU, output); see :class:`Resources`."""
     environment: Name | None = None
     """A persistent environment of the tenant: the task starts from its latest workspace
     snapshot (and its image, egress and secrets as defaults) and commits back on success."""
@@ -278,6 +303,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     executor: str | None = None
     exit_code: int | None = None
     error: str | None = None
+    # The resource limit the agent was stopped for (``memory_limit`` …) and its peak.
+    limit: LimitName | None = None
+    peak: float | None = None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None = None
@@ -358,6 +386,10 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The image names this node holds (Podman's tags, refreshed every few seconds), or
     ``[ANY_IMAGE]``; None when unknown (an executor older than this field, or one with
     more than MAX_ADVERTISED_IMAGES names): placement then does not judge by image."""
+    enforcement: dict[str, str] = {}
+    """How this node enforces each of a task's ``resources`` (``memory_mb``, ``pids``,
+    ``cpus``, ``disk_mb``): ``cgroup``, ``watchdog`` or ``none`` (see ``Started.resources``
+    for one task's)."""
 
     @property
     def free(self) -> int:
@@ -537,6 +569,9 @@ class Started(Event, tag="started", frozen=True, kw_only=True):
     container: str | None = None
     resumed: bool = False
     limits_enforced: bool = True
+    # The task's limits as this node applies them, and how each is enforced there:
+    # {"memory_mb": {"value": 1024, "by": "cgroup" | "watchdog" | "rlimit" | "none"}, ...}
+    resources: dict[str, dict[str, Any]] = {}
 
 
 class Log(Event, tag="log", frozen=True, kw_only=True):
@@ -631,6 +666,9 @@ class Finished(Event, tag="finished", frozen=True, kw_only=True):
     tenant: str | None = None
     submit_seq: int = 0
     executor: str | None = None  # the state's executor when it ended (the last one to run it)
+    # A resource limit the agent crossed (it was stopped for it) and the peak measured.
+    limit: LimitName | None = None
+    peak: float | None = None
 
 
 AnyEvent = Accepted | Scheduled | Started | Log | Progress | Checkpoint | ConfessionEvent | (

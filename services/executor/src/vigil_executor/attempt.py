@@ -114,6 +114,7 @@ from vigil_executor.runtime import Container, ContainerError, ContainerSpec, Exi
 from vigil_executor.sandbox import container_spec
 from vigil_executor.secrets import NO_SECRETS, SecretRefused
 from vigil_executor.sink import EventSink
+from vigil_executor.watchdog import Crossing, Watchdog
 
 if TYPE_CHECKING:
     from vigil_executor.service import Executor
@@ -161,6 +162,7 @@ class Attempt:
         self._background: set[asyncio.Task[None]] = set()
         self._pump_task: asyncio.Task[None] | None = None  # the agent's output, once started
         self.env: EnvironmentRun | None = None  # its task's persistent environment, if any
+        self.watchdog: Watchdog | None = None  # measures the running agent (its resources)
 
     # entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -346,6 +348,7 @@ class Attempt:
                 state, status="running", attempt=state.attempt + 1,
                 executor=self.ex.settings.node_id, started_at=now, updated_at=now,
                 exit_code=None, error=None, finished_at=None, history=history[-HISTORY_KEPT:],
+                limit=None, peak=None,
                 work_seq=meta.sequence.stream, delivery=meta.num_delivered, retry_at=None,
             )
             new_rev = await store.cas(running, rev)
@@ -458,11 +461,21 @@ class Attempt:
             return Outcome("failed", None, error)
         ex.metrics.container_start.observe(time.perf_counter() - t0)
         started_at = time.monotonic()
+        watchdog = self.watchdog = Watchdog(spec.limits, cgroups=ex.runtime.limits_enforced,
+                                            interval_s=ex.settings.watchdog_interval_s)
+        unwatched = await watchdog.attach(ex.runtime, self.container.id, spec.workspace_volume)
         self.sink.emit(Started(
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
             image=spec.image, container=self.container.id[:12], resumed=resumed,
-            limits_enforced=ex.runtime.limits_enforced,
+            limits_enforced=ex.runtime.limits_enforced, resources=watchdog.resources,
         ), once=True)
+        if unwatched:
+            await self._confess("error", "watchdog_unavailable",
+                                f"the executor cannot watch this agent's "
+                                f"{', '.join(watchdog.unwatched())}: {'; '.join(unwatched)}",
+                                hint="its started event says how each limit is enforced "
+                                "(by: none or rlimit); run the executor as root or as the "
+                                "rootless Podman user, with /proc readable")
         self.output = output = AgentOutput(
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
@@ -474,11 +487,13 @@ class Attempt:
         stopper = asyncio.create_task(self._stop_event.wait())
         canceller = asyncio.create_task(self._cancel_event.wait())
         periodic = self._spawn(self._periodic_checkpoints())
+        guard = asyncio.create_task(watchdog.run())
         assert self._lease is not None
         timed_out = cancelled = False
+        crossing: Crossing | None = None
         try:
             done, _ = await asyncio.wait(
-                {waiter, stopper, canceller, self._lease}, timeout=spec.timeout_s,
+                {waiter, stopper, canceller, self._lease, guard}, timeout=spec.timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if self._lease in done:
@@ -487,7 +502,12 @@ class Attempt:
                 pump.cancel()
                 self._lease.result()  # raises LeaseLost
                 raise LeaseLost("lease renewal ended")
-            if waiter not in done and canceller in done:
+            if waiter not in done and guard in done:
+                # A runaway: killed at once, no grace (nor checkpoint: it would hold the
+                # runaway's state).
+                crossing = guard.result()
+                await self.container.stop(0)
+            elif waiter not in done and canceller in done:
                 # Cancelled: SIGTERM, the grace period, then SIGKILL. No checkpoint: the
                 # task will not run again.
                 cancelled = True
@@ -518,6 +538,8 @@ class Attempt:
             stopper.cancel()
             canceller.cancel()
             periodic.cancel()
+            guard.cancel()
+            watchdog.close()
             if not waiter.done():
                 waiter.cancel()
         try:
@@ -529,6 +551,11 @@ class Attempt:
         if cancelled:
             reason = self.state.cancel_reason if self.state else None
             return Outcome("cancelled", exit_info.exit_code, reason or "cancelled")
+        if crossing is not None:
+            # Not retried (no retryable_cause): the same task would cross it again.
+            await self._confess("error", crossing.limit, crossing.error, hint=crossing.hint)
+            return Outcome("failed", exit_info.exit_code, crossing.error,
+                           limit=crossing.limit, peak=crossing.peak)
         return await self._judge(exit_info, output, timed_out, spec.timeout_s)
 
     def _image_progress(self, data: dict[str, Any]) -> None:
@@ -696,7 +723,17 @@ class Attempt:
         if code == 0:
             return Outcome("succeeded", 0, None)
         if exit_info.oom_killed:
-            error = f"killed by the kernel: out of memory (limit {self.ex.settings.memory_mb} MiB)"
+            memory = (self.watchdog.limits.memory_mb if self.watchdog is not None
+                      else self.ex.settings.memory_mb)
+            if self.watchdog is not None and self.watchdog.cgroups:
+                # The task's own cgroup limit: as precise an outcome as the watchdog's
+                # (the kernel killed it at the limit), and not retried either.
+                error = f"memory limit {memory} MiB reached: killed by the kernel (cgroup)"
+                await self._confess("error", "memory_limit", error, hint=(
+                    "raise resources.memory_mb in the task (up to the tenant's maximum, "
+                    "resources_max), else look for a leak"))
+                return Outcome("failed", code, error, limit="memory_limit", peak=memory)
+            error = f"killed by the kernel: out of memory (limit {memory} MiB)"
             await self._confess("error", "oom", error)
             return Outcome("failed", code, error,
                            retryable_cause=f"agent ran out of memory (exit code {code})")
@@ -739,6 +776,7 @@ class Attempt:
             ended = msgspec.structs.replace(
                 state, status=status, exit_code=outcome.exit_code,
                 error=error, finished_at=now, updated_at=now,
+                limit=outcome.limit, peak=outcome.peak,
                 history=[*state.history, record][-HISTORY_KEPT:],
                 # An agent that never started printed nothing: the evidence is still the
                 # last run's output.
@@ -762,7 +800,7 @@ class Attempt:
         self.sink.emit(Finished(
             task_id=final.id, attempt=final.attempt, time=now, status=final.status,
             exit_code=final.exit_code, error=final.error, executor=final.executor,
-            tenant=final.tenant,
+            tenant=final.tenant, limit=final.limit, peak=final.peak,
             duration_s=(now - (final.started_at or now)).total_seconds(),
         ), once=True)
         await self.sink.drain()
@@ -884,7 +922,7 @@ class Attempt:
         self.sink.emit(Finished(
             task_id=state.id, attempt=state.attempt, time=state.finished_at or utcnow(),
             status=state.status, exit_code=state.exit_code, error=state.error,
-            executor=state.executor,
+            executor=state.executor, limit=state.limit, peak=state.peak,
             duration_s=((state.finished_at - state.started_at).total_seconds()
                         if state.finished_at and state.started_at else None),
         ), once=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from vigil.messages import TaskState, WorkItem
+from vigil.messages import LimitName, TaskState, WorkItem
 from vigil_executor.checkpoint_rules import set_aside
 
 
@@ -38,6 +38,9 @@ class Outcome:
     # The attempt failed and the task is ``dead`` with it (its checkpoint would not
     # restore, delivery after delivery): final, not retried.
     dead: bool = False
+    # A resource limit the agent crossed (it was stopped for it), and the peak measured.
+    limit: LimitName | None = None
+    peak: float | None = None
 
 
 class RestoreGaveUp(Exception):

@@ -48,6 +48,7 @@ from vigil_executor.runtime import (
     ContainerError,
     ContainerSpec,
     ExitInfo,
+    HostView,
     Leftover,
     LineSplitter,
     Stream,
@@ -282,7 +283,9 @@ class PodmanRuntime:
             self._limits_enforced = False
             self._limits_note = (
                 f"cgroup {version or 'unknown'} rootless: memory/CPU/pids limits cannot be "
-                "enforced by cgroups on this host; only rlimits (nofile, nproc, data) apply"
+                "enforced by cgroups on this host; the executor's watchdog measures each "
+                "agent (memory, processes, workspace size) and stops it past its limits; "
+                "CPU is not limited; rlimits (nofile, nproc, data) apply"
             )
 
     async def close(self) -> None:
@@ -449,9 +452,13 @@ class PodmanRuntime:
                 resources["cpu"] = {"quota": int(limits.cpus * period), "period": period}
             body["resource_limits"] = resources
         else:
-            # No cgroup limits here: cap the data segment so one agent cannot take the
-            # host's memory (runc itself needs more than 64 MiB, so never go below that).
-            data = max(limits.memory_mb, 128) * 1024 * 1024
+            # No cgroup limits here: the executor's watchdog enforces the task's memory
+            # (all its processes' PSS). The data segment is capped too, per process, as the
+            # backstop against one process outrunning a sample: half again the limit, so
+            # that a process growing past the limit is the watchdog's (a precise
+            # memory_limit outcome), not a malloc failure (RLIMIT_DATA counts reserved,
+            # not touched, memory). runc itself needs more than 64 MiB: never below 128.
+            data = max(limits.memory_mb * 3 // 2, 128) * 1024 * 1024
             body["r_limits"].append({"type": "data", "soft": data, "hard": data})
         return body
 
@@ -527,6 +534,19 @@ class PodmanRuntime:
         with contextlib.suppress(PodmanError):
             await self.call("DELETE", f"/volumes/{quote(name)}", params={"force": "true"},
                             ok=(204, 404))
+
+    async def host_view(self, cid: str, volume: str) -> HostView | None:
+        """The container's init pid (``State.Pid``, in the host's pid namespace) and the
+        volume's ``Mountpoint``: two inspects, once per attempt."""
+        answers: tuple[Any, Any] = await asyncio.gather(
+            self.call("GET", f"/containers/{cid}/json"),
+            self.call("GET", f"/volumes/{quote(volume)}/json"), return_exceptions=True)
+        info, vol = answers
+        state = info.get("State") if isinstance(info, dict) else None
+        pid = state.get("Pid") if isinstance(state, dict) else None
+        mount = vol.get("Mountpoint") if isinstance(vol, dict) else None
+        return HostView(pid=int(pid) if isinstance(pid, int) and pid > 0 else None,
+                        workspace=str(mount) if mount else None)
 
     async def find_containers(self, node_id: str) -> list[Leftover]:
         """Containers this node's executor created (running or not), by label."""

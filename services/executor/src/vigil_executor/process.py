@@ -22,7 +22,14 @@ from typing import BinaryIO
 
 from vigil.errors import VigilError
 from vigil.messages import ANY_IMAGE
-from vigil_executor.runtime import ContainerSpec, ExitInfo, Leftover, LineSplitter, Stream
+from vigil_executor.runtime import (
+    ContainerSpec,
+    ExitInfo,
+    HostView,
+    Leftover,
+    LineSplitter,
+    Stream,
+)
 
 
 def _tar_dir(root: Path) -> bytes:
@@ -172,6 +179,9 @@ class ProcessRuntime:
     async def remove_volume(self, name: str) -> None:
         shutil.rmtree(self._root / name, ignore_errors=True)
 
+    async def host_view(self, cid: str, volume: str) -> HostView | None:
+        return None  # unsafe: no limits at all (its limits_note says so)
+
     async def find_containers(self, node_id: str) -> list[Leftover]:
         return []  # child processes die with the executor (their session is killed)
 
@@ -250,6 +260,9 @@ class NullRuntime:
 
     async def remove_volume(self, name: str) -> None:
         pass
+
+    async def host_view(self, cid: str, volume: str) -> HostView | None:
+        return None
 
     async def find_containers(self, node_id: str) -> list[Leftover]:
         return []

@@ -33,12 +33,14 @@ class Advertiser:
     def __init__(self, js: JetStreamContext, *, node: str, pool: str, labels: dict[str, str],
                  slots: int, runtime: str, every_s: float,
                  running: Callable[[], list[str]],
-                 images: Callable[[], Awaitable[list[str] | None]] | None = None) -> None:
+                 images: Callable[[], Awaitable[list[str] | None]] | None = None,
+                 enforcement: dict[str, str] | None = None) -> None:
         """``running`` returns the tenant of each attempt running here; ``images`` the
         image names this node holds (:meth:`Runtime.images`)."""
         self.js = js
         self.node, self.pool, self.labels, self.slots = node, pool, labels, slots
         self.runtime, self.every_s, self.running = runtime, every_s, running
+        self.enforcement = enforcement or {}
         self.draining = False
         self.started_at: datetime = utcnow()
         self._kv: KeyValue | None = None
@@ -63,7 +65,7 @@ class Advertiser:
             node=self.node, pool=self.pool, labels=self.labels, slots=self.slots,
             running=sum(tenants.values()), tenants=dict(tenants), draining=self.draining,
             runtime=self.runtime, version=__version__, started_at=self.started_at,
-            seen_at=utcnow(), images=self.images,
+            seen_at=utcnow(), images=self.images, enforcement=self.enforcement,
         )
 
     async def publish(self) -> None:

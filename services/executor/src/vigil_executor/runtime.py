@@ -32,6 +32,16 @@ class Limits:
     cpus: float = 0.0  # 0 = no CPU quota
     nofile: int = 1024
     nproc: int = 4096
+    disk_mb: int = 0  # the workspace's size; 0 = none (enforced by the watchdog alone)
+
+
+@dataclass(frozen=True)
+class HostView:
+    """Where a running container is, seen from the host: its init's pid and its workspace
+    volume's directory (what the executor's watchdog reads; None when unknown)."""
+
+    pid: int | None = None
+    workspace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,11 @@ class Runtime(Protocol):
         ...
 
     async def remove_volume(self, name: str) -> None: ...
+
+    async def host_view(self, cid: str, volume: str) -> HostView | None:
+        """Where container ``cid`` and its workspace volume are on the host, for the
+        watchdog; None when this runtime cannot say."""
+        ...
 
     async def find_containers(self, node_id: str) -> list[Leftover]: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from vigil.messages import WorkItem
+from vigil.messages import Resources, WorkItem
 from vigil_executor.egress import EgressMount, proxy_env
 from vigil_executor.runtime import (
     CONTROL_PATH,
@@ -59,6 +59,20 @@ def workspace_volume(node_id: str, tenant: str, task_id: str, attempt: int) -> s
     return f"vigil-ws-{node_id}-{tenant}.{task_id}-a{attempt}"
 
 
+def task_limits(work: WorkItem, conf: ExecutorSettings) -> Limits:
+    """The task's ``resources`` (the scheduler filled in its tenant's defaults), each
+    field it leaves unset this node's setting."""
+    res = work.spec.resources or Resources()
+    return Limits(
+        pids=res.pids or conf.pids_limit,
+        memory_mb=res.memory_mb or conf.memory_mb,
+        cpus=res.cpus or conf.cpus,
+        nofile=conf.nofile,
+        nproc=conf.nproc,
+        disk_mb=res.disk_mb or conf.disk_mb,
+    )
+
+
 def container_spec(
     work: WorkItem, attempt: int, conf: ExecutorSettings, *, resumed: bool = False,
     control_dir: str | None = None, egress: EgressMount | None = None,
@@ -104,13 +118,7 @@ def container_spec(
         secrets_dir=secrets_dir,
         tmpfs=tmpfs_paths(env["HOME"]),
         tmpfs_mb=conf.tmpfs_mb,
-        limits=Limits(
-            pids=conf.pids_limit,
-            memory_mb=conf.memory_mb,
-            cpus=conf.cpus,
-            nofile=conf.nofile,
-            nproc=conf.nproc,
-        ),
+        limits=task_limits(work, conf),
         timeout_s=spec.timeout_s or 3600.0,
         stop_grace_s=conf.stop_grace_s,
     )

@@ -43,6 +43,7 @@ from vigil_executor.runtime import Runtime
 from vigil_executor.sandbox import workspace_volume
 from vigil_executor.secrets import Secrets
 from vigil_executor.settings import ExecutorSettings
+from vigil_executor.watchdog import node_enforcement
 
 log = structlog.get_logger("vigil.executor")
 
@@ -157,7 +158,9 @@ class Executor:
             self._advertiser = Advertiser(
                 self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
                 runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants,
-                images=self.images.advertised)
+                images=self.images.advertised,
+                enforcement=node_enforcement(cgroups=self.runtime.limits_enforced,
+                                             safe_runtime=self.runtime.name == "podman"))
             await self._advertiser.refresh_images()
             await self._advertiser.publish()
             advertising = asyncio.create_task(self._advertiser.run(self._stop))

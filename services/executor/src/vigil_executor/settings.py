@@ -64,11 +64,21 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     detail and all), and a longer one is refused with a ``confession_too_large``
     confession (the cut line is kept as log)."""
     pids_limit: Annotated[int, Meta(ge=16)] = 512
-    """Processes (and threads) per agent container. Enforced by cgroups only where cgroup
-    v2 is delegated; the executor says so at start where it is not."""
+    """Processes (and threads) per agent container, for tasks whose ``resources`` set no
+    ``pids``. Enforced by cgroups where cgroup v2 is delegated, else by the watchdog."""
     memory_mb: Annotated[int, Meta(ge=128)] = 2048
-    """Memory per agent, in MiB; over it the kernel kills the agent (recorded as out of
-    memory). Without delegated cgroups it caps the data segment (RLIMIT_DATA) instead."""
+    """Memory per agent, in MiB, for tasks whose ``resources`` set no ``memory_mb``; over it
+    the kernel kills the agent where cgroup v2 is delegated, else the executor's watchdog
+    does (the sum of its processes' PSS); either way the task fails with ``memory_limit``.
+    Without delegated cgroups each process's data segment is also capped (RLIMIT_DATA, at
+    1.5 times this) as a backstop."""
+    disk_mb: Annotated[int, Meta(ge=0)] = 10_240
+    """Workspace size per agent, in MiB, for tasks whose ``resources`` set no ``disk_mb``
+    (0 = none). Enforced by the executor's watchdog, which measures the workspace volume
+    and stops the agent past it (ext4/xfs without project quotas cannot size a volume)."""
+    watchdog_interval_s: Annotated[float, Meta(ge=0.05, le=1)] = 0.5
+    """How often the watchdog measures each agent (memory, processes, workspace) where
+    cgroups cannot limit it; more often as a measure nears its limit."""
     cpus: Annotated[float, Meta(ge=0)] = 0.0
     """CPU quota per agent (0 = none). Enforced only where cgroup v2 is delegated."""
     nofile: Annotated[int, Meta(ge=64)] = 1024

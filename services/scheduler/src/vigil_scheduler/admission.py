@@ -14,7 +14,7 @@ import msgspec
 from vigil import codec, ids, subjects
 from vigil.errors import InvalidTask
 from vigil.messages import TaskState, WorkItem
-from vigil_scheduler import egress_policy, environments
+from vigil_scheduler import egress_policy, environments, resources
 from vigil_scheduler.settings import SchedulerSettings
 
 
@@ -97,6 +97,8 @@ def admit(
     try:
         egress = egress_policy.effective(merged, tenant, limits.egress_default,
                                          limits.egress_max)
+        wanted = resources.effective(merged.resources, tenant, limits.resources_default,
+                                     limits.resources_max)
     except InvalidTask as exc:  # a valid spec the tenant's limits refuse: its id is known
         return Reject(task_id=task_id, tenant=tenant, error=str(exc), field=exc.field)
     resolved = msgspec.structs.replace(
@@ -106,6 +108,7 @@ def admit(
         timeout_s=spec.timeout_s or conf.default_timeout_s,
         max_attempts=spec.max_attempts or conf.default_max_attempts,
         egress=egress,
+        resources=wanted,
     )
     state = TaskState(
         id=task_id,

@@ -9,9 +9,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from vigil.messages import ID_PATTERN
+from vigil.messages import ID_PATTERN, Resources
 from vigil.settings import CommonSettings, default_node_id
-from vigil_scheduler import egress_policy
+from vigil_scheduler import egress_policy, resources
 
 
 class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
@@ -45,6 +45,15 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
     """The most a task's ``egress`` may allow, comma separated (a tenant's ``egress_max``
     replaces it): a rule not within it is rejected naming ``$.egress.allow[i]``. ``*``
     allows anything, ``*:443`` any host on that port; else rules as in a task."""
+    resources_default: str = ""
+    """Resources for tasks, as JSON shaped like a task's ``resources`` (e.g. ``{"memory_mb":
+    1024, "disk_mb": 4096, "pids": 256}``): each field a task leaves out takes this value
+    (a tenant's ``resources_default`` in VIGIL_TENANT_LIMITS overrides it field by field).
+    A field set nowhere is the executor's node setting (VIGIL_MEMORY_MB ...)."""
+    resources_max: str = ""
+    """The most a task's ``resources`` may ask for, JSON as for VIGIL_RESOURCES_DEFAULT (a
+    tenant's ``resources_max`` overrides it field by field): a task over it is rejected
+    naming ``$.resources.<field>`` and the maximum. A field without one is not bounded."""
     unservable_after_s: Annotated[float, Meta(ge=0, le=600)] = 6.0
     """After start, how long to wait for executors to advertise themselves before saying
     that a task's pool (or labels) has no live executor."""
@@ -58,9 +67,16 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
         egress_policy.check_settings(fleet.egress_default, fleet.egress_max,
                                      default_name="VIGIL_EGRESS_DEFAULT",
                                      max_name="VIGIL_EGRESS_MAX")
+        resources.check_settings(fleet.resources_default, fleet.resources_max,
+                                 default_name="VIGIL_RESOURCES_DEFAULT",
+                                 max_name="VIGIL_RESOURCES_MAX")
         for tenant in _limits_table(self.tenant_limits):
             limits = self.limits_for(tenant)
             where = f"VIGIL_TENANT_LIMITS: tenant {tenant!r}"
+            resources.check_settings(limits.resources_default, limits.resources_max,
+                                     default_name=f"{where} resources_default (with "
+                                     "VIGIL_RESOURCES_DEFAULT)",
+                                     max_name="its resources_max (with VIGIL_RESOURCES_MAX)")
             egress_policy.check_settings(limits.egress_default, limits.egress_max,
                                          default_name=f"{where} egress_default (or "
                                          "VIGIL_EGRESS_DEFAULT)",
@@ -76,6 +92,12 @@ class SchedulerSettings(CommonSettings, frozen=True, kw_only=True):
                             else egress_policy.split(self.egress_default)),
             egress_max=(tuple(own.egress_max) if own and own.egress_max is not None
                         else egress_policy.split(self.egress_max)),
+            resources_default=resources.merged(
+                resources.parse(self.resources_default, "VIGIL_RESOURCES_DEFAULT"),
+                own.resources_default if own else None),
+            resources_max=resources.merged(
+                resources.parse(self.resources_max, "VIGIL_RESOURCES_MAX"),
+                own.resources_max if own else None),
         )
 
 
@@ -85,6 +107,8 @@ class Limits:
     max_running: int
     egress_default: tuple[str, ...] = ()
     egress_max: tuple[str, ...] = ("*",)
+    resources_default: Resources = resources.NONE
+    resources_max: Resources = resources.NONE
 
 
 class TenantLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +118,12 @@ class TenantLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Egress rules for the tenant's tasks that name none (replaces VIGIL_EGRESS_DEFAULT)."""
     egress_max: Annotated[list[str], Meta(max_length=256)] | None = None
     """The most the tenant's tasks may allow (replaces VIGIL_EGRESS_MAX); ``[]``: nothing."""
+    resources_default: Resources | None = None
+    """Resources for the tenant's tasks that leave a field out (each field it sets
+    replaces VIGIL_RESOURCES_DEFAULT's)."""
+    resources_max: Resources | None = None
+    """The most the tenant's tasks may ask for (each field it sets replaces
+    VIGIL_RESOURCES_MAX's)."""
 
 
 @functools.lru_cache(maxsize=4)
