@@ -462,6 +462,7 @@ class Attempt:
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
             image=spec.image, container=self.container.id[:12], resumed=resumed,
             limits_enforced=ex.runtime.limits_enforced,
+            resources=ex.isolation.resources() if ex.isolation is not None else {},
         ), once=True)
         self.output = output = AgentOutput(
             work.task_id, attempt, self.sink.emit,
