@@ -50,7 +50,7 @@ HOST_CAUSES: tuple[tuple[str, str], ...] = (
     ("layer not known", "storage_corrupt"),
     ("database is locked", "podman_db"),
     # Every subordinate id of the Podman user is taken by running agents' namespaces.
-    ("not enough unused ids", "userns_exhausted"),
+    ("could not find enough available ids", "userns_exhausted"),
 )
 # Failures of the task's own request: its command, its settings.
 TASK_CAUSES: tuple[tuple[str, str], ...] = (
