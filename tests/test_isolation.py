@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from support import Platform, as_user, eventually
 from vigil import subjects
 from vigil.embedded import AGENT_NICE, PodmanService
+from vigil_executor.isolation import nice_of
 from vigil_executor.service import Executor
 
 pytestmark = [pytest.mark.integration, pytest.mark.podman]
@@ -128,12 +129,14 @@ async def line_of(platform: Platform, task_id: str, prefix: str,
     return await eventually(probe, timeout=timeout, what=f"{task_id} to print {prefix!r}")
 
 
-async def host_uid_of(ex: Executor, container: str) -> int:
-    """The host uid the container's first process runs as, read from the host's /proc."""
+async def host_view(ex: Executor, container: str) -> tuple[int, int | None]:
+    """The host uid and nice value of the container's first process, as the host's /proc
+    (and ``ps -o uid,ni``) sees them."""
     info = await ex.runtime.call("GET", f"/containers/{container}/json")  # type: ignore[attr-defined]
-    status = await asyncio.to_thread(Path(f"/proc/{info['State']['Pid']}/status").read_text)
+    pid = info["State"]["Pid"]
+    status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
     uid_line = next(x for x in status.splitlines() if x.startswith("Uid:"))
-    return int(uid_line.split()[1])
+    return int(uid_line.split()[1]), nice_of(pid)
 
 
 def podman_uid() -> int:
@@ -186,9 +189,14 @@ async def test_concurrent_agents_have_host_uids_of_their_own(
         assert inside == 0 and count == ex.settings.userns_size
         ranges.append(range(outer, outer + count))
     assert not set(ranges[0]) & set(ranges[1])  # disjoint: no uid in common
-    uids = [await host_uid_of(ex, platform.events.of(t, "started")[0]["container"])
+    seen = [await host_view(ex, platform.events.of(t, "started")[0]["container"])
             for t in ("one", "two")]
+    uids = [uid for uid, _ in seen]
     assert uids[0] != uids[1] and not {0, podman_uid()} & set(uids)
+    # Below the services' priority, as the host sees it (the executor runs in this process).
+    assert [nice for _, nice in seen] == [AGENT_NICE, AGENT_NICE]
+    assert nice_of(os.getpid()) == 0
+    print(f"agents' host uids {uids}, nice {[nice for _, nice in seen]}; executor nice 0")
     for tenant, task in ((acme, "one"), (beta, "two")):
         await tenant.cancel(task)
         assert (await platform.final_state(task, timeout=60)).status == "cancelled"
