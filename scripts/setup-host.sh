@@ -29,10 +29,28 @@ if ! id "$PODMAN_USER" >/dev/null 2>&1; then
   say "creating unprivileged user '$PODMAN_USER' for rootless Podman"
   "${SUDO[@]}" useradd --create-home --shell /usr/sbin/nologin "$PODMAN_USER"
 fi
-if ! grep -q "^$PODMAN_USER:" /etc/subuid || ! grep -q "^$PODMAN_USER:" /etc/subgid; then
-  say "granting subordinate uid/gid ranges to '$PODMAN_USER'"
-  "${SUDO[@]}" usermod --add-subuids 231072-296607 --add-subgids 231072-296607 "$PODMAN_USER"
-fi
+# Every agent runs in a user namespace of its own (VIGIL_USERNS_SIZE ids, default 2048),
+# carved by Podman out of this user's subordinate ids: the range must hold one per slot.
+# Default: room for the most slots an executor may advertise (512), so any VIGIL_SLOTS
+# fits; set VIGIL_SLOTS (and VIGIL_USERNS_SIZE) here to size it for yours. A smaller
+# range is grown by adding one after every range in the file (no overlap with anyone's).
+per_agent="${VIGIL_USERNS_SIZE:-2048}"
+[ "$per_agent" -gt 0 ] || per_agent=2048
+want=$(( ${VIGIL_SLOTS:-512} * per_agent ))
+[ "$want" -ge 65536 ] || want=65536
+grown=0
+for kind in uid gid; do
+  file="/etc/sub$kind"
+  "${SUDO[@]}" touch "$file"
+  have="$(awk -F: -v u="$PODMAN_USER" '$1 == u { n += $3 } END { print n + 0 }' "$file")"
+  if [ "$have" -lt "$want" ]; then
+    start="$(awk -F: 'BEGIN { m = 100000 } NF >= 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' "$file")"
+    end=$(( start + want - have - 1 ))
+    say "growing the subordinate ${kind}s of '$PODMAN_USER' from $have to $want (${VIGIL_SLOTS:-512} agents of $per_agent): adding $start-$end"
+    "${SUDO[@]}" usermod "--add-sub${kind}s" "$start-$end" "$PODMAN_USER"
+    grown=1
+  fi
+done
 home="$(getent passwd "$PODMAN_USER" | cut -d: -f6)"
 conf="$home/.config/containers"
 # overlay, not the vfs default (3-7 s per container); runc, because crun fails on hybrid
@@ -57,6 +75,13 @@ if ! probe="$(as_podman_user podman info --format '{{.Host.RemoteSocket.Path}}' 
    grep -q 'system migrate' <<<"$probe"; then
   say "resetting rootless Podman state left by a previous session (podman system migrate)"
   as_podman_user podman system migrate 2>&1 | grep -v 'shared mount' >&2 || true
+fi
+
+# Podman keeps the user namespace it made with the old range (in its pause process) until
+# `podman system migrate`, which stops the user's running containers: not done here.
+if [ "$grown" = 1 ] && pgrep -u "$PODMAN_USER" -f 'catatonit -P' >/dev/null; then
+  say "Podman still uses $PODMAN_USER's old subordinate range: when no agent runs, stop the"
+  say "executors and run \`podman system migrate\` as $PODMAN_USER (or reboot) to use the new one"
 fi
 
 # --- uv and the Python environment ---------------------------------------------------------

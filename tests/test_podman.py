@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import re
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,15 @@ print("FACTS " + json.dumps(facts))
 """
 
 
+def host_uid(info: dict[str, Any], outer: int) -> int:
+    """The host uid of id ``outer`` of the rootless Podman user's namespace (Podman's
+    ``/info`` has that namespace's map)."""
+    for m in info["host"]["idMappings"]["uidmap"]:
+        if m["container_id"] <= outer < m["container_id"] + m["size"]:
+            return int(m["host_id"] + outer - m["container_id"])
+    raise AssertionError(f"{outer} is not mapped in the Podman user's namespace")
+
+
 async def podman_platform(platform: Platform, podman: PodmanService, **overrides) -> Executor:
     await platform.scheduler()
     return await platform.executor(**{"runtime": "podman", "unsafe_runtime": False,
@@ -57,10 +67,16 @@ async def test_container_is_rootless_offline_readonly(
     assert state.status == "succeeded", state.error
     lines = [line for e in platform.events.of("probe", "log") for line in e["lines"]]
     facts = json.loads(next(line for line in lines if line.startswith("FACTS "))[6:])
-    # Rootless: container root maps to an unprivileged host uid, never to host root.
-    inside, host, count = (int(x) for x in facts["uid_map"][:3])
-    expected = pwd.getpwnam("vigil").pw_uid if os.geteuid() == 0 else os.getuid()
-    assert inside == 0 and host == expected and host != 0 and count == 1
+    # Rootless, and a user namespace of its own: container root maps to one of the
+    # Podman user's subordinate ids (the map's host column is an id of the Podman user's
+    # namespace, which maps 1.. onto that range), never to host root nor to the Podman
+    # user itself, and the agent has VIGIL_USERNS_SIZE ids.
+    inside, outer, count = (int(x) for x in facts["uid_map"][:3])
+    assert len(facts["uid_map"]) == 3  # one range
+    podman_uid = pwd.getpwnam("vigil").pw_uid if os.geteuid() == 0 else os.getuid()
+    host = host_uid(ex.runtime.info, outer)
+    assert inside == 0 and outer >= 1 and count == ex.settings.userns_size == 2048
+    assert host not in (0, podman_uid)
     assert facts["interfaces"] == ["lo"]  # no network but loopback
     assert facts["root_writable"] is False and facts["root_error"] == "Read-only file system"
     assert facts["cap_eff"] == "0000000000000000"  # every capability dropped

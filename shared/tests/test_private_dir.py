@@ -20,22 +20,25 @@ def test_made_private(tmp_path: Path) -> None:
     assert mode(path) == 0o700
 
 
-def test_opened_to_traversal_by_podman_is_closed_again(tmp_path: Path) -> None:
-    # `podman build` leaves its runtime dir 0711; vigil up must still start after it.
+def test_podmans_runtime_dir_may_be_searchable(tmp_path: Path) -> None:
+    # Podman makes its runtime dir 0711 itself (podman build, a container in a user
+    # namespace of its own); vigil up must still start after it, and leave it so.
     path = tmp_path / "rt"
     path.mkdir(mode=0o700)
     path.chmod(0o711)
-    assert private_dir(path, os.getuid(), os.getgid()) == path
-    assert mode(path) == 0o700
+    assert private_dir(path, os.getuid(), os.getgid(), searchable=True) == path
+    assert mode(path) == 0o711
+    with pytest.raises(StackError, match="not a private directory"):
+        private_dir(path, os.getuid(), os.getgid())  # any other private dir: refused
 
 
-@pytest.mark.parametrize("bits", [0o755, 0o770, 0o707])
+@pytest.mark.parametrize("bits", [0o755, 0o770, 0o707, 0o713])
 def test_readable_or_writable_by_others_is_refused(tmp_path: Path, bits: int) -> None:
     path = tmp_path / "rt"
     path.mkdir()
     path.chmod(bits)
     with pytest.raises(StackError, match="not a private directory"):
-        private_dir(path, os.getuid(), os.getgid())
+        private_dir(path, os.getuid(), os.getgid(), searchable=True)
     assert mode(path) == bits  # left as it was
 
 

@@ -135,3 +135,31 @@ def test_relative_tar_refuses_a_member_outside_the_directory() -> None:
     src.seek(0)
     with pytest.raises(tarfile.TarError, match="outside the archived workspace"):
         relative_tar(src, io.BytesIO(), "workspace")
+
+
+def test_every_member_becomes_the_agents_roots() -> None:
+    """Podman 4.3 exports an agent in its own user namespace with its root's files owned
+    by an id of the Podman user's namespace (2049 here); imported as is, another agent's
+    restore fails. Owners are reset to 0, PAX owner records included."""
+    src = io.BytesIO()
+    with tarfile.open(fileobj=src, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("workspace", "workspace/d"):
+            info = tarfile.TarInfo(name)
+            info.uid = info.gid = 2049
+            info.uname = info.gname = "stranger"
+            info.pax_headers = {"uid": "3000000", "gid": "3000000"}  # past ustar's field
+            if name == "workspace":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b"data"))
+    src.seek(0)
+    out = io.BytesIO()
+    relative_tar(src, out, "workspace")
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.uid, member.gid, member.uname, member.gname) == (
+            "d", 0, 0, "", "")
+        assert tar.extractfile(member).read() == b"data"  # type: ignore[union-attr]

@@ -40,6 +40,9 @@ HOST = [
      "memory"),
     (500, "layer not known", "layer not known", "storage_corrupt"),
     (500, "database is locked", "acquiring lock 3: database is locked", "podman_db"),
+    # Every subordinate id of the Podman user is in running agents' namespaces.
+    (500, "could not find enough available IDs", "creating container storage: could not find "
+     "enough available IDs", "userns_exhausted"),
     # Any other 5xx: the service's failure (a mount source it cannot stat, a conmon crash).
     (500, "no such file or directory", "statfs /tmp/vigil-executor-n1/control/t-a1: no such "
      "file or directory", "podman_5xx"),

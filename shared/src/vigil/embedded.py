@@ -40,6 +40,10 @@ from vigil.permissions import shipped_users
 from vigil.secrets import write_key_file
 
 SERVICES = ("scheduler", "executor", "auditor", "gateway")
+# The Podman service's nice value, and so its agents' (it spawns conmon, which spawns
+# runc and the agent; each inherits it): agents lose every contest for the CPU with
+# Vigil's own processes (nice 0), so a busy agent never starves the services.
+AGENT_NICE = 10
 DEFAULT_TENANT = "default"  # what `vigil up`'s own token and NATS user act as
 START_TIMEOUT_S = 60.0
 
@@ -86,13 +90,21 @@ class Child:
     user: int | None = None
     group: int | None = None
     cwd: str | None = None
+    nice: int = 0  # added to ours: its children inherit it
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        nice = self.nice
+
+        def prepare() -> None:
+            die_with_parent()
+            if nice:
+                os.nice(nice)
+
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                stdin=subprocess.DEVNULL, preexec_fn=prepare,
                 user=self.user, group=self.group,
                 extra_groups=[] if self.user is not None else None,
                 cwd=self.cwd, start_new_session=True,
@@ -124,29 +136,23 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def private_dir(path: Path, uid: int, gid: int) -> Path:
+def private_dir(path: Path, uid: int, gid: int, *, searchable: bool = False) -> Path:
     """Make ``path`` a directory only ``uid`` can use, or prove it already is one.
 
     These live in /tmp under predictable names: an existing one that is a symlink, or
     belongs to someone else, or is open to others, is refused rather than chowned
     (which would follow a planted symlink) or trusted (a planted Podman socket).
+    ``searchable``: others may hold the search bit (not read nor write): Podman makes
+    its runtime directory 0711 itself (measured: on the first attach to a container in a
+    user namespace of its own, and on ``podman build``), so that one is not refused.
     """
+    allowed = 0o011 if searchable else 0
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         st = os.lstat(path)
-        if (stat.S_ISDIR(st.st_mode) and st.st_uid == uid
-                and st.st_mode & 0o077 and not st.st_mode & 0o066):
-            # Podman itself opens its runtime dir to traversal (0711) when the user runs
-            # `podman build` there: the user's own doing, and nobody else could have made
-            # it so. Close it again, through a descriptor that cannot follow a link.
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                os.fchmod(fd, 0o700)
-            finally:
-                os.close(fd)
-            st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != uid
+                or st.st_mode & 0o077 & ~allowed):
             raise StackError(
                 f"{path} exists but is not a private directory of uid {uid} (owner "
                 f"{st.st_uid}, mode {stat.filemode(st.st_mode)}); remove it and retry"
@@ -432,11 +438,14 @@ class PodmanService:
 
     Run as root, it runs as the unprivileged ``user`` (default ``vigil``): containers are
     then rootless (container root = that user's uid). Run as anyone else, it runs as them.
+    It runs ``nice`` (default AGENT_NICE) steps below its parent, and so do its agents.
     """
 
     def __init__(self, log_path: Path, *, user: str | None = None,
-                 sock_dir: Path | None = None, tag: str = "default") -> None:
+                 sock_dir: Path | None = None, tag: str = "default",
+                 nice: int = AGENT_NICE) -> None:
         self.log_path = log_path
+        self._nice = nice
         self._user = user
         self._sock_dir = sock_dir
         self._tag = tag
@@ -467,7 +476,8 @@ class PodmanService:
             user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
             runtime_dir = Path(f"/run/user/{user}")
             if not runtime_dir.is_dir():
-                runtime_dir = private_dir(Path(f"/tmp/vigil-runtime-{user}"), user, group)
+                runtime_dir = private_dir(Path(f"/tmp/vigil-runtime-{user}"), user, group,
+                                          searchable=True)
             sock_dir = private_dir(
                 self._sock_dir or Path(f"/tmp/vigil-podman-{user}-{self._tag}"), user, group)
             self.user_name = name
@@ -476,7 +486,8 @@ class PodmanService:
             me, my_group = os.getuid(), os.getgid()
             runtime_env = os.environ.get("XDG_RUNTIME_DIR")
             runtime_dir = (Path(runtime_env) if runtime_env else
-                           private_dir(Path(f"/tmp/vigil-runtime-{me}"), me, my_group))
+                           private_dir(Path(f"/tmp/vigil-runtime-{me}"), me, my_group,
+                                       searchable=True))
             sock_dir = private_dir(
                 self._sock_dir or Path(f"/tmp/vigil-podman-{me}-{self._tag}"), me, my_group)
             self.user_name = pwd.getpwuid(os.getuid()).pw_name
@@ -490,7 +501,8 @@ class PodmanService:
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         }
         self.child = Child("podman", [podman, "system", "service", "--time=0", f"unix://{sock}"],
-                           env, self.log_path, user=user, group=group, cwd=home)
+                           env, self.log_path, user=user, group=group, cwd=home,
+                           nice=self._nice)
         self.child.start()
         self.socket = sock
         await self._wait(sock, timeout_s)

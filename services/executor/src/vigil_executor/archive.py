@@ -30,6 +30,8 @@ FORMAT = tarfile.PAX_FORMAT
 # record would win over them when the member is written again (tarfile gives an
 # existing PAX record priority), putting the member back under ``workspace/``.
 NAME_RECORDS = ("path", "linkpath", "hdrcharset")
+# Records of the owner: relative_tar makes every member the agent's root's (see there).
+OWNER_RECORDS = ("uid", "gid", "uname", "gname")
 
 
 def tar_end(archive: BinaryIO) -> int | None:
@@ -52,6 +54,14 @@ def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
 
     Raises ``tarfile.TarError`` for a member outside the directory: Podman never writes
     one, and unpacking it elsewhere than it was would be a silent corruption.
+
+    Every member is owned by uid/gid 0, the agent's root. Podman 4.3 exports a container
+    in a user namespace of its own with the owners *not* mapped back (measured: the
+    agent's root's files came out as 2049/2049, an id of the Podman user's namespace),
+    and its import maps them as container ids again: into another agent's namespace
+    that failed the restore ("container ID 2049 cannot be mapped to a host ID") or gave
+    the files to a stranger. An agent has no CAP_CHOWN nor CAP_SETUID, so everything in
+    its workspace is its root's: 0 is the owner it had, whatever the export says.
     """
     prefix: str | None = None  # decided by the first member: the directory's own entry
 
@@ -80,7 +90,9 @@ def relative_tar(src: BinaryIO, dst: BinaryIO, dirname: str) -> None:
                 # A hard link names another member: renamed with it, or the importer
                 # fails the whole restore ("link /workspace/a /b: no such file").
                 member.linkname = relative(member.linkname)
+            member.uid = member.gid = 0
+            member.uname = member.gname = ""
             member.pax_headers = {k: v for k, v in member.pax_headers.items()
-                                  if k not in NAME_RECORDS}
+                                  if k not in NAME_RECORDS and k not in OWNER_RECORDS}
             data = tin.extractfile(member) if member.isreg() else None
             tout.addfile(member, data)

@@ -467,7 +467,9 @@ class Attempt:
         self.sink.emit(Started(
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
             image=spec.image, container=self.container.id[:12], resumed=resumed,
-            limits_enforced=ex.runtime.limits_enforced, resources=watchdog.resources,
+            limits_enforced=ex.runtime.limits_enforced,
+            resources={**watchdog.resources,
+                       **(ex.isolation.resources() if ex.isolation is not None else {})},
         ), once=True)
         if unwatched:
             await self._confess("error", "watchdog_unavailable",

@@ -26,6 +26,7 @@ import structlog
 from vigil.errors import ImageNotFound, RuntimeUnavailable
 from vigil.messages import MAX_ADVERTISED_IMAGES
 from vigil_executor.archive import END_OF_ARCHIVE, relative_tar, tar_end
+from vigil_executor.isolation import Isolation
 from vigil_executor.podman_errors import (
     INIT_FAILED_EXIT,
     INIT_LINES,
@@ -241,6 +242,12 @@ class PodmanRuntime:
         self._limits_enforced = False
         self._limits_note = ""
         self.info: dict[str, Any] = {}
+        # Set by the executor once it has prepared it (vigil_executor.isolation).
+        self.isolation = Isolation()
+
+    @property
+    def socket(self) -> str:
+        return self._path
 
     @property
     def limits_enforced(self) -> bool:
@@ -442,6 +449,15 @@ class PodmanRuntime:
                 {"type": "nproc", "soft": limits.nproc, "hard": limits.nproc},
             ],
         }
+        isolation = self.isolation
+        if isolation.userns_size:
+            # Podman 4.3's API ignores ``userns`` alone (measured: the container ran as
+            # the Podman user); the id mappings are what it acts on.
+            body["userns"] = {"nsmode": "auto", "value": f"size={isolation.userns_size}"}
+            body["idmappings"] = {"AutoUserNs": True,
+                                  "AutoUserNsOpts": {"Size": isolation.userns_size}}
+        if isolation.seccomp_path is not None:
+            body["seccomp_profile_path"] = isolation.seccomp_path
         if self._limits_enforced:
             resources: dict[str, Any] = {
                 "pids": {"limit": limits.pids},

@@ -49,6 +49,8 @@ HOST_CAUSES: tuple[tuple[str, str], ...] = (
     ("mounting storage", "storage_mount"),
     ("layer not known", "storage_corrupt"),
     ("database is locked", "podman_db"),
+    # Every subordinate id of the Podman user is taken by running agents' namespaces.
+    ("could not find enough available ids", "userns_exhausted"),
 )
 # Failures of the task's own request: its command, its settings.
 TASK_CAUSES: tuple[tuple[str, str], ...] = (

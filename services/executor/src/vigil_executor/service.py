@@ -35,6 +35,8 @@ from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
 from vigil_executor.egress import EgressNode
 from vigil_executor.images import ImageLoader
+from vigil_executor.isolation import Isolation
+from vigil_executor.isolation import prepare as prepare_isolation
 from vigil_executor.metrics import Metrics
 from vigil_executor.podman import PodmanRuntime
 from vigil_executor.process import NullRuntime, ProcessRuntime
@@ -74,6 +76,7 @@ class Executor:
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.runtime: Runtime = runtime or make_runtime(settings)
+        self.isolation: Isolation | None = None  # Podman's only: set at start
         self.egress = EgressNode(settings, self.metrics)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -140,6 +143,9 @@ class Executor:
             self.environments = await EnvironmentStore.open(self._js)
             self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes)
             self._prepare_state_dir()
+            if isinstance(self.runtime, PodmanRuntime):
+                self.isolation = self.runtime.isolation = prepare_isolation(
+                    s, self.runtime.info, self.runtime.socket, self.state_dir)
             if self.runtime.name == "podman":
                 await self.egress.prepare(self.state_dir, self.publish_confession)
             self.secrets.prepare(SecretStore(self._js))  # also clears an earlier life's files

@@ -84,7 +84,22 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     nofile: Annotated[int, Meta(ge=64)] = 1024
     """Open files per agent process (RLIMIT_NOFILE, soft and hard); applies everywhere."""
     nproc: Annotated[int, Meta(ge=64)] = 4096
-    """RLIMIT_NPROC; note it counts every process of the rootless user, not per agent."""
+    """RLIMIT_NPROC per agent: processes (and threads) of its uid. With a user namespace
+    per agent (``VIGIL_USERNS_SIZE``, the default) each agent's count is its own; without
+    one it counts every process of the rootless Podman user, all agents' together."""
+    userns_size: Annotated[int, Meta(ge=0, le=65_536)] = 2048
+    """Subordinate ids per agent: each agent runs in a user namespace of its own
+    (Podman's ``--userns=auto:size=N``), so its processes have host uids no other agent
+    or service has, its RLIMIT_NPROC count is its own, and no agent can signal, trace or
+    read another's files. The Podman user's subordinate range must hold ``VIGIL_SLOTS``
+    times this (the executor refuses to start otherwise; scripts/setup-host.sh sizes it).
+    0 runs every agent as the Podman user's own uid (shared process count: one fork bomb
+    stops the next agent from starting); not for production."""
+    seccomp_base: str = ""
+    """The seccomp profile agents' syscalls start from (JSON, Podman's format), hardened
+    by the executor (nested namespaces, mounts and ``clone3`` refused) and written into
+    its state directory at start. Default: the profile the Podman service reports as its
+    own (``/usr/share/containers/seccomp.json`` on Debian)."""
     max_confessions: Annotated[int, Meta(ge=0)] = 100
     """Confession burst per task attempt: the size of its token bucket (full at start).
     Past it, confessions get through at ``VIGIL_CONFESSIONS_PER_MIN``; the rest are
