@@ -71,11 +71,14 @@ from vigil.messages import (
 )
 from vigil_executor import checkpoint_rules
 from vigil_executor.agentio import (
+    MIB,
     AgentOutput,
     ConfessionLimiter,
     ConfessionTooLarge,
     ControlError,
+    OutputLimit,
     clip,
+    mib,
 )
 from vigil_executor.checkpoint import (
     RESTORE_BACKOFF_S,
@@ -458,16 +461,20 @@ class Attempt:
             return Outcome("failed", None, error)
         ex.metrics.container_start.observe(time.perf_counter() - t0)
         started_at = time.monotonic()
+        limits = work.spec.resources
+        output_mb = (limits.output_mb if limits else None) or ex.settings.output_mb
         self.sink.emit(Started(
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
             image=spec.image, container=self.container.id[:12], resumed=resumed,
             limits_enforced=ex.runtime.limits_enforced,
+            resources={"output_mb": {"value": output_mb, "by": "executor"}},
         ), once=True)
         self.output = output = AgentOutput(
             work.task_id, attempt, self.sink.emit,
             on_confess=self._agent_confession,
             on_checkpoint=self._checkpoint_request,
             on_malformed=self._malformed, masker=self.secrets.masker,
+            limit_bytes=output_mb * MIB, on_limit=self._output_limit,
         )
         pump = self._pump_task = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
@@ -502,7 +509,7 @@ class Attempt:
                     await self.container.stop(ex.settings.stop_grace_s)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(pump, OUTPUT_GRACE_S)
-                    output.flush()
+                    output.close()
                     await self._drain_snapshot(waiter)
                     raise HandBack(self._stopping or "executor stopping")
                 timed_out = True
@@ -524,7 +531,7 @@ class Attempt:
             await asyncio.wait_for(pump, OUTPUT_GRACE_S)
         except TimeoutError:
             log.warning("output_stream_did_not_end")
-        output.flush()
+        output.close()
         ex.metrics.duration.observe(time.monotonic() - started_at)
         if cancelled:
             reason = self.state.cancel_reason if self.state else None
@@ -1285,6 +1292,17 @@ class Attempt:
         await self._confess("warning", "malformed_control_line",
                             f"agent printed a malformed ::vigil:: control line: {error}",
                             hint="see the agent contract in the README; the line was kept as log")
+
+    async def _output_limit(self, limit: OutputLimit) -> None:
+        """Once per attempt, when its output first goes past the limit."""
+        await self._confess(
+            "warning", "output_limit",
+            f"agent output passed its limit of {mib(limit.limit)}: the rest of this "
+            "attempt's output is dropped (a marker line says how much); the agent keeps "
+            "running",
+            hint="raise resources.output_mb in the task spec (up to the tenant's maximum; "
+            "VIGIL_OUTPUT_MB is the node's default), or have the agent write bulky output "
+            "to its workspace")
 
     async def _report_dropped(self) -> None:
         """Once per attempt, when its output ends: how many confessions the limit dropped."""
