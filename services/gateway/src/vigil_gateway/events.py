@@ -81,9 +81,9 @@ async def follow_task(
 ) -> AsyncIterator[tuple[Msg, Position] | None]:
     """A task's events after ``after``, each with the position after it; ``None`` on each
     idle tick (an SSE answer writes a keep-alive then). Each stream's events come in its
-    order, the two interleaved as they arrive. It ends after the final ``finished`` once
-    the output stored before it has been read too (the executor stores an attempt's
-    output before its outcome); when the task is terminal and quiet for QUIET_TICKS ticks
+    order, the two interleaved as they arrive. It ends with the final ``finished``, sent
+    once the output stored before it has been (the executor stores an attempt's output
+    before its outcome); when the task is terminal and quiet for QUIET_TICKS ticks
     (its recorder died before publishing ``finished``: no client may wait forever); and
     without ``follow`` once caught up with what is stored."""
     queue: asyncio.Queue[tuple[str, Msg]] = asyncio.Queue()
@@ -102,15 +102,23 @@ async def follow_task(
 
             subs.append(await js.subscribe(subjects.task_events(tenant, task_id), stream=stream,
                                            ordered_consumer=True, config=config, cb=put))
-        output_due: int | None = None  # once finished: the output stored before it
+        # The final finished, held back until the output stored before it has been sent
+        # (the streams are read side by side: it may arrive first), so that a client
+        # stopping at it misses nothing; and the last output sequence that is.
+        final: tuple[Msg, int] | None = None
         quiet = 0
         while not stopping.is_set():
-            if output_due is not None and position.output >= output_due:
+            if final is not None and position.output >= final[1]:
+                yield final[0], position.after(subjects.STREAM_EVENTS,
+                                               final[0].metadata.sequence.stream)
                 return
             try:
                 stream, msg = await asyncio.wait_for(queue.get(), tick_s)
             except TimeoutError:
-                if not follow or output_due is not None:
+                if final is not None:  # output that went (VIGIL_OUTPUT dropped its oldest)
+                    position = Position(position.events, final[1])
+                    continue
+                if not follow:
                     return
                 yield None
                 current = await store.get(tenant, task_id)
@@ -119,10 +127,14 @@ async def follow_task(
                     if quiet >= QUIET_TICKS:
                         return
                 continue
+            if (final is None and msg.subject.endswith(".finished")
+                    and _is_final(msg.data)):
+                final = msg, await _last_output(js, tenant, task_id)
+                continue
+            if final is not None and stream == subjects.STREAM_EVENTS:
+                continue  # nothing after the final finished is the task's
             position = position.after(stream, msg.metadata.sequence.stream)
             yield msg, position
-            if msg.subject.endswith(".finished") and _is_final(msg.data):
-                output_due = await _last_output(js, tenant, task_id)
             if not follow and msg.metadata.num_pending == 0:
                 caught_up.add(stream)
                 if caught_up == set(TASK_STREAMS) or await _nothing_in(js, tenant, task_id,
