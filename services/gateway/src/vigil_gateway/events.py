@@ -25,6 +25,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from vigil import codec, subjects
+from vigil.api import LAST_EVENT_ID_MAX
 from vigil.jetstream import TaskStore, read_stored
 from vigil.messages import ExecutorInfo, TaskState
 
@@ -50,7 +51,10 @@ class Position:
         match = POSITION_RE.fullmatch(text)
         if match is None:
             return None
-        return cls(int(match[1]), int(match[2] or 0))
+        events, output = int(match[1]), int(match[2] or 0)
+        if max(events, output) > LAST_EVENT_ID_MAX:
+            return None
+        return cls(events, output)
 
     def after(self, stream: str, seq: int) -> Position:
         if stream == subjects.STREAM_OUTPUT:
@@ -61,10 +65,10 @@ class Position:
         return self.output if stream == subjects.STREAM_OUTPUT else self.events
 
 
-# 18 digits: every sequence there will be, and one past it still a JetStream start
-# sequence. ([0-9], not \d: that would take other scripts' digits.)
-POSITION_PATTERN = r"([0-9]{1,18})(?:\.([0-9]{1,18}))?"
-POSITION_RE = re.compile(POSITION_PATTERN)
+# Each part a stream sequence up to LAST_EVENT_ID_MAX ([0-9], not \d: that would take
+# other scripts' digits). The schema says 18 digits, which every value it allows is.
+POSITION_RE = re.compile(r"([0-9]{1,19})(?:\.([0-9]{1,19}))?")
+POSITION_PATTERN = r"^[0-9]{1,18}(\.[0-9]{1,18})?$"
 TASK_STREAMS = (subjects.STREAM_EVENTS, subjects.STREAM_OUTPUT)
 
 

@@ -95,8 +95,9 @@ def _sse_event() -> Json:
         "type": "object",
         "required": ["id", "event", "data"],
         "properties": {
-            "id": {"type": "string", "pattern": "^[0-9]+$",
-                   "description": "The event's sequence in the events stream; send it back "
+            "id": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+$",
+                   "description": "Where the stream is after this event: `<sequence in "
+                                  "VIGIL_EVENTS>.<sequence in VIGIL_OUTPUT>`; send it back "
                                   "as Last-Event-ID to resume after it."},
             "event": {"type": "string", "enum": _event_kinds()},
             "data": {"type": "string", "contentMediaType": "application/json",
@@ -326,7 +327,7 @@ def _task_paths() -> Json:
             "422": _json(_ERROR, "The body is not a valid CancelBody (`invalid_field`)."),
         },
     )
-    sequence = {"type": "string", "pattern": f"^{POSITION_PATTERN}$"}
+    sequence = {"type": "string", "pattern": POSITION_PATTERN}
     events = _op(
         "taskEvents", "Follow a task's events (Server-Sent Events)", tags=("tasks",),
         description="Unknown query parameters, and an empty or out-of-range event id, are "

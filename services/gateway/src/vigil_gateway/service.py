@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from vigil import codec, ids, subjects, topology
 from vigil.api import (
+    LAST_EVENT_ID_MAX,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     CancelBody,
@@ -445,7 +446,8 @@ class Gateway:
             position = Position.parse(value)
             if position is None:
                 return error(400, f"invalid_{kind}", f"{field} must be an event's id: "
-                             "<events sequence>.<output sequence>, each 0 to 18 digits",
+                             "<events sequence>.<output sequence>, each 0 to "
+                             f"{LAST_EVENT_ID_MAX}",
                              field=field)
             after = position
         with self.metrics.streams.track_inprogress():
