@@ -17,6 +17,7 @@ import io
 import json
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -24,7 +25,8 @@ import pytest
 from nats.js.api import DiscardPolicy
 
 from support import Platform, as_user, session_node_id
-from vigil import subjects, topology
+from vigil import auth, subjects, topology
+from vigil.client import Client
 from vigil.embedded import PodmanService
 from vigil.jetstream import read_stored
 from vigil.natsserver import NatsServer
@@ -65,9 +67,13 @@ async def rebuilt_equals_live(js: Any) -> None:
 @pytest.mark.podman
 async def test_fifty_megabytes_past_a_five_megabyte_limit_are_dropped_and_the_agent_finishes(
     platform: Platform, podman: PodmanService, agent_image: str, nats_server: NatsServer,
+    tmp_path: Path,
 ) -> None:
     await platform.scheduler()
     await platform.executor(**podman_settings(podman))
+    tokens = tmp_path / "tokens.json"
+    key = auth.add_token(tokens, "v", "acme", "viewer")
+    gateway = await platform.gateway(auth="tokens", tokens_file=str(tokens))
     printed = 50 * MIB
     await platform.publish_spec({
         "id": "flood", "image": agent_image, "timeout_s": 120,
@@ -102,6 +108,12 @@ async def test_fifty_megabytes_past_a_five_megabyte_limit_are_dropped_and_the_ag
     finished = next(e for e in events if e["kind"] == "finished")
     took = (datetime.fromisoformat(finished["time"])
             - datetime.fromisoformat(started["time"])).total_seconds()
+    # What `vigil logs` and the SSE stream give: the same lines, then the end.
+    async with Client(f"http://127.0.0.1:{gateway.http_port}", key) as client:
+        assert [line async for line in client.logs("flood")] == [line for _, line in lines]
+        sse = [ev async for ev in client.events("flood")]
+    assert sse[-1].kind == "finished"
+    assert sum(len(ev.data["lines"]) for ev in sse if ev.kind == "log") == len(lines)
     info = await platform.js.stream_info(subjects.STREAM_OUTPUT)
     print(f"\nprinted {printed / MIB:.0f} MiB, kept {kept / MIB:.2f} MiB of lines, "
           f"VIGIL_OUTPUT holds {info.state.bytes / MIB:.2f} MiB; started -> finished {took:.1f} s")

@@ -1294,7 +1294,15 @@ class Attempt:
                             hint="see the agent contract in the README; the line was kept as log")
 
     async def _output_limit(self, limit: OutputLimit) -> None:
-        """Once per attempt, when its output first goes past the limit."""
+        """Once per attempt, when its output first goes past the limit. Bounded, and never
+        fatal: the output must go on being read (the agent would block on a full pipe),
+        and the marker line already says what the confession would."""
+        try:
+            await asyncio.wait_for(self._confess_output_limit(limit), self.ex.settings.heartbeat_s)
+        except Exception as exc:
+            log.warning("output_limit_confession_failed", error=str(exc) or type(exc).__name__)
+
+    async def _confess_output_limit(self, limit: OutputLimit) -> None:
         await self._confess(
             "warning", "output_limit",
             f"agent output passed its limit of {mib(limit.limit)}: the rest of this "
