@@ -21,8 +21,8 @@ its kill, once its process has exited. Chaos ends when every task is terminal (o
 What is measured
 ----------------
 * **Outcomes, from the durable stores only** (never from live messages): each task's final
-  state in KV ``vigil-tasks`` and its events in stream ``VIGIL_EVENTS`` (an ordered
-  consumer over ``vigil.events.<id>.>``, deliver all):
+  state in KV ``vigil-tasks`` and its events in streams ``VIGIL_EVENTS`` and
+  ``VIGIL_OUTPUT`` (an ordered consumer over ``vigil.events.<id>.>`` each, deliver all):
 
   - succeeded / failed / timed out / dead, by final status;
   - **lost**: no state, or a state that is not terminal when the run ends;
@@ -620,8 +620,11 @@ async def read_tasks(js: JetStreamContext, store: TaskStore, ids: Sequence[str]
     async def one(task_id: str) -> tuple[TaskState | None, list[dict[str, Any]]]:
         async with gate:
             got = await store.get(TENANT, task_id)
-            events = await read_stored(js, subjects.task_events(TENANT, task_id),
-                                       subjects.STREAM_EVENTS)
+            events = [e for stream in (subjects.STREAM_EVENTS, subjects.STREAM_OUTPUT)
+                      for e in await read_stored(js, subjects.task_events(TENANT, task_id),
+                                                 stream)]
+            # Lifecycle and output are two streams (ADR 16): one timeline, by time.
+            events.sort(key=lambda e: str(e.get("time", "")))
             return (got[0] if got else None), events
 
     results = await asyncio.gather(*(one(i) for i in ids))
@@ -1211,7 +1214,8 @@ class RunEnd:
 async def verify_and_report(p: Params, stack: Stack, plan: Sequence[PlannedTask], chaos: Chaos,
                             live: LiveEvents, stamp: str, end: RunEnd) -> int:
     js = stack.js
-    say("verifying from the durable stores (KV vigil-tasks, stream VIGIL_EVENTS)")
+    say("verifying from the durable stores (KV vigil-tasks, streams VIGIL_EVENTS and "
+        "VIGIL_OUTPUT)")
     stored = await read_tasks(js, await TaskStore.open(js), [t.id for t in plan])
     verdicts = [judge(t, *stored[t.id]) for t in plan]
     executor_logs = sorted(stack.run_dir.glob("executor-*.log"))

@@ -327,13 +327,14 @@ async def start_platform(url: str) -> Platform:
 
 async def stored_events(js: Any, task_id: str, tenant: str = "*") -> list[dict[str, Any]]:
     """Every event of ``task_id`` (of ``tenant``; by default of any tenant: tests use
-    unique ids) as stored in VIGIL_EVENTS (not as seen live: a core subscription misses
-    what is published while the test's connection is down)."""
+    unique ids) as stored in VIGIL_EVENTS and VIGIL_OUTPUT, by time (not as seen live: a
+    core subscription misses what is published while the test's connection is down)."""
     from vigil.jetstream import read_stored
 
-    stored = await read_stored(js, subjects.STREAM_EVENTS,
-                               subjects.task_events(tenant, task_id))
-    return [json.loads(data) for data in stored]
+    events = [json.loads(data)
+              for stream in (subjects.STREAM_EVENTS, subjects.STREAM_OUTPUT)
+              for data in await read_stored(js, stream, subjects.task_events(tenant, task_id))]
+    return sorted(events, key=lambda e: str(e.get("time", "")))  # (stable: each in order)
 
 
 class ServiceProcess:

@@ -95,14 +95,15 @@ async def test_cancel_with_a_body_that_is_not_utf8_is_a_400(
     ({"Last-Event-ID": ""}, "", "Last-Event-ID"),
     ({"Last-Event-ID": "-1"}, "", "Last-Event-ID"),
     ({"Last-Event-ID": "+1"}, "", "Last-Event-ID"),
-    ({"Last-Event-ID": "1.0"}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": "1.2.3"}, "", "Last-Event-ID"),
+    ({"Last-Event-ID": f"1.{LAST_EVENT_ID_MAX + 1}"}, "", "Last-Event-ID"),
     ({}, "?last_event_id=", "last_event_id"),
     ({}, f"?last_event_id={2**64}", "last_event_id"),
     ({"Last-Event-ID": "1"}, "?last_event_id=x", "last_event_id"),
     ({}, "?follow=1", "follow"),
     ({}, "?last_event_id=1&colour=red", "colour"),
-], ids=["2^64", "max+1", "empty", "negative", "plus", "float", "query-empty", "query-2^64",
-        "both-query-bad", "unknown", "unknown-after-known"])
+], ids=["2^64", "max+1", "empty", "negative", "plus", "three-parts", "output-max+1",
+        "query-empty", "query-2^64", "both-query-bad", "unknown", "unknown-after-known"])
 async def test_events_refuse_a_bad_resume_point_or_parameter(
     http: aiohttp.ClientSession, platform: Platform, headers: dict[str, str], query: str,
     field: str,
@@ -124,15 +125,20 @@ async def test_events_resume_after_the_largest_id_is_an_empty_stream_that_ends(
     await platform.final_state("ev-max")
     events = await stored_events(platform.js, "ev-max")
     assert events
-    for last in (str(LAST_EVENT_ID_MAX), "0" * 5 + "1"):
+    for last in (f"{LAST_EVENT_ID_MAX}.{LAST_EVENT_ID_MAX}", "0" * 5 + "1", "1.1"):
         async with http.get("/v1/tasks/ev-max/events", headers={"Last-Event-ID": last}) as r:
             assert r.status == 200
             text = await asyncio.wait_for(r.text(), 10)
-        ids = [line for line in text.splitlines() if line.startswith("id: ")]
-        if last == str(LAST_EVENT_ID_MAX):
+        ids = [line[4:] for line in text.splitlines() if line.startswith("id: ")]
+        if last.startswith(str(LAST_EVENT_ID_MAX)):
             assert ids == []  # nothing after it, and the stream still ended
         else:
-            assert ids and ids[0] != "id: 1"  # resumed after event 1
+            # Each event sent is past the resume point in one of the two streams (a bare
+            # id is one of a gateway from before VIGIL_OUTPUT: the output comes again).
+            events, _, output = last.partition(".")
+            after = (int(events), int(output or 0))
+            positions = [tuple(map(int, i.split("."))) for i in ids]
+            assert positions and all(e > after[0] or o > after[1] for e, o in positions)
 
 
 @pytest.mark.parametrize(("payload", "says", "field"), [

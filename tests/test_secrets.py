@@ -7,7 +7,7 @@ the limit) and log redaction. Integration tests run the real gateway API and the
 command against a nats-server with the shipped permissions (tenants' NATS users cannot
 read the bucket), and the end-to-end proof runs every service as a real process with a
 real rootless Podman agent: the secret reaches the agent as env and file, its value is
-nowhere in VIGIL_SUBMIT, VIGIL_EVENTS, VIGIL_ISSUES, vigil-tasks, the incidents or the
+nowhere in VIGIL_SUBMIT, VIGIL_EVENTS, VIGIL_OUTPUT, VIGIL_ISSUES, vigil-tasks, the incidents or the
 services' logs, vigil-secrets holds it only as ciphertext, and `vigil logs` shows ***.
 """
 
@@ -41,6 +41,7 @@ from support import (
     eventually,
     run_vigil,
     session_node_id,
+    stored_events,
 )
 from vigil import auth, logs, subjects
 from vigil.errors import SettingsError
@@ -609,6 +610,7 @@ async def test_a_secret_reaches_a_podman_agent_and_its_value_is_nowhere_else(
         found: dict[str, list[str]] = {}
         for stream, subject in ((subjects.STREAM_SUBMIT, f"{subjects.SUBMIT}.>"),
                                 (subjects.STREAM_EVENTS, f"{subjects.EVENTS}.>"),
+                                (subjects.STREAM_OUTPUT, f"{subjects.EVENTS}.>"),
                                 (subjects.STREAM_ISSUES, f"{subjects.ISSUES}.>"),
                                 (f"KV_{subjects.KV_TASKS}", f"$KV.{subjects.KV_TASKS}.>"),
                                 (f"KV_{subjects.KV_CONFESSIONS}",
@@ -617,7 +619,7 @@ async def test_a_secret_reaches_a_podman_agent_and_its_value_is_nowhere_else(
                                  f"$KV.{subjects.KV_INCIDENTS}.>")):
             messages = await read_stored(js, stream, subject, idle_s=0.5)
             if stream in (subjects.STREAM_SUBMIT, subjects.STREAM_EVENTS,
-                          f"KV_{subjects.KV_TASKS}"):
+                          subjects.STREAM_OUTPUT, f"KV_{subjects.KV_TASKS}"):
                 assert messages, f"nothing read from {stream}: the check could not fail"
             for data in messages:
                 if leaks(data):
@@ -629,9 +631,7 @@ async def test_a_secret_reaches_a_podman_agent_and_its_value_is_nowhere_else(
                 found[proc.log_path.name] = [line for line in text.decode().splitlines()
                                              if leaks(line.encode())][:5]
         assert not found, found
-        events = await read_stored(js, subjects.STREAM_EVENTS,
-                                   subjects.task_events("acme", "leaky-agent"))
-        kinds = [json.loads(e)["kind"] for e in events]
+        kinds = [e["kind"] for e in await stored_events(js, "leaky-agent", "acme")]
         assert "progress" in kinds and "confession" in kinds  # masked, not dropped
 
         # vigil-secrets: ciphertext only.

@@ -11,10 +11,12 @@ import pytest
 from vigil.messages import Log, Progress, TaskSpec, WorkItem
 from vigil_executor.agentio import (
     MAX_CONTROL_BYTES,
+    MIB,
     AgentOutput,
     ConfessionLimiter,
     ConfessionTooLarge,
     ControlError,
+    OutputLimit,
     agent_confession,
     parse_control,
 )
@@ -112,6 +114,56 @@ async def test_output_flushes_on_a_timer() -> None:
     assert emitted == []  # a lone line waits for company ...
     await asyncio.wait_for(flushed.wait(), 2.0)
     assert len(emitted) == 1  # ... but not for long: the batch timer flushes it
+
+
+async def test_output_past_its_limit_is_dropped_with_markers_and_one_call() -> None:
+    emitted: list[Any] = []
+    limits: list[OutputLimit] = []
+    confessed: list[Any] = []
+    checkpoints: list[dict[str, Any]] = []
+
+    async def on_confess(c: Any) -> None:
+        confessed.append(c)
+
+    async def on_checkpoint(note: dict[str, Any]) -> None:
+        checkpoints.append(note)
+
+    async def on_malformed(_: Any) -> None:
+        pass
+
+    async def on_limit(limit: OutputLimit) -> None:
+        limits.append(limit)
+
+    out = AgentOutput("t", 1, emitted.append, on_confess, on_checkpoint, on_malformed,
+                      limit_bytes=20, on_limit=on_limit)
+    await out.feed("stdout", b"123456789")  # 10 bytes with its newline
+    await out.feed("stdout", b'::vigil::progress {"a":1}')  # 26: over, dropped
+    await out.feed("stdout", b"x")  # would fit, but the stored output stays a prefix
+    await out.feed("stderr", b"late")
+    await out.feed("stdout", b'::vigil::confess {"summary": "still heard"}')
+    await out.feed("stdout", b"::vigil::checkpoint")
+    out.close()
+    lines = [(e.stream, line) for e in emitted if isinstance(e, Log) for line in e.lines]
+    assert lines[0] == ("stdout", "123456789")
+    assert lines[1][0] == "stderr" and lines[1][1].startswith(
+        "[vigil: output limit 0.0 MiB reached; 0.0 MiB (1 lines) dropped so far")
+    assert lines[2][1].startswith("[vigil: output limit 0.0 MiB reached; 0.0 MiB (3 lines) "
+                                  "dropped;")
+    assert len(lines) == 3 and not any(isinstance(e, Progress) for e in emitted)
+    assert len(limits) == 1 and limits[0].stored == 10
+    assert limits[0].dropped == 26 + 2 + 5 and limits[0].dropped_lines == 3
+    assert [c.summary for c in confessed] == ["still heard"] and checkpoints == [{}]
+    assert list(out.tail)[-1] == lines[2][1]  # the task's state shows the total
+    assert out.lines_by_stream == {"stdout": 1, "stderr": 0}  # markers are not the agent's
+
+
+def test_output_limit_arithmetic() -> None:
+    limit = OutputLimit(5 * MIB)
+    assert limit.take(5 * MIB) and not limit.reached
+    assert not limit.take(1) and limit.reached and not limit.take(0)
+    assert limit.marker(final=True) == (
+        "[vigil: output limit 5.0 MiB reached; 0.0 MiB (2 lines) dropped; raise "
+        "resources.output_mb to keep more]")
 
 
 def test_confession_limiter_is_a_token_bucket() -> None:

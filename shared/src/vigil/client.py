@@ -92,9 +92,14 @@ class WaitTimeout(VigilError, TimeoutError):
 
 @dataclass(frozen=True)
 class StreamEvent:
+    """One event of a task's SSE stream. ``id`` is its SSE id, ``<events seq>.<output
+    seq>`` (where a reader is in VIGIL_EVENTS and VIGIL_OUTPUT): what resumes after it;
+    ``seq`` is its first part."""
+
     seq: int
     kind: str
     data: dict[str, Any]
+    id: str = ""
 
 
 TimeBound = datetime | str
@@ -325,7 +330,7 @@ class Client:
                                  retryable=True)
             await asyncio.sleep(_backoff(failures))
 
-    async def events(self, task_id: str, last_event_id: int | None = None,
+    async def events(self, task_id: str, last_event_id: int | str | None = None,
                      *, reconnect: bool = True) -> AsyncIterator[StreamEvent]:
         """Yield the task's events until its final ``finished`` event."""
         last = last_event_id
@@ -350,7 +355,7 @@ class Client:
                         continue
                     async for event in _parse_sse(resp.content):
                         failures = 0
-                        last = event.seq
+                        last = event.id or last
                         yield event
                         if event.kind == "finished" and event.data.get("final", True):
                             return
@@ -588,7 +593,7 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
 
 
 async def _parse_sse(content: aiohttp.StreamReader) -> AsyncIterator[StreamEvent]:
-    seq, kind = 0, "message"
+    seq, kind, event_id = 0, "message", ""
     data_lines: list[str] = []
     async for raw in content:
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -598,15 +603,18 @@ async def _parse_sse(content: aiohttp.StreamReader) -> AsyncIterator[StreamEvent
                     data = codec.any_decoder.decode("\n".join(data_lines).encode())
                 except msgspec.DecodeError:
                     data = {"raw": "\n".join(data_lines)}
-                yield StreamEvent(seq=seq, kind=kind, data=data if isinstance(data, dict) else {})
-            seq, kind, data_lines = 0, "message", []
+                yield StreamEvent(seq=seq, kind=kind, data=data if isinstance(data, dict) else {},
+                                  id=event_id)
+            seq, kind, event_id, data_lines = 0, "message", "", []
             continue
         if line.startswith(":"):
             continue
         field, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
-        if field == "id" and value.isdigit():
-            seq = int(value)
+        if field == "id":
+            event_id = value
+            first = value.partition(".")[0]
+            seq = int(first) if first.isascii() and first.isdigit() else 0
         elif field == "event":
             kind = value
         elif field == "data":

@@ -302,7 +302,7 @@ async def _events_from(js: JetStreamContext, subject: str, policy: DeliverPolicy
     """(stream sequence, payload) of the events on ``subject`` from ``policy`` on."""
     config = ConsumerConfig(deliver_policy=policy, opt_start_seq=start_seq,
                             inactive_threshold=10.0)
-    found = await _read_ordered(js, subjects.STREAM_EVENTS, subject, config,
+    found = await _read_ordered(js, subjects.events_stream("log"), subject, config,
                                 limit=1_000_000, idle_s=idle_s)
     return [(m.metadata.sequence.stream, m.data) for m in found]
 

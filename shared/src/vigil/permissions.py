@@ -142,7 +142,7 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_kv(subjects.KV_TASKS, write=True),
                 f"{subjects.WORK}.>",
                 f"{subjects.EVENTS}.>",
-                *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
+                *_ordered(subjects.STREAM_OUTPUT),  # a dead task's last log lines
                 f"{subjects.ISSUES}.scheduler.>",
             ],
             [f"{subjects.inbox('scheduler')}.>", subjects.events_of_kind("finished"),
@@ -166,7 +166,7 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_objects(subjects.OBJ_ENVIRONMENTS, write=True),
                 *_objects(subjects.OBJ_IMAGES, write=False),
                 f"{subjects.EVENTS}.>",
-                *_ordered(subjects.STREAM_EVENTS),  # a dead task's last log lines
+                *_ordered(subjects.STREAM_OUTPUT),  # a dead task's last log lines
                 f"{subjects.ISSUES}.executor.>",
                 f"{subjects.ISSUES}.agent.>",
             ],
@@ -199,7 +199,9 @@ def service_permissions(pool: str | None = None) -> dict[str, tuple[list[str], l
                 *_ordered(f"KV_{subjects.KV_INCIDENTS}"),  # listing keys is a watch
                 *_kv(subjects.KV_DELIVERIES, write=False),
                 *_kv(subjects.KV_SECRETS, write=True),  # /v1/secrets (sealed values only)
-                *_ordered(subjects.STREAM_EVENTS),
+                *_ordered(subjects.STREAM_EVENTS),  # SSE, confessions
+                *_ordered(subjects.STREAM_OUTPUT),  # SSE, logs
+                *_read(subjects.STREAM_OUTPUT),  # where a finished task's output ends
                 # /v1/environments: create, change, restore, delete (and a deleted one's
                 # snapshots: their metadata and chunks, never another object store's).
                 *_kv(subjects.KV_ENVIRONMENTS, write=True),

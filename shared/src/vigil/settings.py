@@ -47,6 +47,14 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """``auto`` is JSON unless stderr is a terminal."""
     replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     """Stream/bucket replicas when this service creates the topology (3 on a cluster)."""
+    output_stream_mb: Annotated[int, Meta(ge=1)] = 10_240
+    """Size of ``VIGIL_OUTPUT`` (tasks' log, progress and egress events), MiB, when this
+    service creates or updates the topology; its oldest output is dropped when full (never
+    a lifecycle event: those are in ``VIGIL_EVENTS``). Set the same on every service."""
+
+    @property
+    def output_stream_bytes(self) -> int:
+        return self.output_stream_mb * 1024 * 1024
 
 
 T = TypeVar("T", bound=msgspec.Struct)

@@ -20,7 +20,8 @@ TIMERS = "vigil.timer"  # vigil.timer.<kind>.<tenant>.<task_id>   not_before, qu
 # Streams, buckets, object stores ------------------------------------------------------------
 STREAM_SUBMIT = "VIGIL_SUBMIT"
 STREAM_WORK = "VIGIL_WORK"
-STREAM_EVENTS = "VIGIL_EVENTS"
+STREAM_EVENTS = "VIGIL_EVENTS"  # a task's lifecycle events (every kind but OUTPUT_KINDS)
+STREAM_OUTPUT = "VIGIL_OUTPUT"  # its output events (OUTPUT_KINDS), bounded in bytes
 STREAM_ISSUES = "VIGIL_ISSUES"
 STREAM_ADVISORIES = "VIGIL_ADVISORIES"
 STREAM_ALERTS = "VIGIL_ALERTS"
@@ -39,6 +40,23 @@ KV_SECRETS = "vigil-secrets"  # <tenant>.<name>: a tenant's secret, encrypted (v
 KV_ENVIRONMENTS = "vigil-environments"  # <tenant>.<name>: a persistent environment
 OBJ_ENVIRONMENTS = "vigil-env-snapshots"  # environments' workspace snapshots
 OBJ_IMAGES = "vigil-images"  # image archives pushed by operators (vigil image push)
+
+# Event kinds, by the stream that stores them. Both streams hold ``vigil.events.>`` subjects
+# (which kind goes where is not visible to publishers or live subscribers). The lifecycle
+# kinds are what a task's state is rebuilt from and what its timeline is made of: nothing
+# but age removes them. The output kinds are bulk: VIGIL_OUTPUT drops its oldest when full.
+# A new kind must be added to one of these, or its publishes find no stream.
+OUTPUT_KINDS: tuple[str, ...] = ("log", "progress", "egress")
+LIFECYCLE_KINDS: tuple[str, ...] = (
+    "accepted", "scheduled", "started", "checkpoint", "confession", "retrying", "cancelling",
+    "rejected", "environment", "finished",
+)
+
+
+def events_stream(kind: str) -> str:
+    """The stream that stores events of ``kind``."""
+    return STREAM_OUTPUT if kind in OUTPUT_KINDS else STREAM_EVENTS
+
 
 # Durable consumers ----------------------------------------------------------------------------
 CONSUMER_SCHEDULER = "scheduler"

@@ -1,7 +1,8 @@
 """A task's full timeline across streams, for ``vigil replay timeline``.
 
 Merged by time: the submission (``VIGIL_SUBMIT`` at the task's ``submit_seq``), every event
-(``vigil.events.<id>.>``, including the confessions about it), the cancel and redrive
+(``vigil.events.<id>.>``, including the confessions about it: its lifecycle from
+``VIGIL_EVENTS``, its output from ``VIGIL_OUTPUT``), the cancel and redrive
 requests naming it (``VIGIL_CONTROL``), optionally the raw confessions in ``VIGIL_ISSUES``
 (a scan of the whole stream, so only on request), and the current state in ``vigil-tasks``.
 """
@@ -23,7 +24,7 @@ from vigil.replay import RangeReader, StoredMsg, Window
 
 SUMMARY_CHARS = 160
 _ORDER = {subjects.STREAM_SUBMIT: 0, subjects.STREAM_CONTROL: 1, subjects.STREAM_EVENTS: 2,
-          subjects.STREAM_ISSUES: 3}
+          subjects.STREAM_OUTPUT: 3, subjects.STREAM_ISSUES: 4}
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ async def build(js: JetStreamContext, task_id: str, *, tenant: str, logs: bool =
     state, revision = await _state(js, tenant, task_id)
     entries: list[Entry] = []
     submit_seq = state.submit_seq if state is not None else 0
-    for m in await _read(js, subjects.STREAM_EVENTS, subjects.task_events(tenant, task_id)):
+    task_events = [m for stream in (subjects.STREAM_EVENTS, subjects.STREAM_OUTPUT)
+                   for m in await _read(js, stream, subjects.task_events(tenant, task_id))]
+    for m in task_events:
         kind = subjects.token(m.subject, 4) or "?"
         if kind == "log" and not logs:
             continue

@@ -172,13 +172,36 @@ WORK = Stream(
     duplicate_window_s=600.0,
     description="Work items, one per task attempt, removed when acked",
 )
+# A task's lifecycle: a few events per attempt (its output is in OUTPUT), so bounded by
+# the tasks admitted in its max age. No byte limit, on purpose: discard-old could remove a
+# task's finished event, discard-new would refuse it (ADR 16).
 EVENTS = Stream(
     name=subjects.STREAM_EVENTS,
-    subjects=(f"{subjects.EVENTS}.>",),
+    subjects=tuple(subjects.events_of_kind(kind) for kind in subjects.LIFECYCLE_KINDS),
     retention=RetentionPolicy.LIMITS,
     max_age_s=7 * DAY,
-    description="Task timelines: accepted, started, log, finished ...",
+    description="Task lifecycles: accepted, started, checkpoint, confession, finished ...",
 )
+OUTPUT_MAX_BYTES = 10 * 1024**3
+"""VIGIL_OUTPUT's default size (``VIGIL_OUTPUT_STREAM_MB`` sets it)."""
+
+
+def output_stream(max_bytes: int = OUTPUT_MAX_BYTES) -> Stream:
+    """Tasks' output (log, progress, egress): bounded in bytes, its oldest dropped when
+    full, so that no amount of output can fill the disk; each attempt's own share is
+    bounded first by its ``output_mb`` (the executor's)."""
+    return Stream(
+        name=subjects.STREAM_OUTPUT,
+        subjects=tuple(subjects.events_of_kind(kind) for kind in subjects.OUTPUT_KINDS),
+        retention=RetentionPolicy.LIMITS,
+        max_age_s=7 * DAY,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy.OLD,
+        description="Task output: log, progress, egress (oldest dropped when full)",
+    )
+
+
+OUTPUT = output_stream()
 ISSUES = Stream(
     name=subjects.STREAM_ISSUES,
     subjects=(f"{subjects.ISSUES}.>",),
@@ -242,8 +265,10 @@ TIMERS = Stream(
     max_msg_size=4096,
     description="Scheduler timers: delayed starts and queue timeouts",
 )
-STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, ISSUES, ADVISORIES, ALERTS, CONTROL,
-                               QUEUE, TIMERS)
+# EVENTS before OUTPUT: a deployment from before OUTPUT has EVENTS on vigil.events.>, and
+# OUTPUT's subjects can only be taken once EVENTS has let go of them.
+STREAMS: tuple[Stream, ...] = (SUBMIT, WORK, EVENTS, OUTPUT, ISSUES, ADVISORIES, ALERTS,
+                               CONTROL, QUEUE, TIMERS)
 
 # Deliveries of one work message before the server gives up on it (every lost lease,
 # hand-back and over-capacity nak counts). The scheduler then marks the task dead.
@@ -539,15 +564,19 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
 async def ensure_topology(js: JetStreamContext, replicas: int = 1, *,
                           streams: Iterable[Stream] = STREAMS,
                           buckets: Iterable[Bucket] = BUCKETS,
-                          object_stores: Iterable[ObjectStore] = OBJECT_STORES) -> None:
+                          object_stores: Iterable[ObjectStore] = OBJECT_STORES,
+                          output_max_bytes: int = OUTPUT_MAX_BYTES) -> None:
     """Create or update every stream, bucket and object store Vigil uses (or those given).
 
     Idempotent: what exists with the declared configuration is left alone; what differs
     in a limit the server can change in place (max age or TTL, history, sizes, replicas,
-    duplicate window, description) is updated; anything else raises
+    duplicate window, description, VIGIL_EVENTS' subjects narrowed to the lifecycle kinds
+    when VIGIL_OUTPUT is new) is updated; anything else raises
     :class:`~vigil.errors.TopologyError`.
     """
     for stream in streams:
+        if stream.name == OUTPUT.name:
+            stream = output_stream(output_max_bytes)
         await ensure_stream(js, stream, replicas)
     for bucket in buckets:
         await ensure_bucket(js, bucket, replicas)

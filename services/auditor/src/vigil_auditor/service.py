@@ -122,7 +122,8 @@ class Auditor:
             self._nc = await connect(s.nats_url, "vigil-auditor", on_reconnect=self._on_reconnect,
                                      inbox_prefix=subjects.inbox("auditor"))
             self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas)
+            await topology.ensure_topology(self._js, s.replicas,
+                                            output_max_bytes=s.output_stream_bytes)
             await topology.ensure_consumer(self._js, subjects.STREAM_ISSUES,
                                            topology.auditor_consumer())
             self._kv = await self._js.key_value(subjects.KV_CONFESSIONS)

@@ -13,6 +13,14 @@ once per task attempt. Nothing an agent prints can crash the executor. The task'
 values are masked (``***``, see :class:`~vigil_executor.secrets.Masker`) in every line
 before anything else looks at it.
 
+Limits on output: past ``limit_bytes`` (the task's ``resources.output_mb``, else the node's
+``VIGIL_OUTPUT_MB``) of stored output per attempt, ordinary lines and ``progress`` events are
+dropped, counted and never stored; one marker line says so on stderr (and ``on_limit``
+is called once, for the platform's confession), and :meth:`AgentOutput.close` adds a last
+marker with the total dropped. The container's output is still read as fast as it comes
+(the agent never blocks on a full pipe), and ``confess`` and ``checkpoint`` control lines
+are still honoured: they have their own limits.
+
 Limits on confessions: a ``confess`` line longer than ``MAX_CONTROL_BYTES`` is refused
 explicitly (a platform confession "confession too large (N bytes > limit)"), not cut into
 a malformed one; fields past their lengths are cut with a visible marker; and a token
@@ -178,6 +186,46 @@ Publish = Callable[[Event], None]
 OnConfess = Callable[[Confession], Awaitable[None]]
 OnCheckpoint = Callable[[dict[str, Any]], Awaitable[None]]
 OnMalformed = Callable[[ControlError], Awaitable[None]]
+OnLimit = Callable[["OutputLimit"], Awaitable[None]]
+
+MIB = 1024 * 1024
+PREFIX_BYTES = PREFIX.encode()
+
+
+def mib(n: int) -> str:
+    """``n`` bytes as MiB, one decimal (``45.2 MiB``)."""
+    return f"{n / MIB:.1f} MiB"
+
+
+@dataclass
+class OutputLimit:
+    """One attempt's output budget: what was stored, and what was dropped past it."""
+
+    limit: int  # bytes of output an attempt may store
+    stored: int = 0  # bytes stored (each line + its newline; markers are not counted)
+    dropped: int = 0  # bytes dropped past the limit
+    dropped_lines: int = 0
+
+    @property
+    def reached(self) -> bool:
+        return self.dropped_lines > 0
+
+    def take(self, size: int) -> bool:
+        """Whether ``size`` more bytes may be stored; counts them either way. Once one
+        line is dropped every later one is too, so what is stored is a prefix."""
+        if not self.reached and self.stored + size <= self.limit:
+            self.stored += size
+            return True
+        self.dropped += size
+        self.dropped_lines += 1
+        return False
+
+    def marker(self, *, final: bool) -> str:
+        """The line that says output was dropped (the first one, or the last, with the total)."""
+        so_far = "" if final else " so far"
+        return (f"[vigil: output limit {mib(self.limit)} reached; {mib(self.dropped)} "
+                f"({self.dropped_lines} lines) dropped{so_far}; raise resources.output_mb "
+                "to keep more]")
 
 
 class AgentOutput:
@@ -192,8 +240,12 @@ class AgentOutput:
         on_checkpoint: OnCheckpoint,
         on_malformed: OnMalformed,
         masker: Masker = NO_MASK,
+        limit_bytes: int | None = None,
+        on_limit: OnLimit | None = None,
     ) -> None:
         self._task_id = task_id
+        self.limit = OutputLimit(limit_bytes) if limit_bytes is not None else None
+        self._on_limit = on_limit
         self._masker = masker  # the task's secret values: masked before anything else
         self._attempt = attempt
         self._emit = emit
@@ -211,6 +263,12 @@ class AgentOutput:
         self.malformed = 0
 
     async def feed(self, stream: Stream, raw: bytes) -> None:
+        if (self.limit is not None and self.limit.reached
+                and not (stream == "stdout" and raw.startswith(PREFIX_BYTES))):
+            # Past the limit: count and drop without decoding or masking, so that reading
+            # keeps up with an agent that prints as fast as it can.
+            self.limit.take(len(raw) + 1)
+            return
         line = raw.decode("utf-8", errors="replace").rstrip("\r")
         if self._masker:
             # Before the line is parsed: a control line's JSON carries a value escaped,
@@ -233,11 +291,35 @@ class AgentOutput:
             else:
                 if control is not None:
                     self.flush()  # keep the log and control events in output order
-                    await self._dispatch(control)
+                    await self._dispatch(control, len(raw) + 1)
                     return
+        if await self._over_limit(len(raw) + 1):
+            return
         self._append(stream, line)
 
-    async def _dispatch(self, control: Control) -> None:
+    async def _over_limit(self, size: int) -> bool:
+        """Whether ``size`` bytes of output must be dropped; the first time they must, the
+        marker is stored and ``on_limit`` told."""
+        if self.limit is None:
+            return False
+        first = not self.limit.reached
+        if self.limit.take(size):
+            return False
+        if first:
+            self._append("stderr", self.limit.marker(final=False), counted=False)
+            self.flush()
+            if self._on_limit is not None:
+                await self._on_limit(self.limit)
+        return True
+
+    def close(self) -> None:
+        """The output has ended: store the last marker (the total dropped), if any was."""
+        if self.limit is not None and self.limit.reached:
+            self._append("stderr", self.limit.marker(final=True), counted=False)
+        self.flush()
+    async def _dispatch(self, control: Control, size: int) -> None:
+        if control.command == "progress" and await self._over_limit(size):
+            return  # progress is output too (it is stored beside the log)
         if self._masker:
             control = Control(control.command, self._masker.mask_any(control.payload))
         if control.command == "confess":
@@ -250,7 +332,7 @@ class AgentOutput:
         elif control.command == "checkpoint":
             await self._on_checkpoint(control.payload)
 
-    def _append(self, stream: Stream, line: str) -> None:
+    def _append(self, stream: Stream, line: str, *, counted: bool = True) -> None:
         if self._stream is not None and stream != self._stream:
             self.flush()
         if not self._lines:
@@ -260,7 +342,8 @@ class AgentOutput:
         self._lines.append(line)
         self._bytes += len(line)
         self._count += 1
-        self.lines_by_stream[stream] += 1
+        if counted:
+            self.lines_by_stream[stream] += 1
         self.tail.append(line)
         if len(self._lines) >= BATCH_LINES or self._bytes >= BATCH_BYTES:
             self.flush()

@@ -71,11 +71,14 @@ from vigil.messages import (
 )
 from vigil_executor import checkpoint_rules
 from vigil_executor.agentio import (
+    MIB,
     AgentOutput,
     ConfessionLimiter,
     ConfessionTooLarge,
     ControlError,
+    OutputLimit,
     clip,
+    mib,
 )
 from vigil_executor.checkpoint import (
     RESTORE_BACKOFF_S,
@@ -464,12 +467,15 @@ class Attempt:
         watchdog = self.watchdog = Watchdog(spec.limits, cgroups=ex.runtime.limits_enforced,
                                             interval_s=ex.settings.watchdog_interval_s)
         unwatched = await watchdog.attach(ex.runtime, self.container.id, spec.workspace_volume)
+        limits = work.spec.resources
+        output_mb = (limits.output_mb if limits else None) or ex.settings.output_mb
         self.sink.emit(Started(
             task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ex.settings.node_id,
             image=spec.image, container=self.container.id[:12], resumed=resumed,
             limits_enforced=ex.runtime.limits_enforced,
             resources={**watchdog.resources,
-                       **(ex.isolation.resources() if ex.isolation is not None else {})},
+                       **(ex.isolation.resources() if ex.isolation is not None else {}),
+                       "output_mb": {"value": output_mb, "by": "executor"}},
         ), once=True)
         if unwatched:
             await self._confess("error", "watchdog_unavailable",
@@ -483,6 +489,7 @@ class Attempt:
             on_confess=self._agent_confession,
             on_checkpoint=self._checkpoint_request,
             on_malformed=self._malformed, masker=self.secrets.masker,
+            limit_bytes=output_mb * MIB, on_limit=self._output_limit,
         )
         pump = self._pump_task = asyncio.create_task(self._pump(self.container, output))
         waiter = asyncio.create_task(self.container.wait())
@@ -524,7 +531,7 @@ class Attempt:
                     await self.container.stop(ex.settings.stop_grace_s)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(pump, OUTPUT_GRACE_S)
-                    output.flush()
+                    output.close()
                     await self._drain_snapshot(waiter)
                     raise HandBack(self._stopping or "executor stopping")
                 timed_out = True
@@ -548,7 +555,7 @@ class Attempt:
             await asyncio.wait_for(pump, OUTPUT_GRACE_S)
         except TimeoutError:
             log.warning("output_stream_did_not_end")
-        output.flush()
+        output.close()
         ex.metrics.duration.observe(time.monotonic() - started_at)
         if cancelled:
             reason = self.state.cancel_reason if self.state else None
@@ -1325,6 +1332,25 @@ class Attempt:
         await self._confess("warning", "malformed_control_line",
                             f"agent printed a malformed ::vigil:: control line: {error}",
                             hint="see the agent contract in the README; the line was kept as log")
+
+    async def _output_limit(self, limit: OutputLimit) -> None:
+        """Once per attempt, when its output first goes past the limit. Bounded, and never
+        fatal: the output must go on being read (the agent would block on a full pipe),
+        and the marker line already says what the confession would."""
+        try:
+            await asyncio.wait_for(self._confess_output_limit(limit), self.ex.settings.heartbeat_s)
+        except Exception as exc:
+            log.warning("output_limit_confession_failed", error=str(exc) or type(exc).__name__)
+
+    async def _confess_output_limit(self, limit: OutputLimit) -> None:
+        await self._confess(
+            "warning", "output_limit",
+            f"agent output passed its limit of {mib(limit.limit)}: the rest of this "
+            "attempt's output is dropped (a marker line says how much); the agent keeps "
+            "running",
+            hint="raise resources.output_mb in the task spec (up to the tenant's maximum; "
+            "VIGIL_OUTPUT_MB is the node's default), or have the agent write bulky output "
+            "to its workspace")
 
     async def _report_dropped(self) -> None:
         """Once per attempt, when its output ends: how many confessions the limit dropped."""

@@ -129,7 +129,8 @@ class Executor:
                                      inbox_prefix=subjects.inbox("executor"),
                                      on_reconnect=self._on_reconnect)
             self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas)
+            await topology.ensure_topology(self._js, s.replicas,
+                                            output_max_bytes=s.output_stream_bytes)
             await topology.ensure_consumer(
                 self._js, subjects.STREAM_WORK,
                 topology.executor_consumer(s.pool, s.ack_wait_s),

@@ -100,6 +100,10 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     by the executor (nested namespaces, mounts and ``clone3`` refused) and written into
     its state directory at start. Default: the profile the Podman service reports as its
     own (``/usr/share/containers/seccomp.json`` on Debian)."""
+    output_mb: Annotated[int, Meta(ge=1, le=65_536)] = 100
+    """Output (stdout + stderr, and progress events) one attempt may store, MiB, when its
+    task sets no ``resources.output_mb``; past it output is dropped with a marker line and
+    one ``output_limit`` confession, and the agent keeps running."""
     max_confessions: Annotated[int, Meta(ge=0)] = 100
     """Confession burst per task attempt: the size of its token bucket (full at start).
     Past it, confessions get through at ``VIGIL_CONFESSIONS_PER_MIN``; the rest are

@@ -1,6 +1,7 @@
 """``GET /v1/tasks/{id}/logs``: a task's output as plain text, optionally followed.
 
-The lines come from the task's ``log`` events (every attempt's, in order). Without
+The lines come from the task's ``log`` events (every attempt's, in order, from
+``VIGIL_OUTPUT``; its ``finished`` from ``VIGIL_EVENTS`` says when a followed log ends). Without
 ``follow`` the answer ends at the newest stored line; with ``follow=1`` it streams until
 the final ``finished`` event (or the task is terminal and quiet: a recorder that died
 before publishing ``finished`` must not hold the client forever).
@@ -35,17 +36,18 @@ async def stream_logs(
     response = await open_stream(request, "text/plain; charset=utf-8")
     if not follow:
         # Nothing stored yet: answer at once instead of waiting out a tick.
-        info = await js.stream_info(subjects.STREAM_EVENTS,
+        info = await js.stream_info(subjects.events_stream("log"),
                                     subjects_filter=subjects.event(state.tenant, state.id, "log"))
         if not info.state.subjects:
             await response.write_eof()
             return response
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        async for msg in follow_task(js, store, state.tenant, state.id, stopping=stopping,
-                                     follow=follow,
-                                     tick_s=tick_s if follow else min(tick_s, 2.0)):
-            if msg is None or not msg.subject.endswith(".log"):
+        async for item in follow_task(js, store, state.tenant, state.id, stopping=stopping,
+                                      follow=follow,
+                                      tick_s=tick_s if follow else min(tick_s, 2.0)):
+            if item is None or not item[0].subject.endswith(".log"):
                 continue
+            msg = item[0]
             try:
                 event = _log_decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):

@@ -28,6 +28,7 @@ from vigil.messages import (
     TaskState,
 )
 from vigil_gateway import openapi_types
+from vigil_gateway.events import POSITION_PATTERN
 from vigil_gateway.incidents import STATUSES as INCIDENT_STATUSES
 
 Json = dict[str, Any]
@@ -94,8 +95,9 @@ def _sse_event() -> Json:
         "type": "object",
         "required": ["id", "event", "data"],
         "properties": {
-            "id": {"type": "string", "pattern": "^[0-9]+$",
-                   "description": "The event's sequence in the events stream; send it back "
+            "id": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+$",
+                   "description": "Where the stream is after this event: `<sequence in "
+                                  "VIGIL_EVENTS>.<sequence in VIGIL_OUTPUT>`; send it back "
                                   "as Last-Event-ID to resume after it."},
             "event": {"type": "string", "enum": _event_kinds()},
             "data": {"type": "string", "contentMediaType": "application/json",
@@ -325,7 +327,7 @@ def _task_paths() -> Json:
             "422": _json(_ERROR, "The body is not a valid CancelBody (`invalid_field`)."),
         },
     )
-    sequence = {"type": "integer", "minimum": 0, "maximum": api.LAST_EVENT_ID_MAX}
+    sequence = {"type": "string", "pattern": POSITION_PATTERN}
     events = _op(
         "taskEvents", "Follow a task's events (Server-Sent Events)", tags=("tasks",),
         description="Unknown query parameters, and an empty or out-of-range event id, are "
@@ -333,8 +335,8 @@ def _task_paths() -> Json:
         parameters=[
             _ID_PARAM,
             {"name": "Last-Event-ID", "in": "header",
-             "description": "Resume after this event (its `id`, a stream sequence, in "
-                            "decimal digits).",
+             "description": "Resume after this event (its `id`: `<events sequence>."
+                            "<output sequence>`, in decimal digits).",
              "schema": sequence},
             {"name": "last_event_id", "in": "query",
              "description": "The same as the header, for clients that cannot set it (the "

@@ -54,7 +54,7 @@ from vigil.secrets import Keyring, SecretStore
 from vigil_gateway import environments, incidents, openapi, secrets
 from vigil_gateway.acceptance import Verdict
 from vigil_gateway.errors import error
-from vigil_gateway.events import read_executors, stream_events, task_confessions
+from vigil_gateway.events import Position, read_executors, stream_events, task_confessions
 from vigil_gateway.index import BadCursor, IndexWatcher, Query, decode_cursor, encode_cursor
 from vigil_gateway.logs import stream_logs
 from vigil_gateway.metrics import Metrics
@@ -65,7 +65,6 @@ log = structlog.get_logger("vigil.gateway")
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
-SEQUENCE_RE = re.compile(r"[0-9]{1,19}")  # (\d would take other scripts' digits)
 PUBLIC = frozenset({"/healthz", "/metrics", "/openapi.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -140,7 +139,8 @@ class Gateway:
             self._nc = await connect(s.nats_url, "vigil-gateway",
                                      inbox_prefix=subjects.inbox("gateway"))
             self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas)
+            await topology.ensure_topology(self._js, s.replicas,
+                                            output_max_bytes=s.output_stream_bytes)
             self._store = await TaskStore.open(self._js)
             self._environments = await EnvironmentStore.open(self._js)
             self._snapshots = environments.Snapshots(self._js)
@@ -435,7 +435,7 @@ class Gateway:
         found = await self._visible(request)
         if isinstance(found, web.Response):
             return found
-        after = 0
+        after = Position()
         # The query parameter first, so that the header wins when both are given.
         for kind, field, value in (("query", "last_event_id",
                                     request.query.get("last_event_id")),
@@ -443,10 +443,13 @@ class Gateway:
                                     request.headers.get("Last-Event-ID"))):
             if value is None:
                 continue
-            if not (SEQUENCE_RE.fullmatch(value) and int(value) <= LAST_EVENT_ID_MAX):
-                return error(400, f"invalid_{kind}", f"{field} must be an event's id: a "
-                             f"stream sequence, 0 to {LAST_EVENT_ID_MAX}", field=field)
-            after = int(value)
+            position = Position.parse(value)
+            if position is None:
+                return error(400, f"invalid_{kind}", f"{field} must be an event's id: "
+                             "<events sequence>.<output sequence>, each 0 to "
+                             f"{LAST_EVENT_ID_MAX}",
+                             field=field)
+            after = position
         with self.metrics.streams.track_inprogress():
             return await stream_events(request, self.js, self.store, found[0], after,
                                        self.settings.sse_keepalive_s, self._stop)

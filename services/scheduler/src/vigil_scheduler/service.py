@@ -102,7 +102,8 @@ class Scheduler:
         self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect,
                                      inbox_prefix=subjects.inbox("scheduler"))
         self._js = self._nc.jetstream(timeout=5.0)
-        await topology.ensure_topology(self._js, s.replicas)
+        await topology.ensure_topology(self._js, s.replicas,
+                                       output_max_bytes=s.output_stream_bytes)
         await topology.ensure_consumer(
             self._js, subjects.STREAM_SUBMIT, topology.scheduler_consumer()
         )
