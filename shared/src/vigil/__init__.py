@@ -9,7 +9,7 @@ command line.
 from vigil.errors import ApiError, InvalidTask, NatsUnavailable, SettingsError, VigilError
 from vigil.messages import STATUSES, TERMINAL, Confession, TaskSpec, TaskState, WorkItem
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "STATUSES",
