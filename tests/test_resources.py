@@ -120,10 +120,16 @@ async def test_a_four_process_memory_hog_is_stopped_at_its_limit(
                 last_at = float(at)
                 if crossed_at is None and sum(touched.values()) > 1024:
                     crossed_at = float(at)
-    assert crossed_at is not None and last_at is not None
-    print(f"hog: crossed at +0, last line at +{last_at - crossed_at:.2f}s, peak "
-          f"{state.peak} MiB, host MemAvailable low {lowest:.0f} MiB")
-    assert last_at - crossed_at <= 3.0, f"stopped {last_at - crossed_at:.2f}s after crossing"
+    assert last_at is not None, "the hog's output was not stored"
+    if crossed_at is None:
+        # Stopped before their own counts summed past 1024 MiB: the interpreters' pages
+        # took the PSS over first. Stopped within 0 s of crossing, then.
+        print(f"hog: stopped before its counts crossed, peak {state.peak} MiB, host "
+              f"MemAvailable low {lowest:.0f} MiB")
+    else:
+        print(f"hog: crossed at +0, last line at +{last_at - crossed_at:.2f}s, peak "
+              f"{state.peak} MiB, host MemAvailable low {lowest:.0f} MiB")
+        assert last_at - crossed_at <= 3.0, f"stopped {last_at - crossed_at:.2f}s after crossing"
     (finished,) = platform.events.of("hog", "finished")
     assert (finished["limit"], finished["peak"]) == ("memory_limit", state.peak)
     (started,) = platform.events.of("hog", "started")

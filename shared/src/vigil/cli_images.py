@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, TextIO
 
 import msgspec
@@ -79,7 +78,7 @@ def podman_for(user: str | None) -> Podman:
         raise ImageError("podman is not installed here; push from a host with the image")
     if os.geteuid() != 0:
         return Podman([podman])
-    from vigil.embedded import private_dir
+    from vigil.embedded import podman_runtime_dir
 
     name = user or "vigil"
     try:
@@ -87,10 +86,7 @@ def podman_for(user: str | None) -> Podman:
     except KeyError:
         raise ImageError(f"user {name!r} for rootless Podman does not exist; pass "
                          "--podman-user") from None
-    runtime = Path(f"/run/user/{pw.pw_uid}")
-    if not runtime.is_dir():
-        runtime = private_dir(Path(f"/tmp/vigil-runtime-{pw.pw_uid}"), pw.pw_uid,  # noqa: S108
-                              pw.pw_gid)
+    runtime = podman_runtime_dir(pw.pw_uid, pw.pw_gid)
     # runuser lives in sbin, which a root shell's PATH may lack (sudo, cron, CI).
     runuser = shutil.which("runuser") or next(
         (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), None)

@@ -163,6 +163,17 @@ def private_dir(path: Path, uid: int, gid: int, *, searchable: bool = False) -> 
     return path
 
 
+def podman_runtime_dir(uid: int, gid: int) -> Path:
+    """Where rootless Podman of ``uid`` keeps its runtime state: the login session's
+    ``/run/user/<uid>``, or without one (no systemd-logind) a private dir in /tmp, as
+    scripts/lib.sh picks. Podman opens it to traversal itself (0711), so that is allowed."""
+    runtime = Path(f"/run/user/{uid}")
+    if runtime.is_dir():
+        return runtime
+    return private_dir(Path(f"/tmp/vigil-runtime-{uid}"), uid, gid,
+                       searchable=True)
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -474,10 +485,7 @@ class PodmanService:
                 raise StackError(f"user {name!r} for rootless Podman does not exist; run "
                                  "`./dev setup`, or set --podman-user") from None
             user, group, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-            runtime_dir = Path(f"/run/user/{user}")
-            if not runtime_dir.is_dir():
-                runtime_dir = private_dir(Path(f"/tmp/vigil-runtime-{user}"), user, group,
-                                          searchable=True)
+            runtime_dir = podman_runtime_dir(user, group)
             sock_dir = private_dir(
                 self._sock_dir or Path(f"/tmp/vigil-podman-{user}-{self._tag}"), user, group)
             self.user_name = name
