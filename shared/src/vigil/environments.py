@@ -32,7 +32,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from vigil import subjects
-from vigil.jetstream import retrying
+from vigil.jetstream import kv_write, retrying
 from vigil.messages import (
     RESERVED_ENV_PREFIX,
     Egress,
@@ -311,27 +311,8 @@ class EnvironmentStore:
         return await self._write(env, revision)
 
     async def _write(self, env: Environment, revision: int | None) -> int | None:
-        data = _encode(env)
-        tries = 0
-
-        async def once() -> int | None:
-            nonlocal tries
-            tries += 1
-            try:
-                if revision is None:
-                    return int(await self._kv.create(env.key, data))
-                return int(await self._kv.update(env.key, data, last=revision))
-            except KeyWrongLastSequenceError:
-                if tries == 1:
-                    return None
-                # A retry after a lost reply: the first try may have landed.
-                try:
-                    entry = await self._kv.get(env.key)
-                except KeyNotFoundError:
-                    return None
-                return int(entry.revision or 0) if entry.value == data else None
-
-        return await retrying(f"write environment {env.key}", once)
+        return await kv_write(self._kv, env.key, _encode(env), revision,
+                              f"write environment {env.key}")
 
     async def change(self, tenant: str, name: str,
                      edit: Callable[[Environment], Environment | None], *, tries: int = 10,

@@ -142,30 +142,35 @@ class TaskStore:
         return await self._write(state, revision)
 
     async def _write(self, state: TaskState, revision: int | None) -> int | None:
-        data = codec.encode(state)
-        tries = 0
+        return await kv_write(self._kv, state.key, codec.encode(state), revision,
+                              f"write task {state.key}")
 
-        async def once() -> int | None:
-            nonlocal tries
-            tries += 1
-            try:
-                if revision is None:
-                    return int(await self._kv.create(state.key, data))
-                return int(await self._kv.update(state.key, data, last=revision))
-            except KeyWrongLastSequenceError:
-                if tries == 1:
-                    return None
-                # A retry after a lost reply: the first try may have landed. If the key
-                # holds exactly what we wrote, that write was ours.
-                try:
-                    entry = await self._kv.get(state.key)
-                except KeyNotFoundError:
-                    return None
-                if entry.value == data:
-                    return int(entry.revision or 0)
+
+async def kv_write(kv: KeyValue, key: str, data: bytes, revision: int | None,
+                   what: str) -> int | None:
+    """Create ``key`` (``revision`` None) or replace it if still at ``revision``: the new
+    revision, or None when someone else wrote first. Retried through passing NATS trouble
+    (:func:`retrying`); a retry after a lost reply that finds exactly ``data`` there knows
+    the first try landed, and answers its revision."""
+    tries = 0
+
+    async def once() -> int | None:
+        nonlocal tries
+        tries += 1
+        try:
+            if revision is None:
+                return int(await kv.create(key, data))
+            return int(await kv.update(key, data, last=revision))
+        except KeyWrongLastSequenceError:
+            if tries == 1:
                 return None
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                return None
+            return int(entry.revision or 0) if entry.value == data else None
 
-        return await retrying(f"write task {state.key}", once)
+    return await retrying(what, once)
 
 
 def event_kind(event: Event) -> str:

@@ -38,12 +38,12 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from vigil import subjects
 from vigil.errors import SettingsError, VigilError
-from vigil.jetstream import retrying
+from vigil.jetstream import kv_write, retrying
 from vigil.messages import ID_PATTERN, utcnow
 
 KEY_BYTES = 32  # AES-256
@@ -293,27 +293,8 @@ class SecretStore:
         """Create the secret (``revision`` None) or replace the one at ``revision``; the
         new revision, or None when someone else wrote it first."""
         key = key_name(tenant, name)
-        data = _encoder.encode(sealed)
-        tries = 0
-
-        async def once() -> int | None:
-            nonlocal tries
-            tries += 1
-            try:
-                if revision is None:
-                    return int(await self._kv.create(key, data))
-                return int(await self._kv.update(key, data, last=revision))
-            except KeyWrongLastSequenceError:
-                if tries == 1:
-                    return None
-                # A retry after a lost reply: the first try may have landed.
-                try:
-                    entry = await self._kv.get(key)
-                except KeyNotFoundError:
-                    return None
-                return int(entry.revision or 0) if entry.value == data else None
-
-        return await retrying(f"write secret {key}", once)
+        return await kv_write(self._kv, key, _encoder.encode(sealed), revision,
+                              f"write secret {key}")
 
     async def delete(self, tenant: str, name: str) -> None:
         """Remove the secret: the delete marker replaces its only stored copy."""
