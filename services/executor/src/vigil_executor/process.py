@@ -139,7 +139,28 @@ class ProcessContainer:
         await self.stop(0)
 
 
-class ProcessRuntime:
+class _ImagesIgnored:
+    """Image calls of a runtime that runs no images (the unsafe test runtimes)."""
+
+    name: str
+
+    async def image_exists(self, image: str) -> bool:
+        return True
+
+    async def image_id(self, image: str) -> str | None:
+        return None  # the image is ignored
+
+    async def load_image(self, archive: BinaryIO) -> list[str]:
+        raise VigilError(f"the {self.name} runtime runs no images; there is nothing to load")
+
+    async def remove_image(self, image: str) -> None:
+        pass
+
+    async def images(self) -> list[str]:
+        return [ANY_IMAGE]  # the image is ignored: any task's will do
+
+
+class ProcessRuntime(_ImagesIgnored):
     """Runs the command on the host. No sandbox: never for untrusted agents."""
 
     name = "process"
@@ -156,20 +177,6 @@ class ProcessRuntime:
     async def close(self) -> None:
         pass
 
-    async def image_exists(self, image: str) -> bool:
-        return True
-
-    async def image_id(self, image: str) -> str | None:
-        return None  # the image is ignored
-
-    async def load_image(self, archive: BinaryIO) -> list[str]:
-        raise VigilError(f"the {self.name} runtime runs no images; there is nothing to load")
-
-    async def remove_image(self, image: str) -> None:
-        pass
-
-    async def images(self) -> list[str]:
-        return [ANY_IMAGE]  # the image is ignored: any task's will do
 
     async def create(self, spec: ContainerSpec) -> ProcessContainer:
         workspace = self._root / spec.workspace_volume
@@ -227,7 +234,7 @@ def _tar_dir_empty() -> bytes:
     return buf.getvalue()
 
 
-class NullRuntime:
+class NullRuntime(_ImagesIgnored):
     """Runs nothing: isolates the platform's overhead (scheduling, state, events, acks)."""
 
     name = "null"
@@ -240,20 +247,6 @@ class NullRuntime:
     async def close(self) -> None:
         pass
 
-    async def image_exists(self, image: str) -> bool:
-        return True
-
-    async def image_id(self, image: str) -> str | None:
-        return None  # the image is ignored
-
-    async def load_image(self, archive: BinaryIO) -> list[str]:
-        raise VigilError(f"the {self.name} runtime runs no images; there is nothing to load")
-
-    async def remove_image(self, image: str) -> None:
-        pass
-
-    async def images(self) -> list[str]:
-        return [ANY_IMAGE]  # the image is ignored: any task's will do
 
     async def create(self, spec: ContainerSpec) -> NullContainer:
         return NullContainer(1 if spec.command and spec.command[0] == "false" else 0)
