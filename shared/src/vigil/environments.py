@@ -28,11 +28,11 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from vigil import subjects
-from vigil.jetstream import kv_write, retrying
+from vigil.jetstream import kv_read, kv_write, retrying
 from vigil.messages import (
     RESERVED_ENV_PREFIX,
     Egress,
@@ -291,16 +291,8 @@ class EnvironmentStore:
         """Tenant ``tenant``'s environment ``name`` and its KV revision; None if none."""
         key = subjects.environment_key(tenant, name)
 
-        async def once() -> tuple[Environment, int] | None:
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                return None
-            if not entry.value:
-                return None
-            return environment_decoder.decode(entry.value), int(entry.revision or 0)
-
-        return await retrying(f"get environment {key}", once)
+        read = await kv_read(self._kv, key, f"get environment {key}")
+        return None if read is None else (environment_decoder.decode(read[0]), read[1])
 
     async def create(self, env: Environment) -> int | None:
         """Create its key; None if it exists."""

@@ -118,16 +118,8 @@ class TaskStore:
         """Tenant ``tenant``'s task ``task_id`` and its revision; None if there is none."""
         key = subjects.task_key(tenant, task_id)
 
-        async def once() -> tuple[TaskState, int] | None:
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                return None
-            if entry.value is None:
-                return None
-            return codec.state_decoder.decode(entry.value), int(entry.revision or 0)
-
-        return await retrying(f"get task {key}", once)
+        read = await kv_read(self._kv, key, f"get task {key}")
+        return None if read is None else (codec.state_decoder.decode(read[0]), read[1])
 
     async def get_state(self, state: TaskState) -> tuple[TaskState, int] | None:
         """The current state and revision of the task ``state`` is a version of."""
@@ -144,6 +136,22 @@ class TaskStore:
     async def _write(self, state: TaskState, revision: int | None) -> int | None:
         return await kv_write(self._kv, state.key, codec.encode(state), revision,
                               f"write task {state.key}")
+
+
+async def kv_read(kv: KeyValue, key: str, what: str) -> tuple[bytes, int] | None:
+    """``key``'s value and revision; None when it has none (never written, deleted).
+    Retried through passing NATS trouble (:func:`retrying`)."""
+
+    async def once() -> tuple[bytes, int] | None:
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return entry.value, int(entry.revision or 0)
+
+    return await retrying(what, once)
 
 
 async def kv_write(kv: KeyValue, key: str, data: bytes, revision: int | None,

@@ -38,12 +38,11 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from vigil import subjects
 from vigil.errors import SettingsError, VigilError
-from vigil.jetstream import kv_write, retrying
+from vigil.jetstream import kv_read, kv_write, retrying
 from vigil.messages import ID_PATTERN, utcnow
 
 KEY_BYTES = 32  # AES-256
@@ -276,17 +275,9 @@ class SecretStore:
     async def get(self, tenant: str, name: str) -> Stored | None:
         key = key_name(tenant, name)
 
-        async def once() -> Stored | None:
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                return None
-            if not entry.value:
-                return None
-            return Stored(tenant, name, decode_sealed(entry.value, key),
-                          int(entry.revision or 0))
-
-        return await retrying(f"read secret {key}", once)
+        read = await kv_read(self._kv, key, f"read secret {key}")
+        return None if read is None else Stored(tenant, name, decode_sealed(read[0], key),
+                                                read[1])
 
     async def put(self, tenant: str, name: str, sealed: SealedSecret,
                   revision: int | None) -> int | None:
