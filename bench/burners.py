@@ -10,8 +10,9 @@ A whole stack (rootless Podman, fsync always, as ``vigil up``) runs no-op contai
 them twice, interleaved: idle, then with B agents each burning a core
 (``python3 -c 'while True: pass'``) on this machine. The ratio with/idle is what a
 runaway agent costs everyone else's latency; the target is under 2x. It also prints the
-nice value the burners' processes ran at (``ps``), which is how the platform keeps its own
-processes ahead of agents on hosts without cgroup CPU control.
+nice value the burners' processes ran at (``ps``), and their sessions' autogroup nice where
+the kernel groups by session, which is how the platform keeps its own processes ahead of
+agents on hosts without cgroup CPU control.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -42,6 +44,7 @@ from throughput import (
 
 from vigil import subjects
 from vigil.messages import CancelRequest
+from vigil_executor.isolation import autogroup_enabled
 
 BURN = "while True: pass"
 
@@ -73,10 +76,21 @@ class StartedWatcher:
 
 
 def burner_nice() -> list[str]:
-    """The nice value of each process burning CPU for the bench (from ``ps``)."""
-    out = subprocess.run(["ps", "-eo", "ni=,pcpu=,args="], capture_output=True, text=True,
+    """The nice value of each process burning CPU for the bench (from ``ps``), with its
+    session's autogroup nice value where the kernel weighs sessions first (``10 ag 10``)."""
+    out = subprocess.run(["ps", "-eo", "ni=,pid=,args="], capture_output=True, text=True,
                          check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if BURN in line]
+    found = []
+    for line in out.splitlines():
+        if BURN not in line:
+            continue
+        nice, pid = line.split()[:2]
+        try:
+            group = Path(f"/proc/{pid}/autogroup").read_text().split()[-1]
+            found.append(f"{nice} ag {group}" if autogroup_enabled() else nice)
+        except OSError:
+            found.append(nice)
+    return found
 
 
 async def start_burners(js: JetStreamContext, started: StartedWatcher, tag: str, count: int

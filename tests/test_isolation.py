@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from support import Platform, as_user, eventually
 from vigil import subjects
 from vigil.embedded import AGENT_NICE, PodmanService
-from vigil_executor.isolation import nice_of
+from vigil_executor.isolation import autogroup_enabled, nice_of
 from vigil_executor.service import Executor
 
 pytestmark = [pytest.mark.integration, pytest.mark.podman]
@@ -45,7 +45,7 @@ signal.pause()
 
 # What an agent may not do (each outcome printed), and what it still may.
 HARDENING = r"""
-import ctypes, errno, json, os, subprocess, threading
+import ctypes, errno, json, os, subprocess, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
 def outcome(rc):
     return "ok" if rc == 0 else errno.errorcode.get(ctypes.get_errno(), "?")
@@ -67,6 +67,23 @@ try:
     facts["renice_to_0"] = "ok"
 except OSError as exc:
     facts["renice_to_0"] = errno.errorcode[exc.errno]
+def autogroup():
+    try:
+        return open("/proc/self/autogroup").read().split()
+    except OSError:
+        return None  # a kernel without autogroup
+facts["autogroup"] = autogroup()
+# A session of its own, as pexpect or start_new_session make: the kernel gives it an
+# autogroup at nice 0; it reports its group as soon as it is lowered (or after 20 s).
+NEW_SESSION = "import json, os, time\n" + (
+    "def ag():\n    return open('/proc/self/autogroup').read().split()\n"
+    "end = time.monotonic() + 20\n"
+    "while ag()[-1] == '0' and time.monotonic() < end:\n    time.sleep(0.05)\n"
+    "print(json.dumps(ag()))\n")
+if facts["autogroup"] is not None:
+    child = subprocess.run([sys.executable, "-c", NEW_SESSION], start_new_session=True,
+                           capture_output=True, text=True, timeout=60)
+    facts["new_session_autogroup"] = json.loads(child.stdout)
 print("FACTS " + json.dumps(facts), flush=True)
 """
 
@@ -129,14 +146,16 @@ async def line_of(platform: Platform, task_id: str, prefix: str,
     return await eventually(probe, timeout=timeout, what=f"{task_id} to print {prefix!r}")
 
 
-async def host_view(ex: Executor, container: str) -> tuple[int, int | None]:
-    """The host uid and nice value of the container's first process, as the host's /proc
-    (and ``ps -o uid,ni``) sees them."""
+async def host_view(ex: Executor, container: str) -> tuple[int, int | None, int | None]:
+    """The host uid and nice value of the container's first process, and the nice value
+    of its parent (conmon, which Podman spawned), as the host's /proc (and ``ps -o
+    uid,ni``) sees them."""
     info = await ex.runtime.call("GET", f"/containers/{container}/json")  # type: ignore[attr-defined]
     pid = info["State"]["Pid"]
     status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
     uid_line = next(x for x in status.splitlines() if x.startswith("Uid:"))
-    return int(uid_line.split()[1]), nice_of(pid)
+    ppid_line = next(x for x in status.splitlines() if x.startswith("PPid:"))
+    return int(uid_line.split()[1]), nice_of(pid), nice_of(int(ppid_line.split()[1]))
 
 
 def podman_uid() -> int:
@@ -191,12 +210,18 @@ async def test_concurrent_agents_have_host_uids_of_their_own(
     assert not set(ranges[0]) & set(ranges[1])  # disjoint: no uid in common
     seen = [await host_view(ex, platform.events.of(t, "started")[0]["container"])
             for t in ("one", "two")]
-    uids = [uid for uid, _ in seen]
+    uids = [uid for uid, _, _ in seen]
     assert uids[0] != uids[1] and not {0, podman_uid()} & set(uids)
-    # Below the services' priority, as the host sees it (the executor runs in this process).
-    assert [nice for _, nice in seen] == [AGENT_NICE, AGENT_NICE]
+    # Below the services' priority, as the host sees it (the executor runs in this process);
+    # only the agents: the Podman service and each agent's conmon keep the services' own,
+    # so starting the next container never waits behind busy agents.
+    assert [nice for _, nice, _ in seen] == [AGENT_NICE, AGENT_NICE]
     assert nice_of(os.getpid()) == 0
-    print(f"agents' host uids {uids}, nice {[nice for _, nice in seen]}; executor nice 0")
+    assert podman.child is not None and podman.child.process is not None
+    assert nice_of(podman.child.process.pid) == 0
+    assert [conmon for _, _, conmon in seen] == [0, 0]
+    print(f"agents' host uids {uids}, nice {[nice for _, nice, _ in seen]}; executor, "
+          "Podman service and conmon nice 0")
     for tenant, task in ((acme, "one"), (beta, "two")):
         await tenant.cancel(task)
         assert (await platform.final_state(task, timeout=60)).status == "cancelled"
@@ -226,3 +251,9 @@ async def test_nested_namespaces_and_mounts_are_refused_and_agents_run_niced(
     assert started["resources"]["userns"] == {"value": "auto:2048", "by": "podman"}
     assert started["resources"]["seccomp"] == {"value": "vigil", "by": "seccomp"}
     assert started["resources"]["priority"] == {"value": AGENT_NICE, "by": "nice"}
+    if autogroup_enabled():
+        # The kernel weighs sessions before nice values: the agent's session is lowered
+        # with it, and a session it starts is lowered by the executor's next sample.
+        assert facts["autogroup"][-2:] == ["nice", str(AGENT_NICE)]
+        assert facts["new_session_autogroup"][-2:] == ["nice", str(AGENT_NICE)]
+        assert facts["new_session_autogroup"][0] != facts["autogroup"][0]

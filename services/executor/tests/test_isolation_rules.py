@@ -18,7 +18,10 @@ from vigil_executor.isolation import (
     Isolation,
     check_userns_room,
     install_seccomp,
+    lower_autogroup,
+    lower_priority,
     nice_of,
+    priority,
     seccomp_profile,
     subordinate_ids,
 )
@@ -97,16 +100,38 @@ def test_userns_room_against_the_slots() -> None:
 
 
 def test_started_resources_say_how_each_is_enforced() -> None:
-    full = Isolation(userns_size=2048, seccomp_path="/s.json", agent_nice=10)
+    full = Isolation(userns_size=2048, seccomp_path="/s.json")
     assert full.resources() == {
         "userns": {"value": "auto:2048", "by": "podman"},
         "seccomp": {"value": "vigil", "by": "seccomp"},
-        "priority": {"value": 10, "by": "nice"},
     }
-    none = Isolation(agent_nice=0).resources()
-    assert none["userns"]["by"] == "none" and none["priority"] == {"value": 0, "by": "none"}
+    none = Isolation().resources()
+    assert none["userns"]["by"] == "none"
     assert none["seccomp"] == {"value": "podman-default", "by": "seccomp"}
-    assert Isolation().resources()["priority"] == {"value": None, "by": "none"}
+
+
+def test_priority_is_nice_only_below_the_executors_own() -> None:
+    import os
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert priority(own + 1) == {"value": own + 1, "by": "nice"}
+    assert priority(own) == {"value": own, "by": "none"}
+    assert priority(None) == {"value": None, "by": "none"}
+
+
+def test_lower_priority_lowers_a_process_and_never_raises_it() -> None:
+    import os
+    import subprocess
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    child = subprocess.Popen(["sleep", "30"])  # a process of ours to lower
+    try:
+        assert lower_priority(child.pid, own + 5) == own + 5 == nice_of(child.pid)
+        assert lower_priority(child.pid, own + 2) == own + 5  # already lower: kept
+    finally:
+        child.kill()
+        child.wait()
+    assert lower_priority(child.pid, own + 5) is None  # gone
 
 
 def test_nice_of_this_process_and_of_none() -> None:
@@ -127,3 +152,23 @@ def test_create_body_asks_for_its_own_namespace_and_the_profile() -> None:
     assert body["userns"] == {"nsmode": "auto", "value": "size=4096"}
     assert body["idmappings"] == {"AutoUserNs": True, "AutoUserNsOpts": {"Size": 4096}}
     assert body["seccomp_profile_path"] == "/state/seccomp.json"
+
+
+def test_lower_autogroup_lowers_a_sessions_weight_and_never_raises_it() -> None:
+    import subprocess
+    from pathlib import Path
+
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a session of ours
+    try:
+        group = Path(f"/proc/{child.pid}/autogroup")
+        if not group.exists():
+            pytest.skip("this kernel has no autogroup")
+        assert group.read_text().split()[-1] == "0"
+        assert lower_autogroup(f"/proc/{child.pid}", 7) is True
+        assert group.read_text().split()[-1] == "7"
+        assert lower_autogroup(f"/proc/{child.pid}", 3) is False  # already lower: kept
+        assert group.read_text().split()[-1] == "7"
+    finally:
+        child.kill()
+        child.wait()
+    assert lower_autogroup(f"/proc/{child.pid}", 7) is False  # gone

@@ -40,9 +40,10 @@ from vigil.permissions import shipped_users
 from vigil.secrets import write_key_file
 
 SERVICES = ("scheduler", "executor", "auditor", "gateway")
-# The Podman service's nice value, and so its agents' (it spawns conmon, which spawns
-# runc and the agent; each inherits it): agents lose every contest for the CPU with
-# Vigil's own processes (nice 0), so a busy agent never starves the services.
+# Agents' nice value: they lose every contest for the CPU with Vigil's own processes
+# (nice 0), so a busy agent never starves the services. An executor run as root lowers
+# each agent itself (VIGIL_AGENT_NICE); one that is not can only have agents inherit it
+# from the Podman service (which spawns conmon, runc and the agent), started niced.
 AGENT_NICE = 10
 DEFAULT_TENANT = "default"  # what `vigil up`'s own token and NATS user act as
 START_TIMEOUT_S = 60.0
@@ -449,14 +450,17 @@ class PodmanService:
 
     Run as root, it runs as the unprivileged ``user`` (default ``vigil``): containers are
     then rootless (container root = that user's uid). Run as anyone else, it runs as them.
-    It runs ``nice`` (default AGENT_NICE) steps below its parent, and so do its agents.
+    It runs ``nice`` steps below its parent. By default: none when run as root (its
+    executors, root too, lower each agent alone, and container starts keep the services'
+    priority), else AGENT_NICE (the only way agents get a lower priority than the services
+    then: they inherit it).
     """
 
     def __init__(self, log_path: Path, *, user: str | None = None,
                  sock_dir: Path | None = None, tag: str = "default",
-                 nice: int = AGENT_NICE) -> None:
+                 nice: int | None = None) -> None:
         self.log_path = log_path
-        self._nice = nice
+        self._nice = nice if nice is not None else (0 if os.geteuid() == 0 else AGENT_NICE)
         self._user = user
         self._sock_dir = sock_dir
         self._tag = tag

@@ -106,6 +106,7 @@ from vigil_executor.claim import (
 from vigil_executor.egress import EgressProxy, EgressUnavailable
 from vigil_executor.environment import EnvironmentFailed, EnvironmentRun, Hooks
 from vigil_executor.images import ImageRefused
+from vigil_executor.isolation import priority
 from vigil_executor.retry import (
     DEFAULT_POLICY,
     IMAGE_MISSING_MAX_DELAY_S,
@@ -422,7 +423,7 @@ class Attempt:
                     self._restored = restoring.name
                 if self.env is not None and not resumed:
                     self.env.restored(restoring)
-            await self.container.start()
+            nice = await self.container.start()
         except ImageNotFound as exc:
             # The node's problem, not the task's: another node may have the image (or this
             # one, once it is pulled). Hand back with a growing delay; no attempt is spent.
@@ -464,8 +465,10 @@ class Attempt:
             return Outcome("failed", None, error)
         ex.metrics.container_start.observe(time.perf_counter() - t0)
         started_at = time.monotonic()
-        watchdog = self.watchdog = Watchdog(spec.limits, cgroups=ex.runtime.limits_enforced,
-                                            interval_s=ex.settings.watchdog_interval_s)
+        watchdog = self.watchdog = Watchdog(
+            spec.limits, cgroups=ex.runtime.limits_enforced,
+            interval_s=ex.settings.watchdog_interval_s,
+            autogroup_nice=ex.isolation.autogroup_nice if ex.isolation is not None else 0)
         unwatched = await watchdog.attach(ex.runtime, self.container.id, spec.workspace_volume)
         limits = work.spec.resources
         output_mb = (limits.output_mb if limits else None) or ex.settings.output_mb
@@ -475,6 +478,7 @@ class Attempt:
             limits_enforced=ex.runtime.limits_enforced,
             resources={**watchdog.resources,
                        **(ex.isolation.resources() if ex.isolation is not None else {}),
+                       **({"priority": priority(nice)} if ex.isolation is not None else {}),
                        "output_mb": {"value": output_mb, "by": "executor"}},
         ), once=True)
         if unwatched:

@@ -12,10 +12,15 @@
   mount call are refused (EPERM). ``clone3`` passes its flags in memory, where seccomp
   cannot look, so it is refused with ENOSYS: libc then falls back to ``clone``, whose
   flags can be filtered.
-- A lower scheduling priority: agents inherit the Podman service's nice value (it spawns
-  conmon, which spawns runc and the agent), so the service is started niced (see
-  ``vigil.embedded.PodmanService``); the executor reads what the agents really get and
-  says so on every ``started`` event.
+- A lower scheduling priority: each agent's first process is lowered to
+  ``VIGIL_AGENT_NICE`` between Podman's ``init`` and ``start`` (see
+  ``PodmanContainer.start``), so all the agent runs inherits it and it can never raise
+  it again, while the Podman service, conmon and runc keep the services' priority (the
+  next task's container start does not queue behind busy agents: measured by
+  bench/burners.py). Lowering another user's process needs root or CAP_SYS_NICE; an
+  executor without it leaves agents at the Podman service's own nice value, which is
+  then the only lever (start the service niced). Every ``started`` event says the value
+  the agent really got.
 
 Docs: docs/threat-model.md.
 """
@@ -155,6 +160,81 @@ def peer_pid(socket_path: str) -> int | None:
     return pid or None
 
 
+AUTOGROUP_SWITCH = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+def autogroup_enabled() -> bool:
+    """Whether the kernel groups processes by session for the CPU (``autogroup``, on by
+    default on Debian and Ubuntu). Then a nice value weighs only against processes of
+    the same session: an agent (runc makes it a session of its own) at nice 10 still
+    gets as much CPU as each of Vigil's services, whatever their nice. The session's own
+    weight is its autogroup's nice value (``/proc/<pid>/autogroup``), which the
+    executor lowers too (see :func:`lower_autogroup`)."""
+    try:
+        return Path(AUTOGROUP_SWITCH).read_text(encoding="ascii").strip() == "1"
+    except OSError:
+        return False  # a kernel without autogroup: nice values weigh host-wide
+
+
+def lower_autogroup(name: str, nice: int, dir_fd: int | None = None) -> bool:
+    """Lower the autogroup (the session's CPU weight) of the process whose procfs
+    directory is ``name`` (relative to ``dir_fd`` if given) to ``nice``, never raising
+    it. True if it was lowered now. A process that is gone, or a kernel without
+    autogroup, changes nothing."""
+    try:
+        fd = os.open(f"{name}/autogroup", os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        # "/autogroup-41 nice 0"
+        current = int(os.read(fd, 128).split()[-1])
+        if current >= nice:
+            return False
+        os.write(fd, str(nice).encode())
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def lower_priority(pid: int, nice: int) -> int | None:
+    """Lower process ``pid`` to ``nice``, and its session's autogroup with it (never
+    raise either: what is already lower keeps its value), and return the nice value it
+    has then, None if it cannot be read. Needs root or CAP_SYS_NICE unless the process
+    is the caller's own uid's; without them the process keeps its value (said once in
+    the log, and by the value returned)."""
+    lower_autogroup(f"/proc/{pid}", nice)
+    current = nice_of(pid)
+    if current is not None and current < nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        except PermissionError as exc:
+            global _warned_nice  # one warning per process, not one per agent
+            if not _warned_nice:
+                _warned_nice = True
+                log.warning("agents_not_deprioritised", error=exc.strerror, nice=current,
+                            note="lowering an agent's priority needs root or "
+                            "CAP_SYS_NICE: agents run at the Podman service's nice value "
+                            "(start it with `nice -n 10`)")
+        except ProcessLookupError:
+            return None  # gone already: its exit says the rest
+        current = nice_of(pid)
+    return current
+
+
+_warned_nice = False
+
+
+def priority(nice: int | None) -> dict[str, Any]:
+    """The ``priority`` entry of ``Started.resources``: the agent's nice value, ``by:
+    nice`` when it is below this executor's (and so the services'), else ``none``."""
+    if nice is None:
+        return {"value": None, "by": "none"}
+    return {"value": nice, "by": "nice" if nice > os.getpriority(os.PRIO_PROCESS, 0)
+            else "none"}
+
+
 def nice_of(pid: int) -> int | None:
     """A process's nice value (``/proc/<pid>/stat`` field 19), None if unreadable."""
     try:
@@ -175,8 +255,9 @@ class Isolation:
 
     userns_size: int = 0  # ids per agent's user namespace; 0 = the Podman user's own
     seccomp_path: str | None = None  # the hardened profile; None = Podman's default
-    agent_nice: int | None = None  # the agents' nice value, None when unknown
-    services_nice: int = 0  # this executor's own, to compare with
+    # Where the kernel weighs sessions (autogroup): the nice value the watchdog keeps each
+    # of an agent's sessions at (0: not needed, or agents are not lowered).
+    autogroup_nice: int = 0
 
     def resources(self) -> dict[str, dict[str, Any]]:
         """Entries of ``Started.resources``: how this node enforces each of these."""
@@ -187,19 +268,15 @@ class Isolation:
                         if self.seccomp_path else {"value": "podman-default",
                                                    "by": "seccomp"}),
         }
-        if self.agent_nice is None:
-            out["priority"] = {"value": None, "by": "none"}
-        else:
-            lower = self.agent_nice > self.services_nice
-            out["priority"] = {"value": self.agent_nice, "by": "nice" if lower else "none"}
-        return out
+        return out  # and "priority", per agent: see priority()
 
 
 def prepare(conf: ExecutorSettings, info: dict[str, Any], podman_socket: str,
             state_dir: Path) -> Isolation:
     """This node's isolation, at start: the user namespaces' room checked against the
-    slots, the seccomp profile installed, the agents' priority read from the Podman
-    service (whose children they are). Raises SettingsError where a guarantee cannot hold."""
+    slots, the seccomp profile installed, and a warning when agents cannot be lowered in
+    priority (no privilege to, and the Podman service, whose children they are, is not
+    lower itself). Raises SettingsError where a guarantee cannot hold."""
     check_userns_room(info, conf.userns_size, conf.slots)
     security = (info.get("host") or {}).get("security") or {}
     base = conf.seccomp_base or str(security.get("seccompProfilePath") or "")
@@ -207,15 +284,19 @@ def prepare(conf: ExecutorSettings, info: dict[str, Any], podman_socket: str,
         raise SettingsError("the Podman service reports no seccomp profile of its own; "
                             "set VIGIL_SECCOMP_BASE to one (Podman's seccomp.json format)")
     seccomp = install_seccomp(base, state_dir)
-    pid = peer_pid(podman_socket)
-    agent_nice = nice_of(pid) if pid is not None else None
-    services_nice = os.getpriority(os.PRIO_PROCESS, 0)
     isolation = Isolation(userns_size=conf.userns_size, seccomp_path=str(seccomp),
-                          agent_nice=agent_nice, services_nice=services_nice)
-    if agent_nice is None or agent_nice <= services_nice:
-        log.warning("agents_not_deprioritised", podman_pid=pid, agent_nice=agent_nice,
-                    executor_nice=services_nice,
-                    note="agents run at the services' priority: start the Podman service "
-                    "niced (`nice -n 10 podman system service ...`; `vigil up` does)")
-    log.info("isolation", **{k: v["value"] for k, v in isolation.resources().items()})
+                          autogroup_nice=conf.agent_nice if autogroup_enabled() else 0)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    pid = peer_pid(podman_socket)
+    service = nice_of(pid) if pid is not None else None
+    if conf.agent_nice and os.geteuid() != 0 and (service is None or service <= own):
+        # Without root, CAP_SYS_NICE may still be there (the log says so per agent if not).
+        log.warning("agents_may_not_be_deprioritised", podman_pid=pid, podman_nice=service,
+                    executor_nice=own,
+                    note="an executor not run as root lowers agents only with "
+                    "CAP_SYS_NICE; else start the Podman service niced (`nice -n 10 "
+                    "podman system service ...`)")
+    log.info("isolation", agent_nice=conf.agent_nice, podman_nice=service,
+             autogroup=bool(isolation.autogroup_nice),
+             **{k: v["value"] for k, v in isolation.resources().items()})
     return isolation

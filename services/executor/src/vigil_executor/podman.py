@@ -26,7 +26,7 @@ import structlog
 from vigil.errors import ImageNotFound, RuntimeUnavailable
 from vigil.messages import MAX_ADVERTISED_IMAGES
 from vigil_executor.archive import END_OF_ARCHIVE, relative_tar, tar_end
-from vigil_executor.isolation import Isolation
+from vigil_executor.isolation import Isolation, lower_priority
 from vigil_executor.podman_errors import (
     INIT_FAILED_EXIT,
     INIT_LINES,
@@ -71,8 +71,10 @@ def socket_path(url: str) -> str:
 
 class PodmanContainer:
     def __init__(self, rt: PodmanRuntime, cid: str, attach: aiohttp.ClientResponse,
-                 max_line: int, workspace: str, max_archive: int | None = None) -> None:
+                 max_line: int, workspace: str, max_archive: int | None = None,
+                 nice: int = 0) -> None:
         self.id = cid
+        self._nice = nice
         self._rt = rt
         self._attach = attach
         self._max_line = max_line
@@ -84,8 +86,24 @@ class PodmanContainer:
         self._lines = 0
         self._output_ended = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self) -> int | None:
+        """Run the agent at the spec's nice value. Podman's ``init`` has runc set the
+        container up and leaves its first process (``runc init``, in the container's
+        namespaces, as its host uid) waiting for ``start`` to exec the container's init:
+        it is lowered in that gap, so no instruction of the agent runs at the services'
+        priority, and all it starts inherits the value. Podman, conmon and runc are not
+        lowered (the Podman service is not niced): the next task's start never queues
+        behind a busy agent."""
+        nice: int | None = None
+        if self._nice:
+            await self._rt.call("POST", f"/containers/{self.id}/init")
+            info = await self._rt.call("GET", f"/containers/{self.id}/json")
+            state = info.get("State") if isinstance(info, dict) else None
+            pid = state.get("Pid") if isinstance(state, dict) else None
+            if isinstance(pid, int) and pid > 0:
+                nice = lower_priority(pid, self._nice)
         await self._rt.call("POST", f"/containers/{self.id}/start")
+        return nice
 
     async def import_workspace(self, archive: BinaryIO) -> None:
         # Podman unpacks into the named volume even before the container first runs. The
@@ -514,7 +532,7 @@ class PodmanRuntime:
                 await self.call("DELETE", f"/containers/{cid}", params={"force": "true"})
             raise
         return PodmanContainer(self, cid, attach, self._max_line, spec.workspace_path,
-                               self._max_archive)
+                               self._max_archive, spec.nice)
 
     async def _create_volume(self, spec: ContainerSpec) -> None:
         """The workspace volume, created before its container and labelled like it. Podman

@@ -54,7 +54,7 @@ class ProcessContainer:
         self._proc: asyncio.subprocess.Process | None = None
         self._started = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self) -> int | None:
         spec = self._spec
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -76,6 +76,7 @@ class ProcessContainer:
         )
         self.id = f"pid-{self._proc.pid}"
         self._started.set()
+        return None  # not lowered: this runtime is for tests and benchmarks only
 
     async def import_workspace(self, archive: BinaryIO) -> None:
         await asyncio.to_thread(_untar, archive, self._workspace)
@@ -204,8 +205,8 @@ class NullContainer:
         self.id = "null"
         self._code = exit_code
 
-    async def start(self) -> None:
-        pass
+    async def start(self) -> int | None:
+        return None
 
     async def import_workspace(self, archive: BinaryIO) -> None:
         pass

@@ -63,6 +63,9 @@ class ContainerSpec:
     tmpfs_mb: int = 256
     limits: Limits = field(default_factory=Limits)
     timeout_s: float = 3600.0  # the runtime's own backstop; the executor enforces it first
+    # The agent's nice value: its first process is lowered to it before the agent's code
+    # runs (0: as the runtime starts it). See ExecutorSettings.agent_nice.
+    nice: int = 0
     stop_grace_s: float = 10.0
 
 
@@ -122,7 +125,10 @@ class Container(Protocol):
 
     id: str
 
-    async def start(self) -> None: ...
+    async def start(self) -> int | None:
+        """Run the agent. Returns the nice value its first process runs at (the spec's
+        ``nice`` if the runtime could lower it), None when the runtime cannot say."""
+        ...
 
     async def import_workspace(self, archive: BinaryIO) -> None:
         """Unpack a tar archive (from ``export_workspace``) into the workspace; before start."""

@@ -121,4 +121,5 @@ def container_spec(
         limits=task_limits(work, conf),
         timeout_s=spec.timeout_s or 3600.0,
         stop_grace_s=conf.stop_grace_s,
+        nice=conf.agent_nice,
     )

@@ -95,6 +95,15 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     times this (the executor refuses to start otherwise; scripts/setup-host.sh sizes it).
     0 runs every agent as the Podman user's own uid (shared process count: one fork bomb
     stops the next agent from starting); not for production."""
+    agent_nice: Annotated[int, Meta(ge=0, le=19)] = 10
+    """The nice value agents run at: the executor lowers each agent's first process to it
+    after the container is set up and before the agent's own code runs, and everything
+    the agent starts inherits it; an agent can never raise it again. Vigil's services,
+    the Podman service, conmon and runc stay at their own priority, so starting and
+    watching the next task never queues behind a busy agent. Lowering another user's
+    process needs root (or CAP_SYS_NICE): an executor run as the Podman user cannot,
+    and its agents then run at the Podman service's own nice value (start it niced:
+    ``nice -n 10 podman system service``). 0 leaves agents at the services' priority."""
     seccomp_base: str = ""
     """The seccomp profile agents' syscalls start from (JSON, Podman's format), hardened
     by the executor (nested namespaces, mounts and ``clone3`` refused) and written into

@@ -49,6 +49,7 @@ from typing import Any
 import structlog
 
 from vigil.messages import LimitName
+from vigil_executor.isolation import lower_autogroup
 from vigil_executor.runtime import HostView, Limits, Runtime
 
 log = structlog.get_logger("vigil.executor.watchdog")
@@ -146,9 +147,11 @@ def _pss_kb(rollup: bytes) -> int:
     return int(rollup[at + 5:rollup.index(b"kB", at)])
 
 
-def processes(proc_fd: int) -> tuple[int, int, int, bool]:
+def processes(proc_fd: int, autogroup_nice: int = 0) -> tuple[int, int, int, bool]:
     """(memory bytes, processes, tasks, rss_only) of the procfs ``proc_fd`` holds.
-    Processes that exit while they are read are skipped."""
+    Processes that exit while they are read are skipped. With ``autogroup_nice``, each
+    process's session is lowered to it where it is higher (an agent's new session, see
+    ``vigil_executor.isolation.autogroup_enabled``)."""
     total = procs = tasks = 0
     rss_only = False
     for entry in os.scandir(proc_fd):
@@ -164,6 +167,8 @@ def processes(proc_fd: int) -> tuple[int, int, int, bool]:
             continue
         procs += 1
         tasks += threads
+        if autogroup_nice:
+            lower_autogroup(name, autogroup_nice, proc_fd)
         try:
             total += _pss_kb(_read(f"{name}/smaps_rollup", proc_fd)) * 1024
         except (OSError, ValueError):
@@ -225,6 +230,7 @@ class Target:
 
     proc_fd: int | None = None
     workspace: str | None = None
+    autogroup_nice: int = 0  # each sample lowers the agent's sessions to it (0: not)
     problems: list[str] = field(default_factory=list)
     # A sample runs in a thread that a cancelled watchdog does not stop: the fd is closed
     # by whichever of close() and that sample comes last, never under a read (a closed
@@ -234,8 +240,8 @@ class Target:
     _closing: bool = False
 
     @classmethod
-    def open(cls, view: HostView | None) -> Target:
-        target = cls()
+    def open(cls, view: HostView | None, autogroup_nice: int = 0) -> Target:
+        target = cls(autogroup_nice=autogroup_nice)
         if view is None:
             target.problems.append("the runtime does not say where the agent runs")
             return target
@@ -274,7 +280,8 @@ class Target:
         try:
             if self.proc_fd is not None:
                 with contextlib.suppress(OSError):  # the container is gone: nothing to add
-                    size, procs, pids, rss_only = processes(self.proc_fd)
+                    size, procs, pids, rss_only = processes(self.proc_fd,
+                                                            self.autogroup_nice)
                     memory = size / MIB
         finally:
             with self._lock:
@@ -332,8 +339,11 @@ class Watchdog:
     """Watches one running agent; :meth:`run` returns the first :class:`Crossing`."""
 
     def __init__(self, limits: Limits, *, cgroups: bool, interval_s: float,
-                 floor_s: float = 0.02, budget: float = 0.05) -> None:
+                 floor_s: float = 0.02, budget: float = 0.05, autogroup_nice: int = 0
+                 ) -> None:
         self.limits = limits
+        # Sessions the agent starts are lowered to this at every sample (0: not asked).
+        self.autogroup_nice = autogroup_nice
         self.cgroups = cgroups
         self.interval_s = interval_s
         self.floor_s = floor_s
@@ -362,9 +372,9 @@ class Watchdog:
         """Find the container's processes and workspace; what cannot be watched, said
         (also in ``resources``, as ``by: none``/``rlimit``)."""
         watched = {n for n, e in self.resources.items() if e["by"] == "watchdog"}
-        if not watched:
+        if not watched and not self.autogroup_nice:
             return []
-        self.target = await asyncio.to_thread(Target.open, view)
+        self.target = await asyncio.to_thread(Target.open, view, self.autogroup_nice)
         self.resources = enforcement(self.limits, cgroups=self.cgroups,
                                      watchable=self.target.proc_fd is not None,
                                      disk_watchable=self.target.workspace is not None)
@@ -384,7 +394,7 @@ class Watchdog:
         when the agent ends first). Never raises for a failed read: that measure is
         skipped in that sample."""
         limits = self._limits()
-        if not limits:
+        if not limits and not (self.autogroup_nice and self.target.proc_fd is not None):
             await asyncio.Event().wait()  # nothing to watch: wait to be cancelled
         previous: tuple[float, Usage] | None = None
         warned = False
