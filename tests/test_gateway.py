@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,30 @@ async def test_submit_get_and_follow_events(api) -> None:
     assert state.status == "succeeded"
     assert kinds[0] == "accepted" and kinds[-1] == "finished"
     assert lines == ["hello", "bye"]
+
+
+async def test_wait_and_events_take_an_event_larger_than_a_line_limit(
+    platform: Platform,
+) -> None:
+    """A log batch of long lines (the longest lines an executor may keep, 64 KiB; a
+    control character is six bytes in JSON) is one SSE data line of over 700 KiB.
+    aiohttp's readline refuses a line over its buffer's high-water mark (512 KiB with
+    its default buffer), which ended the SDK's event stream with an error, and so
+    ``client.wait()`` and ``vigil submit --wait``."""
+    await platform.scheduler()
+    await platform.executor(max_line_bytes=65_536)
+    gw = await platform.gateway()
+    program = ("import sys\nfor i in range(2):\n"
+               "    sys.stdout.write(chr(1) * 65000 + str(i) + chr(10))\n")
+    async with Client(f"http://127.0.0.1:{gw.http_port}") as client:
+        accepted = await client.submit({"command": [sys.executable, "-c", program]})
+        events = [ev async for ev in client.events(accepted["id"])]
+        state = await client.wait(accepted["id"], timeout_s=60)
+    lines = [line for ev in events for line in ev.data.get("lines", [])]
+    biggest = max(len(json.dumps(ev.data)) for ev in events)
+    assert state.status == "succeeded", state.error
+    assert lines == ["\x01" * 65000 + str(i) for i in range(2)]
+    assert biggest > 2 * 262_144  # one event's data was over the line limit
 
 
 async def test_idempotency_key_returns_the_same_task(api) -> None:
@@ -280,3 +305,37 @@ async def test_metrics_exposed(api) -> None:
     async with http.get(f"{url}/metrics") as r:
         text = await r.text()
     assert "vigil_http_requests_total" in text
+
+
+async def test_a_stream_handler_that_is_cancelled_ends_cancelled(platform: Platform) -> None:
+    """The SSE and log handlers used to swallow CancelledError: a server shutting down
+    (which cancels its handlers) saw them return as if finished. The request is aiohttp's
+    test request (its socket side is a stand-in); NATS, the store and the task are real."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from vigil_gateway.events import Position, stream_events
+    from vigil_gateway.logs import stream_logs
+
+    await platform.scheduler()
+    gw = await platform.gateway()
+    await platform.publish_spec({"id": "waits", "command": ["true"]})  # no executor: queued
+    state = await eventually(lambda: platform.state("waits", "acme"), what="task stored")
+    streams = {
+        "events": lambda req: stream_events(req, gw.js, gw.store, state, Position(), 0.2,
+                                            asyncio.Event()),
+        "logs": lambda req: stream_logs(req, gw.js, gw.store, state, follow=True, only=None,
+                                        tick_s=0.2, stopping=asyncio.Event()),
+    }
+    for name, stream in streams.items():
+        request = make_mocked_request("GET", f"/v1/tasks/waits/{name}")
+        handler = asyncio.create_task(stream(request))
+        # Following: the answer's head is written, and the handler waits for more.
+        async def answering(writer: Any = request.writer) -> bool | None:
+            return writer.write_headers.called or None
+
+        await eventually(answering, what=f"the {name} answer to start")
+        assert not handler.done()
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        assert handler.cancelled(), name

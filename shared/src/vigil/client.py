@@ -580,23 +580,28 @@ def _stream_timeout(follow: bool, base: aiohttp.ClientTimeout) -> aiohttp.Client
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """Split a text/plain body into lines, whatever their length (``readline`` has a
-    limit); a last line without a newline is yielded too."""
-    buffer = b""
+    """Split a body into lines, whatever their length: aiohttp's ``readline`` (and
+    iterating a response's content) fails a line over 64 KiB, and an SSE event's data
+    line is a whole log batch. A last line without a newline is yielded too. Each chunk
+    is searched once, so a long line costs what it holds, not its square."""
+    pending: list[bytes] = []
     async for chunk in content.iter_any():
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            yield raw.decode("utf-8", errors="replace").removesuffix("\r")
-    if buffer:
-        yield buffer.decode("utf-8", errors="replace").removesuffix("\r")
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pending.append(chunk[start:end])
+            yield b"".join(pending).decode("utf-8", errors="replace").removesuffix("\r")
+            pending = []
+            start = end + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending).decode("utf-8", errors="replace").removesuffix("\r")
 
 
 async def _parse_sse(content: aiohttp.StreamReader) -> AsyncIterator[StreamEvent]:
     seq, kind, event_id = 0, "message", ""
     data_lines: list[str] = []
-    async for raw in content:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    async for line in _lines(content):
         if not line:
             if data_lines:
                 try:

@@ -180,7 +180,9 @@ async def stream_events(
     stopping: asyncio.Event,
 ) -> web.StreamResponse:
     response = await open_stream(request, "text/event-stream")
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    # A cancelled handler (the server shutting down) ends cancelled: swallowing it
+    # would leave whoever cancelled it waiting on a task that claims to have finished.
+    with contextlib.suppress(ConnectionResetError):
         await response.write(b": vigil event stream for task " + state.id.encode() + b"\n\n")
         async for item in follow_task(js, store, state.tenant, state.id, tick_s=keepalive_s,
                                       stopping=stopping, after=after):

@@ -41,7 +41,9 @@ async def stream_logs(
         if not info.state.subjects:
             await response.write_eof()
             return response
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    # A cancelled handler (the server shutting down) ends cancelled: swallowing it
+    # would leave whoever cancelled it waiting on a task that claims to have finished.
+    with contextlib.suppress(ConnectionResetError):
         async for item in follow_task(js, store, state.tenant, state.id, stopping=stopping,
                                       follow=follow,
                                       tick_s=tick_s if follow else min(tick_s, 2.0)):
