@@ -131,6 +131,33 @@ async def test_fifty_tasks_with_the_same_problem_make_one_incident(platform: Pla
     assert big["severity"] == "critical"  # 50 errors within the window escalate
 
 
+async def test_a_task_past_the_first_hundred_counts_once_however_often_it_confesses(
+    platform: Platform,
+) -> None:
+    """``tasks`` names the first 100 tasks; ``tasks_total`` used to count every later
+    task again at each of its confessions (the check "seen before?" looked only at the
+    100 named). 150 tasks, each confessing twice: 150 in all, within the estimate's
+    error, not 200."""
+    await platform.auditor()
+    for round_ in range(2):
+        for i in range(150):
+            await publish_issue(platform, "agent", {
+                "id": f"c{round_}-{i}", "summary": "apt mirror timed out",
+                "severity": "warning", "category": "network", "task_id": f"job-{i}",
+                "tenant": "acme"})
+
+    async def counted() -> dict | None:
+        found = [i for i in (await incidents(platform)).values()
+                 if i["title"] == "apt mirror timed out"]
+        return found[0] if found and found[0]["count"] == 300 else None
+
+    incident = await eventually(counted, timeout=120, what="300 confessions counted")
+    assert len(incident["tasks"]) == 100
+    assert 145 <= incident["tasks_total"] <= 155, incident["tasks_total"]
+    # The bookkeeping behind the estimate is nobody's to read through the API.
+    assert incident["tasks_sketch"]
+
+
 async def test_webhook_gets_each_alert_once_signed_and_failures_are_recorded(
     platform: Platform, unused_tcp_port_factory: Any
 ) -> None:

@@ -527,7 +527,12 @@ class Incident(msgspec.Struct, frozen=True, kw_only=True):
     window_count: int = 0
     tasks: list[str] = []
     tasks_total: int = 0
-    """All tasks ever hit (``tasks`` keeps the first 100); operators only."""
+    """All tasks ever hit (``tasks`` keeps the first 100): exact up to 100, past that an
+    estimate within about 2% that never counts a task twice (``tasks_sketch``); platform
+    tokens only."""
+    tasks_sketch: str = ""
+    """Past 100 tasks, a HyperLogLog sketch of every task's key (``vigil.sketch``, base64),
+    from which ``tasks_total`` is estimated. Never served by the gateway."""
     tenants: list[str] = []
     tenant_tasks: dict[str, list[str]] = {}
     """Per tenant in ``tenants``, the tasks of that tenant it hit (the first 100 each)."""

@@ -46,6 +46,7 @@ from vigil.messages import (
     Severity,
     TenantStat,
 )
+from vigil.sketch import Distinct
 
 ESCALATE_COUNT = 10
 ESCALATE_WINDOW_S = 600.0
@@ -117,6 +118,24 @@ def owner_of(record: ConfessionRecord, c: Confession) -> str | None:
 
 def incident_id(fp: str) -> str:
     return "inc_" + hashlib.sha256(fp.encode()).hexdigest()[:20]
+
+
+def _count_beyond_named(current: Incident, task_key: str) -> tuple[int, str]:
+    """``tasks_total`` and ``tasks_sketch`` after ``task_key``, a task not among the
+    first MAX_TASKS named, confessed into ``current``. The sketch is started from the
+    named tasks when the first unnamed one comes (an incident written before sketches
+    restarts its count there: its old total counted repeats), so it holds every task
+    the incident ever hit; a task seen before never moves the total."""
+    sketch = Distinct(current.tasks_sketch)
+    if not current.tasks_sketch:
+        for key in current.tasks:
+            sketch.add(key)
+        sketch.add(task_key)
+        return max(len(current.tasks) + 1, sketch.estimate()), sketch.encode()
+    if not sketch.add(task_key):
+        return current.tasks_total, current.tasks_sketch
+    # Never below what is known (one more than the named), never down (an estimate).
+    return max(current.tasks_total, len(current.tasks) + 1, sketch.estimate()), sketch.encode()
 
 
 def _level(severity: str) -> int:
@@ -194,12 +213,15 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     elif window_count >= ESCALATE_COUNT and window_count % ESCALATE_COUNT == 0:
         severity = max(severity, _raise(current.severity), key=_level)
     tasks, tasks_total = list(current.tasks), current.tasks_total
+    tasks_sketch = current.tasks_sketch
     # Tasks by key (<tenant>.<id>): ids are per tenant, two tenants' "job1" are two tasks.
     task_key = f"{c.tenant}.{c.task_id}" if c.tenant and c.task_id else c.task_id
     if task_key and task_key not in tasks:
-        tasks_total += 1
         if len(tasks) < MAX_TASKS:
             tasks.append(task_key)
+            tasks_total = len(tasks)  # exact while every task is named
+        else:
+            tasks_total, tasks_sketch = _count_beyond_named(current, task_key)
     tenant_stats = current.tenant_stats
     if c.tenant and (c.tenant in tenant_stats or len(tenant_stats) < MAX_TENANT_STATS):
         had = tenant_stats.get(c.tenant)
@@ -228,7 +250,8 @@ def apply(current: Incident | None, record: ConfessionRecord, at: datetime
     updated = msgspec.structs.replace(
         current, severity=severity, status=status, count=current.count + 1, last_seen=at,
         window_start=window_start, window_count=window_count, tasks=tasks,
-        tasks_total=tasks_total, tenants=tenants, tenant_tasks=tenant_tasks,
+        tasks_total=tasks_total, tasks_sketch=tasks_sketch, tenants=tenants,
+        tenant_tasks=tenant_tasks,
         first_samples=first, last_samples=last, tenant_stats=tenant_stats,
         alerted=alerted, reopened=reopened, last_seq=record.stream_seq,
         resolved_by=None if status == "open" else current.resolved_by,

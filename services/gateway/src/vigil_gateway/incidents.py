@@ -35,10 +35,16 @@ WAIT_S = 5.0
 # tenant's own (from tenant_stats).
 _PLATFORM_WIDE = ("tasks_total", "tenant_tasks", "tenant_stats", "window_start",
                   "window_count", "last_seq", "alerted")
+_INTERNAL = ("tasks_sketch",)  # the auditor's bookkeeping: nobody's view
 
 
 def visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
     """``incident`` as ``who`` may see it, or None when it is none of its business."""
+    incident = {k: v for k, v in incident.items() if k not in _INTERNAL}
+    return _visible(incident, who)
+
+
+def _visible(incident: dict[str, Any], who: Principal) -> dict[str, Any] | None:
     if who.platform:
         return incident
     stats = incident.get("tenant_stats") or {}
