@@ -98,3 +98,46 @@ async def test_a_restore_the_platform_cannot_do_costs_the_agent_nothing(
     confessed = await platform.confessions("restore_unavailable")
     assert [c["task_id"] for c in confessed] == ["resume-2"]
     assert "resumed with progress-41" in lines_of(platform, "resume-2")
+
+
+async def test_nats_failing_in_the_restores_bookkeeping_hands_the_task_back(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The newest checkpoint cannot be restored (gone from the store), and the write
+    that drops it from the task's history meets NATS away (the store's retries give up:
+    NatsUnavailable). That is the platform's trouble, a retryable one: the attempt is
+    handed back, spending nothing, and the next try restores. (It used to end the task
+    ``failed`` for good, with no retry: a refusal of ours, as if the task were wrong.)"""
+    from vigil.errors import NatsUnavailable
+    from vigil_executor.checkpoint import CheckpointError
+
+    await platform.scheduler()
+    ex = await platform.executor(workspace_root=str(tmp_path / "ws"),
+                                 state_dir=str(tmp_path / "st"), node_id=session_node_id())
+    real_load, real_cas = ex.checkpoints.load, ex.store.cas
+    faults: list[str] = []
+
+    async def gone_once(name: str, into: Any) -> int:
+        if not faults:
+            faults.append("gone")
+            raise CheckpointError(f"checkpoint {name} is not in the object store")
+        return await real_load(name, into)
+
+    async def nats_away_once(state: Any, revision: int) -> int | None:
+        if faults == ["gone"]:  # the write right after: dropping it from the history
+            faults.append("nats away")
+            raise NatsUnavailable("write task: NATS did not answer for 30s (TimeoutError)")
+        return await real_cas(state, revision)
+
+    ex.checkpoints.load = gone_once  # type: ignore[method-assign]
+    ex.store.cas = nats_away_once  # type: ignore[method-assign]
+    await platform.publish_spec(spec("resume-3"))
+    state = await platform.final_state("resume-3")
+    assert faults == ["gone", "nats away"]
+    assert state.status == "succeeded", state.error
+    assert [(h.attempt, h.outcome) for h in state.history] == [
+        (1, "failed"), (2, "handed_back"), (3, "succeeded")]
+    assert spent_attempts(state) == 1
+    assert "resumed with progress-41" in lines_of(platform, "resume-3")
+    confessed = await platform.confessions("platform_unavailable")
+    assert [c["task_id"] for c in confessed] == ["resume-3"]

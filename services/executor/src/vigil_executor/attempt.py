@@ -458,6 +458,16 @@ class Attempt:
             # own (its command, its settings) fails it.
             return await self._start_failed(exc, None)
         except VigilError as exc:
+            if exc.retryable:
+                # Passing trouble of the platform's (NATS away in the middle of the
+                # restore's or an environment's bookkeeping): charged to nobody, tried
+                # again (here or elsewhere) after a pause, as a missing runtime is.
+                error = f"could not start the task on {ex.settings.node_id}: {exc}"
+                await self._confess("error", "platform_unavailable",
+                                    f"{error}; handed the task back (no attempt spent)",
+                                    hint="check NATS (and the executor's connection to it)")
+                raise HandBack(f"{error}; handing the task back", RUNTIME_RETRY_DELAY_S,
+                               kind="platform unavailable") from exc
             # Any other refusal of ours: a clear failure of this task, not a crash that
             # would loop through redelivery.
             error = f"could not start the container on {ex.settings.node_id}: {exc}"
