@@ -342,3 +342,23 @@ async def test_the_dispatcher_lease_moves_when_its_scheduler_is_killed(
     finally:
         for scheduler in schedulers.values():
             scheduler.kill()
+
+
+@pytest.mark.parametrize("order", [(30.0, 6.0), (6.0, 30.0)])
+async def test_executors_with_different_leases_never_shorten_the_pools(
+    platform: Platform, order: tuple[float, float]
+) -> None:
+    """The pool's work consumer is shared: its ack wait is when the server redelivers
+    any executor's task. Each executor used to set it to its own VIGIL_ACK_WAIT_S, the
+    last to start winning, so an executor timing its leases by 30 s could have its tasks
+    redelivered to another node after 6 s while it still ran them. The pool keeps the
+    longest; each executor gives its leases up at its own (never later than the server)."""
+    for n, ack_wait in enumerate(order):
+        await platform.executor(node_id=f"lease-{n}", ack_wait_s=ack_wait, heartbeat_s=1.0)
+    info = await platform.js.consumer_info(subjects.STREAM_WORK,
+                                           subjects.consumer_executor("default"))
+    assert info.config.ack_wait == 30.0
+    # And the pool works: a task runs on it.
+    await platform.scheduler()
+    await platform.publish_spec({"id": "leased", "command": ["true"]})
+    assert (await platform.final_state("leased")).status == "succeeded"

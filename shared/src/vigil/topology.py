@@ -26,7 +26,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, ServerError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError
 
 from vigil import subjects
 from vigil.errors import TopologyError
@@ -415,6 +415,45 @@ def executor_consumer(pool: str, ack_wait_s: float,
         max_ack_pending=-1,
         max_waiting=512,
     )
+
+
+async def ensure_executor_consumer(js: JetStreamContext, pool: str, ack_wait_s: float
+                                   ) -> float:
+    """The pool's work consumer, shared by every executor of the pool, made or updated
+    with an ack wait of at least ``ack_wait_s``; returns the ack wait it has.
+
+    The ack wait is the pool's lease: the server redelivers a task whose executor has not
+    renewed it for that long, whichever executor it was. It only ever grows here: an
+    executor setting a shorter one would make the server redeliver the tasks of another
+    executor that times its lease by a longer one, while that one still runs them (two
+    runs of one task). Each executor gives its lease up at its own ``VIGIL_ACK_WAIT_S``
+    (never later than the server's), so a pool with mixed settings is safe, and a dead
+    node's tasks come back after the longest. Lowering a pool's lease is an operator's
+    act: lower every executor's setting, then edit the consumer (``nats consumer edit
+    VIGIL_WORK <consumer> --wait``). Executors starting together converge: each checks
+    what the server kept after it wrote."""
+    name = subjects.consumer_executor(pool)
+    for _ in range(5):
+        try:
+            existing = float((await js.consumer_info(subjects.STREAM_WORK, name)).config
+                             .ack_wait or 0)
+        except NotFoundError:
+            existing = 0.0
+        wanted = max(existing, ack_wait_s)
+        await ensure_consumer(js, subjects.STREAM_WORK, executor_consumer(pool, wanted))
+        kept = float((await js.consumer_info(subjects.STREAM_WORK, name)).config
+                     .ack_wait or 0)
+        if kept >= ack_wait_s:
+            if kept > ack_wait_s:
+                log.warning("pool_ack_wait_longer", pool=pool, pool_ack_wait_s=kept,
+                            own_ack_wait_s=ack_wait_s,
+                            note="another executor of the pool set a longer lease; this one "
+                            "gives its leases up at its own (safe), and a dead node's tasks "
+                            "come back after the pool's")
+            return kept
+    raise TopologyError(f"the ack wait of consumer {name} kept changing under this executor "
+                        f"(wanted at least {ack_wait_s:g}s); check the pool's executors' "
+                        "VIGIL_ACK_WAIT_S")
 
 
 def dead_letter_consumer() -> ConsumerConfig:

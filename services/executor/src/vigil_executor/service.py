@@ -131,10 +131,7 @@ class Executor:
             self._js = self._nc.jetstream(timeout=5.0)
             await topology.ensure_topology(self._js, s.replicas,
                                             output_max_bytes=s.output_stream_bytes)
-            await topology.ensure_consumer(
-                self._js, subjects.STREAM_WORK,
-                topology.executor_consumer(s.pool, s.ack_wait_s),
-            )
+            await topology.ensure_executor_consumer(self._js, s.pool, s.ack_wait_s)
             self._store = await TaskStore.open(self._js)
             self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
