@@ -268,6 +268,43 @@ async def test_node_labels_place_a_task_on_a_matching_executor(platform: Platfor
     assert (await platform.final_state("tpu")).status == "timed_out"
 
 
+async def test_a_labelled_task_bounced_by_other_nodes_waits_instead_of_dying(
+    platform: Platform,
+) -> None:
+    """A task with node_labels is released while a node with the labels advertises a free
+    slot; if that slot is gone before the node pulls it, the nodes without the labels hand
+    it back, each time a delivery of the pool's shared consumer. It used to be buried
+    ``dead`` at the max deliveries without ever running; now it waits in the queue again
+    (``requeued``) and runs when a node with its labels is free."""
+    from support import advertise
+    from vigil import topology
+
+    await platform.scheduler(unservable_after_s=0)
+    await platform.executor(node_id="plain", slots=2)
+    # Few deliveries, so the hand-backs run out in seconds.
+    await topology.ensure_consumer(platform.js, subjects.STREAM_WORK, topology.executor_consumer(
+        "default", ack_wait_s=5.0, max_deliver=4))
+    # A node with the labels that the registry shows free but that never pulls: as one
+    # whose slot was taken just after the task was released to it.
+    await advertise(platform.js, "gpu-busy", slots=1, labels={"gpu": "a100"})
+    await platform.publish_spec({"id": "gpu-task", "command": ["true"],
+                                 "node_labels": {"gpu": "a100"}})
+
+    async def requeued() -> Any:
+        state = await platform.state("gpu-task")
+        return state if state is not None and state.requeued >= 1 else None
+
+    state = await eventually(requeued, timeout=60, what="the task to be queued again")
+    assert not state.terminal, state.error
+    # The node with the labels is free again (here: a real one starts): the task runs.
+    registry = await platform.js.key_value(subjects.KV_EXECUTORS)
+    await registry.delete("gpu-busy")
+    await platform.executor(node_id="gpu-node", slots=1, labels="gpu=a100")
+    final = await platform.final_state("gpu-task", timeout=90)
+    assert final.status == "succeeded", final.error
+    assert final.executor == "gpu-node" and final.attempt == 1
+
+
 async def test_running_limit_holds_a_tenant_back(platform: Platform) -> None:
     await platform.scheduler(tenant_limits=json.dumps({"acme": {"max_running": 1}}))
     await platform.executor(slots=4)

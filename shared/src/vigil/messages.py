@@ -331,6 +331,10 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     # before the newest redrive and no longer count against ``max_attempts``.
     redriven: int = 0
     budget_from: int = 0
+    # Times the scheduler took the task back from the work queue before any executor
+    # claimed it (executors without its node_labels handed it back until the server's
+    # max deliveries): it waits in the queue again, its deliveries start afresh.
+    requeued: int = 0
     # Why a queued task is not running yet, when the scheduler knows (no executor serves
     # its pool or labels, the tenant is at its running limit, not_before is ahead).
     waiting: str | None = None

@@ -10,6 +10,15 @@ The evidence: an attempt still ``running`` went without an outcome (its executor
 losing it), so it joins the history as ``lost`` and its last output lines, read back from
 its ``log`` events, become the task's ``tail``; the last checkpoint stays referenced. A
 task that was waiting (a retry, a hand-back) already has its last attempt on record.
+
+One exception: a task with ``node_labels`` that no executor ever claimed. The scheduler
+releases such a task only while an executor with its labels has a free slot, but that
+slot can be taken before the task is pulled, and then executors without the labels hand
+it back, each time a delivery, for as long as the labelled one is busy. That is the
+fleet's business, not the task's: it goes back to the queue (``requeued``), where it
+waits without spending deliveries until a node with its labels is free again. At most
+``MAX_REQUEUES`` times: a node that advertises the labels and a free slot and still never
+claims the task is a fault worth a dead task and a confession.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from vigil.jetstream import (
     TaskStore,
     delete_msg,
     log_tail,
+    publish,
     publish_confession,
     publish_event,
     retrying,
@@ -41,6 +51,7 @@ from vigil.messages import (
     Confession,
     Finished,
     TaskState,
+    WorkItem,
     utcnow,
 )
 
@@ -49,6 +60,7 @@ log = structlog.get_logger("vigil.scheduler.deadletter")
 _advisory = msgspec.json.Decoder(dict[str, Any])
 
 TAIL_READ_S = 10.0
+MAX_REQUEUES = 20
 
 
 class DeadLetters:
@@ -86,19 +98,29 @@ class DeadLetters:
             await msg.ack()
             return
         with structlog.contextvars.bound_contextvars(task_id=work.task_id):
-            await self._bury(work.task_id, work.tenant, seq, deliveries)
+            await self._bury(work, seq, deliveries)
             await self._delete(seq)
             await msg.ack()
 
-    async def _bury(self, task_id: str, tenant: str, seq: int, deliveries: int) -> None:
+    async def _bury(self, work: WorkItem, seq: int, deliveries: int) -> None:
+        task_id, tenant = work.task_id, work.tenant
         for _ in range(10):
             got = await self._store.get(tenant, task_id)
             if got is None or got[0].terminal:
                 return
             state, rev = got
             now = utcnow()
+            if unclaimed_for_labels(state, work) and state.requeued < MAX_REQUEUES:
+                if await self._requeue(state, rev, work, deliveries):
+                    return
+                continue
             error = (f"its work was delivered {deliveries} times without an outcome (the "
                      "executors' max deliveries); it was not retried further")
+            if unclaimed_for_labels(state, work):
+                error = (f"no executor with its node_labels {dict(work.spec.node_labels)} "
+                         f"claimed it: its work went back to the queue {state.requeued} "
+                         f"times after {deliveries} hand-backs each, while such an executor "
+                         "advertised a free slot; check that executor's log")
             history, tail = state.history, state.tail
             if state.status == "running":
                 history = [*history, AttemptRecord(
@@ -130,6 +152,27 @@ class DeadLetters:
         # until the task is buried, or it would be a task nothing can find again).
         raise NatsUnavailable(f"task {task_id} changed 10 times while burying it; retrying")
 
+    async def _requeue(self, state: TaskState, rev: int, work: WorkItem,
+                       deliveries: int) -> bool:
+        """Back to the queue (False when the state moved meanwhile: look again)."""
+        n = state.requeued + 1
+        labels = ",".join(f"{k}={v}" for k, v in sorted(work.spec.node_labels.items()))
+        queued = msgspec.structs.replace(
+            state, status="queued", updated_at=utcnow(), requeued=n,
+            waiting=f"handed back {deliveries} times by executors without the labels "
+            f"{labels}; queued again until an executor with them has a free slot")
+        new_rev = await self._store.cas(queued, rev)
+        if new_rev is None:
+            return False
+        # The entry names no revision: dispatch reads the state (it holds ``requeued``,
+        # which the release's message id carries).
+        entry = msgspec.structs.replace(work, revision=0)
+        await publish(self._js, subjects.queue(work.spec.pool, state.tenant,
+                                               work.spec.priority),
+                      codec.encode(entry), f"{state.key}:queue:{state.submit_seq}:r{n}")
+        log.warning("task_requeued", requeued=n, deliveries=deliveries, labels=labels)
+        return True
+
     async def _tail(self, state: TaskState) -> list[str]:
         """The running attempt's last output lines (its executor, which knew them, is not
         answering); the state's older tail if the events cannot be read in time."""
@@ -143,3 +186,10 @@ class DeadLetters:
     async def _delete(self, seq: int) -> None:
         # Gone already is fine; no secure erase (see vigil.jetstream.delete_msg).
         await delete_msg(self._nc, subjects.STREAM_WORK, seq)
+
+
+def unclaimed_for_labels(state: TaskState, work: WorkItem) -> bool:
+    """Released to executors, never claimed by one, and needing labels: bounced by the
+    executors that lack them (see the module's doc)."""
+    return (state.status == "scheduled" and state.attempt == 0
+            and bool(work.spec.node_labels))

@@ -381,7 +381,7 @@ class Dispatcher:
         await asyncio.sleep(0)
         await publish(self.js, subjects.work(work.spec.pool),
                       codec.encode(msgspec.structs.replace(work, revision=rev)),
-                      f"{state.key}:work:{state.submit_seq}")
+                      work_msg_id(state))
         await event
 
     async def _unservable(self, pool: str, depth: int) -> None:
@@ -405,6 +405,13 @@ class Dispatcher:
         except Exception as exc:  # said again in ten minutes; the log has it meanwhile
             log.warning("confession_failed", error=str(exc))
             self._unservable_said.pop(pool, None)
+
+
+def work_msg_id(state: TaskState) -> str:
+    """The work item's message id: one per release (a requeued task is released anew;
+    the same id would be dropped as a duplicate within the work stream's window)."""
+    base = f"{state.key}:work:{state.submit_seq}"
+    return f"{base}:r{state.requeued}" if state.requeued else base
 
 
 def scheduled_unreleased(state: TaskState) -> bool:
