@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,24 @@ from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_RATE_LIMITED,
+    EXIT_STATUSES,
     EXIT_TASK_FAILED,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     Printer,
+    error_text,
+    exit_code,
+    exit_epilog,
+    out_json,
 )
-from vigil.client import Client, GatewayError, WaitTimeout
-from vigil.errors import ApiError, VigilError
+from vigil.client import Client
+from vigil.errors import VigilError
 
 # Kept importable from here: other tools built on the CLI use them.
-__all__ = ["EXIT_OK", "EXIT_TASK_FAILED", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "EXIT_USAGE",
-           "Printer", "build_parser", "main"]
+__all__ = ["EXIT_OK", "EXIT_RATE_LIMITED", "EXIT_TASK_FAILED", "EXIT_TIMEOUT",
+           "EXIT_UNREACHABLE", "EXIT_USAGE", "Printer", "build_parser", "main"]
 
 async def cmd_up(args: argparse.Namespace) -> int:
     from vigil.embedded import Stack, StackConfig, StackError
@@ -218,7 +225,10 @@ async def cmd_nats_user(args: argparse.Namespace) -> int:
     if args.user_command == "add":
         user = natsusers.add(path, args.tenant, args.name)
         host = args.server.split("://", 1)[-1]
-        print(f"nats://{user.name}:{user.password}@{host}")
+        url = f"nats://{user.name}:{user.password}@{host}"
+        print(out_json({"name": user.name, "tenant": user.tenant, "url": url,
+                        "inbox_prefix": subjects.tenant_inbox(user.tenant)})
+              if args.json else url)
         print(f"(connect with inbox_prefix=\"{subjects.tenant_inbox(user.tenant)}\"; it may "
               f"publish to {subjects.submit(user.tenant)} and "
               f"{subjects.cancel_request(user.tenant)}, read its tenant's keys "
@@ -228,13 +238,22 @@ async def cmd_nats_user(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_OK
     if args.user_command == "list":
-        for u in natsusers.load(path):
+        users = natsusers.load(path)
+        if args.json:  # never the passwords
+            print(out_json({"users": [{"name": u.name, "tenant": u.tenant} for u in users]}))
+            return EXIT_OK
+        for u in users:
             print(f"{u.name:<32} tenant {u.tenant}")
         return EXIT_OK
-    if not natsusers.remove(path, args.name):
-        raise VigilError(f"no NATS user {args.name!r} in {path}")
-    print(f"removed {args.name} (a running `vigil up` reloads nats-server within a second; "
-          "the user's open connections are closed then)")
+    gone = next((u for u in natsusers.load(path) if u.name == args.name), None)
+    if gone is None or not natsusers.remove(path, args.name):
+        print(f"vigil: no NATS user {args.name!r} in {path}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    if args.json:
+        print(out_json({"name": gone.name, "tenant": gone.tenant}))
+    else:
+        print(f"removed {args.name} (a running `vigil up` reloads nats-server within a "
+              "second; the user's open connections are closed then)")
     return EXIT_OK
 
 
@@ -242,15 +261,37 @@ async def cmd_token_create(args: argparse.Namespace) -> int:
     if (args.tenant is None) == (not args.platform):
         raise VigilError("name the token's tenant (--tenant acme), or make a cross-tenant "
                          "token with --platform (not both)")
-    token = auth.add_token(args.file, args.name, args.tenant, args.role,
-                           "platform" if args.platform else "tenant")
-    print(token)
+    scope: auth.Scope = "platform" if args.platform else "tenant"
+    token = auth.add_token(args.file, args.name, args.tenant, args.role, scope)
+    print(out_json({"token": token, "name": args.name, "tenant": args.tenant,
+                    "role": args.role, "scope": scope}) if args.json else token)
     print(f"(stored only as a SHA-256 digest in {args.file}; this is the only time the token "
           "is shown)", file=sys.stderr)
     return EXIT_OK
 
 
 # parser -------------------------------------------------------------------------------------
+# The commands without --json, and what they do instead (already what a script wants).
+NO_JSON = {"up": "runs Vigil in the foreground", "logs": "prints the task's own output",
+           "nats-config": "prints a config file", "secret keygen": "prints a key line"}
+
+
+def _json_note() -> str:
+    *most, last = [f"`{command}` ({what})" for command, what in NO_JSON.items()]
+    return textwrap.fill(f"--json: every command prints its result as JSON for scripts, "
+                         f"except {', '.join(most)} and {last}.", width=88,
+                         break_on_hyphens=False)
+
+
+def _exit_table() -> str:
+    lines = []
+    for code, meaning in EXIT_STATUSES:
+        wrapped = textwrap.wrap(meaning, width=80, break_on_hyphens=False)
+        lines.append(f"  {code:<4} {wrapped[0]}")
+        lines += [f"       {more}" for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
 EPILOG = f"""\
 Start with `vigil up`, then `vigil submit --wait -- echo hello`.
 
@@ -260,12 +301,10 @@ everyday use:
   vigil status TASK_ID                 vigil cancel TASK_ID --reason "…" --wait
 
 exit status:
-  {EXIT_OK:<4} ok; the task succeeded
-  {EXIT_TASK_FAILED:<4} the task ended otherwise (failed, cancelled, timed_out, dead); no such task
-  {EXIT_USAGE:<4} bad usage, a bad task file, or the gateway refused the request
-  {EXIT_UNREACHABLE:<4} no gateway (or no NATS behind it) reachable, or rate limited
-  {EXIT_TIMEOUT:<4} a --timeout ran out (the task itself goes on)
-  {EXIT_INTERRUPTED:<4} interrupted (Ctrl-C)
+{_exit_table()}
+  (the same for every command; each one's --help says what its codes mean for it)
+
+{_json_note()}
 
 {cli_config.HELP}"""
 
@@ -291,8 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start a complete local Vigil: a nats-server (JetStream, "
                         "fsync on every write), the rootless Podman API service, and the "
                         "scheduler, executor, auditor and gateway. Runs until Ctrl-C.",
-                        epilog="examples: vigil up --demo; vigil up --http-port 9080 "
-                        "--nats-port 5222 --data-dir /tmp/vigil")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  vigil up --demo\n  vigil up --http-port 9080 "
+                        "--nats-port 5222 --data-dir /tmp/vigil\n\n" + exit_epilog(
+                            (EXIT_OK, "stopped by Ctrl-C or SIGTERM"),
+                            (EXIT_TASK_FAILED, "--demo's task did not succeed"),
+                            (EXIT_UNREACHABLE, "the stack could not start, or a part of it "
+                             "failed"), common=False))
     up.add_argument("--data-dir", default=argparse.SUPPRESS,
                     help="state, logs, secrets (default .vigil)")
     up.add_argument("--nats-port", type=int, default=4222, help="NATS client port (4222)")
@@ -314,8 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     inc = sub.add_parser("incidents", help="list, show, acknowledge, resolve incidents",
                          description="Incidents are confessions triaged by the auditor: one "
                          "per problem, counted, escalated, alerted once.",
-                         epilog="examples: vigil incidents; vigil incidents show inc_…; "
-                         "vigil incidents ack inc_…")
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="examples:\n  vigil incidents\n  vigil incidents show inc_…\n"
+                         "  vigil incidents ack inc_…\n\n--json: the list as a JSON array of "
+                         "incidents; show, ack and resolve: the\n  incident as the API "
+                         "answers it.\n\n" + exit_epilog(
+                             (EXIT_OK, "done"), (EXIT_TASK_FAILED, "no such incident")))
     inc.add_argument("action", nargs="?", default="list",
                      choices=("list", "show", "ack", "resolve"))
     inc.add_argument("incident_id", nargs="?")
@@ -351,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--role", choices=auth.ROLES, default="submitter")
     tc.add_argument("--name", default="token", help="a label for the token")
     tc.add_argument("--file", default=".vigil/tokens.json", help="tokens file (VIGIL_TOKENS_FILE)")
+    tc.add_argument("--json", action="store_true",
+                    help="print {token, name, tenant, role, scope} instead of the token alone")
     tc.set_defaults(func=cmd_token_create)
 
     nc = sub.add_parser("nats-config", help="print a nats-server config with Vigil's users",
@@ -378,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Each tenant's own NATS user may submit and cancel as that "
                         "tenant, read that tenant's task states and follow its events: "
                         "nothing of any other tenant. The server enforces it.",
-                        epilog="example: vigil nats-user add --tenant acme")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example:\n  vigil nats-user add --tenant acme\n\n" + exit_epilog(
+                            (EXIT_OK, "done"), (EXIT_TASK_FAILED, "remove: no such user"),
+                            (EXIT_USAGE, "bad input"), common=False))
     nus = nu.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     na = nus.add_parser("add", help="add a user for a tenant and print its URL (once)")
     na.add_argument("--tenant", required=True, type=_tenant_name)
@@ -389,32 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     nr = nus.add_parser("remove", help="remove a user")
     nr.add_argument("name")
     for p_ in nus.choices.values():
+        p_.add_argument("--json", action="store_true", help="print JSON (add: {name, tenant, "
+                        "url, inbox_prefix}; list: {users: [{name, tenant}]}; remove: the "
+                        "removed user's {name, tenant})")
         p_.add_argument("--file", default=".vigil/nats-users.json",
                         help="the users file (vigil up reads .vigil/nats-users.json)")
     nu.set_defaults(func=cmd_nats_user)
     return p
-
-
-def api_error(exc: ApiError) -> tuple[str, int]:
-    """A refused request as a message that says what to do next, and the exit status."""
-    status = exc.status
-    if status == 404:
-        return f"{exc}", EXIT_TASK_FAILED
-    if status == 401:
-        return (f"{exc}; pass --token or set VIGIL_TOKEN (a token comes from `vigil token "
-                "create`); `vigil config show` tells which token is in use"), EXIT_USAGE
-    if status == 403:
-        return f"{exc}; ask an operator for a token with that role", EXIT_USAGE
-    if status == 429:
-        wait = exc.retry_after if isinstance(exc, GatewayError) else None
-        after = f" in {wait:g}s" if wait else " later"
-        return f"{exc}; the gateway is rate limiting this token: retry{after}", \
-            EXIT_UNREACHABLE
-    if status >= 500:
-        return f"{exc}; the gateway or NATS behind it is in trouble: see its log, retry " \
-            "shortly", EXIT_UNREACHABLE
-    field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
-    return f"{exc}{field}", EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -426,15 +460,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE)
     try:
         code = asyncio.run(args.func(args))
-    except WaitTimeout as exc:
-        print(f"vigil: {exc}", file=sys.stderr)
-        code = EXIT_TIMEOUT
-    except ApiError as exc:
-        message, code = api_error(exc)
-        print(f"vigil: {message}", file=sys.stderr)
-    except VigilError as exc:
-        print(f"vigil: {exc}", file=sys.stderr)
-        code = EXIT_UNREACHABLE if exc.retryable else EXIT_USAGE
+    except VigilError as exc:  # the gateway's refusals among them: see exit_code
+        print(f"vigil: {error_text(exc)}", file=sys.stderr)
+        code = exit_code(exc)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     except BrokenPipeError:

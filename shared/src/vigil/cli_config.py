@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vigil.cli_output import EXIT_OK, EXIT_USAGE, exit_epilog
 from vigil.client import Client
 from vigil.errors import VigilError
 
@@ -234,7 +235,7 @@ async def cmd_config_show(args: argparse.Namespace) -> int:
             "config_file": str(config.config_file), "config_file_state": config.config_file_state,
             "data_dir": str(config.data_dir),
         }))
-        return 0
+        return EXIT_OK
     rows = [
         ("gateway_url", config.url or "(not set)", config.url_origin),
         ("token", mask(config.token) if config.token else "(not set)", config.token_origin),
@@ -246,8 +247,8 @@ async def cmd_config_show(args: argparse.Namespace) -> int:
         print(f"{key:>12}  {value:<{width}}  {f'({origin})' if origin else ''}".rstrip())
     if not config.url:
         print("\nno gateway configured: see `vigil config --help`", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -255,7 +256,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "config", help="show the gateway URL and token in effect, and where they came from",
         description="Show the client configuration in effect.",
         epilog=HELP + "\n\nexample:\n  vigil config show\n  VIGIL_GATEWAY_URL=http://gw:8080 "
-        "vigil config show --json",
+        "vigil config show --json\n\n" + exit_epilog(
+            (EXIT_OK, "shown"), (EXIT_USAGE, "no gateway configured, or a bad config file"),
+            common=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)

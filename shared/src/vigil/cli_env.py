@@ -18,7 +18,16 @@ from typing import Any
 from vigil import ids
 from vigil.api import EnvironmentList
 from vigil.cli_config import add_client_flags, open_client
-from vigil.cli_output import EXIT_OK, EXIT_USAGE, age, out_json, table, terminal_width
+from vigil.cli_output import (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_USAGE,
+    age,
+    exit_epilog,
+    out_json,
+    table,
+    terminal_width,
+)
 from vigil.cli_tasks import pairs
 from vigil.client import GatewayError
 from vigil.environments import POLICIES, Environment, EnvironmentSpec
@@ -168,8 +177,7 @@ async def cmd_env(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 return EXIT_USAGE
             await client.delete_environment(args.name)
-            print(f"deleted environment {env.name} and its snapshots")
-            return EXIT_OK
+            return _print(args, env, f"deleted environment {env.name} and its snapshots")
     raise VigilError(f"unknown action {action!r}")
 
 
@@ -211,9 +219,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil env set research --policy fail
   vigil env rm research --yes
 
-exit status: 0 done, 1 no such environment, 2 refused (the message names the field;
-a viewer token reads, a submitter creates, changes and restores, an operator deletes),
-3 no gateway""")
+--json prints the environment as the API answers it (rm: as it was; list:
+  {"environments": [...]}; history: {"name", "revision", "history": [...]}).
+
+a viewer token reads, a submitter creates, changes and restores, an operator deletes.
+
+""" + exit_epilog((EXIT_OK, "done"), (EXIT_TASK_FAILED, "no such environment"),
+                  (EXIT_USAGE, "refused (the message names the field) or rm without "
+                   "--yes")))
     actions = env.add_subparsers(dest="env_command", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create an environment")
     create.add_argument("name", type=_name)

@@ -17,7 +17,9 @@ from vigil.api import ExecutorList, ExecutorView
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_OK,
+    EXIT_USAGE,
     age,
+    exit_epilog,
     labels_text,
     out_json,
     table,
@@ -121,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 --json prints the API's own shape: {"executors": [{node, pool, labels, slots, running,
   free, draining, runtime, version, started_at, seen_at, tenants}, ...]}.
 
-exit status: 0 listed (also when none are), 2 refused (a viewer token is needed),
-3 no gateway""")
+""" + exit_epilog((EXIT_OK, "listed (also when none are)"),
+                  (EXIT_USAGE, "refused (a viewer token is needed)")))
     ex.add_argument("--pool", action="append", metavar="POOL[,POOL…]",
                     help="only executors of these pools (repeat or comma-separate)")
     ex.add_argument("--json", action="store_true", help="print JSON (see below)")

@@ -39,7 +39,17 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from vigil import replay, subjects
 from vigil.cli_config import environ
-from vigil.cli_output import EXIT_OK, EXIT_TASK_FAILED, age, out_json, table, terminal_width
+from vigil.cli_output import (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    age,
+    exit_epilog,
+    out_json,
+    table,
+    terminal_width,
+)
 from vigil.cli_replay import CONNECTION
 from vigil.errors import VigilError
 from vigil.imagenames import matches
@@ -290,6 +300,9 @@ async def cmd_rm(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_TASK_FAILED
         store = await js.object_store(subjects.OBJ_IMAGES)
         await retrying(f"remove {pushed.name}", lambda: store.delete(pushed.name))
+    if args.json:  # what was removed
+        out.write(out_json(pushed) + "\n")
+        return EXIT_OK
     out.write(f"removed {pushed.name} ({pushed.image_id[:12]}) from the image store; "
               "executors that loaded it keep it\n")
     return EXIT_OK
@@ -313,7 +326,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil image list
   vigil image rm localhost/agent:v2
 
-{CONNECTION}""")
+--json: push prints the pushed image's record (and save_s, upload_s); list
+  {{"images": [...]}}; rm the removed image's record.
+
+{CONNECTION}
+
+""" + exit_epilog((EXIT_OK, "done"), (EXIT_TASK_FAILED, "rm: no such image"),
+                  (EXIT_USAGE, "bad input or podman failed"),
+                  (EXIT_UNREACHABLE, "no NATS"), common=False))
     actions = img.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     push = actions.add_parser("push", help="save a local image and upload it")
     push.add_argument("image", help="a local image's name (podman image ls)")

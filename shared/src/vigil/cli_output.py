@@ -11,25 +11,97 @@ import asyncio
 import os
 import shutil
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from vigil.client import StreamEvent
+from vigil.client import GatewayError, StreamEvent, WaitTimeout
+from vigil.errors import ApiError, VigilError
 from vigil.messages import TaskState
 
-# Exit codes, shared by every subcommand (documented in `vigil --help`).
+# Exit codes, shared by every subcommand: EXIT_STATUSES says what each means (`vigil
+# --help` and the README list them), exit_code() decides which one an error ends in.
 EXIT_OK = 0
-EXIT_TASK_FAILED = 1  # the task ended other than `succeeded`, or it does not exist
-EXIT_USAGE = 2  # wrong flags, a bad task file, or the gateway refused the request
-EXIT_UNREACHABLE = 3  # no gateway answered (or NATS behind it is down)
+EXIT_TASK_FAILED = 1  # the task ended other than `succeeded`, or it does not exist (404)
+EXIT_USAGE = 2  # wrong flags or input, or the gateway refused the request (4xx but 404, 429)
+EXIT_UNREACHABLE = 3  # no gateway answered, or it (or NATS behind it) failed (5xx)
+EXIT_RATE_LIMITED = 4  # 429: the token's rate limit or the tenant's quota; retry later
 EXIT_TIMEOUT = 124  # `wait --timeout` ran out; the task is still going (as timeout(1))
 EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "ok; the task succeeded"),
+    (EXIT_TASK_FAILED, "the task ended otherwise (failed, cancelled, timed_out, dead), or "
+     "what was named does not exist (HTTP 404)"),
+    (EXIT_USAGE, "bad usage or input, or the gateway refused the request (HTTP 4xx other "
+     "than 404 and 429: a bad token, a missing role, an invalid spec, a conflict)"),
+    (EXIT_UNREACHABLE, "no gateway (or NATS) reachable, or the gateway failed (HTTP 5xx)"),
+    (EXIT_RATE_LIMITED, "rate limited, or over a tenant quota (HTTP 429): retry after the "
+     "time the message gives"),
+    (EXIT_TIMEOUT, "a --timeout ran out (the task itself goes on)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+# What the codes every gateway command may end in mean, in a subcommand's help.
+COMMON_EXITS: tuple[tuple[int, str], ...] = (
+    (EXIT_USAGE, "bad input or refused"), (EXIT_UNREACHABLE, "no gateway"),
+    (EXIT_RATE_LIMITED, "rate limited"))
 
 STATUS_COLORS = {
     "queued": "2", "scheduled": "2", "running": "36", "succeeded": "32", "failed": "31",
     "cancelled": "33", "timed_out": "31", "dead": "1;31",
 }
+
+
+def exit_code(exc: VigilError) -> int:
+    """The exit status of a command that ``exc`` ended: the one mapping from errors (the
+    gateway's answers among them) to exit codes, which every command goes by."""
+    if isinstance(exc, WaitTimeout):
+        return EXIT_TIMEOUT
+    if isinstance(exc, ApiError):
+        if exc.status == 404:
+            return EXIT_TASK_FAILED
+        if exc.status == 429:
+            return EXIT_RATE_LIMITED
+        if exc.status >= 500:
+            return EXIT_UNREACHABLE
+        return EXIT_USAGE
+    # Not the gateway's answer: unreachable or timed out (retryable), or bad input here.
+    return EXIT_UNREACHABLE if exc.retryable else EXIT_USAGE
+
+
+def error_text(exc: VigilError) -> str:
+    """``exc`` as a message that says what to do next."""
+    if not isinstance(exc, ApiError):
+        return str(exc)
+    status = exc.status
+    if status == 401:
+        return (f"{exc}; pass --token or set VIGIL_TOKEN (a token comes from `vigil token "
+                "create`); `vigil config show` tells which token is in use")
+    if status == 403:
+        return f"{exc}; ask an operator for a token with that role"
+    if status == 429:
+        wait = exc.retry_after if isinstance(exc, GatewayError) else None
+        after = f" in {wait:g}s" if wait else " later"
+        if isinstance(exc, GatewayError) and exc.code == "quota_exceeded":
+            return f"{exc}; the tenant is over one of its limits: retry{after}"
+        return f"{exc}; the gateway is rate limiting this token: retry{after}"
+    if status >= 500:
+        return f"{exc}; the gateway or NATS behind it is in trouble: see its log, retry " \
+            "shortly"
+    field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
+    return f"{exc}{field}"
+
+
+def exit_epilog(*own: tuple[int, str], common: bool = True) -> str:
+    """A subcommand's ``exit status:`` help: what its ``own`` codes mean, and (``common``)
+    the codes any gateway command may end in that it does not explain itself."""
+    meanings = dict(own)
+    for code, meaning in COMMON_EXITS if common else ():
+        meanings.setdefault(code, meaning)
+    text = "; ".join(f"{code} {meaning}" for code, meaning in sorted(meanings.items()))
+    return textwrap.fill(f"exit status: {text} (see `vigil --help`)", width=88,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def wants_color(out: TextIO) -> bool:

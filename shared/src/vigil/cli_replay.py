@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from vigil import migrate, rebuild, redrive, replay, timeline
 from vigil.cli_config import environ
-from vigil.cli_output import EXIT_OK, EXIT_USAGE, out_json
+from vigil.cli_output import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, exit_epilog, out_json
 from vigil.cli_tasks import pairs
 from vigil.errors import VigilError
 from vigil.jetstream import tenants_of
@@ -270,6 +270,8 @@ async def cmd_migrate_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -
         found = await migrate.plan(js)
         for key, why in found.skipped.items():
             err.write(f"vigil: not moving {key!r}: {why}\n")
+        if args.json:
+            return await _migrate_json(js, args, found, out, err)
         if not found.moves:
             out.write("nothing to move: every key of vigil-tasks has the <tenant>.<id> layout\n")
             return EXIT_OK
@@ -291,6 +293,21 @@ async def cmd_migrate_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -
                   f"{', '.join(result.changed[:10])}; run the command again\n")
         return EXIT_DIFFERS
     return EXIT_OK
+
+
+async def _migrate_json(js: JetStreamContext, args: argparse.Namespace, found: migrate.Plan,
+                        out: TextIO, err: TextIO) -> int:
+    """``migrate-keys --json``: the plan (a dry run), or what was moved, as one document."""
+    if not args.yes:
+        _print_json({"dry_run": True, "skipped": found.skipped,
+                     "moves": [{"key": m.key, "new_key": m.new_key, "status": m.state.status}
+                               for m in found.moves]}, out)
+        return EXIT_OK
+    result = (await migrate.run(js, found.moves, rate=args.rate, err=err) if found.moves
+              else migrate.Result())
+    _print_json({"dry_run": False, "skipped": found.skipped, "moved": result.moved,
+                 "already": result.already, "changed": result.changed}, out)
+    return EXIT_DIFFERS if result.changed else EXIT_OK
 
 
 # rebuild -----------------------------------------------------------------------------------
@@ -388,8 +405,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Operator tools that talk to NATS directly (as the `operator` NATS user).\n"
         "Reading is harmless; whatever writes is a dry run that says what it would do until "
         "you add --yes,\nis rate-limited, shows progress on stderr, and is safe to run again.",
-        epilog=f"{CONNECTION}\n\nexit codes: 0 ok, 1 differs / not found / not all "
-        "succeeded, 2 usage, 3 NATS unreachable")
+        epilog=f"{CONNECTION}\n\n" + exit_epilog(
+            (EXIT_OK, "ok"), (EXIT_DIFFERS, "differs, not found, or not all succeeded"),
+            (EXIT_USAGE, "usage"), (EXIT_UNREACHABLE, "NATS unreachable"), common=False))
     rsub = rp.add_subparsers(dest="replay_command", metavar="ACTION", required=True)
 
     t = _parser(rsub, "timeline", cmd_timeline,
@@ -486,6 +504,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                 epilog="examples:\n  vigil replay migrate-keys\n"
                 "  vigil replay migrate-keys --yes\n\n" + CONNECTION)
     m.add_argument("--yes", action="store_true", help="move the keys (default: a dry run)")
+    m.add_argument("--json", action="store_true", help="the plan (dry run) or the result as "
+                   "JSON")
     m.add_argument("--show", type=int, default=20, metavar="N",
                    help="list at most N keys to move (default 20)")
     _rate(m, "keys")

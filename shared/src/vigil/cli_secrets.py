@@ -22,7 +22,15 @@ from nats.js import JetStreamContext
 from vigil import replay
 from vigil.api import SecretInfo
 from vigil.cli_config import DEFAULT_DATA_DIR, add_client_flags, environ, open_client
-from vigil.cli_output import EXIT_OK, EXIT_TASK_FAILED, age, out_json, table
+from vigil.cli_output import (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_UNREACHABLE,
+    age,
+    exit_epilog,
+    out_json,
+    table,
+)
 from vigil.cli_replay import CONNECTION
 from vigil.errors import VigilError
 from vigil.messages import ID_PATTERN, ID_RE
@@ -128,8 +136,13 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 async def cmd_rm(args: argparse.Namespace) -> int:
     async with open_client(args) as client:
+        # With --json, what was removed: its metadata, read first (the delete answers 204).
+        gone = await client.secret(args.name) if args.json else None
         await client.delete_secret(args.name)
-    print(f"secret {args.name} removed; tasks that name it now fail at their start")
+    if gone is not None:
+        print(out_json(gone))
+    else:
+        print(f"secret {args.name} removed; tasks that name it now fail at their start")
     return EXIT_OK
 
 
@@ -191,6 +204,12 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
                             on_progress=progress)
     if err.isatty() and done.total:
         err.write("\n")
+    code = EXIT_TASK_FAILED if done.failed else EXIT_OK
+    if args.json:
+        print(out_json({"key_id": keyring.current_id, "dry_run": not args.yes,
+                        "total": done.total, "resealed": done.resealed,
+                        "current": done.current, "failed": done.failed}))
+        return code
     verb = "re-sealed" if args.yes else "would re-seal"
     print(f"{done.total} secrets: {done.resealed} {verb} with key {keyring.current_id}, "
           f"{done.current} sealed with it already, {len(done.failed)} failed")
@@ -198,7 +217,7 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
         print(f"  failed: {failure}", file=err)
     if not args.yes and done.resealed:
         print("(a dry run: nothing was written; run again with --yes)", file=err)
-    return EXIT_TASK_FAILED if done.failed else EXIT_OK
+    return code
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -220,7 +239,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
   vigil secret rm llm-key
   vigil submit --wait -f task.yaml          (with secrets: {ANTHROPIC_API_KEY: llm-key})
 
-""" + KEYS_HELP)
+""" + KEYS_HELP + "\n\n" + exit_epilog(
+            (EXIT_OK, "done"),
+            (EXIT_TASK_FAILED, "rm: no such secret, rotate: a secret could not be opened"),
+            (EXIT_UNREACHABLE, "no gateway (rotate: no NATS)")))
     add_client_flags(sec)  # also before the action: `vigil secret --data-dir D set NAME`
     actions = sec.add_subparsers(dest="secret_command", metavar="ACTION", required=True)
 
@@ -252,6 +274,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                             description="Remove the tenant's secret NAME. Tasks that name it "
                             "afterwards fail at their start (saying so).")
     rm.add_argument("name", type=_name, metavar="NAME")
+    rm.add_argument("--json", action="store_true",
+                    help="print the removed secret's metadata as JSON")
     add_client_flags(rm)
     rm.set_defaults(func=cmd_rm)
 
@@ -273,6 +297,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "any secret could not be opened (it is named, and left as it is).",
         epilog=KEYS_HELP + "\n\n" + CONNECTION)
     rt.add_argument("--yes", action="store_true", help="write (without it: count only)")
+    rt.add_argument("--json", action="store_true", help="print {key_id, dry_run, total, "
+                    "resealed, current, failed} as JSON")
     rt.add_argument("--key-file", metavar="PATH", help="the key file (see below)")
     rt.add_argument("--nats-url", metavar="URL", help="NATS with the operator's credentials")
     rt.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,

@@ -22,6 +22,7 @@ from vigil.api import TaskList, TaskSummary
 from vigil.cli_config import add_client_flags, open_client
 from vigil.cli_output import (
     EXIT_OK,
+    EXIT_RATE_LIMITED,
     EXIT_TASK_FAILED,
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -29,6 +30,9 @@ from vigil.cli_output import (
     Printer,
     StatusLine,
     age,
+    error_text,
+    exit_code,
+    exit_epilog,
     labels_text,
     out_json,
     status_text,
@@ -245,12 +249,11 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         try:
             accepted = await client.submit(spec, idempotency_key=args.idempotency_key)
         except ApiError as exc:
-            if exc.status in (401, 403, 429) or exc.status >= 500:
-                raise
-            field = f" (field {exc.field})" if exc.field and exc.field not in str(exc) else ""
+            if exit_code(exc) != EXIT_USAGE or exc.status in (401, 403):
+                raise  # not about this task: main() says what to do
             where = f" from {args.file}" if args.file else ""
-            print(f"vigil: submission{where} refused: {exc}{field}", file=sys.stderr)
-            return EXIT_USAGE
+            print(f"vigil: submission{where} refused: {error_text(exc)}", file=sys.stderr)
+            return exit_code(exc)
         task_id = accepted["id"]
         if args.json and not args.wait:
             print(json.dumps(accepted))
@@ -400,7 +403,7 @@ async def cmd_wait(args: argparse.Namespace) -> int:
             print(f"vigil: {exc}", file=sys.stderr)
             if args.json and exc.state is not None:
                 print(out_json(exc.state))
-            return EXIT_TIMEOUT
+            return exit_code(exc)
     if args.json:
         print(out_json(state))
     else:
@@ -413,7 +416,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
         try:
             answer = await client.cancel(args.task_id, reason=args.reason)
         except GatewayError as exc:
-            if exc.status != 409:
+            if exc.code != "finished":  # 409: the task ended before it could be cancelled
                 raise
             state = await client.get(args.task_id)
             print(f"vigil: task {args.task_id} already {state.status}; nothing to cancel",
@@ -434,7 +437,9 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
             state = await _wait(client, args.task_id, args.timeout, args.json)
         except WaitTimeout as exc:
             print(f"vigil: {exc}", file=sys.stderr)
-            return EXIT_TIMEOUT
+            if args.json and exc.state is not None:
+                print(out_json(exc.state))
+            return exit_code(exc)
     if args.json:
         print(out_json(state))
     else:
@@ -471,8 +476,12 @@ a task file (YAML or JSON; `-f -` reads stdin):
   timeout_s: 600
   max_attempts: 3
 
-exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
-2 the gateway refused the task (the message names the field), 3 no gateway""", cmd_submit)
+""" + exit_epilog(
+        (EXIT_OK, "submitted (with --wait: the task succeeded)"),
+        (EXIT_TASK_FAILED, "with --wait: the task ended otherwise"),
+        (EXIT_USAGE, "the task was refused (the message names the field)"),
+        (EXIT_RATE_LIMITED, "over the tenant's quota or rate limited: retry later")),
+        cmd_submit)
     sm.add_argument("command", nargs=argparse.REMAINDER,
                     help="the command and its arguments, after --")
     sm.add_argument("-f", "--file", metavar="FILE",
@@ -516,7 +525,8 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
                  "Show a task's state (status, attempt, executor, exit code, error, times)\n"
                  "and the confessions on its timeline.",
                  "examples:\n  vigil status t_01HZ…\n  vigil status t_01HZ… --json | jq "
-                 ".status\n\nexit status: 0 shown, 1 no such task, 3 no gateway", cmd_status)
+                 ".status\n\n" + exit_epilog((EXIT_OK, "shown"),
+                                               (EXIT_TASK_FAILED, "no such task")), cmd_status)
     st.add_argument("task_id", metavar="TASK_ID")
     st.add_argument("--json", action="store_true", help="print the raw state as JSON")
     add_client_flags(st)
@@ -532,7 +542,9 @@ exit status: 0 submitted (with --wait: succeeded), 1 the task ended otherwise,
 statuses: {', '.join(STATUSES)};
   active = queued,scheduled,running; finished = the five final ones.
 --json prints one JSON document, the API's own shape: {{"tasks": [...], "next_cursor": ...}};
-  pass next_cursor back with --cursor for the next page.""", cmd_list)
+  pass next_cursor back with --cursor for the next page.
+
+""" + exit_epilog((EXIT_OK, "listed (also when none match)")), cmd_list)
     ls.add_argument("--status", action="append", metavar="S[,S…]",
                     help="only these statuses (repeat or comma-separate)")
     ls.add_argument("--label", action="append", metavar="KEY=VALUE",
@@ -556,8 +568,11 @@ statuses: {', '.join(STATUSES)};
   vigil logs -f t_01HZ…
   vigil logs t_01HZ… --stream stderr | tail -20
 
-exit status: 0 printed (with -f: the task succeeded), 1 with -f the task ended
-otherwise, or no such task; 3 no gateway""", cmd_logs)
+No --json: the lines are the task's own output, printed as they were.
+
+""" + exit_epilog((EXIT_OK, "printed (with -f: the task succeeded)"),
+                  (EXIT_TASK_FAILED, "with -f the task ended otherwise, or no such task")),
+        cmd_logs)
     lg.add_argument("task_id", metavar="TASK_ID")
     lg.add_argument("-f", "--follow", action="store_true",
                     help="keep printing until the task ends; exit 0 only on success")
@@ -568,12 +583,14 @@ otherwise, or no such task; 3 no gateway""", cmd_logs)
     wt = _parser(sub, "wait", "wait for a task to finish; exit status says how it ended",
                  "Wait until a task reaches a final status, then print it. On a terminal a\n"
                  "status line on stderr shows its progress meanwhile.",
-                 f"""examples:
+                 """examples:
   vigil wait t_01HZ…
   vigil wait t_01HZ… --timeout 600 --json
 
-exit status: 0 succeeded; 1 failed, cancelled, timed_out or dead (or no such task);
-3 no gateway; {EXIT_TIMEOUT} --timeout ran out (the task goes on; as timeout(1))""", cmd_wait)
+""" + exit_epilog((EXIT_OK, "succeeded"),
+                  (EXIT_TASK_FAILED, "failed, cancelled, timed_out or dead (or no such task)"),
+                  (EXIT_TIMEOUT, "--timeout ran out (the task goes on; as timeout(1))")),
+        cmd_wait)
     wt.add_argument("task_id", metavar="TASK_ID")
     wt.add_argument("--timeout", type=float, metavar="SECONDS",
                     help=f"give up after this long (exit {EXIT_TIMEOUT})")
@@ -585,13 +602,14 @@ exit status: 0 succeeded; 1 failed, cancelled, timed_out or dead (or no such tas
                  "Cancel a task. A queued task ends cancelled at once; a running one is\n"
                  "stopped by its executor (SIGTERM, a grace period, then SIGKILL) and then\n"
                  "ends cancelled. Cancelling a cancelled task again is harmless.",
-                 f"""examples:
+                 """examples:
   vigil cancel t_01HZ…
   vigil cancel t_01HZ… --reason "wrong dataset" --wait
 
-exit status: 0 cancel accepted (with --wait: the task ended cancelled);
-1 the task had already finished, ended otherwise, or does not exist;
-3 no gateway; {EXIT_TIMEOUT} --wait --timeout ran out""", cmd_cancel)
+""" + exit_epilog((EXIT_OK, "cancel accepted (with --wait: the task ended cancelled)"),
+                  (EXIT_TASK_FAILED, "the task had already finished, ended otherwise, or "
+                   "does not exist"),
+                  (EXIT_TIMEOUT, "--wait --timeout ran out")), cmd_cancel)
     cn.add_argument("task_id", metavar="TASK_ID")
     cn.add_argument("--reason", help="why (recorded on the task, at most 500 characters)")
     cn.add_argument("-w", "--wait", action="store_true", help="wait until the task has ended")
