@@ -305,3 +305,44 @@ async def test_max_deliveries_makes_the_task_dead(platform: Platform) -> None:
     (buried,) = [c for c in await platform.confessions("max_deliveries")
                  if c.get("task_id") == "bounced"]
     assert buried["component"] == "scheduler" and buried["node"]
+
+
+async def test_a_field_a_newer_service_wrote_survives_this_versions_rewrite(
+    platform: Platform,
+) -> None:
+    """Rolling upgrade: a newer service stored a task state with a field this version's
+    TaskState lacks; this version reads it, changes it and writes it back by
+    compare-and-set. Decoding drops the field, so the rewrite used to erase it."""
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from vigil import codec
+    from vigil.jetstream import TaskStore
+    from vigil.messages import TaskSpec
+
+    now = datetime.now(UTC)
+    store = await TaskStore.open(platform.js)
+    state = TaskState(id="upgrade", tenant="acme", status="queued", created_at=now,
+                      updated_at=now, spec=TaskSpec(command=["true"]))
+    rev = await store.create(state)
+    assert rev is not None
+    kv = await platform.js.key_value(subjects.KV_TASKS)
+    newer = json.loads(codec.encode(state))
+    newer["placement_hint"] = {"zone": "eu", "tries": [1, 2]}  # a newer version's field
+    rev = await kv.update(state.key, json.dumps(newer).encode(), last=rev)
+
+    old = await TaskStore.open(platform.js)  # this version, in another service
+    got = await old.get("acme", "upgrade")
+    assert got is not None
+    changed = msgspec.structs.replace(got[0], waiting="changed by this version")
+    new_rev = await old.cas(changed, got[1])
+    assert new_rev is not None
+    again = await old.cas(msgspec.structs.replace(changed, waiting="and again"), new_rev)
+    assert again is not None  # its own write's version keeps them too
+    stored = json.loads((await kv.get(state.key)).value)
+    assert stored["waiting"] == "and again"
+    assert stored["placement_hint"] == {"zone": "eu", "tries": [1, 2]}
+    # Read back by this version, the state is whole and the extra field is ignored.
+    final = await old.get("acme", "upgrade")
+    assert final is not None and final[0].waiting == "and again"

@@ -99,11 +99,36 @@ async def publish(
     return await retrying(f"publish {subject}", once, deadline_s=deadline_s)
 
 
+_STATE_FIELDS = frozenset(TaskState.__struct_fields__)
+_EXTRAS_KEPT = 4096  # task versions with fields this version does not know, remembered
+
+
+def unknown_fields(raw: bytes, state: TaskState) -> dict[str, object]:
+    """Top-level fields of a stored state (``raw``) that ``TaskState`` does not have: a
+    newer service wrote them. Cheap when there are none: the value then re-encodes to
+    the same bytes, and only otherwise is it parsed again."""
+    if codec.encode(state) == raw:
+        return {}
+    data = codec.any_decoder.decode(raw)
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k not in _STATE_FIELDS}
+
+
 class TaskStore:
-    """Typed access to the ``vigil-tasks`` bucket with compare-and-set writes."""
+    """Typed access to the ``vigil-tasks`` bucket with compare-and-set writes.
+
+    Rolling upgrades: a state a newer service wrote may hold fields this version does
+    not know. Decoding drops them, so a rewrite by this version would erase them (and
+    with them what the newer services recorded). The store remembers them per task
+    version it read (or wrote), and a compare-and-set on that version writes them back
+    unchanged beside the fields it knows.
+    """
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
+        self._extras: collections.OrderedDict[tuple[str, int], dict[str, object]] = (
+            collections.OrderedDict())
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> TaskStore:
@@ -119,7 +144,13 @@ class TaskStore:
         key = subjects.task_key(tenant, task_id)
 
         read = await kv_read(self._kv, key, f"get task {key}")
-        return None if read is None else (codec.state_decoder.decode(read[0]), read[1])
+        if read is None:
+            return None
+        state = codec.state_decoder.decode(read[0])
+        extras = unknown_fields(read[0], state)
+        if extras:
+            self._remember(key, read[1], extras)
+        return state, read[1]
 
     async def get_state(self, state: TaskState) -> tuple[TaskState, int] | None:
         """The current state and revision of the task ``state`` is a version of."""
@@ -134,8 +165,23 @@ class TaskStore:
         return await self._write(state, revision)
 
     async def _write(self, state: TaskState, revision: int | None) -> int | None:
-        return await kv_write(self._kv, state.key, codec.encode(state), revision,
-                              f"write task {state.key}")
+        data = codec.encode(state)
+        extras = self._extras.get((state.key, revision)) if revision is not None else None
+        if extras:
+            # Fields a newer service wrote at that version, kept beside ours.
+            merged = codec.any_decoder.decode(data)
+            merged.update({k: v for k, v in extras.items() if k not in merged})
+            data = codec.encode(merged)
+        new = await kv_write(self._kv, state.key, data, revision, f"write task {state.key}")
+        if new is not None and extras:
+            self._remember(state.key, new, extras)
+        return new
+
+    def _remember(self, key: str, revision: int, extras: dict[str, object]) -> None:
+        self._extras[(key, revision)] = extras
+        self._extras.move_to_end((key, revision))
+        while len(self._extras) > _EXTRAS_KEPT:
+            self._extras.popitem(last=False)
 
 
 async def kv_read(kv: KeyValue, key: str, what: str) -> tuple[bytes, int] | None:
