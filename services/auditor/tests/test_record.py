@@ -70,7 +70,8 @@ def test_a_repeat_is_another_message_with_the_same_id() -> None:
 def test_a_confession_given_up_is_not_repeated_by_its_re_publish() -> None:
     body = json.dumps({"id": "p1", "summary": "disk full", "severity": "error"}).encode()
     first = to_record("vigil.issues.agent.error", body, None, 10, NOW)
-    noted = msgspec.structs.replace(first, error=f"{TRIAGE_FAILED_NOTE} 3 deliveries: boom")
+    noted = msgspec.structs.replace(first, error="triage failed: boom",
+                                    triage_given_up_after=3)
     copy = to_record("vigil.issues.agent.error", body, None, 12, NOW)
     assert triage_given_up(noted) and not triage_given_up(first)
     assert repeats(first, copy)  # triaged: a copy counts nothing
@@ -82,3 +83,6 @@ def test_a_confession_given_up_is_not_repeated_by_its_re_publish() -> None:
         {"id": "p1", "summary": f"{TRIAGE_FAILED_NOTE} 3", "severity": "error"}).encode(),
         None, 10, NOW)
     assert not triage_given_up(faked)
+    # A record an older auditor wrote says it only in its error.
+    legacy = msgspec.structs.replace(first, error=f"{TRIAGE_FAILED_NOTE} 3 deliveries: boom")
+    assert triage_given_up(legacy)

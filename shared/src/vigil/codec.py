@@ -53,21 +53,6 @@ def error_field(exc: msgspec.DecodeError | ValueError) -> tuple[str, str | None]
     return message, path
 
 
-_AT_FIELD = re.compile(r"\(at (\$[^\s)]*)\)\s*$")
-
-
-def invalid_task_field(error: str) -> str | None:
-    """The JSON path a recorded rejection by :func:`decode_spec` names (``invalid task
-    spec: … (at $.env)``), ``$`` for a body that is not JSON, else None (a refusal of the
-    whole task): how the gateway names the field of a spec the scheduler refused."""
-    match = _AT_FIELD.search(error)
-    if match is not None:
-        return match.group(1)
-    if error.startswith("task spec is not valid JSON"):
-        return "$"
-    return None
-
-
 def spec_digest(spec: TaskSpec) -> str:
     """``sha256:<hex>`` of ``spec`` as submitted, without its id: the same request body
     gives the same digest at the gateway and the scheduler (one encoder, fields in order)."""

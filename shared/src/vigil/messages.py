@@ -303,6 +303,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     executor: str | None = None
     exit_code: int | None = None
     error: str | None = None
+    # Set when the submission was refused: the JSON path of the spec's field the refusal
+    # names (``$.command[0]``; ``$`` for a body that is not JSON), None for the whole task.
+    error_field: str | None = None
     # The resource limit the agent was stopped for (``memory_limit`` …) and its peak.
     limit: LimitName | None = None
     peak: float | None = None
@@ -482,6 +485,9 @@ class ConfessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     confession: Confession | None = None
     error: str | None = None  # set when the message was not a valid confession
     raw: str | None = None
+    triage_given_up_after: int | None = None
+    """Set when the auditor gave up triaging it: the deliveries it took (the error says
+    why). Such a confession was never counted: a re-publish of its id is."""
 
 
 IncidentStatus = Literal["open", "acknowledged", "resolved"]

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import time
+from typing import Literal
 
 import aiohttp
 import msgspec
@@ -48,10 +49,13 @@ LEASE_BEAT_S = (topology.notifier_consumer().ack_wait or 60.0) / 3
 class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     alert_id: str
     url: str
-    status: str  # delivered | failed
+    status: Literal["delivered", "failed"]
     attempts: int
     error: str | None = None
     at: str
+
+
+_delivery_decoder = msgspec.json.Decoder(Delivery)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -259,7 +263,12 @@ class Notifier:
             entry = await retrying("read delivery", lambda: kv.get(delivery_key(alert_id, url)))
         except KeyNotFoundError:
             return False
-        return bool(entry.value) and b'"delivered"' in (entry.value or b"")
+        if not entry.value:
+            return False
+        try:
+            return _delivery_decoder.decode(entry.value).status == "delivered"
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False  # unreadable: deliver again (receivers dedupe by alert id)
 
     async def _record(self, delivery: Delivery) -> None:
         assert self._kv is not None

@@ -80,7 +80,11 @@ def to_record(
 
 
 def triage_given_up(record: ConfessionRecord) -> bool:
-    """Whether the auditor gave up triaging ``record`` (and noted it in its error)."""
+    """Whether the auditor gave up triaging ``record`` (``triage_given_up_after``).
+    Records written before that field (0.3.0 and older) said it only in their error, as
+    :data:`TRIAGE_FAILED_NOTE`: read that way until they expire with the bucket's TTL."""
+    if record.triage_given_up_after is not None:
+        return True
     return any(part.startswith(TRIAGE_FAILED_NOTE) for part in (record.error or "").split("; "))
 
 

@@ -375,7 +375,7 @@ class Auditor:
         note = f"{TRIAGE_FAILED_NOTE} {attempts} deliveries: {type(exc).__name__}: {exc}"[:1_000]
         self.metrics.triage_failed.inc()
         noted = msgspec.structs.replace(record, error="; ".join(
-            e for e in (record.error, note) if e))
+            e for e in (record.error, note) if e), triage_given_up_after=attempts)
         slim = msgspec.structs.replace(noted, confession=None,
                                        raw=(record.raw or repr(record.confession))[:2_000])
         for candidate in (noted, slim):  # the full record may be what cannot be stored

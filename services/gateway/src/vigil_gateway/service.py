@@ -352,7 +352,7 @@ class Gateway:
             # gateway's checks passed it: a scheduler of another version, say).
             reason = found.error or "the scheduler rejected the task"
             return error(422, "rejected", f"the scheduler rejected the task: {reason}",
-                         field=codec.invalid_task_field(reason))
+                         field=found.error_field)
         return self._accepted(task_id, who, found, 202)
 
     async def _wait_state(self, tenant: str, task_id: str, seq: int, *,

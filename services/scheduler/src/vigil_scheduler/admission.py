@@ -161,6 +161,7 @@ def failed_state(reject: Reject, seq: int, now: datetime) -> TaskState | None:
         tenant=reject.tenant,
         status="failed",
         error=reject.error,
+        error_field=reject.field,
         created_at=now,
         updated_at=now,
         finished_at=now,
