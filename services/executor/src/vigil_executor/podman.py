@@ -579,8 +579,9 @@ class PodmanRuntime:
         state = info.get("State") if isinstance(info, dict) else None
         pid = state.get("Pid") if isinstance(state, dict) else None
         mount = vol.get("Mountpoint") if isinstance(vol, dict) else None
+        running = not (isinstance(state, dict) and state.get("Running") is False)
         return HostView(pid=int(pid) if isinstance(pid, int) and pid > 0 else None,
-                        workspace=str(mount) if mount else None)
+                        workspace=str(mount) if mount else None, running=running)
 
     async def find_containers(self, node_id: str) -> list[Leftover]:
         """Containers this node's executor created (running or not), by label."""

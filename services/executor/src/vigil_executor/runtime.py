@@ -42,6 +42,9 @@ class HostView:
 
     pid: int | None = None
     workspace: str | None = None
+    # False when the container has already stopped (a quick agent): nothing to watch,
+    # which is no failure of the watchdog's.
+    running: bool = True
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -245,6 +246,8 @@ class Target:
         if view is None:
             target.problems.append("the runtime does not say where the agent runs")
             return target
+        if not view.running:
+            return target  # the agent is done already: nothing to watch, nothing wrong
         if view.pid:
             try:
                 target.proc_fd = os.open(f"/proc/{view.pid}/root/proc",
@@ -252,6 +255,9 @@ class Target:
                 processes(target.proc_fd)  # readable at all?
             except OSError as exc:
                 target._close_fd()
+                if exc.errno in (errno.ENOENT, errno.ESRCH) and not os.path.exists(
+                        f"/proc/{view.pid}"):
+                    return target  # it ended between the inspect and this: as above
                 target.problems.append(f"cannot read the container's processes "
                                        f"(/proc/{view.pid}/root/proc: {exc.strerror})")
         else:
