@@ -160,29 +160,3 @@ def test_redact_url_hides_passwords() -> None:
 def test_settings_structs_forbid_unknown_config() -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"nope": 1}, CommonSettings)
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        (b'{"command": ["echo", 1]}', "$.command[1]"),
-        (b'{"env": {}}', "$.command"),
-        (b"not json", "$"),
-    ],
-)
-def test_a_recorded_rejection_names_its_field(body: bytes, field: str) -> None:
-    """The gateway names the field of a spec the scheduler refused from the state's
-    typed ``error_field``, never by reading the error's text."""
-    from datetime import UTC, datetime
-
-    from vigil_scheduler.admission import Reject, admit, failed_state, unreadable
-    from vigil_scheduler.settings import SchedulerSettings
-
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    reject = admit(body, "vigil.submit.acme", "m-1", 7, now, SchedulerSettings())
-    assert isinstance(reject, Reject)
-    state = failed_state(reject, 7, now)
-    assert state is not None and state.error_field == field
-    bug = failed_state(unreadable("vigil.submit.acme", "m-2", 8, KeyError("x")), 8, now)
-    assert bug is not None and bug.error_field is None  # a refusal of the whole task
