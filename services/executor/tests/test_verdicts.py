@@ -137,3 +137,18 @@ async def test_an_init_that_could_not_fork_the_agent_hands_the_task_back() -> No
     assert c.category == "container_start_infra" and c.severity == "error"
     assert c.summary.endswith("; handed back, no attempt spent")
     assert "node node-7 is short of processes" in (c.hint or "")
+
+
+def test_the_attempts_own_decisions_are_vigil_errors_that_say_if_a_retry_helps() -> None:
+    """One hierarchy: a caller that handles VigilError by its ``retryable`` treats a
+    hand-back as the passing trouble it is, and a lost lease or a restore given up as
+    final for this attempt."""
+    from vigil.errors import VigilError
+    from vigil_executor.claim import LeaseLost, RestoreGaveUp
+
+    back = HandBack("image missing on node a", 5.0, kind="image missing")
+    assert isinstance(back, VigilError) and back.retryable
+    assert (back.reason, back.delay_s, back.kind) == ("image missing on node a", 5.0,
+                                                      "image missing")
+    for final in (LeaseLost("attempt 3 holds it"), RestoreGaveUp("5 deliveries failed")):
+        assert isinstance(final, VigilError) and not final.retryable

@@ -457,6 +457,8 @@ class Attempt:
             # Raised by create or by start: the host's failure is handed back, the task's
             # own (its command, its settings) fails it.
             return await self._start_failed(exc, None)
+        except (HandBack, LeaseLost):
+            raise  # already decided: the callers below handle them
         except VigilError as exc:
             if exc.retryable:
                 # Passing trouble of the platform's (NATS away in the middle of the

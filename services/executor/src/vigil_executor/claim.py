@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from vigil.errors import VigilError
 from vigil.messages import LimitName, TaskState, WorkItem
 from vigil_executor.checkpoint_rules import set_aside
 
 
-class HandBack(Exception):
-    """Give the task back to the queue without spending an attempt."""
+class HandBack(VigilError):
+    """Give the task back to the queue without spending an attempt: a passing trouble
+    (retryable) of the node's or the platform's, never the task's."""
+
+    retryable = True
 
     def __init__(self, reason: str, delay_s: float = 0.0, *, kind: str | None = None) -> None:
         super().__init__(reason)
@@ -23,8 +27,11 @@ class HandBack(Exception):
         self.kind = kind  # a short, bounded label for metrics (the reason may name an image)
 
 
-class LeaseLost(Exception):
-    """Another attempt owns the task now; this one must record nothing."""
+class LeaseLost(VigilError):
+    """Another attempt owns the task now; this one must record nothing (and retrying it
+    here cannot help: the task is that attempt's)."""
+
+    retryable = False
 
 
 @dataclass
@@ -43,9 +50,11 @@ class Outcome:
     peak: float | None = None
 
 
-class RestoreGaveUp(Exception):
+class RestoreGaveUp(VigilError):
     """The task's checkpoint would not restore on this delivery, nor on the ones before:
     the task is dead rather than started from an empty workspace (ADR 8)."""
+
+    retryable = False
 
 
 def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
