@@ -110,6 +110,11 @@ class DeadLetters:
                 return
             state, rev = got
             now = utcnow()
+            if state.status == "queued" and state.requeued and work.spec.node_labels:
+                # Requeued already, by this notice's earlier delivery that failed after
+                # the state's write: finish it (the entry's id makes a second one a no-op).
+                await self._queue_entry(state, work)
+                return
             if unclaimed_for_labels(state, work) and state.requeued < MAX_REQUEUES:
                 if await self._requeue(state, rev, work, deliveries):
                     return
@@ -164,14 +169,18 @@ class DeadLetters:
         new_rev = await self._store.cas(queued, rev)
         if new_rev is None:
             return False
-        # The entry names no revision: dispatch reads the state (it holds ``requeued``,
-        # which the release's message id carries).
+        await self._queue_entry(queued, work)
+        log.warning("task_requeued", requeued=n, deliveries=deliveries, labels=labels)
+        return True
+
+    async def _queue_entry(self, state: TaskState, work: WorkItem) -> None:
+        """The requeued task's entry in the queue. It names no revision: dispatch reads
+        the state (which holds ``requeued``, carried by the release's message id)."""
         entry = msgspec.structs.replace(work, revision=0)
         await publish(self._js, subjects.queue(work.spec.pool, state.tenant,
                                                work.spec.priority),
-                      codec.encode(entry), f"{state.key}:queue:{state.submit_seq}:r{n}")
-        log.warning("task_requeued", requeued=n, deliveries=deliveries, labels=labels)
-        return True
+                      codec.encode(entry),
+                      f"{state.key}:queue:{state.submit_seq}:r{state.requeued}")
 
     async def _tail(self, state: TaskState) -> list[str]:
         """The running attempt's last output lines (its executor, which knew them, is not
