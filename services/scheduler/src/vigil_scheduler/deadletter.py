@@ -54,6 +54,7 @@ from vigil.messages import (
     WorkItem,
     utcnow,
 )
+from vigil_scheduler.dispatch import queue_msg_id
 
 log = structlog.get_logger("vigil.scheduler.deadletter")
 
@@ -179,8 +180,7 @@ class DeadLetters:
         entry = msgspec.structs.replace(work, revision=0)
         await publish(self._js, subjects.queue(work.spec.pool, state.tenant,
                                                work.spec.priority),
-                      codec.encode(entry),
-                      f"{state.key}:queue:{state.submit_seq}:r{state.requeued}")
+                      codec.encode(entry), queue_msg_id(state))
 
     async def _tail(self, state: TaskState) -> list[str]:
         """The running attempt's last output lines (its executor, which knew them, is not

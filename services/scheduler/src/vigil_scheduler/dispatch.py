@@ -410,7 +410,16 @@ class Dispatcher:
 def work_msg_id(state: TaskState) -> str:
     """The work item's message id: one per release (a requeued task is released anew;
     the same id would be dropped as a duplicate within the work stream's window)."""
-    base = f"{state.key}:work:{state.submit_seq}"
+    return _msg_id(state, "work")
+
+
+def queue_msg_id(state: TaskState) -> str:
+    """The queue entry's message id: one per admission, and one per requeue."""
+    return _msg_id(state, "queue")
+
+
+def _msg_id(state: TaskState, what: str) -> str:
+    base = f"{state.key}:{what}:{state.submit_seq}"
     return f"{base}:r{state.requeued}" if state.requeued else base
 
 

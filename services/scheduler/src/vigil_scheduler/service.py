@@ -57,7 +57,12 @@ from vigil_scheduler.admission import (
 )
 from vigil_scheduler.control import Control
 from vigil_scheduler.deadletter import DeadLetters
-from vigil_scheduler.dispatch import Dispatcher, queued_state_of, scheduled_unreleased
+from vigil_scheduler.dispatch import (
+    Dispatcher,
+    queue_msg_id,
+    queued_state_of,
+    scheduled_unreleased,
+)
 from vigil_scheduler.fleet import Fleet
 from vigil_scheduler.lease import Lease
 from vigil_scheduler.metrics import Metrics
@@ -399,7 +404,7 @@ class Scheduler:
             log.info("task_scheduled", pool=spec.pool, path="direct")
             return "scheduled"
         await publish(self._js, subjects.queue(spec.pool, state.tenant, spec.priority),
-                      codec.encode(entry), f"{state.key}:queue:{state.submit_seq}")
+                      codec.encode(entry), queue_msg_id(state))
         self._dispatcher.wake.set()
         log.info("task_queued", pool=spec.pool, priority=spec.priority)
         return "queued"
