@@ -101,9 +101,11 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True):
     the agent starts inherits it; an agent can never raise it again. Vigil's services,
     the Podman service, conmon and runc stay at their own priority, so starting and
     watching the next task never queues behind a busy agent. Lowering another user's
-    process needs root (or CAP_SYS_NICE): an executor run as the Podman user cannot,
-    and its agents then run at the Podman service's own nice value (start it niced:
-    ``nice -n 10 podman system service``). 0 leaves agents at the services' priority."""
+    process needs root (CAP_SYS_NICE lowers its nice value, but its session's autogroup
+    is a file of the agent's, which only root may write): an executor run as the Podman
+    user cannot, and its agents then run at the Podman service's own nice value (start
+    it niced: ``nice -n 10 podman system service``). 0 leaves agents at the services'
+    priority."""
     seccomp_base: str = ""
     """The seccomp profile agents' syscalls start from (JSON, Podman's format), hardened
     by the executor (nested namespaces, mounts and ``clone3`` refused) and written into
