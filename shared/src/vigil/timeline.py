@@ -9,6 +9,7 @@ requests naming it (``VIGIL_CONTROL``), optionally the raw confessions in ``VIGI
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -150,8 +151,23 @@ async def build(js: JetStreamContext, task_id: str, *, tenant: str, logs: bool =
             if (isinstance(entry.data, dict) and entry.data.get("task_id") == task_id
                     and entry.data.get("tenant") in (tenant, None)):
                 entries.append(entry)
-    entries.sort(key=lambda e: (e.time, _ORDER.get(e.stream, 9), e.seq))
+    entries.sort(key=_order_key(entries))
     return Timeline(task_id, entries, state, revision)
+
+
+def _order_key(entries: list[Entry]) -> Callable[[Entry], tuple[datetime, int, int]]:
+    """By store time, except that an attempt's output never comes before its ``started``:
+    the two live in different streams, each stamping its own time, so a line printed the
+    moment the agent began can be stored a hair before the event that says it began."""
+    began = {e.data.get("attempt"): e.time for e in entries
+             if e.kind == "started" and isinstance(e.data, dict)}
+
+    def key(e: Entry) -> tuple[datetime, int, int]:
+        time = e.time
+        if e.stream == subjects.STREAM_OUTPUT and isinstance(e.data, dict):
+            time = max(time, began.get(e.data.get("attempt"), time))
+        return (time, _ORDER.get(e.stream, 9), e.seq)
+    return key
 
 
 async def _read(js: JetStreamContext, stream: str, subject: str) -> list[StoredMsg]:
