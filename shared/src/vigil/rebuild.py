@@ -1,6 +1,7 @@
 """Rebuild the ``vigil-tasks`` KV from the event log, and diff it against the live bucket.
 
-The fold (:class:`Fold`) reads ``VIGIL_EVENTS`` in stream order and applies, per task:
+The fold (:class:`Fold`) reads ``VIGIL_EVENTS`` in stream order and applies, per task (the
+statuses are the state machine's, :data:`vigil.transitions.STATUS_AFTER`):
 
 - ``accepted``: a new task, ``queued``, with ``tenant``, ``created_at`` = the event's time
   and ``submit_seq`` (its spec comes from ``VIGIL_SUBMIT`` at that sequence);
@@ -53,7 +54,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
-from vigil import codec, subjects, topology
+from vigil import codec, subjects, topology, transitions
 from vigil.jetstream import retrying
 from vigil.messages import (
     Accepted,
@@ -96,7 +97,7 @@ class Rebuilt:
 
     id: str
     tenant: str = ""
-    status: str = "queued"
+    status: str = transitions.STATUS_AFTER["accepted"]
     attempt: int = 0
     executor: str | None = None
     exit_code: int | None = None
@@ -189,7 +190,7 @@ def _accepted(task: Rebuilt, e: Event) -> None:
 
 
 def _scheduled(task: Rebuilt, e: Event) -> None:
-    task.status = "scheduled"
+    task.status = transitions.STATUS_AFTER["scheduled"]
     task.clear_outcome()
     task.cancel_requested_at = None
 
@@ -197,12 +198,14 @@ def _scheduled(task: Rebuilt, e: Event) -> None:
 def _started(task: Rebuilt, e: Event) -> None:
     assert isinstance(e, Started)
     task.clear_outcome()
-    task.status, task.attempt, task.executor = "running", e.attempt, e.executor
+    task.status, task.attempt = transitions.STATUS_AFTER["started"], e.attempt
+    task.executor = e.executor
 
 
 def _retrying(task: Rebuilt, e: Event) -> None:
     assert isinstance(e, Retrying)
-    task.status, task.executor, task.finished_at = "scheduled", None, None
+    task.status = transitions.STATUS_AFTER["retrying"]
+    task.executor = task.finished_at = None
     # A failed attempt's exit code and error stay on the state until the next attempt.
     task.exit_code, task.error = e.exit_code, e.error
 

@@ -19,13 +19,13 @@ from typing import TextIO
 import msgspec
 from nats.js import JetStreamContext
 
-from vigil import codec, subjects
+from vigil import codec, subjects, transitions
 from vigil.jetstream import publish
 from vigil.messages import RedriveRequest, TaskState
 from vigil.progress import paced
 from vigil.replay import read_bucket
 
-REDRIVABLE: tuple[str, ...] = ("dead", "failed", "timed_out", "cancelled")
+REDRIVABLE = transitions.REDRIVABLE
 REQUESTED_BY = "vigil replay"
 
 

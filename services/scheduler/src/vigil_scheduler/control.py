@@ -29,26 +29,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from structlog.contextvars import bound_contextvars
 
-from vigil import codec, subjects
+from vigil import codec, subjects, transitions
 from vigil.consume import PullConsumer
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, publish, publish_event
-from vigil.messages import (
-    Cancelling,
-    CancelRequest,
-    Confession,
-    Finished,
-    RedriveRequest,
-    Retrying,
-    Scheduled,
-    TaskState,
-    WorkItem,
-    utcnow,
-)
+from vigil.messages import CancelRequest, Confession, RedriveRequest, TaskState, WorkItem, utcnow
 
 log = structlog.get_logger("vigil.scheduler")
 
-REDRIVABLE = frozenset({"dead", "failed", "timed_out", "cancelled"})
 RETRY_DELAY_S = 1.0
 # A cancel may overtake its task's admission (a raw publisher, right after submitting):
 # wait this many deliveries for the task to appear before calling the request unknown.
@@ -144,28 +132,24 @@ class Control:
                     await msg.ack()
                     log.info("cancel_too_late", status=state.status)
                     return "too_late"
-                now = utcnow()
-                if state.status in ("queued", "scheduled"):
-                    final = msgspec.structs.replace(
-                        state, status="cancelled", error=why, finished_at=now, updated_at=now,
-                        cancel_requested_at=now, cancel_reason=why)
-                    if await self.store.cas(final, rev) is None:
+                step = transitions.cancel(state, utcnow(), why)
+                if step.state.terminal:
+                    if await self.store.cas(step.state, rev) is None:
                         continue  # an executor claimed it meanwhile: the running case
                     # Numbered by redrive: a redriven task ends again at the same attempt,
                     # and the same message id would be dropped as the earlier finish.
-                    await publish_event(self.js, state.tenant, Finished(
-                        task_id=state.id, attempt=state.attempt, time=now, status="cancelled",
-                        error=why), f"cancel{state.redriven}" if state.redriven else None)
+                    for event in step.events:
+                        await publish_event(self.js, state.tenant, event,
+                                            f"cancel{state.redriven}" if state.redriven
+                                            else None)
                     await msg.ack()
                     log.info("task_cancelled", was=state.status)
                     return "cancelled"
-                if state.cancel_requested_at is None:
-                    marked = msgspec.structs.replace(state, cancel_requested_at=now,
-                                                     cancel_reason=why)
-                    if await self.store.cas(marked, rev) is None:
+                if step.events:  # marked now (not by an earlier request)
+                    if await self.store.cas(step.state, rev) is None:
                         continue
-                    await publish_event(self.js, state.tenant, Cancelling(
-                        task_id=state.id, attempt=state.attempt, time=now, reason=why))
+                    for event in step.events:
+                        await publish_event(self.js, state.tenant, event)
                 # Best effort and fast; the executor's heartbeat reads the mark anyway.
                 await self.nc.publish(subjects.cancel_notice(state.tenant, state.id), b"")
                 await msg.ack()
@@ -194,20 +178,15 @@ class Control:
                     await msg.ack()
                     log.info("redrive_stale", revision=rev, expected=req.expect_revision)
                     return "stale"
-                if state.status not in REDRIVABLE:
+                if state.status not in transitions.REDRIVABLE:
                     await msg.ack()
                     log.info("redrive_not_finished", status=state.status)
                     return "not_finished"
-                if state.spec is None:
-                    return await self._refuse(
-                        msg, f"task {state.id} has no valid spec (refused at admission); "
-                        "submit a corrected task instead", state.id)
-                now = utcnow()
-                again = msgspec.structs.replace(
-                    state, status="scheduled", executor=None, exit_code=None, error=None,
-                    finished_at=None, updated_at=now, work_seq=0, delivery=0,
-                    redriven=state.redriven + 1, budget_from=state.attempt,
-                    cancel_requested_at=None, cancel_reason=None, retry_at=None)
+                try:
+                    step = transitions.redrive(state, utcnow(), _redrive_reason(req))
+                except transitions.Refused as exc:
+                    return await self._refuse(msg, str(exc), state.id)
+                again = step.state
                 if await self.store.cas(again, rev) is None:
                     continue
                 await self._publish_redrive(again, req)
@@ -219,17 +198,11 @@ class Control:
 
     async def _publish_redrive(self, state: TaskState, req: RedriveRequest) -> None:
         assert state.spec is not None
-        who = req.requested_by or "an operator"
-        reason = f"redriven by {who}" + (f": {req.reason}" if req.reason else "")
         # Events before the work item (one connection, in order): the timeline shows the
         # redrive before the new attempt's `started`.
         n = f"redrive{state.redriven}"  # not the same event as a hand-back's `retrying`
-        await publish_event(self.js, state.tenant,
-                            Retrying(task_id=state.id, attempt=state.attempt,
-                                     time=state.updated_at, reason=reason), n)
-        await publish_event(self.js, state.tenant,
-                            Scheduled(task_id=state.id, attempt=state.attempt,
-                                      time=state.updated_at, pool=state.spec.pool), n)
+        for event in transitions.redriven_events(state, _redrive_reason(req)):
+            await publish_event(self.js, state.tenant, event, n)
         # revision=0: the claim must read the state (attempt count, budget), not build
         # attempt 1 from the work item.
         work = WorkItem(task_id=state.id, tenant=state.tenant, spec=state.spec,
@@ -241,3 +214,8 @@ class Control:
 
 def _redriven_unclaimed(state: TaskState) -> bool:
     return state.status == "scheduled" and state.redriven > 0 and state.work_seq == 0
+
+
+def _redrive_reason(req: RedriveRequest) -> str:
+    who = req.requested_by or "an operator"
+    return f"redriven by {who}" + (f": {req.reason}" if req.reason else "")

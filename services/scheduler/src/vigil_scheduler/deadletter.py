@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from vigil import codec, subjects, topology
+from vigil import codec, subjects, topology, transitions
 from vigil.consume import PullConsumer, nak_on_error
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import (
@@ -45,15 +45,7 @@ from vigil.jetstream import (
     publish_event,
     retrying,
 )
-from vigil.messages import (
-    HISTORY_KEPT,
-    AttemptRecord,
-    Confession,
-    Finished,
-    TaskState,
-    WorkItem,
-    utcnow,
-)
+from vigil.messages import Confession, TaskState, WorkItem, utcnow
 from vigil_scheduler.dispatch import queue_msg_id
 
 log = structlog.get_logger("vigil.scheduler.deadletter")
@@ -110,69 +102,39 @@ class DeadLetters:
             if got is None or got[0].terminal:
                 return
             state, rev = got
-            now = utcnow()
             if state.status == "queued" and state.requeued and work.spec.node_labels:
                 # Requeued already, by this notice's earlier delivery that failed after
                 # the state's write: finish it (the entry's id makes a second one a no-op).
                 await self._queue_entry(state, work)
                 return
-            if unclaimed_for_labels(state, work) and state.requeued < MAX_REQUEUES:
-                if await self._requeue(state, rev, work, deliveries):
-                    return
+            tail = await self._tail(state) if state.status == "running" else None
+            step = transitions.exhausted(state, utcnow(), deliveries=deliveries,
+                                         labels=work.spec.node_labels,
+                                         requeue_limit=MAX_REQUEUES, tail=tail)
+            if await self._store.cas(step.state, rev) is None:
                 continue
-            error = (f"its work was delivered {deliveries} times without an outcome (the "
-                     "executors' max deliveries); it was not retried further")
-            if unclaimed_for_labels(state, work):
-                error = (f"no executor with its node_labels {dict(work.spec.node_labels)} "
-                         f"claimed it: its work went back to the queue {state.requeued} "
-                         f"times after {deliveries} hand-backs each, while such an executor "
-                         "advertised a free slot; check that executor's log")
-            history, tail = state.history, state.tail
-            if state.status == "running":
-                history = [*history, AttemptRecord(
-                    attempt=state.attempt, executor=state.executor,
-                    started_at=state.started_at, ended_at=now, outcome="lost",
-                    error="no outcome: its work reached the max deliveries")]
-                tail = await self._tail(state)
-            dead = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
-                                           updated_at=now, history=history[-HISTORY_KEPT:],
-                                           tail=tail)
-            if await self._store.cas(dead, rev) is None:
-                continue
-            where = f"; last checkpoint {state.checkpoint.name}" if state.checkpoint else ""
+            if step.state.status == "queued":
+                await self._queue_entry(step.state, work)
+                log.warning("task_requeued", requeued=step.state.requeued,
+                            deliveries=deliveries, waiting=step.state.waiting)
+                return
+            dead = step.state
+            where = f"; last checkpoint {dead.checkpoint.name}" if dead.checkpoint else ""
             await publish_confession(self._js, Confession(
                 id=f"scheduler-max-deliveries-{tenant}.{task_id}-{seq}",
-                summary=f"task {task_id} is dead: {error}{where}", severity="error",
+                summary=f"task {task_id} is dead: {dead.error}{where}", severity="error",
                 category="max_deliveries", task_id=task_id, tenant=tenant,
-                attempt=state.attempt, source="scheduler", node=self._node,
-                component="scheduler", time=now,
+                attempt=dead.attempt, source="scheduler", node=self._node,
+                component="scheduler", time=dead.updated_at,
                 data={"work_seq": seq, "deliveries": deliveries},
             ))
-            await publish_event(self._js, tenant, Finished(
-                task_id=task_id, attempt=state.attempt, time=now, status="dead", error=error,
-                executor=state.executor,
-            ))
+            for event in step.events:
+                await publish_event(self._js, tenant, event)
             log.warning("task_dead_max_deliveries", deliveries=deliveries)
             return
         # The state kept changing under us: the notice comes back (the work message stays
         # until the task is buried, or it would be a task nothing can find again).
         raise NatsUnavailable(f"task {task_id} changed 10 times while burying it; retrying")
-
-    async def _requeue(self, state: TaskState, rev: int, work: WorkItem,
-                       deliveries: int) -> bool:
-        """Back to the queue (False when the state moved meanwhile: look again)."""
-        n = state.requeued + 1
-        labels = ",".join(f"{k}={v}" for k, v in sorted(work.spec.node_labels.items()))
-        queued = msgspec.structs.replace(
-            state, status="queued", updated_at=utcnow(), requeued=n,
-            waiting=f"handed back {deliveries} times by executors without the labels "
-            f"{labels}; queued again until an executor with them has a free slot")
-        new_rev = await self._store.cas(queued, rev)
-        if new_rev is None:
-            return False
-        await self._queue_entry(queued, work)
-        log.warning("task_requeued", requeued=n, deliveries=deliveries, labels=labels)
-        return True
 
     async def _queue_entry(self, state: TaskState, work: WorkItem) -> None:
         """The requeued task's entry in the queue. It names no revision: dispatch reads
@@ -196,9 +158,3 @@ class DeadLetters:
         # Gone already is fine; no secure erase (see vigil.jetstream.delete_msg).
         await delete_msg(self._nc, subjects.STREAM_WORK, seq)
 
-
-def unclaimed_for_labels(state: TaskState, work: WorkItem) -> bool:
-    """Released to executors, never claimed by one, and needing labels: bounced by the
-    executors that lack them (see the module's doc)."""
-    return (state.status == "scheduled" and state.attempt == 0
-            and bool(work.spec.node_labels))

@@ -38,10 +38,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from vigil import codec, subjects
+from vigil import codec, subjects, transitions
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, delete_msg, publish, publish_event, retrying
-from vigil.messages import Confession, Scheduled, TaskState, WorkItem, utcnow
+from vigil.messages import Confession, TaskState, WorkItem, utcnow
 from vigil_scheduler.fairness import plan
 from vigil_scheduler.fleet import Fleet
 from vigil_scheduler.lease import Lease
@@ -343,12 +343,11 @@ class Dispatcher:
             # The entry names the revision of the untouched queued state it was queued
             # with: one compare-and-set, no read. Anything since (a cancel, a timeout, a
             # redelivered admission) moved the revision, and the read path below decides.
-            scheduled = msgspec.structs.replace(queued_state_of(work), status="scheduled",
-                                                updated_at=utcnow())
-            new_rev = await self.store.cas(scheduled, work.revision)
+            step = transitions.schedule(queued_state_of(work), utcnow())
+            new_rev = await self.store.cas(step.state, work.revision)
             if new_rev is not None:
                 self._scheduled()
-                await self._release(scheduled, work, new_rev)
+                await self._release(step.state, work, new_rev)
                 return True
         for _ in range(10):
             got = await self.store.get(work.tenant, work.task_id)
@@ -356,14 +355,12 @@ class Dispatcher:
                 return False
             state, rev = got
             if state.status == "queued":
-                now = utcnow()
-                scheduled = msgspec.structs.replace(state, status="scheduled", updated_at=now,
-                                                    waiting=None)
-                new_rev = await self.store.cas(scheduled, rev)
+                step = transitions.schedule(state, utcnow())
+                new_rev = await self.store.cas(step.state, rev)
                 if new_rev is None:
                     continue  # cancelled or timed out meanwhile: look again
                 self._scheduled()
-                await self._release(scheduled, work, new_rev)
+                await self._release(step.state, work, new_rev)
                 return True
             if scheduled_unreleased(state):
                 # A dispatcher died between the state write and the work item.
@@ -376,8 +373,7 @@ class Dispatcher:
         # The event goes out first on this connection, so the server stores it before the
         # work item: no `started` can precede `scheduled` in the timeline.
         event = asyncio.ensure_future(publish_event(
-            self.js, state.tenant,
-            Scheduled(task_id=state.id, time=state.updated_at, pool=work.spec.pool)))
+            self.js, state.tenant, transitions.scheduled_event(state)))
         await asyncio.sleep(0)
         await publish(self.js, subjects.work(work.spec.pool),
                       codec.encode(msgspec.structs.replace(work, revision=rev)),

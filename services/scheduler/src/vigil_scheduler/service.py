@@ -28,23 +28,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from structlog.contextvars import bound_contextvars
 
-from vigil import codec, subjects, topology
+from vigil import codec, subjects, topology, transitions
 from vigil.conn import connect
 from vigil.consume import PullConsumer
 from vigil.environments import EnvironmentStore
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, publish, publish_confession, publish_event
-from vigil.messages import (
-    Accepted,
-    Confession,
-    ConfessionEvent,
-    Event,
-    Finished,
-    Rejected,
-    TaskState,
-    WorkItem,
-    utcnow,
-)
+from vigil.messages import Confession, ConfessionEvent, Event, TaskState, WorkItem, utcnow
 from vigil.ops import OpsServer, ops_app
 from vigil_scheduler import environments
 from vigil_scheduler.admission import (
@@ -303,13 +293,11 @@ class Scheduler:
         got = await self._store.get_state(decision.state)
         if got is None or got[0].submit_seq != seq or got[0].terminal:
             return
-        now = utcnow()
-        failed = msgspec.structs.replace(got[0], status="failed", error=why, finished_at=now,
-                                         updated_at=now)
-        if await self._store.cas(failed, got[1]) is not None:
-            await self._event(failed.tenant, Finished(task_id=failed.id, time=now, status="failed",
-                                       error=why))
-            log.error("task_failed_by_scheduler", task_id=failed.id, error=why)
+        step = transitions.fail(got[0], utcnow(), why)
+        if await self._store.cas(step.state, got[1]) is not None:
+            for event in step.events:
+                await self._event(step.state.tenant, event)
+            log.error("task_failed_by_scheduler", task_id=step.state.id, error=why)
 
     async def _environments_of(self, subject: str, data: bytes) -> environments.Found:
         """The environment a submission names, read for admission (which is pure)."""
@@ -322,9 +310,7 @@ class Scheduler:
         over = await self._over_quota(state.tenant)
         if over is not None:
             # Refused at the moment of admission: one time for created and finished.
-            state = msgspec.structs.replace(state, status="failed", error=over[1],
-                                            finished_at=state.created_at,
-                                            rejected_by=over[0])
+            state = transitions.refuse(state, over[1], limit=over[0]).state
         rev = await self._store.create(state)
         if rev is None:
             existing = await self._store.get_state(state)
@@ -356,8 +342,7 @@ class Scheduler:
         # stores them first: no executor's `started` can precede them in the timeline. A
         # resumed submission sends them again; their ids make that a no-op if stored.
         pending: list[Awaitable[object]] = [asyncio.ensure_future(self._event(
-            state.tenant, Accepted(task_id=state.id, time=state.created_at,
-                                   tenant=state.tenant, submit_seq=state.submit_seq)))]
+            state.tenant, transitions.accepted_event(state)))]
         await asyncio.sleep(0)  # the accepted event is sent before anything below
         try:
             if state.status == "queued":
@@ -454,13 +439,8 @@ class Scheduler:
         assert state.error is not None
         self.metrics.tasks.labels("failed").inc()
         # Numbered by submission: a retried id may be refused again, and that is news.
-        n = f"s{state.submit_seq}"
-        await self._event(state.tenant, Rejected(task_id=state.id, time=state.updated_at,
-                                   reason=state.error, limit=state.rejected_by), n)
-        await self._event(state.tenant, Finished(
-            task_id=state.id, time=state.finished_at or state.updated_at,
-                                   status="failed", error=state.error, tenant=state.tenant,
-                                   submit_seq=state.submit_seq), n)
+        for event in transitions.refusal_events(state):
+            await self._event(state.tenant, event, f"s{state.submit_seq}")
         await self._confess(Confession(
             id=f"scheduler-quota-{state.key}-{state.submit_seq}",
             summary=f"submission rejected: tenant {state.tenant!r} is over its "
@@ -503,17 +483,15 @@ class Scheduler:
         elif timer.kind == "queue_timeout":
             if state.status not in ("queued", "scheduled") or state.attempt > 0:
                 return
-            now = utcnow()
             limit = state.spec.queue_timeout_s if state.spec else None
             error = (f"not started within its queue timeout of {limit:g}s"
                      + (f" ({state.waiting})" if state.waiting else ""))
-            final = msgspec.structs.replace(state, status="timed_out", error=error,
-                                            finished_at=now, updated_at=now)
-            if await self._store.cas(final, rev) is None:
+            step = transitions.time_out(state, utcnow(), error)
+            if await self._store.cas(step.state, rev) is None:
                 raise NatsUnavailable("task changed while timing it out; retrying")
             self.metrics.tasks.labels("timed_out").inc()
-            await self._event(state.tenant, Finished(task_id=state.id, time=now, status="timed_out",
-                                       error=error))
+            for event in step.events:
+                await self._event(state.tenant, event)
             await self._confess(Confession(
                 id=f"scheduler-queue-timeout-{state.key}", summary=f"task {state.id} timed out "
                 "in the queue", severity="warning", category="queue_timeout", detail=error,
@@ -552,10 +530,8 @@ class Scheduler:
                 recorded_as = state.id
                 self.metrics.tasks.labels("failed").inc()
                 # Numbered by submission: each refused try of an id is its own news.
-                await self._event(state.tenant, Finished(
-                    task_id=state.id, time=state.finished_at or now, status="failed",
-                    error=reject.error, tenant=state.tenant, submit_seq=state.submit_seq,
-                ), f"s{seq}")
+                for event in transitions.refusal_events(state):
+                    await self._event(state.tenant, event, f"s{seq}")
         where = f"; recorded as task {recorded_as}" if recorded_as else ""
         log.warning("submission_rejected", error=reject.error, field=reject.field,
                     task_id=recorded_as)
