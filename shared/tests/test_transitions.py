@@ -132,6 +132,10 @@ class Input:
 
 
 ATTEMPT_SCOPED = {"start", "hand_back", "retry", "finish"}
+# The EDGES each input may take (the table the module states, checked against its code).
+TAKES = {"claim": {"claim", "lose", "bury"}, "exhausted": {"requeue", "bury"},
+         "hand_back": {"hand back"}, "time_out": {"time out"}, "finish_cancel": {"finish cancel"},
+         "finish": {"finish"}}
 inputs = st.one_of(
     st.builds(Input, name=st.sampled_from(
         ["schedule", "requeue", "time_out", "cancel", "finish_cancel", "fail", "exhausted",
@@ -202,6 +206,10 @@ def test_random_sequences_keep_the_machines_invariants(seq: list[Input]) -> None
         if i.name == "claim":
             assert t.delivery_verdict(state, i.work_seq, i.delivery) == "claim"
         assert new.status in STATUSES
+        if new.status != state.status:
+            names = TAKES.get(i.name, {i.name})
+            assert any((name, state.status, new.status) in t.EDGES for name in names), (
+                f"{i.name} moved {state.status} -> {new.status}, not an edge of the table")
         assert new.status in t.NEXT[state.status] or new == state, (state.status, new.status)
         if state.terminal:
             assert i.name == "redrive", f"{i.name} changed a {state.status} task"

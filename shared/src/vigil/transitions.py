@@ -81,19 +81,38 @@ from vigil.messages import (
     WorkItem,
 )
 
-# Which statuses may follow which (a status may follow itself: a cancel mark, a new
-# attempt after a lost one, a requeue).
+# Every transition and the statuses it moves a task between: the machine itself.
+# ``NEXT`` (which statuses may follow which) is derived from it, and
+# ``scripts/gen_state_machine_doc.py`` draws it into ``docs/state-machine.md``.
+_ACTIVE = ("queued", "scheduled", "running")
+EDGES: tuple[tuple[str, str, str], ...] = (
+    ("admit", "new", "queued"),
+    ("refuse", "queued", "failed"),
+    ("schedule", "queued", "scheduled"),
+    ("requeue", "queued", "queued"),
+    ("requeue", "scheduled", "queued"),
+    ("claim", "scheduled", "running"),
+    ("lose", "running", "running"),
+    ("start", "running", "running"),
+    ("cancel", "running", "running"),
+    ("hand back", "running", "scheduled"),
+    ("retry", "running", "scheduled"),
+    *(("finish", "running", end) for end in ("succeeded", "failed", "timed_out",
+                                             "cancelled", "dead")),
+    ("time out", "queued", "timed_out"),
+    ("time out", "scheduled", "timed_out"),
+    ("cancel", "queued", "cancelled"),
+    ("cancel", "scheduled", "cancelled"),
+    ("finish cancel", "scheduled", "cancelled"),
+    ("finish cancel", "running", "cancelled"),
+    *(("fail", status, "failed") for status in _ACTIVE),
+    *(("bury", status, "dead") for status in _ACTIVE),
+    *(("redrive", end, "scheduled") for end in ("failed", "timed_out", "cancelled", "dead")),
+)
 NEXT: Mapping[str, frozenset[str]] = {
-    "queued": frozenset({"queued", "scheduled", "cancelled", "timed_out", "failed", "dead"}),
-    "scheduled": frozenset({"scheduled", "queued", "running", "cancelled", "timed_out",
-                            "failed", "dead"}),
-    "running": frozenset({"running", "scheduled", "succeeded", "failed", "timed_out",
-                          "cancelled", "dead"}),
-    "succeeded": frozenset(),
-    "failed": frozenset({"scheduled"}),
-    "timed_out": frozenset({"scheduled"}),
-    "cancelled": frozenset({"scheduled"}),
-    "dead": frozenset({"scheduled"}),
+    status: frozenset(to for _, frm, to in EDGES if frm == status)
+    for status in ("queued", "scheduled", "running", "succeeded", "failed", "timed_out",
+                   "cancelled", "dead")
 }
 REDRIVABLE: tuple[str, ...] = ("dead", "failed", "timed_out", "cancelled")
 # The status each folded event leaves a task in (the replay rebuild's rule; ``finished``
