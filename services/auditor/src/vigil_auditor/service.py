@@ -50,19 +50,16 @@ from datetime import datetime
 
 import msgspec
 import structlog
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from vigil import codec, ids, subjects, topology
-from vigil.conn import connect
 from vigil.consume import PullConsumer, keep_lease
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import publish, publish_confession, retrying
+from vigil.lifecycle import Late, Lifecycle
 from vigil.messages import Confession, ConfessionRecord, Incident, utcnow
-from vigil.ops import OpsServer, ops_app
 from vigil_auditor import triage
 from vigil_auditor.metrics import Metrics
 from vigil_auditor.notify import Notifier
@@ -93,75 +90,55 @@ def retry_delay(delivered: int) -> float:
 
 
 class Auditor:
+    # The buckets, once connected: confessions (the records), incidents, deliveries.
+    _kv = Late[KeyValue]()
+    _incidents = Late[KeyValue]()
+    _deliveries = Late[KeyValue]()
+
     def __init__(self, settings: AuditorSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
-        self._kv: KeyValue | None = None
-        self._incidents: KeyValue | None = None
-        self._deliveries: KeyValue | None = None
-        self._notifier: asyncio.Task[None] | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._life = Lifecycle("auditor", settings, self.metrics.registry)
+        self._stop = self._life.stopping
+        self.ready = self._life.ready
         self._consumer: PullConsumer | None = None
-        self._ops: OpsServer | None = None
-        self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self.ready = asyncio.Event()
 
     @property
     def http_port(self) -> int:
-        return self._ops.port if self._ops else 0
+        return self._life.http_port
 
     async def run(self) -> None:
-        s = self.settings
-        app = ops_app(self.metrics.registry, self._health)
-        self._ops = OpsServer(app, s.http_host, s.http_port)
-        await self._ops.start()
-        try:
-            self._nc = await connect(s.nats_url, "vigil-auditor", on_reconnect=self._on_reconnect,
-                                     inbox_prefix=subjects.inbox("auditor"))
-            self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas,
-                                            output_max_bytes=s.output_stream_bytes)
-            await topology.ensure_consumer(self._js, subjects.STREAM_ISSUES,
-                                           topology.auditor_consumer())
-            self._kv = await self._js.key_value(subjects.KV_CONFESSIONS)
-            self._incidents = await self._js.key_value(subjects.KV_INCIDENTS)
-            self._deliveries = await self._js.key_value(subjects.KV_DELIVERIES)
-            self._watch = asyncio.create_task(self._watch_incidents())
-            notifier = Notifier(self._nc, self._js, s.urls, s.webhook_secret,
+        s, life = self.settings, self._life
+        async with life:
+            nc, js = await life.connect()
+            await topology.ensure_consumer(js, subjects.STREAM_ISSUES, topology.auditor_consumer())
+            self._kv = await js.key_value(subjects.KV_CONFESSIONS)
+            self._incidents = await js.key_value(subjects.KV_INCIDENTS)
+            self._deliveries = await js.key_value(subjects.KV_DELIVERIES)
+            # Closed in this order: the consumer, the confessions in flight, the notifier
+            # (it may send what they raised), the gauges' watch.
+            consumer = self._consumer = PullConsumer(nc, subjects.STREAM_ISSUES,
+                                                     subjects.CONSUMER_AUDITOR, capacity=1)
+            life.on_close(consumer.stop)
+            life.on_close_wait(self._inflight, 10)
+            notifier = Notifier(nc, js, s.urls, s.webhook_secret,
                                 s.webhook_max_attempts, s.webhook_timeout_s, s.node)
-            self._notifier = asyncio.create_task(notifier.run(self._stop))
-            self._consumer = PullConsumer(self._nc, subjects.STREAM_ISSUES,
-                                          subjects.CONSUMER_AUDITOR, capacity=1)
-            await self._consumer.start()
-            log.info("auditor_started", http_port=self._ops.port)
-            self.ready.set()
-            await self._loop()
-        finally:
-            if self._consumer is not None:
-                await self._consumer.stop()
-            if self._inflight:
-                await asyncio.wait(self._inflight, timeout=10)
-            if self._notifier is not None:
-                await asyncio.wait({self._notifier}, timeout=10)
-            if self._watch is not None:
-                self._watch.cancel()
-                await asyncio.gather(self._watch, return_exceptions=True)
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.drain()
-            await self._ops.stop()
-            log.info("auditor_stopped")
+            life.on_close_wait({asyncio.create_task(notifier.run(self._stop))}, 10)
+            watch = asyncio.create_task(self._watch_incidents())
+            life.on_close(watch.cancel)
+            life.on_close(lambda: asyncio.gather(watch, return_exceptions=True))
+            await consumer.start()
+            life.on_reconnect(consumer.reset)
+            life.started(http_port=life.http_port)
+            await self._loop(consumer)
 
     async def shutdown(self) -> None:
-        self._stop.set()
+        await self._life.shutdown()
 
     async def _watch_incidents(self) -> None:
         """Keep the incident gauges equal to what ``vigil-incidents`` holds."""
         kv = self._incidents
-        assert kv is not None
         tally = self.metrics.incidents
         while not self._stop.is_set():
             watcher = None
@@ -185,17 +162,8 @@ class Auditor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 2.0)
 
-    async def _on_reconnect(self) -> None:
-        if self._consumer is not None:
-            self._consumer.reset()
-
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        connected = self._nc is not None and self._nc.is_connected
-        return connected and self.ready.is_set(), {"nats": connected}
-
-    async def _loop(self) -> None:
-        assert self._consumer is not None
-        async for msg in self._consumer.until(self._stop):
+    async def _loop(self, consumer: PullConsumer) -> None:
+        async for msg in consumer.until(self._stop):
             # One at a time, in order: see the module docstring.
             task = asyncio.create_task(self._handle(msg))
             self._inflight.add(task)
@@ -287,7 +255,6 @@ class Auditor:
         recorded by this same stream message before (a redelivery, a replay), None when
         another message recorded that id (a repeat, not to be triaged)."""
         kv = self._kv
-        assert kv is not None
         data = codec.encode(record)
         try:
             # First write wins: nobody can overwrite evidence by reusing a confession's id.
@@ -324,7 +291,6 @@ class Auditor:
         if key is None or not ids.is_valid_id(key):
             return
         kv = self._incidents
-        assert kv is not None
         for _ in range(10):
             try:
                 entry = await retrying("read incident", lambda: kv.get(key))
@@ -349,8 +315,7 @@ class Auditor:
 
     async def _announce(self, alert: triage.Alert) -> None:
         """Publish an alert unless it was published before (a replay), and note that it was."""
-        kv, js = self._deliveries, self._js
-        assert kv is not None and js is not None
+        kv, js = self._deliveries, self._life.conn.js
         key = published_key(alert.id)
         try:
             await retrying("read alert record", lambda: kv.get(key))
@@ -370,8 +335,7 @@ class Auditor:
 
     async def _give_up(self, record: ConfessionRecord, exc: Exception, attempts: int) -> None:
         """Triage of ``record`` keeps failing: keep the evidence, say so, move on."""
-        kv, js = self._kv, self._js
-        assert kv is not None and js is not None
+        kv, js = self._kv, self._life.conn.js
         note = f"{TRIAGE_FAILED_NOTE} {attempts} deliveries: {type(exc).__name__}: {exc}"[:1_000]
         self.metrics.triage_failed.inc()
         noted = msgspec.structs.replace(record, error="; ".join(

@@ -29,7 +29,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from vigil import codec, ids, subjects, topology
+from vigil import codec, ids, subjects
 from vigil.api import (
     LAST_EVENT_ID_MAX,
     LIST_LIMIT_DEFAULT,
@@ -44,12 +44,12 @@ from vigil.api import (
     task_links,
 )
 from vigil.auth import Principal, Role, TokenBook, digest
-from vigil.conn import connect
 from vigil.environments import EnvironmentStore
 from vigil.errors import InvalidTask, NatsUnavailable
 from vigil.jetstream import TaskStore, publish
+from vigil.lifecycle import Late, Lifecycle
 from vigil.messages import STATUSES, TERMINAL, CancelRequest, TaskSpec, TaskState, utcnow
-from vigil.ops import OpsServer, add_ops_routes
+from vigil.ops import HealthCheck, add_ops_routes
 from vigil.secrets import Keyring, SecretStore
 from vigil_gateway import environments, incidents, openapi, secrets
 from vigil_gateway.acceptance import Verdict
@@ -71,108 +71,69 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Gateway:
+    # Set at start, once connected; until then a request gets a 503 (NotStarted).
+    store = Late[TaskStore]()
+    envs = Late[EnvironmentStore]()
+    snapshots = Late[environments.Snapshots]()
+    _index = Late[IndexWatcher]()
+
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.tokens = _token_book(settings)
         self.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        self._index: IndexWatcher | None = None
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
-        self._store: TaskStore | None = None
-        self._ops: OpsServer | None = None
-        self._stop = asyncio.Event()
         self._incidents: incidents.Incidents | None = None
-        self._environments: EnvironmentStore | None = None
-        self._snapshots: environments.Snapshots | None = None
         self._secrets: SecretStore | None = None
         self.keyring = Keyring.load(settings.secrets_key_file, settings.secrets_key)
-        self.ready = asyncio.Event()
         self._openapi: bytes | None = None
-        self.app = self._make_app()
+        # The API is served on the ops port, and stops taking requests first on shutdown.
+        self._life = Lifecycle("gateway", settings, self.metrics.registry, api=self._make_app)
+        self._stop = self._life.stopping
+        self.ready = self._life.ready
+        self.app = self._life.app
 
     @property
     def http_port(self) -> int:
-        return self._ops.port if self._ops else 0
+        return self._life.http_port
 
     @property
     def js(self) -> JetStreamContext:
-        if self._js is None:
-            raise NatsUnavailable("not connected to NATS yet")
-        return self._js
+        return self._life.conn.js
 
     @property
     def nc(self) -> NATS:
-        if self._nc is None:
-            raise NatsUnavailable("not connected to NATS yet")
-        return self._nc
-
-    @property
-    def store(self) -> TaskStore:
-        if self._store is None:
-            raise NatsUnavailable("not connected to NATS yet")
-        return self._store
-
-    @property
-    def envs(self) -> EnvironmentStore:
-        if self._environments is None:
-            raise NatsUnavailable("not connected to NATS yet")
-        return self._environments
-
-    @property
-    def snapshots(self) -> environments.Snapshots:
-        if self._snapshots is None:
-            raise NatsUnavailable("not connected to NATS yet")
-        return self._snapshots
+        return self._life.conn.nc
 
     # lifecycle ------------------------------------------------------------------------------
     async def run(self) -> None:
-        s = self.settings
+        s, life = self.settings, self._life
         if self.tokens is not None and len(self.tokens) == 0:
             log.warning("no_tokens", file=s.tokens_file, note="every request will get 401")
         if s.auth == "none":
             log.warning("auth_disabled", tenant=s.default_tenant,
                         note="VIGIL_AUTH=none: anyone who reaches this port is an operator")
-        self._ops = OpsServer(self.app, s.http_host, s.http_port)
-        await self._ops.start()
-        try:
-            self._nc = await connect(s.nats_url, "vigil-gateway",
-                                     inbox_prefix=subjects.inbox("gateway"))
-            self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas,
-                                            output_max_bytes=s.output_stream_bytes)
-            self._store = await TaskStore.open(self._js)
-            self._environments = await EnvironmentStore.open(self._js)
-            self._snapshots = environments.Snapshots(self._js)
-            self._index = IndexWatcher(self._js)
-            await self._index.start()
-            log.info("gateway_started", url=f"http://{s.http_host}:{self._ops.port}",
-                     secrets_key=self.keyring.current_id if self.keyring else None)
-            self.ready.set()
+        async with life:
+            js = (await life.connect()).js
+            self.store = await TaskStore.open(js)
+            self.envs = await EnvironmentStore.open(js)
+            self.snapshots = environments.Snapshots(js)
+            self._index = index = IndexWatcher(js)
+            life.on_close(index.stop)
+            await index.start()
+            life.started(url=f"http://{s.http_host}:{life.http_port}",
+                         secrets_key=self.keyring.current_id if self.keyring else None)
             await self._stop.wait()
-        finally:
-            await self._ops.stop()
-            if self._index is not None:
-                await self._index.stop()
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.drain()
-            log.info("gateway_stopped")
 
     async def shutdown(self) -> None:
-        self._stop.set()
-
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        connected = self._nc is not None and self._nc.is_connected
-        return connected and self.ready.is_set(), {"nats": connected}
+        await self._life.shutdown()
 
     # app --------------------------------------------------------------------------------------
-    def _make_app(self) -> web.Application:
+    def _make_app(self, health: HealthCheck) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_body_bytes,
             middlewares=[self._errors_mw, self._auth_mw, _query_mw],
         )
-        add_ops_routes(app, self.metrics.registry, self._health)
+        add_ops_routes(app, self.metrics.registry, health)
         app.router.add_get("/openapi.json", self.openapi, name="openapi")
         app.router.add_post("/v1/tasks", self.submit, name="submit")
         app.router.add_get("/v1/tasks", self.list_tasks, name="list_tasks")
@@ -463,8 +424,6 @@ class Gateway:
         if isinstance(query, web.Response):
             return query
         watcher = self._index
-        if watcher is None:
-            raise NatsUnavailable("not connected to NATS yet")
         if not watcher.ready.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(watcher.ready.wait(), self.settings.submit_wait_s)
@@ -505,7 +464,6 @@ class Gateway:
         self.metrics.cancels.inc()
         log.info("task_cancel_requested", task_id=state.id, tenant=state.tenant,
                  by=who.name, status=state.status)
-        assert self._index is not None
         seen = await self._index.wait_for(
             state.tenant, state.id,
             lambda t: t.status in TERMINAL or t.cancel_requested_at is not None,

@@ -22,20 +22,18 @@ from collections.abc import Awaitable
 
 import msgspec
 import structlog
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from structlog.contextvars import bound_contextvars
 
 from vigil import codec, subjects, topology, transitions
-from vigil.conn import connect
 from vigil.consume import PullConsumer
 from vigil.environments import EnvironmentStore
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import TaskStore, publish, publish_confession, publish_event
+from vigil.lifecycle import Late, Lifecycle
 from vigil.messages import Confession, ConfessionEvent, Event, TaskState, WorkItem, utcnow
-from vigil.ops import OpsServer, ops_app
 from vigil_scheduler import environments
 from vigil_scheduler.admission import (
     Admit,
@@ -69,116 +67,82 @@ UNSERVABLE_WINDOW_S = 600.0
 
 
 class Scheduler:
+    # Set at start, once connected.
+    _store = Late[TaskStore]()
+    _environments = Late[EnvironmentStore]()
+    _fleet = Late[Fleet]()
+    _dispatcher = Late[Dispatcher]()
+
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.node = settings.node_id
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
-        self._store: TaskStore | None = None
-        self._environments: EnvironmentStore | None = None
+        self._life = Lifecycle("scheduler", settings, self.metrics.registry,
+                               detail=lambda: {"inflight": len(self._inflight)})
+        self._stop = self._life.stopping
+        self.ready = self._life.ready
         self._consumer: PullConsumer | None = None
-        self._control: Control | None = None
-        self._timers: Timers | None = None
-        self._fleet: Fleet | None = None
-        self._dispatcher: Dispatcher | None = None
         self._unservable_told: dict[str, tuple[float, int]] = {}
-        self._ops: OpsServer | None = None
-        self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self.ready = asyncio.Event()
+
+    @property
+    def _js(self) -> JetStreamContext:
+        return self._life.conn.js
 
     # lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
-        s = self.settings
-        app = ops_app(self.metrics.registry, self._health)
-        self._ops = OpsServer(app, s.http_host, s.http_port)
-        await self._ops.start()
-        self._nc = await connect(s.nats_url, "vigil-scheduler", on_reconnect=self._on_reconnect,
-                                     inbox_prefix=subjects.inbox("scheduler"))
-        self._js = self._nc.jetstream(timeout=5.0)
-        await topology.ensure_topology(self._js, s.replicas,
-                                       output_max_bytes=s.output_stream_bytes)
-        await topology.ensure_consumer(
-            self._js, subjects.STREAM_SUBMIT, topology.scheduler_consumer()
-        )
-        self._store = await TaskStore.open(self._js)
-        self._environments = await EnvironmentStore.open(self._js)
-        self._consumer = PullConsumer(
-            self._nc,
-            subjects.STREAM_SUBMIT,
-            subjects.CONSUMER_SCHEDULER,
-            capacity=s.batch,
-            max_batch=s.batch,
-        )
-        await self._consumer.start()
-        await topology.ensure_consumer(
-            self._js, subjects.STREAM_CONTROL, topology.control_consumer()
-        )
-        await topology.ensure_consumer(
-            self._js, subjects.STREAM_TIMERS, topology.timers_consumer()
-        )
-        self._control = Control(self._nc, self._js, self._store, self._confess,
-                                self._count_control)
-        self._fleet = Fleet(self._js, settle_s=s.unservable_after_s)
-        await self._fleet.start()
-        self._dispatcher = Dispatcher(
-            self._nc, self._js, self._store, self._fleet, Lease(self._js, "dispatcher", self.node),
-            max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
-            count=self.metrics.dispatched.inc, scheduled=self._count_scheduled,
-            interval_s=s.dispatch_interval_s)
-        await self._dispatcher.refresh()
-        # Finished tasks free slots: wake the dispatcher instead of waiting for its poll.
-        dispatcher = self._dispatcher
+        s, life = self.settings, self._life
+        async with life:
+            nc, js = await life.connect()
+            await topology.ensure_consumer(js, subjects.STREAM_SUBMIT,
+                                           topology.scheduler_consumer())
+            self._store = await TaskStore.open(js)
+            self._environments = await EnvironmentStore.open(js)
+            consumer = self._consumer = PullConsumer(
+                nc, subjects.STREAM_SUBMIT, subjects.CONSUMER_SCHEDULER,
+                capacity=s.batch, max_batch=s.batch)
+            life.on_close(consumer.stop)
+            # Let admissions in progress finish: each is a few JetStream round trips.
+            life.on_close_wait(self._inflight, 10)
+            await consumer.start()
+            life.on_reconnect(consumer.reset)
+            await topology.ensure_consumer(js, subjects.STREAM_CONTROL,
+                                           topology.control_consumer())
+            await topology.ensure_consumer(js, subjects.STREAM_TIMERS, topology.timers_consumer())
+            control = Control(nc, js, self._store, self._confess, self._count_control)
+            life.on_reconnect(control.reset)
+            self._fleet = Fleet(js, settle_s=s.unservable_after_s)
+            await self._fleet.start()
+            self._dispatcher = dispatcher = Dispatcher(
+                nc, js, self._store, self._fleet, Lease(js, "dispatcher", self.node),
+                max_running=lambda t: s.limits_for(t).max_running, confess=self._confess,
+                count=self.metrics.dispatched.inc, scheduled=self._count_scheduled,
+                interval_s=s.dispatch_interval_s)
+            await dispatcher.refresh()
 
-        async def slot_freed(msg: Msg) -> None:
-            tenant = None
-            if msg.subject.endswith(".finished"):
-                with contextlib.suppress(Exception):
-                    tenant = codec.any_decoder.decode(msg.data).get("tenant")
-            dispatcher.on_slot_freed(tenant if isinstance(tenant, str) else None)
+            # Finished tasks free slots: wake the dispatcher instead of waiting for its poll.
+            async def slot_freed(msg: Msg) -> None:
+                tenant = None
+                if msg.subject.endswith(".finished"):
+                    with contextlib.suppress(Exception):
+                        tenant = codec.any_decoder.decode(msg.data).get("tenant")
+                dispatcher.on_slot_freed(tenant if isinstance(tenant, str) else None)
 
-        await self._nc.subscribe(subjects.events_of_kind("finished"), cb=slot_freed)
-        await self._nc.subscribe(subjects.events_of_kind("retrying"), cb=slot_freed)
-        self._timers = Timers(self._nc, self._on_timer)
-        dead_letters = asyncio.create_task(
-            DeadLetters(self._nc, self._js, self._store, self.node).run(self._stop))
-        control = asyncio.create_task(self._control.run(self._stop))
-        timers = asyncio.create_task(self._timers.run(self._stop))
-        dispatching = asyncio.create_task(self._dispatcher.run(self._stop))
-        log.info("scheduler_started", http_port=self._ops.port, batch=s.batch)
-        self.ready.set()
-        try:
-            await self._loop()
-            await asyncio.wait({dead_letters, control, timers, dispatching}, timeout=10)
-            if self._fleet is not None:
-                await self._fleet.stop()
-        finally:
-            await self._close()
+            await nc.subscribe(subjects.events_of_kind("finished"), cb=slot_freed)
+            await nc.subscribe(subjects.events_of_kind("retrying"), cb=slot_freed)
+            timers = Timers(nc, self._on_timer)
+            life.on_reconnect(timers.reset)
+            stop = self._stop
+            background = {asyncio.create_task(loop) for loop in (
+                DeadLetters(nc, js, self._store, self.node).run(stop), control.run(stop),
+                timers.run(stop), dispatcher.run(stop))}
+            life.started(http_port=life.http_port, batch=s.batch)
+            await self._loop(consumer)
+            await asyncio.wait(background, timeout=10)
+            await self._fleet.stop()
 
     async def shutdown(self) -> None:
-        self._stop.set()
-
-    async def _close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._inflight:
-            # Let admissions in progress finish: each is a few JetStream round trips.
-            await asyncio.wait(self._inflight, timeout=10)
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        if self._ops is not None:
-            await self._ops.stop()
-        log.info("scheduler_stopped")
-
-    async def _on_reconnect(self) -> None:
-        if self._consumer is not None:
-            self._consumer.reset()
-        if self._control is not None:
-            self._control.reset()
-        if self._timers is not None:
-            self._timers.reset()
+        await self._life.shutdown()
 
     def _count_control(self, what: str) -> None:
         verb, _, outcome = what.partition(":")
@@ -189,19 +153,13 @@ class Scheduler:
     def _count_scheduled(self) -> None:
         self.metrics.tasks.labels("scheduled").inc()
 
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        connected = self._nc is not None and self._nc.is_connected
-        detail: dict[str, object] = {"nats": connected, "inflight": len(self._inflight)}
-        return connected and self.ready.is_set(), detail
-
     @property
     def http_port(self) -> int:
-        return self._ops.port if self._ops else 0
+        return self._life.http_port
 
     # loop ----------------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        assert self._consumer is not None
-        async for msg in self._consumer.until(self._stop):
+    async def _loop(self, consumer: PullConsumer) -> None:
+        async for msg in consumer.until(self._stop):
             self._spawn(msg)
 
     def _spawn(self, msg: Msg) -> None:
@@ -282,7 +240,6 @@ class Scheduler:
     async def _fail_created(self, seq: int, why: str) -> None:
         """A submission given up on: if it got as far as creating its task, the task must
         not sit ``queued`` forever. Find it by the id rule and fail it, with the reason."""
-        assert self._js is not None and self._store is not None
         stored = await self._js.get_msg(subjects.STREAM_SUBMIT, seq)
         msg_id = (stored.headers or {}).get(subjects.MSG_ID)
         found = await self._environments_of(stored.subject or "", stored.data or b"")
@@ -301,11 +258,9 @@ class Scheduler:
 
     async def _environments_of(self, subject: str, data: bytes) -> environments.Found:
         """The environment a submission names, read for admission (which is pure)."""
-        assert self._environments is not None
         return await environments.lookup(self._environments, tenant_of(subject), data)
 
     async def _schedule(self, admit_: Admit) -> str:
-        assert self._store is not None and self._js is not None
         state, work = admit_.state, admit_.work
         over = await self._over_quota(state.tenant)
         if over is not None:
@@ -349,7 +304,6 @@ class Scheduler:
                 self.metrics.tasks.labels("queued").inc()
                 return await self._enqueue(state, rev, work, admitting=True)
             if state.status == "scheduled" and state.attempt == 0:
-                assert self._dispatcher is not None
                 await self._dispatcher.schedule(work)
             return "scheduled"
         finally:
@@ -358,8 +312,6 @@ class Scheduler:
     async def _enqueue(self, state: TaskState, rev: int, work: WorkItem, *,
                        admitting: bool, due: bool = False) -> str:
         """A ``queued`` task: wait for its time, or take a free slot, or join the queue."""
-        assert self._js is not None and self._dispatcher is not None
-        assert self._fleet is not None and self._store is not None
         spec = work.spec
         now = utcnow()
         if admitting and spec.queue_timeout_s:
@@ -395,7 +347,6 @@ class Scheduler:
         return "queued"
 
     async def _unservable(self, state: TaskState, rev: int, work: WorkItem, why: str) -> None:
-        assert self._store is not None and self._fleet is not None
         spec = work.spec
         if state.waiting != why:
             await self._store.cas(msgspec.structs.replace(state, waiting=why), rev)
@@ -421,7 +372,6 @@ class Scheduler:
         ))
 
     async def _over_quota(self, tenant: str) -> tuple[str, str] | None:
-        assert self._dispatcher is not None
         limits = self.settings.limits_for(tenant)
         backlog = self._dispatcher.backlog
         if time.monotonic() - backlog.read_at > 0.5:
@@ -451,7 +401,6 @@ class Scheduler:
         log.warning("submission_over_quota", limit=state.rejected_by)
 
     async def _on_timer(self, timer: Timer) -> None:
-        assert self._store is not None
         if not timer.tenant:
             log.warning("timer_without_tenant", note="set before ids were per tenant; dropped")
             return
@@ -468,7 +417,6 @@ class Scheduler:
                             submitted_at=state.created_at, submit_seq=state.submit_seq)
             if scheduled_unreleased(state):
                 # Fired before, and died between scheduling and the work item.
-                assert self._dispatcher is not None
                 await self._dispatcher.schedule(work)
                 return
             if state.status != "queued":
@@ -507,7 +455,6 @@ class Scheduler:
 
     async def _reject(self, reject: Reject, seq: int, msg_id: str | None) -> None:
         """Record an invalid submission where its submitter will look for it."""
-        assert self._store is not None
         now = utcnow()
         recorded_as: str | None = None
         state = failed_state(reject, seq, now)
@@ -551,11 +498,9 @@ class Scheduler:
         )
 
     async def _event(self, tenant: str, event: Event, n: int | str | None = None) -> None:
-        assert self._js is not None
         await publish_event(self._js, tenant, event, n)
 
     async def _confess(self, confession: Confession) -> None:
-        assert self._js is not None
         full = msgspec.structs.replace(
             confession, source="scheduler", node=self.node, component="scheduler",
             time=confession.time or utcnow(),
