@@ -44,6 +44,48 @@ def test_imports_stay_inside_their_layer(package: str) -> None:
     assert not offenders, offenders
 
 
+MAX_EXECUTOR_MODULE_LINES = 450
+
+
+def test_executor_modules_stay_small() -> None:
+    """One module per concept: the attempt was once a single module of 1,490 lines that
+    claimed, ran, restored, checkpointed and recorded (issue #13). Counted as ``wc -l``."""
+    long = {path.name: lines for path in sorted(PACKAGES["vigil_executor"].rglob("*.py"))
+            if (lines := path.read_text(encoding="utf-8").count("\n"))
+            > MAX_EXECUTOR_MODULE_LINES}
+    assert not long, f"split these by concept (at most {MAX_EXECUTOR_MODULE_LINES} lines): {long}"
+
+
+def imports_module(path: Path, package: str, module: str) -> bool:
+    """Whether ``path`` (a module of ``package``) imports ``package.module`` anywhere:
+    at the top, in a function, or under ``if TYPE_CHECKING``; absolute or relative."""
+    target = f"{package}.{module}"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            if any(a.name == target or a.name.startswith(f"{target}.") for a in node.names):
+                return True
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .service import X, from . import service
+                base = package if not base else f"{package}.{base}"
+            if base == target or base.startswith(f"{target}."):
+                return True
+            if base == package and any(a.name == module for a in node.names):
+                return True
+    return False
+
+
+def test_only_the_entry_points_know_the_executor() -> None:
+    """Attempts see the executor through an AttemptContext, not the whole Executor: no
+    module of vigil_executor but service and __main__ imports vigil_executor.service,
+    not even for type checking (that was an import cycle)."""
+    offenders = [str(path.relative_to(ROOT))
+                 for path in sorted(PACKAGES["vigil_executor"].rglob("*.py"))
+                 if path.name not in ("service.py", "__main__.py")
+                 and imports_module(path, "vigil_executor", "service")]
+    assert not offenders, offenders
+
+
 def test_services_spell_no_subjects() -> None:
     """Subjects are declared once in vigil.subjects, never written out in a service."""
     offenders = []

@@ -19,7 +19,8 @@ import pytest
 from support import USED_NODES, Platform, eventually, session_node_id
 from vigil import subjects
 from vigil.embedded import PodmanService
-from vigil_executor.podman import PodmanContainer, PodmanRuntime
+from vigil_executor.podman import PodmanRuntime
+from vigil_executor.podman_container import PodmanContainer
 from vigil_executor.runtime import LABEL_EXECUTOR, ContainerSpec
 from vigil_executor.sandbox import WORKSPACE
 

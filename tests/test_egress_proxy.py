@@ -22,6 +22,7 @@ from support import eventually
 from vigil.egress import parse_rules
 from vigil.messages import Egress, EgressEvent, Event, TaskSpec, WorkItem
 from vigil_executor import egress as egress_mod
+from vigil_executor import egress_connection
 from vigil_executor.egress import EgressMount, EgressNode, EgressProxy
 from vigil_executor.metrics import Metrics
 from vigil_executor.settings import ExecutorSettings
@@ -214,7 +215,7 @@ async def test_failures_are_events_without_confessions(proxy_for: Any) -> None:
 async def test_a_flood_is_capped_in_events_and_in_connections(
     proxy_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(egress_mod, "HEAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(egress_connection, "HEAD_TIMEOUT_S", 1.0)
     proxy, rec, sock = await proxy_for(["api.example.com"], egress_max_events=3,
                                        egress_max_connections=2)
     for _ in range(5):

@@ -150,7 +150,7 @@ async def host_view(ex: Executor, container: str) -> tuple[int, int | None, int 
     """The host uid and nice value of the container's first process, and the nice value
     of its parent (conmon, which Podman spawned), as the host's /proc (and ``ps -o
     uid,ni``) sees them."""
-    info = await ex.runtime.call("GET", f"/containers/{container}/json")  # type: ignore[attr-defined]
+    info = await ex.runtime.api.call("GET", f"/containers/{container}/json")  # type: ignore[attr-defined]
     pid = info["State"]["Pid"]
     status = await asyncio.to_thread(Path(f"/proc/{pid}/status").read_text)
     uid_line = next(x for x in status.splitlines() if x.startswith("Uid:"))

@@ -12,7 +12,8 @@ import pytest
 
 from support import Platform, session_node_id
 from vigil.embedded import PodmanService
-from vigil_executor.podman import PodmanContainer, PodmanRuntime
+from vigil_executor.podman import PodmanRuntime
+from vigil_executor.podman_container import PodmanContainer
 from vigil_executor.podman_errors import error_of
 from vigil_executor.runtime import ContainerSpec
 

@@ -1,7 +1,8 @@
 """Unit tests: what an agent's exit becomes (verdict, error, platform confession).
 
-``Attempt._judge`` is pure logic around one call out, the confession: the executor here
-is a stand-in that records what would be published (no NATS, no container)."""
+``agentrun.judge`` is pure logic around one call out, the confession: the attempt's
+context here is a stand-in that records what would be published (no NATS, no
+container)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 
 from vigil.messages import Confession, TaskSpec, TaskState, WorkItem
 from vigil_executor.agentio import AgentOutput
-from vigil_executor.attempt import Attempt
+from vigil_executor.agentrun import judge
 from vigil_executor.claim import HandBack
+from vigil_executor.hold import Hold
 from vigil_executor.runtime import ContainerError, ExitInfo
 from vigil_executor.settings import ExecutorSettings
 
@@ -39,8 +41,8 @@ class Recorder:
         self.events.append(event)
 
 
-def attempt_of(rec: Recorder) -> Attempt:
-    a = Attempt(rec, msg=None)  # type: ignore[arg-type]
+def attempt_of(rec: Recorder) -> Hold:
+    a = Hold(rec, msg=None)  # type: ignore[arg-type]
     a.work = WorkItem(task_id="t-oom", tenant="acme",
                       spec=TaskSpec(command=["python3", "eat.py"], image="img:7"),
                       submitted_at=NOW)
@@ -65,8 +67,8 @@ async def test_an_oom_killed_agent_fails_retryably_and_the_platform_confesses() 
     rec = Recorder()
     attempt = attempt_of(rec)
     out = await output_with([b"allocating"])
-    outcome = await attempt._judge(ExitInfo(exit_code=137, oom_killed=True), out,
-                                   timed_out=False, timeout_s=60)
+    outcome = await judge(attempt, None, ExitInfo(exit_code=137, oom_killed=True), out,
+                          timed_out=False, timeout_s=60)
     assert outcome.status == "failed" and outcome.exit_code == 137
     assert outcome.error == "killed by the kernel: out of memory (limit 512 MiB)"
     assert outcome.retryable_cause == "agent ran out of memory (exit code 137)"
@@ -82,8 +84,8 @@ async def test_an_oom_killed_agent_fails_retryably_and_the_platform_confesses() 
 
 async def test_exit_137_without_the_oom_flag_is_an_ordinary_failure() -> None:
     rec = Recorder()
-    outcome = await attempt_of(rec)._judge(ExitInfo(exit_code=137), await output_with([b"x"]),
-                                           timed_out=False, timeout_s=60)
+    outcome = await judge(attempt_of(rec), None, ExitInfo(exit_code=137),
+                          await output_with([b"x"]), timed_out=False, timeout_s=60)
     assert outcome.status == "failed" and "out of memory" not in (outcome.error or "")
     assert rec.confessions == []
 
@@ -91,11 +93,11 @@ async def test_exit_137_without_the_oom_flag_is_an_ordinary_failure() -> None:
 async def test_time_limit_and_silent_exit_confess_with_the_image() -> None:
     rec = Recorder()
     attempt = attempt_of(rec)
-    timed = await attempt._judge(ExitInfo(exit_code=143), await output_with([]),
-                                 timed_out=True, timeout_s=1.5)
+    timed = await judge(attempt, None, ExitInfo(exit_code=143), await output_with([]),
+                        timed_out=True, timeout_s=1.5)
     assert timed.status == "timed_out"
-    silent = await attempt._judge(ExitInfo(exit_code=3), await output_with([]),
-                                  timed_out=False, timeout_s=60)
+    silent = await judge(attempt, None, ExitInfo(exit_code=3), await output_with([]),
+                         timed_out=False, timeout_s=60)
     assert silent.error == "agent exited with code 3 (no output)"
     assert [(c.category, c.data) for c in rec.confessions] == [
         ("time_limit", {"image": "img:7"}), ("silent_failure", {"image": "img:7"})]
@@ -108,9 +110,9 @@ async def test_an_init_that_could_not_exec_the_command_fails_the_task_at_once() 
     why = ContainerError("the container's init could not start the agent: failed to exec "
                          "pid1: No such file or directory", cause="command_not_runnable",
                          retryable=False)
-    outcome = await attempt_of(rec)._judge(
-        ExitInfo(exit_code=1, start_error=why), await output_with([b"ERROR (catatonit:6)"]),
-        timed_out=False, timeout_s=60)
+    outcome = await judge(
+        attempt_of(rec), None, ExitInfo(exit_code=1, start_error=why),
+        await output_with([b"ERROR (catatonit:6)"]), timed_out=False, timeout_s=60)
     assert outcome.status == "failed" and outcome.exit_code == 1
     assert outcome.retryable_cause is None
     assert outcome.error == f"could not start the container on node-7: {why}"
@@ -128,8 +130,8 @@ async def test_an_init_that_could_not_fork_the_agent_hands_the_task_back() -> No
                          "pid1: Resource temporarily unavailable", cause="eagain",
                          retryable=True)
     with pytest.raises(HandBack) as raised:
-        await attempt._judge(ExitInfo(exit_code=1, start_error=why), await output_with([]),
-                             timed_out=False, timeout_s=60)
+        await judge(attempt, None, ExitInfo(exit_code=1, start_error=why),
+                    await output_with([]), timed_out=False, timeout_s=60)
     assert raised.value.delay_s == 10.0 and raised.value.kind == "container start infra"
     assert raised.value.reason.startswith(
         "the container could not start on node node-7 for a host reason (eagain): ")

@@ -1,17 +1,40 @@
-"""The rules of claiming a task, as pure functions: who may run it, and what counts.
+"""Claiming a task: the rules as pure functions (who may run it, what counts), then the
+claim itself, built on them.
 
-Kept apart from the attempt's I/O so that each rule is unit-tested on its own (see
-docs/decisions/0007 for why deliveries are judged at all).
+**Claim**: compare-and-set the task to ``running`` as attempt n+1. A task whose previous
+attempt is still ``running`` lost its executor (the server redelivered it after the ack
+wait): that attempt is recorded as ``lost``. Lost attempts do not spend ``max_attempts``
+(the node failed, not the agent); after ``max_lost_attempts`` of them (an executor
+setting) the task is ``dead``: a crash loop, or a task that kills nodes.
+
+The rules are kept apart from the claim's I/O so that each is unit-tested on its own (see
+docs/decisions/0007 for why deliveries are judged at all). The claim reads and writes the
+task's state and settles the messages it has no use for; what else a delivery comes to
+(a task finished already, cancelled, dead of a crash loop, a poison message) it returns
+as a decision for :mod:`vigil_executor.attempt` to carry out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+
 from vigil.errors import VigilError
-from vigil.messages import LimitName, TaskState, WorkItem
+from vigil.jetstream import TaskStore
+from vigil.messages import HISTORY_KEPT, AttemptRecord, LimitName, TaskState, WorkItem, utcnow
 from vigil_executor.checkpoint_rules import set_aside
+from vigil_executor.retry import DEFAULT_POLICY, IMAGE_MISSING_MAX_DELAY_S
+from vigil_executor.settings import ExecutorSettings
+
+log = structlog.get_logger("vigil.executor")
+
+# A redelivery this close to its retry_at runs now: server timers and clocks are not exact.
+EARLY_TOLERANCE_S = 0.25
 
 
 class HandBack(VigilError):
@@ -123,7 +146,7 @@ def lost_attempts(state: TaskState) -> int:
 
 class LeaseClock:
     """When to renew a task's lease and when to give it up: arithmetic on a monotonic
-    clock, kept apart from the heartbeat's I/O (``Attempt._heartbeat``; ADR 7).
+    clock, kept apart from the heartbeat's I/O (:class:`vigil_executor.lease.Lease`; ADR 7).
 
     - Renewals are due every ``heartbeat_s`` on a fixed cadence: a slow or failed renewal
       does not push the next one back. A tick more than a whole heartbeat late means the
@@ -177,3 +200,154 @@ class LeaseClock:
 
     def renewed(self, sent_at: float) -> None:
         self.renewed_at = max(self.renewed_at, sent_at)
+
+
+def retry_not_due(state: TaskState, now: datetime) -> float:
+    """Seconds until a ``scheduled`` task's ``retry_at`` (0 when due or unset). Capped by
+    the longest delay the policy can ask for, so a node whose clock runs behind the one
+    that set it cannot hold the task back for long."""
+    if state.status != "scheduled" or state.retry_at is None:
+        return 0.0
+    left = (state.retry_at - now).total_seconds()
+    if left <= EARLY_TOLERANCE_S:
+        return 0.0
+    policy = (state.spec.retry if state.spec else None) or DEFAULT_POLICY
+    return min(left, max(policy.backoff_max_s, IMAGE_MISSING_MAX_DELAY_S))
+
+
+def same_attempt(current: TaskState, mine: TaskState) -> bool:
+    """Whether ``current`` is still the attempt ``mine`` describes (see Hold.cas)."""
+    return (current.status == "running" and current.attempt == mine.attempt
+            and current.executor == mine.executor and current.work_seq == mine.work_seq
+            and current.delivery == mine.delivery)
+
+
+# The claim -------------------------------------------------------------------------------
+
+Confess = Callable[..., Awaitable[None]]
+"""``Hold.confess``: (severity, category, summary, *, hint, task_id, tenant, attempt,
+confession_id)."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The task is this attempt's: ``state`` (running) was written at ``revision``."""
+
+    state: TaskState
+    revision: int
+
+
+@dataclass(frozen=True)
+class Poison:
+    """The work message can never run (its task is unknown): terminate it, confess."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """The task ended already: say so again (its ``finished`` event), ack the message."""
+
+    state: TaskState
+
+
+@dataclass(frozen=True)
+class CancelUnrun:
+    """Cancelled while its executor was gone: finish the cancel, run nothing."""
+
+    state: TaskState
+    revision: int
+
+
+@dataclass(frozen=True)
+class CrashLoop:
+    """Its attempts kept losing their executors: the task is dead (``state`` holds the
+    newest lost attempt on its history)."""
+
+    state: TaskState
+    revision: int
+    limit: int
+
+
+Claim = Claimed | Poison | Terminal | CancelUnrun | CrashLoop | None
+"""What a delivery came to; None when there is nothing more to do (the message was
+acked or naked, or is not this delivery's to touch)."""
+
+
+async def claim(store: TaskStore, conf: ExecutorSettings, msg: Msg, work: WorkItem,
+                confess: Confess) -> Claim:
+    """Move the task to ``running`` as attempt n+1, or say what else to do."""
+    fresh = await claim_fresh(store, conf.node_id, msg, work)
+    if fresh is not None:
+        return fresh
+    for _ in range(10):
+        got = await store.get(work.tenant, work.task_id)
+        if got is None:
+            return Poison(f"work item for unknown task {work.task_id}")
+        state, rev = got
+        meta = msg.metadata
+        if state.terminal:
+            log.info("duplicate_delivery", status=state.status)
+            return Terminal(state)
+        verdict = judge_delivery(state, meta.sequence.stream, meta.num_delivered)
+        if verdict == "duplicate":
+            log.info("duplicate_work_item", held_by=state.work_seq)
+            await msg.ack()
+            return None
+        if verdict == "stale":
+            log.warning("stale_delivery", delivery=meta.num_delivered, held=state.delivery,
+                        holder=state.executor)
+            return None
+        now = utcnow()
+        history = list(state.history)
+        if state.cancel_requested_at is not None:
+            return CancelUnrun(state, rev)
+        if early := retry_not_due(state, now):
+            # Redelivered before its backoff was over (the executor that set it died
+            # before its nak arrived, and the ack wait was shorter): wait out the rest.
+            log.info("retry_not_due", retry_at=str(state.retry_at), wait_s=round(early, 3))
+            await msg.nak(delay=early)
+            return None
+        if state.status == "running":
+            # The previous attempt's executor stopped renewing its lease: it is gone.
+            history.append(AttemptRecord(
+                attempt=state.attempt, executor=state.executor,
+                started_at=state.started_at, ended_at=now, outcome="lost",
+                error="its executor stopped renewing the lease",
+            ))
+            lost = msgspec.structs.replace(state, history=history)
+            limit = conf.max_lost_attempts
+            if lost_attempts(lost) >= limit:
+                return CrashLoop(lost, rev, limit)
+            await confess(
+                "warning", "lost_heartbeat",
+                f"attempt {state.attempt} of task {state.id} lost its executor "
+                f"{state.executor}; running attempt {state.attempt + 1} here",
+                task_id=state.id, tenant=state.tenant, attempt=state.attempt,
+                confession_id=f"{state.key}-a{state.attempt}-lost",
+            )
+        running = msgspec.structs.replace(
+            state, status="running", attempt=state.attempt + 1,
+            executor=conf.node_id, started_at=now, updated_at=now,
+            exit_code=None, error=None, finished_at=None, history=history[-HISTORY_KEPT:],
+            limit=None, peak=None,
+            work_seq=meta.sequence.stream, delivery=meta.num_delivered, retry_at=None,
+        )
+        new_rev = await store.cas(running, rev)
+        if new_rev is not None:
+            return Claimed(running, new_rev)
+    raise HandBack("could not claim the task: its state kept changing", delay_s=1.0)
+
+
+async def claim_fresh(store: TaskStore, node: str, msg: Msg, work: WorkItem
+                      ) -> Claimed | None:
+    """The common case in one round trip: a first delivery of a task nobody touched
+    since it was scheduled. CAS on the revision the work item carries; on any
+    mismatch the caller reads the state and decides."""
+    if work.revision <= 0 or msg.metadata.num_delivered != 1:
+        return None
+    running = first_running_state(work, node, utcnow(), msg.metadata.sequence.stream)
+    rev = await store.cas(running, work.revision)
+    if rev is None:
+        return None
+    return Claimed(running, rev)

@@ -45,7 +45,7 @@ from vigil.errors import NatsUnavailable, SettingsError, VigilError
 from vigil.messages import Event, TaskState, WorkItem
 from vigil.secrets import SETTINGS_HINT, KeyMissing, Keyring, SecretError, SecretStore
 from vigil_executor.claim import HandBack
-from vigil_executor.podman import socket_path
+from vigil_executor.podman_api import socket_path
 from vigil_executor.retry import image_missing_delay
 from vigil_executor.runtime import TruncatedLine
 from vigil_executor.settings import ExecutorSettings

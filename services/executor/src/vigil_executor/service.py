@@ -23,16 +23,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from vigil import subjects, topology
-from vigil.conn import connect
 from vigil.consume import PullConsumer
 from vigil.environments import EnvironmentStore
 from vigil.errors import RuntimeUnavailable, SettingsError
 from vigil.jetstream import TaskStore, publish_confession
+from vigil.lifecycle import Late, Lifecycle
 from vigil.messages import Confession, utcnow
-from vigil.ops import OpsServer, ops_app
 from vigil.secrets import Keyring, SecretStore
 from vigil_executor.attempt import Attempt
 from vigil_executor.checkpoint import CheckpointStore
+from vigil_executor.context import AttemptContext
 from vigil_executor.egress import EgressNode
 from vigil_executor.images import ImageLoader
 from vigil_executor.isolation import Isolation
@@ -71,6 +71,8 @@ def make_runtime(conf: ExecutorSettings) -> Runtime:
 
 
 class Executor:
+    store = Late[TaskStore]()
+
     def __init__(self, settings: ExecutorSettings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -78,12 +80,10 @@ class Executor:
         self.runtime: Runtime = runtime or make_runtime(settings)
         self.isolation: Isolation | None = None  # Podman's only: set at start
         self.egress = EgressNode(settings, self.metrics)
-        self._nc: NATS | None = None
-        self._js: JetStreamContext | None = None
-        self._store: TaskStore | None = None
+        self._life = Lifecycle("executor", settings, self.metrics.registry, detail=self._detail)
+        self._stop = self._life.stopping
+        self.ready = self._life.ready
         self._consumer: PullConsumer | None = None
-        self._ops: OpsServer | None = None
-        self._stop = asyncio.Event()
         self._attempts: dict[asyncio.Task[None], Attempt] = {}
         self._advertiser: Advertiser | None = None
         self._naks: set[asyncio.Task[None]] = set()
@@ -94,73 +94,61 @@ class Executor:
         self.images: ImageLoader
         self.secrets = Secrets(settings, Keyring.load(settings.secrets_key_file,
                                                       settings.secrets_key))
-        self.ready = asyncio.Event()
 
     @property
     def js(self) -> JetStreamContext:
-        assert self._js is not None
-        return self._js
+        return self._life.conn.js
 
     @property
     def nc(self) -> NATS:
-        assert self._nc is not None
-        return self._nc
-
-    @property
-    def store(self) -> TaskStore:
-        assert self._store is not None
-        return self._store
+        return self._life.conn.nc
 
     @property
     def http_port(self) -> int:
-        return self._ops.port if self._ops else 0
+        return self._life.http_port
 
     # lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
-        s = self.settings
-        app = ops_app(self.metrics.registry, self._health)
-        self._ops = OpsServer(app, s.http_host, s.http_port)
-        await self._ops.start()
-        try:
+        s, life = self.settings, self._life
+        async with life:
+            life.on_close(self.runtime.close, after_nats=True)
+            life.on_close(self.secrets.close, after_nats=True)
+            life.on_close(self._unlock, after_nats=True)
             await self._open_runtime()
             if self._stop.is_set():
                 return
-            self._nc = await connect(s.nats_url, f"vigil-executor-{s.node_id}",
-                                     inbox_prefix=subjects.inbox("executor"),
-                                     on_reconnect=self._on_reconnect)
-            self._js = self._nc.jetstream(timeout=5.0)
-            await topology.ensure_topology(self._js, s.replicas,
-                                            output_max_bytes=s.output_stream_bytes)
-            await topology.ensure_executor_consumer(self._js, s.pool, s.ack_wait_s)
-            self._store = await TaskStore.open(self._js)
-            self.checkpoints = CheckpointStore(self._js, s.checkpoint_max_bytes)
+            js = (await life.connect(f"vigil-executor-{s.node_id}")).js
+            await topology.ensure_executor_consumer(js, s.pool, s.ack_wait_s)
+            self.store = await TaskStore.open(js)
+            self.checkpoints = CheckpointStore(js, s.checkpoint_max_bytes)
             await self.checkpoints.open()
-            self.snapshots = CheckpointStore(self._js, s.checkpoint_max_bytes,
+            self.snapshots = CheckpointStore(js, s.checkpoint_max_bytes,
                                              subjects.OBJ_ENVIRONMENTS, "environment snapshot")
             await self.snapshots.open()
-            self.environments = await EnvironmentStore.open(self._js)
-            self.images = ImageLoader(self._js, self.runtime, s.image_max_bytes)
+            self.environments = await EnvironmentStore.open(js)
+            self.images = ImageLoader(js, self.runtime, s.image_max_bytes)
             self._prepare_state_dir()
             if isinstance(self.runtime, PodmanRuntime):
                 self.isolation = self.runtime.isolation = prepare_isolation(
                     s, self.runtime.info, self.runtime.socket, self.state_dir)
             if self.runtime.name == "podman":
                 await self.egress.prepare(self.state_dir, self.publish_confession)
-            self.secrets.prepare(SecretStore(self._js))  # also clears an earlier life's files
+            self.secrets.prepare(SecretStore(js))  # also clears an earlier life's files
             await self._remove_orphans()
             if self.runtime.name != "podman":
                 log.warning("unsafe_runtime", runtime=self.runtime.name,
                             note="agents run WITHOUT a sandbox; benchmarks and tests only")
             if not self.runtime.limits_enforced:
                 await self._confess_limits()
-            self._consumer = PullConsumer(
-                self._nc, subjects.STREAM_WORK, subjects.consumer_executor(s.pool),
+            consumer = self._consumer = PullConsumer(
+                self.nc, subjects.STREAM_WORK, subjects.consumer_executor(s.pool),
                 capacity=s.slots, max_batch=s.slots, heartbeat_s=min(5.0, s.heartbeat_s),
             )
-            await self._consumer.start()
-            await self._nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel_notice)
+            await consumer.start()
+            life.on_reconnect(consumer.reset)
+            await self.nc.subscribe(f"{subjects.CANCEL}.*.*", cb=self._on_cancel_notice)
             self._advertiser = Advertiser(
-                self._js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
+                js, node=s.node_id, pool=s.pool, labels=s.label_map, slots=s.slots,
                 runtime=self.runtime.name, every_s=s.advertise_s, running=self._tenants,
                 images=self.images.advertised,
                 enforcement=node_enforcement(cgroups=self.runtime.limits_enforced,
@@ -168,22 +156,19 @@ class Executor:
             await self._advertiser.refresh_images()
             await self._advertiser.publish()
             advertising = asyncio.create_task(self._advertiser.run(self._stop))
-            log.info("executor_started", node=s.node_id, pool=s.pool, slots=s.slots,
-                     runtime=self.runtime.name, http_port=self._ops.port,
-                     ack_wait_s=s.ack_wait_s, heartbeat_s=s.heartbeat_s,
-                     secrets_key=self.secrets.keyring.current_id if self.secrets.keyring
-                     else None)
-            self.ready.set()
-            await self._loop()
+            keyring = self.secrets.keyring
+            life.started(node=s.node_id, pool=s.pool, slots=s.slots, runtime=self.runtime.name,
+                         http_port=life.http_port, ack_wait_s=s.ack_wait_s,
+                         heartbeat_s=s.heartbeat_s,
+                         secrets_key=keyring.current_id if keyring else None)
+            await self._loop(consumer)
             await self._advertiser.withdraw()
             await self._drain()
             await asyncio.wait({advertising}, timeout=5)
             await self._advertiser.remove()
-        finally:
-            await self._close()
 
     async def shutdown(self) -> None:
-        self._stop.set()
+        await self._life.shutdown()
 
     def _tenants(self) -> list[str]:
         return [a.work.tenant for a in self._attempts.values() if a.work is not None]
@@ -329,9 +314,8 @@ class Executor:
             time=utcnow(),
         ))
 
-    async def _loop(self) -> None:
-        assert self._consumer is not None
-        async for msg in self._consumer.until(self._stop):
+    async def _loop(self, consumer: PullConsumer) -> None:
+        async for msg in consumer.until(self._stop):
             self._spawn(msg)
 
     def _spawn(self, msg: Msg) -> None:
@@ -343,11 +327,21 @@ class Executor:
             self._naks.add(task)
             task.add_done_callback(self._naks.discard)
             return
-        attempt = Attempt(self, msg)
+        attempt = Attempt(self._attempt_context(), msg)
         task = asyncio.create_task(attempt.run())
         self._attempts[task] = attempt
         self.metrics.running.set(len(self._attempts))
         task.add_done_callback(self._done)
+
+    def _attempt_context(self) -> AttemptContext:
+        """What an attempt may use of this executor (see vigil_executor.context)."""
+        return AttemptContext(
+            settings=self.settings, metrics=self.metrics, nc=self.nc, js=self.js,
+            store=self.store, runtime=self.runtime, isolation=self.isolation,
+            images=self.images, egress=self.egress, secrets=self.secrets,
+            checkpoints=self.checkpoints, snapshots=self.snapshots,
+            environments=self.environments, publish_confession=self.publish_confession,
+            control_dir=self.control_dir, remove_control_dir=self.remove_control_dir)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if self._attempts.pop(task, None) is None:
@@ -391,29 +385,13 @@ class Executor:
                         CLEANUP_WAIT_S)
                 await asyncio.wait(late, timeout=1)
 
-    async def _close(self) -> None:
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        with contextlib.suppress(Exception):
-            await self.runtime.close()
-        self.secrets.close()
-        if self._ops is not None:
-            await self._ops.stop()
+    def _unlock(self) -> None:
         while self._locks:
             os.close(self._locks.pop())  # releases the flock: a successor may start now
-        log.info("executor_stopped")
 
-    async def _on_reconnect(self) -> None:
-        if self._consumer is not None:
-            self._consumer.reset()
-
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        connected = self._nc is not None and self._nc.is_connected
-        return connected and self.ready.is_set(), {
-            "nats": connected, "running": len(self._attempts), "slots": self.settings.slots,
-            "runtime": self.runtime.name, "limits_enforced": self.runtime.limits_enforced,
-        }
+    def _detail(self) -> dict[str, object]:  # for /healthz
+        return {"running": len(self._attempts), "slots": self.settings.slots,
+                "runtime": self.runtime.name, "limits_enforced": self.runtime.limits_enforced}
 
     async def publish_confession(self, confession: Confession) -> None:
         await publish_confession(self.js, confession)
