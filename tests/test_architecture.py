@@ -172,3 +172,58 @@ def test_compose_nats_config_is_current() -> None:
     env = (ROOT / "deploy" / "compose" / "env.example").read_text()
     for user in re.findall(r"\$(VIGIL_[A-Z_]+_PASSWORD)", out.getvalue()):
         assert f"{user}=" in env, f"{user} missing from deploy/compose/env.example"
+
+
+# the task state machine has one owner ----------------------------------------------------------
+TRANSITIONS = PACKAGES["vigil"] / "transitions.py"
+
+
+def _decides_a_task_end(tree: ast.AST) -> list[tuple[int, str]]:
+    """Where code builds a ``Finished`` event or writes the status ``dead`` (a ``status=``
+    keyword, or an assignment of the literal): both belong to vigil.transitions."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else (
+                func.attr if isinstance(func, ast.Attribute) else "")
+            if name == "Finished":
+                found.append((node.lineno, "builds a Finished event"))
+            for kw in node.keywords:
+                if kw.arg == "status" and isinstance(kw.value, ast.Constant) \
+                        and kw.value.value == "dead":
+                    found.append((node.lineno, 'writes status="dead"'))
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(
+                node.value, ast.Constant) and node.value.value == "dead":
+            found.append((node.lineno, 'assigns "dead"'))
+    return found
+
+
+def test_only_the_state_machine_finishes_a_task_or_declares_it_dead() -> None:
+    offenders = []
+    for root in PACKAGES.values():
+        for path in root.rglob("*.py"):
+            if path == TRANSITIONS:
+                continue
+            offenders += [f"{path.relative_to(ROOT)}:{line}: {what} (use vigil.transitions)"
+                          for line, what in _decides_a_task_end(ast.parse(path.read_text()))]
+    assert not offenders, offenders
+
+
+def test_the_owner_check_sees_what_it_forbids() -> None:
+    # The check itself can fail: each forbidden form is caught.
+    code = ('e = Finished(task_id="t", time=now, status="failed")\n'
+            'replace(state, status="dead")\nstatus = "dead"\nok = state.status == "dead"\n')
+    assert sorted(line for line, _ in _decides_a_task_end(ast.parse(code))) == [1, 2, 3]
+
+
+def test_state_machine_doc_is_current() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gen_sm", ROOT / "scripts" / "gen_state_machine_doc.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (ROOT / "docs" / "state-machine.md").read_text() == gen.render(), (
+        "docs/state-machine.md is stale: run .venv/bin/python scripts/gen_state_machine_doc.py")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from vigil_executor.claim import first_running_state
+from vigil.transitions import claim_first as first_running_state
 from vigil_scheduler.admission import Admit, admit
 from vigil_scheduler.settings import SchedulerSettings
 

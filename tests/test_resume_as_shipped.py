@@ -17,7 +17,7 @@ import nats.errors
 import pytest
 
 from support import Platform, session_node_id
-from vigil_executor.claim import spent_attempts
+from vigil.transitions import spent_attempts
 
 pytestmark = pytest.mark.integration
 

@@ -314,7 +314,7 @@ def test_heartbeat_must_fit_in_ack_wait() -> None:
 
 def test_judge_delivery() -> None:
     from vigil.messages import TaskState
-    from vigil_executor.claim import judge_delivery
+    from vigil.transitions import delivery_verdict as judge_delivery
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     fresh = TaskState(id="t", tenant="a", status="scheduled", created_at=now, updated_at=now)

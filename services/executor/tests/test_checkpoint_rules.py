@@ -10,6 +10,7 @@ import pytest
 
 from vigil import codec
 from vigil.messages import AttemptRecord, CheckpointRef, TaskState
+from vigil.transitions import set_aside, spent_attempts
 from vigil_executor.checkpoint_rules import (
     CHECKPOINTS_KEPT,
     Rollback,
@@ -20,12 +21,10 @@ from vigil_executor.checkpoint_rules import (
     pushed,
     restore_failures,
     rollback,
-    set_aside,
     vouched,
     with_history,
     without,
 )
-from vigil_executor.claim import spent_attempts
 from vigil_executor.runtime import ExitInfo
 
 pytestmark = pytest.mark.unit

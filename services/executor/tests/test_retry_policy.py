@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from vigil.messages import AttemptRecord, RetryPolicy, TaskState
-from vigil_executor.claim import lost_attempts, may_hand_back, spent_attempts
-from vigil_executor.retry import after_failure, backoff_delay, image_missing_delay
+from vigil.transitions import after_failure, backoff_delay, lost_attempts, spent_attempts
+from vigil_executor.claim import may_hand_back
+from vigil_executor.retry import image_missing_delay
 
 pytestmark = pytest.mark.unit
 

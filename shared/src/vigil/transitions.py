@@ -176,11 +176,17 @@ def spent_attempts(state: TaskState) -> int:
     Neither are failures right after restoring a checkpoint the task then rolled back
     from: the checkpoint was at fault, and an older one must get its try however small
     the budget."""
-    poisoned = {h.rolled_back_from for h in state.history
-                if h.rolled_back_from is not None and h.attempt > state.budget_from}
+    poisoned = set_aside(state)
     return sum(1 for h in state.history
                if h.outcome == "failed" and h.attempt > state.budget_from
                and (h.restored is None or h.restored not in poisoned))
+
+
+def set_aside(state: TaskState) -> set[str]:
+    """Checkpoints the task rolled back from since its newest operator redrive: the
+    failures right after restoring them are refunded (see :func:`spent_attempts`)."""
+    return {h.rolled_back_from for h in state.history
+            if h.rolled_back_from is not None and h.attempt > state.budget_from}
 
 
 def lost_attempts(state: TaskState) -> int:

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from vigil import transitions
 from vigil.errors import ImageNotFound, RuntimeUnavailable, VigilError
-from vigil.messages import Progress, Started, utcnow
+from vigil.messages import Progress, utcnow
 from vigil_executor import restore
 from vigil_executor.agentio import MIB, AgentOutput
 from vigil_executor.checkpointing import Checkpointing
@@ -136,7 +137,7 @@ class AgentRun:
             raise HandBack(f"container runtime unavailable: {exc}", RUNTIME_RETRY_DELAY_S,
                            kind="container runtime unavailable") from exc
         except RestoreGaveUp as exc:
-            return Outcome("failed", None, str(exc), dead=True)
+            return Outcome("failed", None, str(exc), dead="unrestorable")
         except SecretRefused as exc:
             await h.confess("error", exc.category, str(exc), hint=exc.hint)
             return Outcome("failed", None, f"{exc}; {exc.hint}")
@@ -183,15 +184,16 @@ class AgentRun:
         unwatched = await watchdog.attach(ctx.runtime, container.id, spec.workspace_volume)
         limits = work.spec.resources
         output_mb = (limits.output_mb if limits else None) or ctx.settings.output_mb
-        h.sink.emit(Started(
-            task_id=work.task_id, attempt=attempt, time=utcnow(), executor=ctx.settings.node_id,
-            image=spec.image, container=container.id[:12], resumed=resumed,
-            limits_enforced=ctx.runtime.limits_enforced,
+        assert h.state is not None
+        for event in transitions.start(
+            h.state, attempt, utcnow(), image=spec.image, container=container.id[:12],
+            resumed=resumed, limits_enforced=ctx.runtime.limits_enforced,
             resources={**watchdog.resources,
                        **(ctx.isolation.resources() if ctx.isolation is not None else {}),
                        **({"priority": priority(nice)} if ctx.isolation is not None else {}),
                        "output_mb": {"value": output_mb, "by": "executor"}},
-        ), once=True)
+        ).events:
+            h.sink.emit(event, once=True)
         if unwatched:
             await h.confess("error", "watchdog_unavailable",
                             f"the executor cannot watch this agent's "

@@ -180,7 +180,7 @@ class Attempt:
         elif isinstance(decided, CancelUnrun):
             await cancelled_unrun(h, decided.state, decided.revision)
         elif isinstance(decided, CrashLoop):
-            await dead(h, decided.state, decided.revision, decided.limit)
+            await dead(h, decided.state, decided.revision)
         return False
 
     async def _poison(self, why: str) -> None:

@@ -16,7 +16,7 @@ Kept apart from the attempt's I/O, like :mod:`vigil_executor.claim` and
 - **Rollback.** ``ROLLBACK_AFTER`` consecutive failures of attempts that restored the
   same checkpoint and saved none of their own: the next attempt restores the checkpoint
   before it (none left: an empty workspace). Those failures are refunded: they spent
-  the checkpoint, not the task's ``max_attempts`` (see :func:`set_aside`).
+  the checkpoint, not the task's ``max_attempts`` (see :func:`vigil.transitions.set_aside`).
 """
 
 from __future__ import annotations
@@ -129,13 +129,6 @@ def rollback(refs: Sequence[CheckpointRef], attempts: Sequence[AttemptRecord],
         return None
     return Rollback(poisoned=head, to=refs[1] if len(refs) > 1 else None,
                     attempts=tuple(reversed(streak)))
-
-
-def set_aside(state: TaskState) -> set[str]:
-    """Checkpoints the task rolled back from since its newest operator redrive: the
-    failures right after restoring them are refunded (see claim.spent_attempts)."""
-    return {h.rolled_back_from for h in state.history
-            if h.rolled_back_from is not None and h.attempt > state.budget_from}
 
 
 def restore_failures(state: TaskState, name: str) -> int:

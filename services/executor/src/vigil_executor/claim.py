@@ -1,17 +1,17 @@
-"""Claiming a task: the rules as pure functions (who may run it, what counts), then the
-claim itself, built on them.
+"""Claiming a task, and the lease it is held by.
 
-**Claim**: compare-and-set the task to ``running`` as attempt n+1. A task whose previous
-attempt is still ``running`` lost its executor (the server redelivered it after the ack
-wait): that attempt is recorded as ``lost``. Lost attempts do not spend ``max_attempts``
-(the node failed, not the agent); after ``max_lost_attempts`` of them (an executor
-setting) the task is ``dead``: a crash loop, or a task that kills nodes.
+**Claim**: compare-and-set the task to ``running`` as attempt n+1
+(:func:`vigil.transitions.claim`, which states the rules). A task whose previous attempt
+is still ``running`` lost its executor (the server redelivered it after the ack wait):
+that attempt is recorded as ``lost``. Lost attempts do not spend ``max_attempts`` (the
+node failed, not the agent); after ``max_lost_attempts`` of them (an executor setting)
+the task is ``dead``: a crash loop, or a task that kills nodes.
 
-The rules are kept apart from the claim's I/O so that each is unit-tested on its own (see
-docs/decisions/0007 for why deliveries are judged at all). The claim reads and writes the
-task's state and settles the messages it has no use for; what else a delivery comes to
-(a task finished already, cancelled, dead of a crash loop, a poison message) it returns
-as a decision for :mod:`vigil_executor.attempt` to carry out.
+The lease's arithmetic (:class:`LeaseClock`) and the delivery rules are pure and
+unit-tested on their own (see docs/decisions/0007 for why deliveries are judged at all).
+The claim reads and writes the task's state and settles the messages it has no use for;
+what else a delivery comes to (a task finished already, cancelled, dead of a crash loop,
+a poison message) it returns as a decision for :mod:`vigil_executor.attempt` to carry out.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import msgspec
 import structlog
 from nats.aio.msg import Msg
 
+from vigil import transitions
 from vigil.errors import VigilError
 from vigil.jetstream import TaskStore
-from vigil.messages import HISTORY_KEPT, AttemptRecord, LimitName, TaskState, WorkItem, utcnow
-from vigil_executor.checkpoint_rules import set_aside
-from vigil_executor.retry import DEFAULT_POLICY, IMAGE_MISSING_MAX_DELAY_S
+from vigil.messages import LimitName, TaskState, WorkItem, utcnow
+from vigil_executor.retry import IMAGE_MISSING_MAX_DELAY_S
 from vigil_executor.settings import ExecutorSettings
 
 log = structlog.get_logger("vigil.executor")
@@ -59,15 +58,15 @@ class LeaseLost(VigilError):
 
 @dataclass
 class Outcome:
-    status: str
+    status: transitions.Ending
     exit_code: int | None
     error: str | None
     # Set for the agent's own failures (non-zero exit, OOM kill), which may be retried:
     # the short cause the ``retrying`` event names, e.g. "agent exited with code 3".
     retryable_cause: str | None = None
-    # The attempt failed and the task is ``dead`` with it (its checkpoint would not
-    # restore, delivery after delivery): final, not retried.
-    dead: bool = False
+    # The attempt failed and the task is ``dead`` with it, and why (its checkpoint would
+    # not restore, delivery after delivery: ``unrestorable``): final, not retried.
+    dead: transitions.DeathCause | None = None
     # A resource limit the agent crossed (it was stopped for it), and the peak measured.
     limit: LimitName | None = None
     peak: float | None = None
@@ -78,34 +77,6 @@ class RestoreGaveUp(VigilError):
     the task is dead rather than started from an empty workspace (ADR 8)."""
 
     retryable = False
-
-
-def first_running_state(work: WorkItem, node: str, now: datetime, work_seq: int = 0
-                        ) -> TaskState:
-    """The state of attempt 1, built from the work item alone (see WorkItem.revision)."""
-    return TaskState(
-        id=work.task_id, tenant=work.tenant, status="running", attempt=1, executor=node,
-        created_at=work.submitted_at, updated_at=now, started_at=now, spec=work.spec,
-        submit_seq=work.submit_seq, work_seq=work_seq, delivery=1,
-        spec_digest=work.spec_digest,
-    )
-
-
-def judge_delivery(state: TaskState, work_seq: int, delivery: int) -> str:
-    """What a delivery of work message ``work_seq`` may do to a non-terminal task.
-
-    - ``claim``: the task is free (scheduled), or its holder lost the lease: the server
-      redelivered *this* message, so this delivery is newer than the holder's;
-    - ``duplicate``: another work message for the same task (a re-published item): ack it
-      away, the task is held by its own message;
-    - ``stale``: an older delivery of the held message, arriving late (it sat in a frozen
-      executor's buffer): touch nothing, not even the message, whose lease is the holder's.
-    """
-    if state.work_seq and work_seq != state.work_seq:
-        return "duplicate"
-    if delivery <= state.delivery:
-        return "stale"
-    return "claim"
 
 
 def may_hand_back(state: TaskState | None, work_seq: int, delivery: int) -> bool:
@@ -120,28 +91,6 @@ def may_hand_back(state: TaskState | None, work_seq: int, delivery: int) -> bool
     if state is None or state.work_seq != work_seq:
         return True
     return delivery >= state.delivery
-
-
-def spent_attempts(state: TaskState) -> int:
-    """Attempts that count against ``max_attempts``: the agent's own failures (``failed``)
-    since the task's newest operator redrive. Lost attempts (the node died), hand-backs
-    (drain, a missing image, Podman trouble) are the platform's problem, not the agent's.
-    Neither are failures right after restoring a checkpoint the task then rolled back
-    from: the checkpoint was at fault, and an older one must get its try however small
-    the budget (checkpoint_rules.rollback)."""
-    poisoned = set_aside(state)
-    return sum(1 for h in state.history
-               if h.outcome == "failed" and h.attempt > state.budget_from
-               and (h.restored is None or h.restored not in poisoned))
-
-
-def lost_attempts(state: TaskState) -> int:
-    """Attempts whose executor vanished (``lost``) since the newest operator redrive, in
-    total, not only consecutive ones: a task that kills every node it lands on is a crash
-    loop even if a drain or a failure comes in between. Bounded by the executor's
-    ``max_lost_attempts``."""
-    return sum(1 for h in state.history
-               if h.outcome == "lost" and h.attempt > state.budget_from)
 
 
 class LeaseClock:
@@ -211,15 +160,8 @@ def retry_not_due(state: TaskState, now: datetime) -> float:
     left = (state.retry_at - now).total_seconds()
     if left <= EARLY_TOLERANCE_S:
         return 0.0
-    policy = (state.spec.retry if state.spec else None) or DEFAULT_POLICY
+    policy = (state.spec.retry if state.spec else None) or transitions.DEFAULT_POLICY
     return min(left, max(policy.backoff_max_s, IMAGE_MISSING_MAX_DELAY_S))
-
-
-def same_attempt(current: TaskState, mine: TaskState) -> bool:
-    """Whether ``current`` is still the attempt ``mine`` describes (see Hold.cas)."""
-    return (current.status == "running" and current.attempt == mine.attempt
-            and current.executor == mine.executor and current.work_seq == mine.work_seq
-            and current.delivery == mine.delivery)
 
 
 # The claim -------------------------------------------------------------------------------
@@ -261,12 +203,11 @@ class CancelUnrun:
 
 @dataclass(frozen=True)
 class CrashLoop:
-    """Its attempts kept losing their executors: the task is dead (``state`` holds the
-    newest lost attempt on its history)."""
+    """Its attempts kept losing their executors: claiming it once more buries it
+    (:func:`vigil.transitions.claim`); ``state`` is as read, at ``revision``."""
 
     state: TaskState
     revision: int
-    limit: int
 
 
 Claim = Claimed | Poison | Terminal | CancelUnrun | CrashLoop | None
@@ -289,7 +230,7 @@ async def claim(store: TaskStore, conf: ExecutorSettings, msg: Msg, work: WorkIt
         if state.terminal:
             log.info("duplicate_delivery", status=state.status)
             return Terminal(state)
-        verdict = judge_delivery(state, meta.sequence.stream, meta.num_delivered)
+        verdict = transitions.delivery_verdict(state, meta.sequence.stream, meta.num_delivered)
         if verdict == "duplicate":
             log.info("duplicate_work_item", held_by=state.work_seq)
             await msg.ack()
@@ -298,27 +239,22 @@ async def claim(store: TaskStore, conf: ExecutorSettings, msg: Msg, work: WorkIt
             log.warning("stale_delivery", delivery=meta.num_delivered, held=state.delivery,
                         holder=state.executor)
             return None
-        now = utcnow()
-        history = list(state.history)
         if state.cancel_requested_at is not None:
             return CancelUnrun(state, rev)
+        now = utcnow()
         if early := retry_not_due(state, now):
             # Redelivered before its backoff was over (the executor that set it died
             # before its nak arrived, and the ack wait was shorter): wait out the rest.
             log.info("retry_not_due", retry_at=str(state.retry_at), wait_s=round(early, 3))
             await msg.nak(delay=early)
             return None
+        step = transitions.claim(state, node=conf.node_id, now=now,
+                                 work_seq=meta.sequence.stream, delivery=meta.num_delivered,
+                                 max_lost_attempts=conf.max_lost_attempts)
+        if step.state.status == "dead":
+            return CrashLoop(state, rev)
         if state.status == "running":
             # The previous attempt's executor stopped renewing its lease: it is gone.
-            history.append(AttemptRecord(
-                attempt=state.attempt, executor=state.executor,
-                started_at=state.started_at, ended_at=now, outcome="lost",
-                error="its executor stopped renewing the lease",
-            ))
-            lost = msgspec.structs.replace(state, history=history)
-            limit = conf.max_lost_attempts
-            if lost_attempts(lost) >= limit:
-                return CrashLoop(lost, rev, limit)
             await confess(
                 "warning", "lost_heartbeat",
                 f"attempt {state.attempt} of task {state.id} lost its executor "
@@ -326,16 +262,9 @@ async def claim(store: TaskStore, conf: ExecutorSettings, msg: Msg, work: WorkIt
                 task_id=state.id, tenant=state.tenant, attempt=state.attempt,
                 confession_id=f"{state.key}-a{state.attempt}-lost",
             )
-        running = msgspec.structs.replace(
-            state, status="running", attempt=state.attempt + 1,
-            executor=conf.node_id, started_at=now, updated_at=now,
-            exit_code=None, error=None, finished_at=None, history=history[-HISTORY_KEPT:],
-            limit=None, peak=None,
-            work_seq=meta.sequence.stream, delivery=meta.num_delivered, retry_at=None,
-        )
-        new_rev = await store.cas(running, rev)
+        new_rev = await store.cas(step.state, rev)
         if new_rev is not None:
-            return Claimed(running, new_rev)
+            return Claimed(step.state, new_rev)
     raise HandBack("could not claim the task: its state kept changing", delay_s=1.0)
 
 
@@ -346,7 +275,7 @@ async def claim_fresh(store: TaskStore, node: str, msg: Msg, work: WorkItem
     mismatch the caller reads the state and decides."""
     if work.revision <= 0 or msg.metadata.num_delivered != 1:
         return None
-    running = first_running_state(work, node, utcnow(), msg.metadata.sequence.stream)
+    running = transitions.claim_first(work, node, utcnow(), msg.metadata.sequence.stream)
     rev = await store.cas(running, work.revision)
     if rev is None:
         return None

@@ -20,9 +20,9 @@ from typing import Any
 import structlog
 from nats.aio.msg import Msg
 
+from vigil import transitions
 from vigil.messages import SUMMARY_CHARS, Confession, ConfessionEvent, TaskState, WorkItem, utcnow
 from vigil_executor.agentio import AgentOutput, clip
-from vigil_executor.claim import same_attempt
 from vigil_executor.context import AttemptContext
 from vigil_executor.egress import EgressProxy
 from vigil_executor.environment import EnvironmentRun
@@ -85,7 +85,7 @@ class Hold:
                 self.state, self.revision = updated, rev
                 return updated
             got = await self.ctx.store.get_state(self.state)
-            if got is None or not same_attempt(got[0], self.state):
+            if got is None or not transitions.holds(got[0], self.state):
                 return None
             self.state, self.revision = got
             if got[0].cancel_requested_at is not None:

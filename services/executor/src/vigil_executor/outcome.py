@@ -29,36 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import msgspec
 import structlog
 
+from vigil import transitions
 from vigil.errors import NatsUnavailable
 from vigil.jetstream import log_tail
-from vigil.messages import (
-    HISTORY_KEPT,
-    TAIL_LINE_CHARS,
-    AttemptRecord,
-    Finished,
-    Retrying,
-    TaskState,
-    utcnow,
-)
+from vigil.messages import TAIL_LINE_CHARS, AttemptRecord, TaskState, utcnow
 from vigil_executor import checkpoint_rules
 from vigil_executor.checkpoint_rules import Rollback
-from vigil_executor.claim import (
-    HandBack,
-    LeaseLost,
-    Outcome,
-    lost_attempts,
-    spent_attempts,
-)
-from vigil_executor.claim import (
-    may_hand_back as may_nak,
-)
+from vigil_executor.claim import HandBack, LeaseLost, Outcome
+from vigil_executor.claim import may_hand_back as may_nak
 from vigil_executor.hold import Hold
-from vigil_executor.retry import Verdict, after_failure
 
 log = structlog.get_logger("vigil.executor")
 
@@ -69,7 +53,7 @@ async def record(h: Hold, outcome: Outcome) -> float | None:
     await h.sink.drain()  # the timeline is durable before the outcome
     now = utcnow()
     tail = _tail(h)
-    status = outcome.status  # the task's; the attempt's stays outcome.status
+    dead = outcome.dead
     if outcome.retryable_cause is not None:
         decided, rollback = verdict(h, outcome, now)
         if decided.retry:
@@ -77,29 +61,22 @@ async def record(h: Hold, outcome: Outcome) -> float | None:
             return decided.delay_s
         outcome = Outcome(outcome.status, outcome.exit_code,
                           f"{outcome.error}; {decided.why}")
-        if decided.dead:
-            status = "dead"  # it kept failing: this attempt failed, the task is dead
-    if outcome.dead:
-        status = "dead"
+        dead = dead or decided.dead  # it kept failing: this attempt failed, the task is dead
     succeeded = outcome.status == "succeeded"
+    steps: list[transitions.Step] = []
 
     def finish(state: TaskState) -> TaskState:
-        # A cancel's reason is in the state the scheduler marked (who, and why).
-        error = (state.cancel_reason or outcome.error if outcome.status == "cancelled"
-                 else outcome.error)
-        record = attempt_record(h, state, now, outcome.status, error)
-        ended = msgspec.structs.replace(
-            state, status=status, exit_code=outcome.exit_code,
-            error=error, finished_at=now, updated_at=now,
-            limit=outcome.limit, peak=outcome.peak,
-            history=[*state.history, record][-HISTORY_KEPT:],
+        step = transitions.finish(
+            state, state.attempt, now, outcome=outcome.status, exit_code=outcome.exit_code,
+            error=outcome.error, ran=_ran(h), dead=dead, limit=outcome.limit, peak=outcome.peak,
             # An agent that never started printed nothing: the evidence is still the
             # last run's output.
-            tail=tail if h.output is not None else state.tail,
-        )
+            tail=tail if h.output is not None else state.tail)
+        steps.append(step)
         # A failed task keeps its checkpoints as evidence; a finished one needs them
         # no more.
-        return checkpoint_rules.with_history(ended, [], now) if succeeded else ended
+        return (checkpoint_rules.with_history(step.state, [], now) if succeeded
+                else step.state)
 
     async with h.write_lock:
         leftovers = checkpoint_rules.leftovers(h.state)
@@ -112,12 +89,8 @@ async def record(h: Hold, outcome: Outcome) -> float | None:
     h.ctx.metrics.tasks.labels(final.status).inc()
     if final.status == "dead":
         await confess_dead(h, final)
-    h.sink.emit(Finished(
-        task_id=final.id, attempt=final.attempt, time=now, status=final.status,
-        exit_code=final.exit_code, error=final.error, executor=final.executor,
-        tenant=final.tenant, limit=final.limit, peak=final.peak,
-        duration_s=(now - (final.started_at or now)).total_seconds(),
-    ), once=True)
+    for event in steps[-1].events:
+        h.sink.emit(event, once=True)
     await h.sink.drain()
     await h.msg.ack()
     log.info("task_finished", status=final.status, exit_code=final.exit_code,
@@ -126,75 +99,69 @@ async def record(h: Hold, outcome: Outcome) -> float | None:
     return None
 
 
-def attempt_record(h: Hold, state: TaskState, now: datetime, outcome: str,
-                   error: str | None, *, rolled_back_from: str | None = None
-                   ) -> AttemptRecord:
-    """This attempt as its history records it, however it ended."""
-    return AttemptRecord(attempt=state.attempt, executor=state.executor,
-                         started_at=state.started_at, ended_at=now, outcome=outcome,
-                         error=error, restored=h.restored, saved=h.saved,
-                         restore_failed=h.restore_failed,
-                         rolled_back_from=rolled_back_from)
+def _ran(h: Hold) -> transitions.Ran:
+    """What this attempt did with the task's checkpoints."""
+    return transitions.Ran(restored=h.restored, saved=h.saved, restore_failed=h.restore_failed)
 
 
-def verdict(h: Hold, outcome: Outcome, now: datetime) -> tuple[Verdict, Rollback | None]:
+def verdict(h: Hold, outcome: Outcome, now: datetime
+            ) -> tuple[transitions.Verdict, Rollback | None]:
     """Retry or not, and whether the retry rolls the task's checkpoint back: this
     failure may be the one that shows the checkpoint is poisoning the task. A rollback
     refunds the failures on that checkpoint, so the older one gets its try whatever
     is left of the budget; it happens only with the retry it is for."""
     assert h.state is not None and h.work is not None
     if h.state.cancel_requested_at is not None:
-        return Verdict(False, "not retried: the task was cancelled"), None
+        return transitions.Verdict(False, "not retried: the task was cancelled"), None
     state = h.state
     spec = state.spec or h.work.spec
-    record = attempt_record(h, state, now, "failed", outcome.error)
+    record = transitions.attempt_record(state, now, "failed", outcome.error, _ran(h))
     rollback = checkpoint_rules.rollback(checkpoint_rules.history(state),
                                          [*state.history, record], state.budget_from)
     max_attempts = spec.max_attempts or 1
 
     def spent(record: AttemptRecord) -> int:
-        return spent_attempts(msgspec.structs.replace(
+        return transitions.spent_attempts(msgspec.structs.replace(
             state, history=[*state.history, record]))
 
     if rollback is not None:
         refunded = spent(msgspec.structs.replace(
             record, rolled_back_from=rollback.poisoned.name))
         # The backoff counts retries from 1, even when every failure was refunded.
-        rolled = after_failure(spec.retry, exit_code=outcome.exit_code,
+        rolled = transitions.after_failure(spec.retry, exit_code=outcome.exit_code,
                                failures=max(1, refunded), max_attempts=max_attempts)
         if rolled.retry:
-            return Verdict(True, f"({refunded} of {max_attempts} attempts spent: the "
+            return transitions.Verdict(True, f"({refunded} of {max_attempts} attempts spent: the "
                            "failures on that checkpoint do not count); retrying in "
                            f"{rolled.delay_s:.1f}s", rolled.delay_s), rollback
-    return after_failure(spec.retry, exit_code=outcome.exit_code, failures=spent(record),
-                         max_attempts=max_attempts), None
+    return transitions.after_failure(spec.retry, exit_code=outcome.exit_code,
+                                     failures=spent(record), max_attempts=max_attempts), None
 
 
-async def schedule_retry(h: Hold, outcome: Outcome, verdict: Verdict, now: datetime,
-                         tail: list[str], rollback: Rollback | None) -> None:
+async def schedule_retry(h: Hold, outcome: Outcome, verdict: transitions.Verdict,
+                         now: datetime, tail: list[str], rollback: Rollback | None) -> None:
     """Back to ``scheduled`` with the failure on record (and the checkpoint rolled
     back, if ``rollback``); the caller naks the message with the delay once the lease
     has stopped (see Attempt._run)."""
     assert h.state is not None
-    retry_at = now + timedelta(seconds=verdict.delay_s)
     poisoned = rollback.poisoned.name if rollback is not None else None
+    reason = f"{outcome.retryable_cause} {verdict.why}"
+    if rollback is not None:
+        reason += f"; {rolled_back_to(rollback)}"
+    steps: list[transitions.Step] = []
 
     def again(state: TaskState) -> TaskState:
-        record = attempt_record(h, state, now, "failed", outcome.error,
-                                rolled_back_from=poisoned)
-        # exit_code and error stay visible until the next attempt starts; the
-        # checkpoint stays too: the next attempt resumes from it, like any other.
-        retried = msgspec.structs.replace(
-            state, status="scheduled", executor=None, exit_code=outcome.exit_code,
-            error=outcome.error, updated_at=now, retry_at=retry_at,
-            history=[*state.history, record][-HISTORY_KEPT:], tail=tail,
-        )
+        # The checkpoint stays: the next attempt resumes from it, like any other ...
+        step = transitions.retry(state, state.attempt, now, ran=_ran(h), reason=reason,
+                                 delay_s=verdict.delay_s, exit_code=outcome.exit_code,
+                                 error=outcome.error, tail=tail, rolled_back_from=poisoned)
+        steps.append(step)
         if poisoned is None:
-            return retried
+            return step.state
         # ... unless it is the one the task rolls back from: its object is kept (no
         # longer restored) as evidence until the task succeeds or the TTL ends it.
         return checkpoint_rules.with_history(
-            retried, checkpoint_rules.without(checkpoint_rules.history(state), poisoned),
+            step.state, checkpoint_rules.without(checkpoint_rules.history(state), poisoned),
             now)
 
     async with h.write_lock:
@@ -202,14 +169,11 @@ async def schedule_retry(h: Hold, outcome: Outcome, verdict: Verdict, now: datet
         if written is None:
             raise LeaseLost("a newer attempt owns the task; not scheduling a retry")
     h.ctx.metrics.retries.inc()
-    reason = f"{outcome.retryable_cause} {verdict.why}"
     if rollback is not None:
-        reason += f"; {rolled_back_to(rollback)}"
         await confess_rollback(h, rollback, outcome)
-    h.sink.emit(Retrying(
-        task_id=written.id, attempt=written.attempt, time=now, reason=reason,
-        delay_s=round(verdict.delay_s, 3), exit_code=outcome.exit_code, error=outcome.error,
-    ), once=True)  # once: one per attempt, so the id <task>:<attempt>:retrying is unique
+    # once: one per attempt, so the id <task>:<attempt>:retrying is unique
+    for event in steps[-1].events:
+        h.sink.emit(event, once=True)
     await h.sink.drain()
 
 
@@ -239,13 +203,7 @@ async def finished_again(h: Hold, state: TaskState) -> None:
     id keep it one), since that executor may have died before sending it."""
     if state.status == "dead" and state.work_seq == h.msg.metadata.sequence.stream:
         await confess_dead(h, state)
-    h.sink.emit(Finished(
-        task_id=state.id, attempt=state.attempt, time=state.finished_at or utcnow(),
-        status=state.status, exit_code=state.exit_code, error=state.error,
-        executor=state.executor, limit=state.limit, peak=state.peak,
-        duration_s=((state.finished_at - state.started_at).total_seconds()
-                    if state.finished_at and state.started_at else None),
-    ), once=True)
+    h.sink.emit(transitions.finished_again(state), once=True)
     await h.sink.drain()
 
 
@@ -267,27 +225,23 @@ def dead_confession_id(task_key: str, attempt: int) -> str:
     return f"executor-{task_key}-a{attempt}-dead"
 
 
-async def dead(h: Hold, state: TaskState, rev: int, limit: int) -> None:
-    """A crash loop: ``state`` (its newest attempt lost) is dead, not run again."""
-    now = utcnow()
-    error = (
-        f"crash loop: {lost_attempts(state)} attempts lost their executor (the last on "
-        f"{state.executor}; max_lost_attempts is {limit}); the task may be killing the "
-        "nodes it runs on"
-    )
-    final = msgspec.structs.replace(state, status="dead", error=error, finished_at=now,
-                                    updated_at=now, history=state.history[-HISTORY_KEPT:],
-                                    tail=await _lost_tail(h, state))
-    if await h.ctx.store.cas(final, rev) is None:
+async def dead(h: Hold, state: TaskState, rev: int) -> None:
+    """A crash loop: claiming ``state`` once more (its attempt lost like the ones before)
+    buries it instead of running it (:func:`vigil.transitions.claim`)."""
+    meta = h.msg.metadata
+    step = transitions.claim(state, node=h.ctx.settings.node_id, now=utcnow(),
+                             work_seq=meta.sequence.stream, delivery=meta.num_delivered,
+                             max_lost_attempts=h.ctx.settings.max_lost_attempts,
+                             tail=await _lost_tail(h, state))
+    if await h.ctx.store.cas(step.state, rev) is None:
         raise HandBack("task state changed while marking it dead", delay_s=1.0)
-    h.ctx.metrics.tasks.labels("dead").inc()
-    await confess_dead(h, final)
-    h.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
-                         executor=state.executor,
-                         status="dead", error=error), once=True)
+    h.ctx.metrics.tasks.labels(step.state.status).inc()
+    await confess_dead(h, step.state)
+    for event in step.events:
+        h.sink.emit(event, once=True)
     await h.sink.drain()
     await h.msg.ack()
-    log.warning("task_dead", error=error)
+    log.warning("task_dead", error=step.state.error)
 
 
 async def _lost_tail(h: Hold, state: TaskState) -> list[str]:
@@ -305,22 +259,12 @@ async def _lost_tail(h: Hold, state: TaskState) -> list[str]:
 
 async def cancelled_unrun(h: Hold, state: TaskState, rev: int) -> None:
     """Cancelled while its executor was gone: recorded ``cancelled``, nothing run."""
-    now = utcnow()
-    error = state.cancel_reason or "cancelled"
-    history = list(state.history)
-    if state.status == "running":
-        history.append(AttemptRecord(
-            attempt=state.attempt, executor=state.executor, started_at=state.started_at,
-            ended_at=now, outcome="lost", error="its executor stopped renewing the lease",
-        ))
-    final = msgspec.structs.replace(state, status="cancelled", error=error, finished_at=now,
-                                    updated_at=now, history=history[-HISTORY_KEPT:])
-    if await h.ctx.store.cas(final, rev) is None:
+    step = transitions.finish_cancel(state, utcnow())
+    if await h.ctx.store.cas(step.state, rev) is None:
         raise HandBack("task state changed while recording its cancel", delay_s=1.0)
     h.ctx.metrics.tasks.labels("cancelled").inc()
-    h.sink.emit(Finished(task_id=state.id, attempt=state.attempt, time=now,
-                         executor=state.executor,
-                         status="cancelled", error=error), once=True)
+    for event in step.events:
+        h.sink.emit(event, once=True)
     await h.sink.drain()
     await h.msg.ack()
     log.info("task_cancelled_unrun")
@@ -334,16 +278,16 @@ async def hand_back(h: Hold, exc: HandBack) -> None:
         now = utcnow()
         tail = _tail(h)
 
+        steps: list[transitions.Step] = []
+
         def back(s: TaskState) -> TaskState:
-            record = attempt_record(h, s, now, "handed_back", exc.reason)
-            return msgspec.structs.replace(
-                s, status="scheduled", executor=None, updated_at=now,
-                # An attempt that printed nothing (its agent never ran: the image is
-                # missing, the checkpoint would not restore) keeps the last run's
-                # output as the evidence, for whoever ends the task later.
-                history=[*s.history, record][-HISTORY_KEPT:], tail=tail or s.tail,
-                retry_at=now + timedelta(seconds=exc.delay_s) if exc.delay_s else None,
-            )
+            # An attempt that printed nothing (its agent never ran: the image is missing,
+            # the checkpoint would not restore) keeps the last run's output as the
+            # evidence, for whoever ends the task later.
+            step = transitions.hand_back(s, s.attempt, now, ran=_ran(h), reason=exc.reason,
+                                         delay_s=exc.delay_s, tail=tail)
+            steps.append(step)
+            return step.state
 
         try:
             async with h.write_lock:
@@ -355,10 +299,8 @@ async def hand_back(h: Hold, exc: HandBack) -> None:
             # message under the new holder's feet. Leave it alone.
             log.info("hand_back_fenced", reason=exc.reason)
             return
-        h.sink.emit(Retrying(
-            task_id=state.id, attempt=state.attempt, time=now,
-            reason=exc.reason, delay_s=exc.delay_s,
-        ), once=True)
+        for event in steps[-1].events:
+            h.sink.emit(event, once=True)
         with contextlib.suppress(NatsUnavailable):
             await h.sink.drain()
     with contextlib.suppress(Exception):
